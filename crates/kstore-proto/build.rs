@@ -1,0 +1,15 @@
+//! Generates the Rust code for `proto/kstore/v1`, with the protoc that
+//! `protoc-bin-vendored` ships, so no system protoc is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["../../proto/kstore/v1/features.proto"];
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptor_set)
+        .compile_with_config(config, &protos, &["../../proto"])?;
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! The node's configuration: a TOML file, then `KSTORE_…` environment variables, then
+//! `--set key=value` flags, each layer overriding the one before; then `validate()`.
+//!
+//! Keys are kebab-case. Nested keys use `.` in flags (`--set memory.block-cache-bytes=…`)
+//! and `__` in the environment (`KSTORE_MEMORY__BLOCK_CACHE_BYTES`). The `[kafka]` table is
+//! passed verbatim to librdkafka (`--set kafka.bootstrap.servers=…`,
+//! `KSTORE_KAFKA__BOOTSTRAP_SERVERS`, where `_` becomes `.`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// How the node commits its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessingGuarantee {
+    /// Kafka transactions (exactly-once v2): state changes, outputs, dead letters and input
+    /// offsets commit atomically.
+    ExactlyOnce,
+    /// Outputs are flushed, then input offsets committed: a crash can apply a record twice.
+    AtLeastOnce,
+}
+
+/// What to do with a record whose key hashes to another partition than the one it arrived
+/// on (its producer did not use Kafka's partitioner, so reads would never find the key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MismatchPolicy {
+    /// Count and log it, then process it as usual.
+    Warn,
+    /// Count and log it, and send it to the dead-letter topic.
+    Dlq,
+}
+
+/// Which processor folds the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessorKind {
+    /// The built-in fraud features per customer from JSON order events.
+    Features,
+}
+
+/// Memory that all of the node's RocksDB stores share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MemoryConfig {
+    /// The block cache shared by every store.
+    pub block_cache_bytes: u64,
+    /// The memtable budget shared by every store, charged to the block cache.
+    pub write_buffer_bytes: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 128 << 20,
+        }
+    }
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct NodeConfig {
+    /// This node's id: its static group member id and part of its transactional id.
+    pub node_id: String,
+    /// The application id: the consumer group and the prefix of kstore's topics.
+    pub app_id: String,
+    /// The keyed input topic.
+    pub input_topic: String,
+    /// The store's name, part of the changelog topic's name.
+    pub store: String,
+    /// Where stores live: `<state-dir>/<app-id>/<store>/<partition>/`.
+    pub state_dir: PathBuf,
+    /// Exactly-once (default) or at-least-once.
+    pub processing_guarantee: ProcessingGuarantee,
+    /// The processor that folds the input.
+    pub processor: ProcessorKind,
+    /// The longest a transaction stays open, in milliseconds.
+    pub commit_interval_ms: u64,
+    /// The most input records in one transaction.
+    pub max_transaction_records: usize,
+    /// Input values larger than this go to the dead-letter topic.
+    pub max_value_bytes: usize,
+    /// Input keys larger than this go to the dead-letter topic.
+    pub max_key_bytes: usize,
+    /// What to do with keys that arrive on the wrong partition.
+    pub partition_mismatch: MismatchPolicy,
+    /// The replication factor of topics the node creates; -1 takes the broker's default.
+    pub topic_replication_factor: i32,
+    /// Memory shared by the stores.
+    pub memory: MemoryConfig,
+    /// librdkafka settings for every client of the node, passed through verbatim.
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: String::new(),
+            app_id: "kstore".into(),
+            input_topic: String::new(),
+            store: "features".into(),
+            state_dir: PathBuf::from("kstore-state"),
+            processing_guarantee: ProcessingGuarantee::ExactlyOnce,
+            processor: ProcessorKind::Features,
+            commit_interval_ms: 100,
+            max_transaction_records: 20_000,
+            max_value_bytes: 256 << 10,
+            max_key_bytes: 64 << 10,
+            partition_mismatch: MismatchPolicy::Warn,
+            topic_replication_factor: -1,
+            memory: MemoryConfig::default(),
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be loaded or is not valid. Each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A layer is not valid TOML, or a value has the wrong type or an unknown key.
+    #[error("invalid configuration in {layer}: {message}")]
+    Parse {
+        /// The file, environment variable or flag.
+        layer: String,
+        /// What is wrong, with the key.
+        message: String,
+    },
+    /// A key holds a value that parses but cannot work.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// The key at fault.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Settings that kstore manages itself because its guarantees depend on them.
+const MANAGED_KAFKA_KEYS: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "transactional.id",
+    "enable.idempotence",
+    "partitioner",
+    "partition.assignment.strategy",
+    "enable.partition.eof",
+];
+
+impl NodeConfig {
+    /// Loads the configuration: defaults, then the TOML file (if any), then `KSTORE_…`
+    /// variables from `env`, then `key=value` overrides; then validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|error| ConfigError::Parse {
+                    layer: path.display().to_string(),
+                    message: error.to_string(),
+                })?;
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("KSTORE_"))
+            .collect();
+        env.sort();
+        for (name, value) in env {
+            let Some(path) = env_key_path(&name) else {
+                continue;
+            };
+            set_path(&mut table, &path, &value);
+        }
+        for item in overrides {
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(ConfigError::Parse {
+                    layer: format!("--set {item}"),
+                    message: "expected key=value".into(),
+                });
+            };
+            set_path(&mut table, &flag_key_path(key.trim()), value.trim());
+        }
+        let config: NodeConfig =
+            table
+                .try_into()
+                .map_err(|error: toml::de::Error| ConfigError::Parse {
+                    layer: "the merged configuration".into(),
+                    message: error.message().to_owned(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the configuration can work, naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason: reason.into(),
+            })
+        };
+        for (key, value) in [
+            ("node-id", &self.node_id),
+            ("app-id", &self.app_id),
+            ("store", &self.store),
+        ] {
+            if value.is_empty() {
+                return invalid(key, "must be set");
+            }
+            if !value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return invalid(key, "may hold only ASCII letters, digits, '-', '_' and '.'");
+            }
+        }
+        if self.input_topic.is_empty() {
+            return invalid("input-topic", "must be set");
+        }
+        if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
+            return invalid("commit-interval-ms", "must be between 1 and 60000");
+        }
+        if self.max_transaction_records == 0 {
+            return invalid("max-transaction-records", "must be at least 1");
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > 64 << 20 {
+            return invalid("max-value-bytes", "must be between 1 and 64 MiB");
+        }
+        if self.max_key_bytes == 0 || self.max_key_bytes > 1 << 20 {
+            return invalid("max-key-bytes", "must be between 1 and 1 MiB");
+        }
+        if self.topic_replication_factor == 0 || self.topic_replication_factor < -1 {
+            return invalid(
+                "topic-replication-factor",
+                "must be -1 (broker default) or at least 1",
+            );
+        }
+        if self.memory.block_cache_bytes < 1 << 20 {
+            return invalid("memory.block-cache-bytes", "must be at least 1 MiB");
+        }
+        if self.memory.write_buffer_bytes < 1 << 20 {
+            return invalid("memory.write-buffer-bytes", "must be at least 1 MiB");
+        }
+        if !self.kafka.contains_key("bootstrap.servers") {
+            return invalid("kafka.bootstrap.servers", "must be set");
+        }
+        if let Some(key) = self
+            .kafka
+            .keys()
+            .find(|k| MANAGED_KAFKA_KEYS.contains(&k.as_str()))
+        {
+            return invalid(
+                &format!("kafka.{key}"),
+                "is managed by kstore and cannot be set",
+            );
+        }
+        Ok(())
+    }
+
+    /// Returns the consumer group id.
+    pub fn group_id(&self) -> &str {
+        &self.app_id
+    }
+
+    /// Returns the changelog topic of the store: `<app>-<store>-changelog`.
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-{}-changelog", self.app_id, self.store)
+    }
+
+    /// Returns the dead-letter topic: `<app>-dlq`.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}-dlq", self.app_id)
+    }
+
+    /// Returns the built-in processor's alert topic: `<app>-alerts`.
+    pub fn alerts_topic(&self) -> String {
+        format!("{}-alerts", self.app_id)
+    }
+
+    /// Returns the directory of one partition's store.
+    pub fn store_dir(&self, partition: i32) -> PathBuf {
+        self.state_dir
+            .join(&self.app_id)
+            .join(&self.store)
+            .join(partition.to_string())
+    }
+}
+
+/// Maps `KSTORE_MEMORY__BLOCK_CACHE_BYTES` to `["memory", "block-cache-bytes"]` and
+/// `KSTORE_KAFKA__BOOTSTRAP_SERVERS` to `["kafka", "bootstrap.servers"]`.
+fn env_key_path(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix("KSTORE_")?.to_ascii_lowercase();
+    // Variables that are not configuration (the log filter, the test broker) are skipped.
+    if rest.is_empty() || ["log", "kafka_bootstrap", "kafka_port"].contains(&rest.as_str()) {
+        return None;
+    }
+    let mut parts = rest.split("__");
+    let first = parts.next()?.to_owned();
+    if first == "kafka" {
+        let key = parts.collect::<Vec<_>>().join("__").replace('_', ".");
+        return (!key.is_empty()).then(|| vec![first, key]);
+    }
+    let mut path = vec![first.replace('_', "-")];
+    path.extend(parts.map(|p| p.replace('_', "-")));
+    Some(path)
+}
+
+/// Maps `memory.block-cache-bytes` to its path and `kafka.bootstrap.servers` to
+/// `["kafka", "bootstrap.servers"]`.
+fn flag_key_path(key: &str) -> Vec<String> {
+    match key.strip_prefix("kafka.") {
+        Some(kafka_key) => vec!["kafka".into(), kafka_key.into()],
+        None => key.split('.').map(str::to_owned).collect(),
+    }
+}
+
+/// Sets a value given as text: as a TOML integer, float or boolean if it is one (outside
+/// `kafka`, whose values are all strings), else as a string.
+fn set_path(table: &mut toml::Table, path: &[String], text: &str) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            unreachable!("made a table above")
+        };
+        current = next;
+    }
+    let in_kafka = path.first().is_some_and(|p| p == "kafka");
+    let value = if in_kafka {
+        toml::Value::String(text.to_owned())
+    } else if let Ok(v) = text.parse::<i64>() {
+        toml::Value::Integer(v)
+    } else if let Ok(v) = text.parse::<bool>() {
+        toml::Value::Boolean(v)
+    } else {
+        toml::Value::String(text.to_owned())
+    };
+    current.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], overrides: &[&str]) -> Result<NodeConfig, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        NodeConfig::load(None, env, &overrides)
+    }
+
+    const MINIMAL: &[&str] = &[
+        "node-id=n1",
+        "input-topic=orders",
+        "kafka.bootstrap.servers=127.0.0.1:9092",
+    ];
+
+    #[test]
+    fn template_in_deploy_parses_and_validates() {
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kstore-node.toml");
+        let config = NodeConfig::load(Some(&template), [], &[]).unwrap();
+        assert_eq!(
+            config.processing_guarantee,
+            ProcessingGuarantee::ExactlyOnce
+        );
+        assert_eq!(
+            config.kafka.get("bootstrap.servers").map(String::as_str),
+            Some("127.0.0.1:39092")
+        );
+        // Every default is written in the template, so it documents them all.
+        let defaults = NodeConfig {
+            node_id: config.node_id.clone(),
+            input_topic: config.input_topic.clone(),
+            state_dir: config.state_dir.clone(),
+            kafka: config.kafka.clone(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(config, defaults);
+    }
+
+    #[test]
+    fn flags_override_environment_which_overrides_defaults() {
+        let config = load(
+            &[
+                ("KSTORE_COMMIT_INTERVAL_MS", "250"),
+                ("KSTORE_APP_ID", "fraud"),
+                ("PATH", "/bin"),
+            ],
+            &[MINIMAL, &["app-id=checkout"]].concat(),
+        )
+        .unwrap();
+        assert_eq!(config.commit_interval_ms, 250);
+        assert_eq!(config.app_id, "checkout");
+        assert_eq!(config.changelog_topic(), "checkout-features-changelog");
+    }
+
+    #[test]
+    fn environment_reaches_nested_and_kafka_keys() {
+        let config = load(
+            &[
+                ("KSTORE_MEMORY__BLOCK_CACHE_BYTES", "8388608"),
+                ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+                ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
+                ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
+            ],
+            MINIMAL,
+        )
+        .unwrap();
+        assert_eq!(config.memory.block_cache_bytes, 8 << 20);
+        assert_eq!(
+            config.kafka.get("session.timeout.ms").map(String::as_str),
+            Some("6000")
+        );
+        assert_eq!(
+            config.processing_guarantee,
+            ProcessingGuarantee::AtLeastOnce
+        );
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let message = |result: Result<NodeConfig, ConfigError>| result.unwrap_err().to_string();
+        assert!(
+            message(load(&[], &[MINIMAL, &["no-such-key=1"]].concat())).contains("no-such-key")
+        );
+        assert!(message(load(&[], &["input-topic=orders"])).contains("node-id"));
+        assert!(
+            message(load(&[], &[MINIMAL, &["commit-interval-ms=0"]].concat()))
+                .contains("commit-interval-ms")
+        );
+        assert!(
+            message(load(
+                &[],
+                &[MINIMAL, &["kafka.enable.auto.commit=true"]].concat()
+            ))
+            .contains("kafka.enable.auto.commit")
+        );
+        assert!(
+            message(load(
+                &[],
+                &[MINIMAL, &["processing-guarantee=maybe"]].concat()
+            ))
+            .contains("maybe")
+        );
+        assert!(message(load(&[], &["oops"])).contains("key=value"));
+    }
+}

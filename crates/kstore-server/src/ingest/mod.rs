@@ -1,0 +1,927 @@
+//! Ingest: the consumer-group loop that folds input records into the stores, exactly once.
+//!
+//! One thread polls the group consumer. Each record is checked (key present and on Kafka's
+//! partition for it, sizes within limits), folded by the processor against the key's
+//! current value (pending updates of the open transaction first, then the store), and its
+//! effects are produced inside the node's Kafka transaction: the changelog record (with the
+//! input offset in a header), output records and dead letters. The transaction then commits
+//! together with the input offsets (exactly-once v2). Only after the commit do the updates
+//! reach RocksDB, so a read never sees state that could still roll back.
+//!
+//! Partitions the group assigns are paused until the state updater (`restore`) has
+//! replayed their changelog tail, off this thread, so a long restore cannot exceed
+//! `max.poll.interval.ms`.
+
+pub mod restore;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kstore_core::partitioner::partition_for_key;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::config::{MismatchPolicy, NodeConfig, ProcessingGuarantee};
+use crate::processor::{InputRecord, ProcessError, Processor, Update};
+use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
+use restore::{RestoreEvent, Restorer};
+
+/// The header of a changelog record that holds the input offset that produced it.
+pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
+/// Dead-letter headers: why, and where the record came from.
+pub const DLQ_ERROR_HEADER: &str = "kstore.error";
+/// The topic the dead letter was read from.
+pub const DLQ_TOPIC_HEADER: &str = "kstore.source.topic";
+/// The partition the dead letter was read from.
+pub const DLQ_PARTITION_HEADER: &str = "kstore.source.partition";
+/// The offset the dead letter was read from.
+pub const DLQ_OFFSET_HEADER: &str = "kstore.source.offset";
+/// Set when the dead letter's value was cut to fit; holds the original size in bytes.
+pub const DLQ_TRUNCATED_HEADER: &str = "kstore.truncated-from";
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Room for a record's headers and framing inside `message.max.bytes`.
+const RECORD_OVERHEAD_BYTES: usize = 4096;
+
+/// Why ingest stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// Kafka failed in a way the node cannot recover from by itself (for example, another
+    /// process with the same node id fenced this one).
+    #[error("kafka error during {during}: {source}")]
+    Kafka {
+        /// What the node was doing.
+        during: &'static str,
+        /// Kafka's error.
+        source: KafkaError,
+    },
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Restoring a partition failed.
+    #[error("restoring partition {partition} failed: {reason}")]
+    Restore {
+        /// The partition.
+        partition: i32,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn kafka(during: &'static str) -> impl FnOnce(KafkaError) -> IngestError {
+    move |source| IngestError::Kafka { during, source }
+}
+
+/// Counters of what ingest did, for logs now and metrics later.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    /// Input records read.
+    pub records_in: AtomicU64,
+    /// Input records the processor folded into state.
+    pub records_processed: AtomicU64,
+    /// Input records sent to the dead-letter topic.
+    pub dead_letters: AtomicU64,
+    /// Input records whose key hashes to another partition than the one they came on.
+    pub partition_mismatches: AtomicU64,
+    /// Input records skipped because the store already reflects them.
+    pub already_applied: AtomicU64,
+    /// Transactions (or at-least-once commits) that succeeded.
+    pub commits: AtomicU64,
+    /// Transactions aborted, whose records are read again.
+    pub aborts: AtomicU64,
+    /// Changelog records replayed into stores by restores.
+    pub restored_records: AtomicU64,
+}
+
+impl IngestMetrics {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Tracks delivery reports: the next changelog offset per partition, and failures.
+struct DeliveryTracker {
+    changelog_topic: String,
+    changelog_next: Mutex<HashMap<i32, i64>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(message) if message.topic() == self.changelog_topic => {
+                let mut next = lock(&self.changelog_next);
+                let entry = next.entry(message.partition()).or_insert(0);
+                *entry = (*entry).max(message.offset() + 1);
+            }
+            Ok(_) => {}
+            Err((error, message)) => {
+                let mut failure = lock(&self.failure);
+                failure.get_or_insert_with(|| {
+                    format!(
+                        "producing to {} [{}]: {error}",
+                        message.topic(),
+                        message.partition()
+                    )
+                });
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks already ends the node.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the node does with a partition it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ownership {
+    /// Its changelog tail is being replayed; its input is paused.
+    Restoring,
+    /// Its input is being folded into its store.
+    Active,
+}
+
+/// The open transaction: what it changed, and which input it covers.
+struct OpenTransaction {
+    started: Instant,
+    records: usize,
+    /// Pending updates per partition; `None` deletes. Readable by the processor, invisible
+    /// to everyone else until the transaction commits.
+    overlay: HashMap<i32, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// The first input offset per partition, where to rewind after an abort.
+    first_offset: HashMap<i32, i64>,
+    /// The next input offset per partition, committed with the transaction.
+    next_offset: HashMap<i32, i64>,
+}
+
+/// Everything the ingest thread and the rebalance callbacks share.
+struct Engine {
+    config: Arc<NodeConfig>,
+    partitions: u32,
+    processor: Box<dyn Processor>,
+    producer: BaseProducer<DeliveryTracker>,
+    memory: SharedMemory,
+    stores: HashMap<i32, Arc<PartitionStore>>,
+    owned: HashMap<i32, Ownership>,
+    /// Per partition, the next input offset its store reflects.
+    applied_input_next: HashMap<i32, i64>,
+    txn: Option<OpenTransaction>,
+    restorer: Restorer,
+    metrics: Arc<IngestMetrics>,
+    max_record_bytes: usize,
+    /// An error raised inside a rebalance callback, which cannot return one.
+    fatal: Option<IngestError>,
+}
+
+/// The consumer context: rebalance callbacks commit or abort the open transaction before
+/// partitions leave, and pause new partitions until they are restored.
+struct IngestContext {
+    engine: Arc<Mutex<Engine>>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else {
+            return;
+        };
+        let mut engine = lock(&self.engine);
+        let input = engine.config.input_topic.clone();
+        let revoked = partitions_of(partitions, &input);
+        if consumer.assignment_lost() {
+            // Another member may already own these partitions: committing now could
+            // overwrite its work. Abort; the new owner reads the records again.
+            tracing::warn!(?revoked, "assignment lost; aborting the open transaction");
+            engine.abort(consumer, false);
+        } else if let Err(error) = engine.commit(consumer) {
+            engine.fatal.get_or_insert(error);
+        }
+        for partition in &revoked {
+            engine.owned.remove(partition);
+            engine.restorer.cancel(*partition);
+        }
+        tracing::info!(?revoked, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                // Before the first fetch: nothing is read until the store is restored.
+                if let Err(error) = consumer.pause(partitions) {
+                    tracing::error!(%error, "pausing newly assigned partitions failed");
+                }
+                let mut engine = lock(&self.engine);
+                let input = engine.config.input_topic.clone();
+                for partition in partitions_of(partitions, &input) {
+                    if let Err(error) = engine.start_restore(partition) {
+                        engine.fatal.get_or_insert(error);
+                    }
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::error!(%error, "rebalance failed"),
+        }
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    list.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect()
+}
+
+impl Engine {
+    fn exactly_once(&self) -> bool {
+        self.config.processing_guarantee == ProcessingGuarantee::ExactlyOnce
+    }
+
+    fn store(&mut self, partition: i32) -> Result<Arc<PartitionStore>, IngestError> {
+        if let Some(store) = self.stores.get(&partition) {
+            return Ok(store.clone());
+        }
+        let dir = self.config.store_dir(partition);
+        std::fs::create_dir_all(&dir).map_err(|error| IngestError::Restore {
+            partition,
+            reason: format!("creating {}: {error}", dir.display()),
+        })?;
+        let store = PartitionStore::open(&dir, &self.memory)?;
+        self.stores.insert(partition, store.clone());
+        Ok(store)
+    }
+
+    fn start_restore(&mut self, partition: i32) -> Result<(), IngestError> {
+        let store = self.store(partition)?;
+        let position = store.position()?;
+        tracing::info!(
+            partition,
+            changelog_offset = position.changelog_next,
+            input_offset = position.input_next,
+            "partition assigned; restoring its changelog tail"
+        );
+        self.owned.insert(partition, Ownership::Restoring);
+        self.restorer.restore(partition, store, position);
+        Ok(())
+    }
+
+    /// Resumes the input of partitions whose restore finished.
+    fn resume_restored(
+        &mut self,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        while let Some(event) = self.restorer.try_event() {
+            match event {
+                RestoreEvent::Done {
+                    partition,
+                    records,
+                    position,
+                } => {
+                    tracing::info!(
+                        partition,
+                        records,
+                        changelog_offset = position.changelog_next,
+                        input_offset = position.input_next,
+                        "restore finished"
+                    );
+                    if self.owned.get(&partition) != Some(&Ownership::Restoring) {
+                        continue;
+                    }
+                    self.owned.insert(partition, Ownership::Active);
+                    self.applied_input_next
+                        .insert(partition, position.input_next);
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&self.config.input_topic, partition);
+                    consumer
+                        .resume(&list)
+                        .map_err(kafka("resuming a restored partition"))?;
+                }
+                RestoreEvent::Failed { partition, reason } => {
+                    return Err(IngestError::Restore { partition, reason });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn txn_due(&self) -> bool {
+        self.txn.as_ref().is_some_and(|txn| {
+            txn.records >= self.config.max_transaction_records
+                || txn.started.elapsed() >= Duration::from_millis(self.config.commit_interval_ms)
+        })
+    }
+
+    /// Folds one input record into the open transaction.
+    fn handle(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        let partition = message.partition();
+        let offset = message.offset();
+        if self.owned.get(&partition) != Some(&Ownership::Active) {
+            // Fetched before the pause took hold: read it again once the partition is ours.
+            if self.owned.contains_key(&partition) {
+                consumer
+                    .seek(
+                        message.topic(),
+                        partition,
+                        Offset::Offset(offset),
+                        KAFKA_TIMEOUT,
+                    )
+                    .map_err(kafka("rewinding a restoring partition"))?;
+            }
+            return Ok(());
+        }
+        IngestMetrics::add(&self.metrics.records_in, 1);
+        if offset
+            < self
+                .applied_input_next
+                .get(&partition)
+                .copied()
+                .unwrap_or(0)
+        {
+            IngestMetrics::add(&self.metrics.already_applied, 1);
+            return Ok(());
+        }
+        if self.txn.is_none() {
+            if self.exactly_once() {
+                self.producer
+                    .begin_transaction()
+                    .map_err(kafka("beginning a transaction"))?;
+            }
+            self.txn = Some(OpenTransaction {
+                started: Instant::now(),
+                records: 0,
+                overlay: HashMap::new(),
+                first_offset: HashMap::new(),
+                next_offset: HashMap::new(),
+            });
+        }
+        let txn = self.txn.as_mut().expect("opened above");
+        txn.records += 1;
+        txn.first_offset.entry(partition).or_insert(offset);
+        txn.next_offset.insert(partition, offset + 1);
+
+        if let Err(reason) = self.fold(message) {
+            self.dead_letter(message, &reason)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the checks and the processor; an `Err` is the reason for a dead letter.
+    fn fold(&mut self, message: &BorrowedMessage<'_>) -> Result<(), String> {
+        let partition = message.partition();
+        let key = match message.key() {
+            Some(key) if !key.is_empty() => key,
+            _ => return Err("record has no key".into()),
+        };
+        if key.len() > self.config.max_key_bytes {
+            return Err(format!(
+                "key of {} bytes exceeds max-key-bytes {}",
+                key.len(),
+                self.config.max_key_bytes
+            ));
+        }
+        let value_len = message.payload_len();
+        if value_len > self.config.max_value_bytes {
+            return Err(format!(
+                "value of {value_len} bytes exceeds max-value-bytes {}",
+                self.config.max_value_bytes
+            ));
+        }
+        let expected = partition_for_key(key, self.partitions) as i32;
+        if expected != partition {
+            IngestMetrics::add(&self.metrics.partition_mismatches, 1);
+            tracing::warn!(
+                key = %String::from_utf8_lossy(key),
+                partition,
+                expected,
+                offset = message.offset(),
+                "key arrived on another partition than Kafka's partitioner gives it; \
+                 its producer does not use the murmur2 partitioner"
+            );
+            if self.config.partition_mismatch == MismatchPolicy::Dlq {
+                return Err(format!(
+                    "key belongs to partition {expected}, arrived on partition {partition}"
+                ));
+            }
+        }
+
+        let current = self
+            .current_value(partition, key)
+            .map_err(|e| e.to_string())?;
+        let record = InputRecord {
+            topic: message.topic(),
+            partition,
+            offset: message.offset(),
+            key,
+            value: message.payload(),
+        };
+        let outcome = self
+            .processor
+            .process(&record, current.as_deref())
+            .map_err(|error: ProcessError| error.to_string())?;
+        let too_big = |what: &str, len: usize| {
+            format!("{what} of {len} bytes is larger than a Kafka record can be")
+        };
+        if let Update::Put(value) = &outcome.update
+            && key.len() + value.len() > self.max_record_bytes
+        {
+            return Err(too_big("new state", key.len() + value.len()));
+        }
+        if let Some(output) = outcome
+            .outputs
+            .iter()
+            .find(|o| o.key.len() + o.value.len() > self.max_record_bytes)
+        {
+            return Err(too_big(
+                "output record",
+                output.key.len() + output.value.len(),
+            ));
+        }
+
+        let offset_text = message.offset().to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: INPUT_OFFSET_HEADER,
+            value: Some(offset_text.as_bytes()),
+        });
+        let changelog = self.config.changelog_topic();
+        let pending = match outcome.update {
+            Update::Unchanged => None,
+            Update::Put(value) => {
+                let record = BaseRecord::to(&changelog)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value.as_slice())
+                    .headers(headers);
+                send(&self.producer, record).map_err(|e| e.to_string())?;
+                Some(Some(value))
+            }
+            Update::Delete => {
+                let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
+                    .partition(partition)
+                    .key(key)
+                    .headers(headers);
+                send(&self.producer, record).map_err(|e| e.to_string())?;
+                Some(None)
+            }
+        };
+        if let Some(value) = pending {
+            let txn = self
+                .txn
+                .as_mut()
+                .expect("a record is only folded inside a transaction");
+            txn.overlay
+                .entry(partition)
+                .or_default()
+                .insert(key.to_vec(), value);
+        }
+        for output in &outcome.outputs {
+            let record = BaseRecord::to(&output.topic)
+                .key(output.key.as_slice())
+                .payload(output.value.as_slice());
+            send(&self.producer, record).map_err(|e| e.to_string())?;
+        }
+        IngestMetrics::add(&self.metrics.records_processed, 1);
+        Ok(())
+    }
+
+    /// Returns the key's value as the open transaction sees it.
+    fn current_value(&self, partition: i32, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(pending) = self
+            .txn
+            .as_ref()
+            .and_then(|txn| txn.overlay.get(&partition))
+            .and_then(|o| o.get(key))
+        {
+            return Ok(pending.clone());
+        }
+        match self.stores.get(&partition) {
+            Some(store) => store.get(key),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends the input record to the dead-letter topic, with why and where from.
+    fn dead_letter(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+    ) -> Result<(), IngestError> {
+        IngestMetrics::add(&self.metrics.dead_letters, 1);
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "record sent to the dead-letter topic"
+        );
+        let partition_text = message.partition().to_string();
+        let offset_text = message.offset().to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: DLQ_ERROR_HEADER,
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_TOPIC_HEADER,
+                value: Some(message.topic().as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_PARTITION_HEADER,
+                value: Some(partition_text.as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_OFFSET_HEADER,
+                value: Some(offset_text.as_bytes()),
+            });
+        // Keep as much of the record as a Kafka record can carry.
+        let room = self.max_record_bytes / 2;
+        let key = message.key().map(|k| &k[..k.len().min(room)]);
+        let payload = message.payload().map(|p| &p[..p.len().min(room)]);
+        let original = message.key().map_or(0, <[u8]>::len) + message.payload_len();
+        let kept = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        let original_text = original.to_string();
+        if kept < original {
+            headers = headers.insert(Header {
+                key: DLQ_TRUNCATED_HEADER,
+                value: Some(original_text.as_bytes()),
+            });
+        }
+        let dlq = self.config.dlq_topic();
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        send(&self.producer, record).map_err(kafka("producing a dead letter"))
+    }
+
+    /// Commits the open transaction with its input offsets, then applies its updates to
+    /// the stores. A transaction that must abort is aborted and its records read again.
+    fn commit(&mut self, consumer: &BaseConsumer<IngestContext>) -> Result<(), IngestError> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Ok(());
+        };
+        let mut offsets = TopicPartitionList::new();
+        for (partition, next) in &txn.next_offset {
+            offsets
+                .add_partition_offset(&self.config.input_topic, *partition, Offset::Offset(*next))
+                .map_err(kafka("building the offsets to commit"))?;
+        }
+        let committed = if self.exactly_once() {
+            self.commit_transaction(consumer, &offsets)
+        } else {
+            self.commit_at_least_once(consumer, &offsets)
+        };
+        match committed {
+            Ok(()) => {}
+            Err(Retry::Abort(reason)) => {
+                tracing::warn!(
+                    reason,
+                    "aborting the transaction; its records will be read again"
+                );
+                self.abort(consumer, true);
+                return Ok(());
+            }
+            Err(Retry::Fatal(error)) => return Err(error),
+        }
+
+        let txn = self.txn.take().expect("checked above");
+        let changelog_next = std::mem::take(&mut *lock(&self.producer.context().changelog_next));
+        for (partition, next_input) in &txn.next_offset {
+            let store = self.store(*partition)?;
+            let mut position = store.position()?;
+            position.input_next = *next_input;
+            if let Some(next) = changelog_next.get(partition) {
+                position.changelog_next = *next;
+            }
+            let empty = BTreeMap::new();
+            store.apply(txn.overlay.get(partition).unwrap_or(&empty), position)?;
+            self.applied_input_next.insert(*partition, *next_input);
+        }
+        IngestMetrics::add(&self.metrics.commits, 1);
+        Ok(())
+    }
+
+    fn commit_transaction(
+        &self,
+        consumer: &BaseConsumer<IngestContext>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), Retry> {
+        let group = consumer.group_metadata().ok_or_else(|| {
+            Retry::Abort("the consumer has no group metadata (not in the group)".into())
+        })?;
+        retry_transactional("sending offsets to the transaction", || {
+            self.producer
+                .send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)
+        })?;
+        retry_transactional("committing the transaction", || {
+            self.producer.commit_transaction(KAFKA_TIMEOUT)
+        })
+    }
+
+    fn commit_at_least_once(
+        &self,
+        consumer: &BaseConsumer<IngestContext>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), Retry> {
+        self.producer
+            .flush(KAFKA_TIMEOUT)
+            .map_err(|error| Retry::Abort(format!("flushing: {error}")))?;
+        if let Some(failure) = lock(&self.producer.context().failure).take() {
+            return Err(Retry::Abort(failure));
+        }
+        consumer
+            .commit(offsets, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|error| Retry::Abort(format!("committing offsets: {error}")))
+    }
+
+    /// Drops the open transaction: aborts it (exactly-once), forgets its updates and, if
+    /// `rewind`, seeks the input back so that its records are read again.
+    fn abort(&mut self, consumer: &BaseConsumer<IngestContext>, rewind: bool) {
+        let Some(txn) = self.txn.take() else { return };
+        if self.exactly_once()
+            && let Err(error) = self.producer.abort_transaction(KAFKA_TIMEOUT)
+        {
+            let fatal = IngestError::Kafka {
+                during: "aborting a transaction",
+                source: error,
+            };
+            self.fatal.get_or_insert(fatal);
+        }
+        lock(&self.producer.context().changelog_next).clear();
+        lock(&self.producer.context().failure).take();
+        IngestMetrics::add(&self.metrics.aborts, 1);
+        if rewind {
+            for (partition, first) in txn.first_offset {
+                if !self.owned.contains_key(&partition) {
+                    continue;
+                }
+                let seek = consumer.seek(
+                    &self.config.input_topic,
+                    partition,
+                    Offset::Offset(first),
+                    KAFKA_TIMEOUT,
+                );
+                if let Err(error) = seek {
+                    let fatal = IngestError::Kafka {
+                        during: "rewinding after an abort",
+                        source: error,
+                    };
+                    self.fatal.get_or_insert(fatal);
+                }
+            }
+        }
+    }
+}
+
+/// How a failed commit continues.
+enum Retry {
+    /// Abort the transaction and read its records again.
+    Abort(String),
+    /// Stop the node.
+    Fatal(IngestError),
+}
+
+/// Runs a transactional call, retrying what Kafka says is retriable.
+fn retry_transactional(
+    during: &'static str,
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), Retry> {
+    for attempt in 1.. {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(error)) if error.is_retriable() && attempt < 10 => {
+                tracing::warn!(%error, attempt, during, "retrying");
+            }
+            Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
+                return Err(Retry::Abort(format!("{during}: {error}")));
+            }
+            Err(source) => return Err(Retry::Fatal(IngestError::Kafka { during, source })),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Sends a record, waiting for room in the producer's queue.
+fn send<K, P>(
+    producer: &BaseProducer<DeliveryTracker>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
+/// Runs ingest on the calling thread until `shutdown` is set, then commits what is open,
+/// leaves the partitions and closes the stores.
+pub fn run(
+    config: Arc<NodeConfig>,
+    partitions: u32,
+    processor: Box<dyn Processor>,
+    metrics: Arc<IngestMetrics>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), IngestError> {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka {
+        client.set(key, value);
+    }
+    let max_record_bytes = config
+        .kafka
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000)
+        .saturating_sub(RECORD_OVERHEAD_BYTES);
+
+    let mut producer_config = client.clone();
+    producer_config
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random");
+    set_default(&mut producer_config, "linger.ms", "5");
+    if config.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
+        producer_config.set(
+            "transactional.id",
+            format!("{}-{}", config.app_id, config.node_id),
+        );
+    }
+    let tracker = DeliveryTracker {
+        changelog_topic: config.changelog_topic(),
+        changelog_next: Mutex::new(HashMap::new()),
+        failure: Mutex::new(None),
+    };
+    let producer: BaseProducer<DeliveryTracker> = producer_config
+        .create_with_context(tracker)
+        .map_err(kafka("creating the producer"))?;
+    if config.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
+        // Fences any earlier incarnation of this node and aborts its open transaction.
+        producer
+            .init_transactions(KAFKA_TIMEOUT)
+            .map_err(kafka("initializing transactions"))?;
+    }
+
+    let restorer = Restorer::spawn(&client, config.changelog_topic(), metrics.clone())
+        .map_err(kafka("creating the restore consumer"))?;
+    let engine = Arc::new(Mutex::new(Engine {
+        config: config.clone(),
+        partitions,
+        processor,
+        producer,
+        memory: SharedMemory::new(&config.memory),
+        stores: HashMap::new(),
+        owned: HashMap::new(),
+        applied_input_next: HashMap::new(),
+        txn: None,
+        restorer,
+        metrics: metrics.clone(),
+        max_record_bytes,
+        fatal: None,
+    }));
+
+    let mut consumer_config = client;
+    consumer_config
+        .set("group.id", config.group_id())
+        .set("group.instance.id", &config.node_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    set_default(&mut consumer_config, "auto.offset.reset", "earliest");
+    let consumer: BaseConsumer<IngestContext> = consumer_config
+        .create_with_context(IngestContext {
+            engine: engine.clone(),
+        })
+        .map_err(kafka("creating the group consumer"))?;
+    consumer
+        .subscribe(&[&config.input_topic])
+        .map_err(kafka("subscribing"))?;
+    tracing::info!(
+        input = %config.input_topic,
+        partitions,
+        guarantee = ?config.processing_guarantee,
+        "ingest started"
+    );
+
+    let result = poll_loop(&consumer, &engine, &metrics, &shutdown);
+    let finished = result.and_then(|()| lock(&engine).commit(&consumer));
+    // Closing the consumer runs the revoke callback (nothing left to commit by then).
+    drop(consumer);
+    let mut engine = lock(&engine);
+    engine.restorer.stop();
+    if let Err(error) = engine.producer.flush(KAFKA_TIMEOUT) {
+        tracing::warn!(%error, "flushing the producer at shutdown");
+    }
+    engine.stores.clear();
+    log_progress(&metrics);
+    finished
+}
+
+/// Sets a client setting unless the user's `kafka.*` settings already chose one.
+fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
+    if config.get(key).is_none() {
+        config.set(key, value);
+    }
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<IngestContext>,
+    engine: &Mutex<Engine>,
+    metrics: &IngestMetrics,
+    shutdown: &AtomicBool,
+) -> Result<(), IngestError> {
+    let mut last_log = Instant::now();
+    while !shutdown.load(Ordering::Relaxed) {
+        // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
+        let message = consumer.poll(POLL_TIMEOUT);
+        let mut engine = lock(engine);
+        if let Some(error) = engine.fatal.take() {
+            return Err(error);
+        }
+        engine.resume_restored(consumer)?;
+        match message {
+            Some(Ok(message)) => engine.handle(&message, consumer)?,
+            Some(Err(error)) => tracing::warn!(%error, "consumer error"),
+            None => {}
+        }
+        if engine.txn_due() {
+            engine.commit(consumer)?;
+        }
+        engine.producer.poll(Duration::ZERO);
+        if let Some(error) = engine.fatal.take() {
+            return Err(error);
+        }
+        drop(engine);
+        if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+            log_progress(metrics);
+            last_log = Instant::now();
+        }
+    }
+    tracing::info!("shutting down: committing the open transaction");
+    Ok(())
+}
+
+fn log_progress(metrics: &IngestMetrics) {
+    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    tracing::info!(
+        records_in = get(&metrics.records_in),
+        processed = get(&metrics.records_processed),
+        dead_letters = get(&metrics.dead_letters),
+        partition_mismatches = get(&metrics.partition_mismatches),
+        commits = get(&metrics.commits),
+        aborts = get(&metrics.aborts),
+        restored_records = get(&metrics.restored_records),
+        "ingest progress"
+    );
+}
+
+/// Returns the input offset that a changelog record carries in its header.
+pub(crate) fn input_offset_of(message: &BorrowedMessage<'_>) -> Option<i64> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == INPUT_OFFSET_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The position a store reaches after applying a changelog record at `offset` that came
+/// from input offset `input_offset`.
+pub(crate) fn advance(position: &mut Position, offset: i64, input_offset: Option<i64>) {
+    position.changelog_next = position.changelog_next.max(offset + 1);
+    if let Some(input) = input_offset {
+        position.input_next = position.input_next.max(input + 1);
+    }
+}

@@ -1,0 +1,284 @@
+//! Restore: replays a partition's changelog from its store's position to the end, on a
+//! thread and consumer of its own, so the group consumer's poll loop never waits for it.
+//!
+//! The restore consumer reads committed records only, so an aborted transaction never
+//! reaches a store. Records are applied in batches, each with the position it reaches, so
+//! a restore interrupted by a crash resumes where it stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use super::{IngestMetrics, advance, input_offset_of};
+use crate::store::{PartitionStore, Position};
+
+/// Records applied to a store in one write batch during a restore.
+const RESTORE_BATCH_RECORDS: usize = 10_000;
+
+enum Command {
+    Restore {
+        partition: i32,
+        store: Arc<PartitionStore>,
+        position: Position,
+    },
+    Cancel {
+        partition: i32,
+    },
+    Stop,
+}
+
+/// What a restore came to.
+#[derive(Debug)]
+pub enum RestoreEvent {
+    /// The store has applied its changelog up to the end.
+    Done {
+        /// The partition.
+        partition: i32,
+        /// How many changelog records were replayed.
+        records: u64,
+        /// The store's position afterwards.
+        position: Position,
+    },
+    /// The restore failed; the partition cannot be served from this store.
+    Failed {
+        /// The partition.
+        partition: i32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The handle of the restore thread.
+pub struct Restorer {
+    commands: Sender<Command>,
+    events: Receiver<RestoreEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Restorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restorer").finish_non_exhaustive()
+    }
+}
+
+impl Restorer {
+    /// Starts the restore thread with a consumer of the changelog topic.
+    pub fn spawn(
+        client: &ClientConfig,
+        changelog_topic: String,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Self, KafkaError> {
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let (commands, command_rx) = mpsc::channel();
+        let (event_tx, events) = mpsc::channel();
+        let worker = Worker {
+            consumer,
+            topic: changelog_topic,
+            active: HashMap::new(),
+            events: event_tx,
+            metrics,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kstore-restore".into())
+            .spawn(move || worker.run(command_rx))
+            .expect("spawning the restore thread");
+        Ok(Restorer {
+            commands,
+            events,
+            thread: Some(thread),
+        })
+    }
+
+    /// Replays the partition's changelog from `position` into `store`.
+    pub fn restore(&self, partition: i32, store: Arc<PartitionStore>, position: Position) {
+        let _ = self.commands.send(Command::Restore {
+            partition,
+            store,
+            position,
+        });
+    }
+
+    /// Stops restoring the partition (it was revoked). What was replayed so far is kept.
+    pub fn cancel(&self, partition: i32) {
+        let _ = self.commands.send(Command::Cancel { partition });
+    }
+
+    /// Returns a finished restore, if any.
+    pub fn try_event(&self) -> Option<RestoreEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Restorer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Job {
+    store: Arc<PartitionStore>,
+    position: Position,
+    batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    records: u64,
+}
+
+impl Job {
+    fn flush(&mut self) -> Result<(), String> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .apply(&self.batch, self.position)
+            .map_err(|e| e.to_string())?;
+        self.batch.clear();
+        Ok(())
+    }
+}
+
+struct Worker {
+    consumer: BaseConsumer,
+    topic: String,
+    active: HashMap<i32, Job>,
+    events: Sender<RestoreEvent>,
+    metrics: Arc<IngestMetrics>,
+}
+
+impl Worker {
+    fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            // Idle: wait for work. Busy: take commands between polls.
+            let command = if self.active.is_empty() {
+                match commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => return,
+                }
+            } else {
+                match commands.recv_timeout(Duration::ZERO) {
+                    Ok(command) => Some(command),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            match command {
+                Some(Command::Restore {
+                    partition,
+                    store,
+                    position,
+                }) => {
+                    self.start(partition, store, position);
+                }
+                Some(Command::Cancel { partition }) => self.finish(partition, false),
+                Some(Command::Stop) => return,
+                None => self.poll(),
+            }
+        }
+    }
+
+    fn start(&mut self, partition: i32, store: Arc<PartitionStore>, position: Position) {
+        if self.active.contains_key(&partition) {
+            self.finish(partition, false);
+        }
+        let mut list = TopicPartitionList::new();
+        let offset = Offset::Offset(position.changelog_next);
+        if let Err(error) = list
+            .add_partition_offset(&self.topic, partition, offset)
+            .and_then(|()| self.consumer.incremental_assign(&list))
+        {
+            let reason = format!("assigning changelog partition: {error}");
+            let _ = self.events.send(RestoreEvent::Failed { partition, reason });
+            return;
+        }
+        self.active.insert(
+            partition,
+            Job {
+                store,
+                position,
+                batch: BTreeMap::new(),
+                records: 0,
+            },
+        );
+    }
+
+    fn poll(&mut self) {
+        match self.consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                let Some(job) = self.active.get_mut(&message.partition()) else {
+                    return;
+                };
+                let key = message.key().unwrap_or_default().to_vec();
+                job.batch.insert(key, message.payload().map(<[u8]>::to_vec));
+                advance(
+                    &mut job.position,
+                    message.offset(),
+                    input_offset_of(&message),
+                );
+                job.records += 1;
+                IngestMetrics::add(&self.metrics.restored_records, 1);
+                if job.batch.len() >= RESTORE_BATCH_RECORDS
+                    && let Err(reason) = job.flush()
+                {
+                    let partition = message.partition();
+                    drop(message);
+                    self.fail(partition, reason);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => self.finish(partition, true),
+            Some(Err(error)) => tracing::warn!(%error, "restore consumer error"),
+        }
+    }
+
+    fn fail(&mut self, partition: i32, reason: String) {
+        self.unassign(partition);
+        self.active.remove(&partition);
+        let _ = self.events.send(RestoreEvent::Failed { partition, reason });
+    }
+
+    /// Applies what is left, stops reading the partition and, if `done`, reports it.
+    fn finish(&mut self, partition: i32, done: bool) {
+        let Some(mut job) = self.active.remove(&partition) else {
+            return;
+        };
+        self.unassign(partition);
+        if let Err(reason) = job.flush() {
+            let _ = self.events.send(RestoreEvent::Failed { partition, reason });
+            return;
+        }
+        if done {
+            let event = RestoreEvent::Done {
+                partition,
+                records: job.records,
+                position: job.position,
+            };
+            let _ = self.events.send(event);
+        }
+    }
+
+    fn unassign(&self, partition: i32) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, partition);
+        if let Err(error) = self.consumer.incremental_unassign(&list) {
+            tracing::warn!(%error, partition, "unassigning a changelog partition");
+        }
+    }
+}

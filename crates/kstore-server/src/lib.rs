@@ -1,0 +1,12 @@
+//! The kstore node: ingest of keyed events into per-partition RocksDB stores, exactly once,
+//! with restore from the changelog and dead letters for bad input.
+//!
+//! The binary `kstore-node` runs the built-in processor; a user's own binary can call
+//! [`node::run`] with a [`processor::Processor`] of its own.
+
+pub mod config;
+pub mod ingest;
+pub mod node;
+pub mod processor;
+pub mod store;
+pub mod topics;

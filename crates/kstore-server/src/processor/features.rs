@@ -1,0 +1,421 @@
+//! The built-in processor: fraud features per customer, folded from JSON order events.
+//!
+//! The fold is a pure function of the customer's event sequence (see `CustomerFeatures` in
+//! `proto/kstore/v1/features.proto` for what each field means), so tests can recompute every
+//! value from the events they sent. Memory per customer is bounded: at most 60 minute
+//! buckets, 168 hour buckets and 64 remembered values per distinct set.
+
+use kstore_core::orders::OrderEvent;
+use kstore_proto::v1::{Bucket, CustomerFeatures, FeatureWindows, SeenValue, WindowTotals};
+use prost::Message;
+use serde::Serialize;
+
+use super::{InputRecord, Outcome, OutputRecord, ProcessError, Processor, Update};
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// Minute buckets that make up the 1-hour window.
+const MINUTES_IN_1H: i64 = 60;
+/// Hour buckets that make up the 24-hour window.
+const HOURS_IN_24H: i64 = 24;
+/// Hour buckets that make up the 7-day window.
+const HOURS_IN_7D: i64 = 7 * 24;
+/// How long a delivery address or payment instrument is remembered.
+const DISTINCT_HORIZON_MS: i64 = 30 * DAY_MS;
+/// The most values a distinct set keeps; a count at this cap means "this many or more".
+pub const DISTINCT_SET_CAP: usize = 64;
+/// The subscription-abuse rule fires above this many distinct free-delivery addresses in 24 h.
+pub const ABUSE_DISTINCT_ADDRESSES: u32 = 3;
+
+/// The name of the rule in alert records.
+pub const ABUSE_RULE: &str = "free-delivery-address-spread";
+
+/// Folds order events into [`CustomerFeatures`] and emits an alert to `alerts_topic` when
+/// a customer starts to match the subscription-abuse rule.
+#[derive(Debug, Clone)]
+pub struct FeaturesProcessor {
+    alerts_topic: String,
+}
+
+/// The alert record's JSON value.
+#[derive(Debug, Serialize)]
+struct AbuseAlert<'a> {
+    customer_id: &'a str,
+    rule: &'a str,
+    order_id: &'a str,
+    event_time_ms: i64,
+    free_delivery_addresses_24h: u32,
+}
+
+impl FeaturesProcessor {
+    /// Returns a processor that writes alerts to `alerts_topic`.
+    pub fn new(alerts_topic: impl Into<String>) -> Self {
+        FeaturesProcessor {
+            alerts_topic: alerts_topic.into(),
+        }
+    }
+}
+
+impl Processor for FeaturesProcessor {
+    fn process(
+        &mut self,
+        record: &InputRecord<'_>,
+        current: Option<&[u8]>,
+    ) -> Result<Outcome, ProcessError> {
+        let value = record
+            .value
+            .ok_or_else(|| ProcessError::Malformed("no value".into()))?;
+        let event: OrderEvent = serde_json::from_slice(value)
+            .map_err(|error| ProcessError::Malformed(format!("not an order event: {error}")))?;
+        if event.customer_id.as_bytes() != record.key {
+            return Err(ProcessError::Malformed(format!(
+                "customer_id {:?} differs from the record key",
+                event.customer_id
+            )));
+        }
+        let mut features = match current {
+            Some(bytes) => CustomerFeatures::decode(bytes)
+                .map_err(|error| ProcessError::Failed(format!("stored value: {error}")))?,
+            None => CustomerFeatures::default(),
+        };
+        let was_abusing = features.subscription_abuse;
+        fold(&mut features, &event);
+
+        let mut outputs = Vec::new();
+        if features.subscription_abuse && !was_abusing {
+            let alert = AbuseAlert {
+                customer_id: &event.customer_id,
+                rule: ABUSE_RULE,
+                order_id: &event.order_id,
+                event_time_ms: event.event_time_ms,
+                free_delivery_addresses_24h: features.free_delivery_addresses_24h,
+            };
+            outputs.push(OutputRecord {
+                topic: self.alerts_topic.clone(),
+                key: record.key.to_vec(),
+                value: serde_json::to_vec(&alert)
+                    .map_err(|error| ProcessError::Failed(error.to_string()))?,
+            });
+        }
+        Ok(Outcome {
+            update: Update::Put(features.encode_to_vec()),
+            outputs,
+        })
+    }
+}
+
+/// Folds one event into a customer's features.
+pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
+    let t = event.event_time_ms;
+    if features.orders_total == 0 {
+        features.customer_id = event.customer_id.clone();
+        features.first_seen_ms = t;
+        features.last_seen_ms = t;
+    } else {
+        features.first_seen_ms = features.first_seen_ms.min(t);
+        features.last_seen_ms = features.last_seen_ms.max(t);
+    }
+    features.orders_total += 1;
+    features.amount_total_cents += event.amount_cents;
+    let now = features.last_seen_ms;
+
+    let windows = features.windows.get_or_insert_with(FeatureWindows::default);
+    let free = u64::from(event.free_delivery);
+    if bucket(t, HOUR_MS) > bucket(now, HOUR_MS) - HOURS_IN_7D {
+        add_to_bucket(
+            &mut windows.hour_buckets,
+            bucket(t, HOUR_MS),
+            event.amount_cents,
+            free,
+        );
+        if bucket(t, MINUTE_MS) > bucket(now, MINUTE_MS) - MINUTES_IN_1H {
+            add_to_bucket(
+                &mut windows.minute_buckets,
+                bucket(t, MINUTE_MS),
+                event.amount_cents,
+                free,
+            );
+        }
+    } else {
+        features.late_events += 1;
+    }
+    windows
+        .minute_buckets
+        .retain(|b| b.index > bucket(now, MINUTE_MS) - MINUTES_IN_1H);
+    windows
+        .hour_buckets
+        .retain(|b| b.index > bucket(now, HOUR_MS) - HOURS_IN_7D);
+
+    let horizon = now - DISTINCT_HORIZON_MS;
+    remember(&mut windows.addresses, &event.delivery_address, t, horizon);
+    remember(
+        &mut windows.instruments,
+        &event.payment_instrument,
+        t,
+        horizon,
+    );
+    let free_horizon = now - DAY_MS;
+    if event.free_delivery {
+        remember(
+            &mut windows.free_delivery_addresses,
+            &event.delivery_address,
+            t,
+            free_horizon,
+        );
+    } else {
+        forget_before(&mut windows.free_delivery_addresses, free_horizon);
+    }
+
+    let hours_24h = |b: &&Bucket| b.index > bucket(now, HOUR_MS) - HOURS_IN_24H;
+    features.last_1h = Some(totals(windows.minute_buckets.iter()));
+    features.last_24h = Some(totals(windows.hour_buckets.iter().filter(hours_24h)));
+    features.last_7d = Some(totals(windows.hour_buckets.iter()));
+    features.free_delivery_orders_24h = windows
+        .hour_buckets
+        .iter()
+        .filter(hours_24h)
+        .map(|b| b.free_delivery_orders)
+        .sum();
+    features.distinct_addresses_24h = seen_after(&windows.addresses, now - DAY_MS);
+    features.distinct_addresses_30d = seen_after(&windows.addresses, horizon);
+    features.distinct_instruments_24h = seen_after(&windows.instruments, now - DAY_MS);
+    features.distinct_instruments_30d = seen_after(&windows.instruments, horizon);
+    features.free_delivery_addresses_24h =
+        seen_after(&windows.free_delivery_addresses, free_horizon);
+    features.subscription_abuse = features.free_delivery_addresses_24h > ABUSE_DISTINCT_ADDRESSES;
+}
+
+/// Returns the index of the bucket of size `size_ms` that holds `time_ms`.
+fn bucket(time_ms: i64, size_ms: i64) -> i64 {
+    time_ms.div_euclid(size_ms)
+}
+
+fn add_to_bucket(buckets: &mut Vec<Bucket>, index: i64, amount_cents: i64, free: u64) {
+    let position = match buckets.binary_search_by_key(&index, |b| b.index) {
+        Ok(position) => position,
+        Err(position) => {
+            buckets.insert(
+                position,
+                Bucket {
+                    index,
+                    ..Bucket::default()
+                },
+            );
+            position
+        }
+    };
+    let bucket = &mut buckets[position];
+    bucket.orders += 1;
+    bucket.amount_cents += amount_cents;
+    bucket.free_delivery_orders += free;
+}
+
+fn totals<'a>(buckets: impl Iterator<Item = &'a Bucket>) -> WindowTotals {
+    buckets.fold(WindowTotals::default(), |mut totals, b| {
+        totals.orders += b.orders;
+        totals.amount_cents += b.amount_cents;
+        totals
+    })
+}
+
+/// Records that `value` was seen at `t` in a set kept sorted by hash, drops values last
+/// seen at or before `horizon`, and evicts the least recently seen beyond the cap.
+fn remember(set: &mut Vec<SeenValue>, value: &str, t: i64, horizon: i64) {
+    if t > horizon {
+        let hash = xxhash_rust::xxh3::xxh3_64(value.as_bytes());
+        match set.binary_search_by_key(&hash, |v| v.hash) {
+            Ok(position) => set[position].last_seen_ms = set[position].last_seen_ms.max(t),
+            Err(position) => set.insert(
+                position,
+                SeenValue {
+                    hash,
+                    last_seen_ms: t,
+                },
+            ),
+        }
+    }
+    forget_before(set, horizon);
+    while set.len() > DISTINCT_SET_CAP {
+        let oldest = set
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, v)| (v.last_seen_ms, v.hash))
+            .map(|(position, _)| position)
+            .unwrap_or_default();
+        set.remove(oldest);
+    }
+}
+
+fn forget_before(set: &mut Vec<SeenValue>, horizon: i64) {
+    set.retain(|v| v.last_seen_ms > horizon);
+}
+
+fn seen_after(set: &[SeenValue], horizon: i64) -> u32 {
+    set.iter().filter(|v| v.last_seen_ms > horizon).count() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+    fn order(n: u32, t: i64, amount_cents: i64, address: &str, free: bool) -> OrderEvent {
+        OrderEvent {
+            order_id: format!("o-{n}"),
+            customer_id: "c-1".into(),
+            event_time_ms: t,
+            amount_cents,
+            delivery_address: address.into(),
+            payment_instrument: format!("card-{}", n % 2),
+            free_delivery: free,
+        }
+    }
+
+    fn fold_all(events: &[OrderEvent]) -> CustomerFeatures {
+        let mut features = CustomerFeatures::default();
+        for event in events {
+            fold(&mut features, event);
+        }
+        features
+    }
+
+    #[test]
+    fn windows_count_by_bucket_ending_at_latest_event() {
+        let events = [
+            order(1, T0, 100, "a", false),
+            order(2, T0 + 30 * MINUTE_MS, 200, "a", false),
+            order(3, T0 + 2 * HOUR_MS, 400, "b", false),
+            order(4, T0 + 2 * DAY_MS, 800, "c", false),
+        ];
+        let f = fold_all(&events);
+        assert_eq!(f.orders_total, 4);
+        assert_eq!(f.amount_total_cents, 1500);
+        assert_eq!(f.first_seen_ms, T0);
+        assert_eq!(f.last_seen_ms, T0 + 2 * DAY_MS);
+        assert_eq!(
+            f.last_1h,
+            Some(WindowTotals {
+                orders: 1,
+                amount_cents: 800
+            })
+        );
+        assert_eq!(
+            f.last_24h,
+            Some(WindowTotals {
+                orders: 1,
+                amount_cents: 800
+            })
+        );
+        assert_eq!(
+            f.last_7d,
+            Some(WindowTotals {
+                orders: 4,
+                amount_cents: 1500
+            })
+        );
+        assert_eq!(f.distinct_addresses_24h, 1);
+        assert_eq!(f.distinct_addresses_30d, 3);
+        assert_eq!(f.distinct_instruments_30d, 2);
+    }
+
+    #[test]
+    fn out_of_order_and_late_events() {
+        let events = [
+            order(1, T0 + 10 * DAY_MS, 100, "a", false),
+            order(2, T0 + 10 * DAY_MS - 5 * MINUTE_MS, 200, "a", false),
+            order(3, T0, 400, "b", false), // older than 7 days at arrival
+        ];
+        let f = fold_all(&events);
+        assert_eq!(f.first_seen_ms, T0);
+        assert_eq!(f.late_events, 1);
+        assert_eq!(
+            f.last_1h,
+            Some(WindowTotals {
+                orders: 2,
+                amount_cents: 300
+            })
+        );
+        assert_eq!(
+            f.last_7d,
+            Some(WindowTotals {
+                orders: 2,
+                amount_cents: 300
+            })
+        );
+        assert_eq!(f.amount_total_cents, 700);
+        // Within 30 days, so the late order's address still counts.
+        assert_eq!(f.distinct_addresses_30d, 2);
+    }
+
+    #[test]
+    fn abuse_rule_fires_on_the_fourth_free_delivery_address_once() {
+        let mut processor = FeaturesProcessor::new("alerts");
+        let mut value: Option<Vec<u8>> = None;
+        let mut alerts = Vec::new();
+        for n in 0..6 {
+            let event = order(
+                n,
+                T0 + i64::from(n) * HOUR_MS,
+                100,
+                &format!("addr-{}", n.min(4)),
+                true,
+            );
+            let json = serde_json::to_vec(&event).unwrap();
+            let record = InputRecord {
+                topic: "orders",
+                partition: 0,
+                offset: i64::from(n),
+                key: b"c-1",
+                value: Some(&json),
+            };
+            let outcome = processor.process(&record, value.as_deref()).unwrap();
+            let Update::Put(bytes) = outcome.update else {
+                panic!("expected a put")
+            };
+            value = Some(bytes);
+            alerts.extend(outcome.outputs.into_iter().map(|o| (n, o)));
+        }
+        assert_eq!(alerts.len(), 1, "one alert when the rule starts to hold");
+        assert_eq!(alerts[0].0, 3, "the fourth distinct address triggers it");
+        let f = CustomerFeatures::decode(value.unwrap().as_slice()).unwrap();
+        assert!(f.subscription_abuse);
+        assert_eq!(f.free_delivery_addresses_24h, 5);
+        assert_eq!(f.free_delivery_orders_24h, 6);
+    }
+
+    #[test]
+    fn distinct_sets_stay_bounded() {
+        let events: Vec<_> = (0..500)
+            .map(|n| order(n, T0 + i64::from(n) * MINUTE_MS, 1, &format!("a{n}"), true))
+            .collect();
+        let f = fold_all(&events);
+        let windows = f.windows.unwrap();
+        assert_eq!(windows.addresses.len(), DISTINCT_SET_CAP);
+        assert_eq!(f.distinct_addresses_30d, DISTINCT_SET_CAP as u32);
+        assert!(windows.minute_buckets.len() <= MINUTES_IN_1H as usize);
+    }
+
+    #[test]
+    fn bad_events_are_malformed_errors() {
+        let mut processor = FeaturesProcessor::new("alerts");
+        let record = |value: &'static [u8]| InputRecord {
+            topic: "orders",
+            partition: 0,
+            offset: 0,
+            key: b"c-1",
+            value: Some(value),
+        };
+        assert!(matches!(
+            processor.process(&record(b"{not json"), None),
+            Err(ProcessError::Malformed(_))
+        ));
+        let other = br#"{"order_id":"o","customer_id":"c-2","event_time_ms":1,"amount_cents":1,"delivery_address":"a","payment_instrument":"p","free_delivery":false}"#;
+        assert!(matches!(
+            processor.process(&record(other), None),
+            Err(ProcessError::Malformed(_))
+        ));
+    }
+}

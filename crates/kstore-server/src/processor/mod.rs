@@ -1,0 +1,97 @@
+//! The processor API: how a node turns one input record and the key's current value into a
+//! new value and output records.
+//!
+//! A processor sees the records of a key in partition order and must be a pure function of
+//! them: the node replays nothing through it (restores come from the changelog), but
+//! exactly-once only means "exact" if the fold itself is deterministic.
+
+pub mod features;
+
+/// One record from the input topic, as the processor sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRecord<'a> {
+    /// The input topic.
+    pub topic: &'a str,
+    /// The partition the record arrived on.
+    pub partition: i32,
+    /// The record's offset in that partition.
+    pub offset: i64,
+    /// The record key; never empty (records without a key go to the dead-letter topic).
+    pub key: &'a [u8],
+    /// The record value, if any.
+    pub value: Option<&'a [u8]>,
+}
+
+/// What happens to the key's stored value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The value stays as it is.
+    Unchanged,
+    /// The value becomes these bytes.
+    Put(Vec<u8>),
+    /// The key is deleted.
+    Delete,
+}
+
+/// A record for an output topic, written in the same transaction as the state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// The topic to write to.
+    pub topic: String,
+    /// The record key; the node partitions it with Kafka's partitioner.
+    pub key: Vec<u8>,
+    /// The record value.
+    pub value: Vec<u8>,
+}
+
+/// The result of processing one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The change to the key's value.
+    pub update: Update,
+    /// Records to write to output topics.
+    pub outputs: Vec<OutputRecord>,
+}
+
+/// Why a record could not be processed. Either way the record goes to the dead-letter topic
+/// and the partition keeps flowing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    /// The record cannot be decoded or does not make sense.
+    #[error("malformed record: {0}")]
+    Malformed(String),
+    /// The processor failed on a well-formed record.
+    #[error("processing failed: {0}")]
+    Failed(String),
+}
+
+/// A user's fold from input records to per-key state.
+///
+/// ```
+/// use kstore_server::processor::{InputRecord, Outcome, ProcessError, Processor, Update};
+///
+/// /// Counts records per key, as a little-endian u64.
+/// struct Counter;
+///
+/// impl Processor for Counter {
+///     fn process(&mut self, _record: &InputRecord<'_>, current: Option<&[u8]>)
+///         -> Result<Outcome, ProcessError>
+///     {
+///         let count = match current {
+///             Some(bytes) => u64::from_le_bytes(bytes.try_into()
+///                 .map_err(|_| ProcessError::Failed("bad stored count".into()))?),
+///             None => 0,
+///         };
+///         Ok(Outcome { update: Update::Put((count + 1).to_le_bytes().to_vec()), outputs: vec![] })
+///     }
+/// }
+/// ```
+pub trait Processor: Send + 'static {
+    /// Returns the key's new value and any output records, given the key's current value.
+    fn process(
+        &mut self,
+        record: &InputRecord<'_>,
+        current: Option<&[u8]>,
+    ) -> Result<Outcome, ProcessError>;
+}

@@ -1,0 +1,273 @@
+//! Stores: one RocksDB per (store, partition), sharing one block cache and one write buffer
+//! manager so that the node's memory stays inside its budget however many partitions it
+//! holds.
+//!
+//! A store is a prefix of its committed changelog: every write batch carries the data and
+//! the store's position (the next changelog offset to apply and the next input offset it
+//! reflects), so a crash at any moment leaves data and position in agreement.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteBufferManager,
+};
+
+use crate::config::MemoryConfig;
+
+/// The column family that holds the store's position, apart from the user's keys.
+const META_CF: &str = "kstore-meta";
+const CHANGELOG_OFFSET_KEY: &[u8] = b"changelog-next-offset";
+const INPUT_OFFSET_KEY: &[u8] = b"input-next-offset";
+
+/// Where a store stands: what it has applied, in changelog and in input terms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The next changelog offset to apply (0 for an empty store).
+    pub changelog_next: i64,
+    /// The next input offset: every input record before it is reflected (0 if none).
+    pub input_next: i64,
+}
+
+/// A store could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("rocksdb error in store {path}: {source}")]
+    Rocks {
+        /// The store's directory.
+        path: String,
+        /// RocksDB's error.
+        source: rocksdb::Error,
+    },
+    /// The stored position is not 8 bytes.
+    #[error("store {path} holds a corrupt position under {key}")]
+    CorruptPosition {
+        /// The store's directory.
+        path: String,
+        /// Which position key.
+        key: String,
+    },
+}
+
+/// The memory that every store of a node shares.
+#[derive(Clone)]
+pub struct SharedMemory {
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMemory").finish_non_exhaustive()
+    }
+}
+
+impl SharedMemory {
+    /// Creates the shared block cache and write buffer manager. Memtables are charged to
+    /// the cache, so `block_cache_bytes` bounds both together.
+    pub fn new(config: &MemoryConfig) -> Self {
+        let cache = Cache::new_lru_cache(config.block_cache_bytes as usize);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            config.write_buffer_bytes as usize,
+            false,
+            cache.clone(),
+        );
+        SharedMemory {
+            cache,
+            write_buffers,
+        }
+    }
+
+    fn options(&self) -> Options {
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&self.cache);
+        block.set_bloom_filter(10.0, false);
+        block.set_cache_index_and_filter_blocks(true);
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_block_based_table_factory(&block);
+        options.set_write_buffer_manager(&self.write_buffers);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        options.set_max_background_jobs(2);
+        options
+    }
+}
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// One partition's store.
+pub struct PartitionStore {
+    db: DB,
+    path: String,
+}
+
+impl std::fmt::Debug for PartitionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionStore {
+    /// Opens (or creates) the store in `dir`. Existing state is always reused.
+    pub fn open(dir: &Path, memory: &SharedMemory) -> Result<Arc<Self>, StoreError> {
+        let path = dir.display().to_string();
+        let options = memory.options();
+        let families = [
+            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, memory.options()),
+            ColumnFamilyDescriptor::new(META_CF, memory.options()),
+        ];
+        let db = DB::open_cf_descriptors(&options, dir, families).map_err(|source| {
+            StoreError::Rocks {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(Arc::new(PartitionStore { db, path }))
+    }
+
+    fn rocks(&self) -> impl Fn(rocksdb::Error) -> StoreError + '_ {
+        |source| StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Returns a key's value.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get(key).map_err(self.rocks())
+    }
+
+    /// Returns the store's position.
+    pub fn position(&self) -> Result<Position, StoreError> {
+        Ok(Position {
+            changelog_next: self.read_offset(CHANGELOG_OFFSET_KEY)?,
+            input_next: self.read_offset(INPUT_OFFSET_KEY)?,
+        })
+    }
+
+    fn read_offset(&self, key: &[u8]) -> Result<i64, StoreError> {
+        let meta = self.meta_cf();
+        match self.db.get_cf(meta, key).map_err(self.rocks())? {
+            None => Ok(0),
+            Some(bytes) => bytes
+                .as_slice()
+                .try_into()
+                .map(i64::from_be_bytes)
+                .map_err(|_| StoreError::CorruptPosition {
+                    path: self.path.clone(),
+                    key: String::from_utf8_lossy(key).into_owned(),
+                }),
+        }
+    }
+
+    fn meta_cf(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(META_CF)
+            .expect("the meta column family is created on open")
+    }
+
+    /// Writes updates (`None` deletes) and the new position in one atomic batch.
+    pub fn apply(
+        &self,
+        updates: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in updates {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        let meta = self.meta_cf();
+        batch.put_cf(
+            meta,
+            CHANGELOG_OFFSET_KEY,
+            position.changelog_next.to_be_bytes(),
+        );
+        batch.put_cf(meta, INPUT_OFFSET_KEY, position.input_next.to_be_bytes());
+        self.db.write(batch).map_err(self.rocks())
+    }
+
+    /// Returns every key and value, in key order. For tests and small stores only.
+    pub fn scan(&self) -> Result<Vec<KeyValue>, StoreError> {
+        self.db
+            .iterator(rocksdb::IteratorMode::Start)
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(self.rocks())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> SharedMemory {
+        SharedMemory::new(&MemoryConfig {
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+        })
+    }
+
+    #[test]
+    fn data_and_position_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = memory();
+        {
+            let store = PartitionStore::open(dir.path(), &memory).unwrap();
+            assert_eq!(store.position().unwrap(), Position::default());
+            let mut updates = BTreeMap::new();
+            updates.insert(b"a".to_vec(), Some(b"1".to_vec()));
+            updates.insert(b"b".to_vec(), Some(b"2".to_vec()));
+            store
+                .apply(
+                    &updates,
+                    Position {
+                        changelog_next: 2,
+                        input_next: 7,
+                    },
+                )
+                .unwrap();
+            let mut updates = BTreeMap::new();
+            updates.insert(b"a".to_vec(), None);
+            store
+                .apply(
+                    &updates,
+                    Position {
+                        changelog_next: 3,
+                        input_next: 9,
+                    },
+                )
+                .unwrap();
+        }
+        let store = PartitionStore::open(dir.path(), &memory).unwrap();
+        assert_eq!(
+            store.position().unwrap(),
+            Position {
+                changelog_next: 3,
+                input_next: 9
+            }
+        );
+        assert_eq!(store.get(b"a").unwrap(), None);
+        assert_eq!(store.scan().unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn a_store_is_locked_by_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = memory();
+        let _store = PartitionStore::open(dir.path(), &memory).unwrap();
+        let second = PartitionStore::open(dir.path(), &memory).unwrap_err();
+        assert!(second.to_string().contains("lock"), "{second}");
+    }
+}

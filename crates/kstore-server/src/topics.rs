@@ -1,0 +1,145 @@
+//! The node's topics: the input it reads, and the changelog, dead-letter and alert topics it
+//! creates when they are missing. A changelog whose partition count differs from the
+//! input's would scatter a partition's state, so it stops the node at startup.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::NodeConfig;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the node's topics are not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// The input topic does not exist.
+    #[error("input topic {topic} does not exist; create it with the partition count you want")]
+    MissingInput {
+        /// The input topic.
+        topic: String,
+    },
+    /// The changelog has another partition count than the input.
+    #[error(
+        "changelog topic {changelog} has {changelog_partitions} partitions but input topic \
+         {input} has {input_partitions}; they must match (partition p of the changelog holds \
+         the state of input partition p)"
+    )]
+    ChangelogPartitionMismatch {
+        /// The changelog topic.
+        changelog: String,
+        /// Its partition count.
+        changelog_partitions: u32,
+        /// The input topic.
+        input: String,
+        /// Its partition count.
+        input_partitions: u32,
+    },
+    /// Kafka failed.
+    #[error("kafka error while checking topic {topic}: {source}")]
+    Kafka {
+        /// The topic.
+        topic: String,
+        /// Kafka's error.
+        source: KafkaError,
+    },
+}
+
+/// The partition counts the node runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// Partitions of the input topic, and so of the changelog and the stores.
+    pub partitions: u32,
+}
+
+/// Checks the input topic, creates the changelog, dead-letter and alert topics if they are
+/// missing, and checks that the changelog's partition count matches the input's.
+pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topology, TopicError> {
+    let input = &config.input_topic;
+    let partitions = partition_count(client, input)?.ok_or_else(|| TopicError::MissingInput {
+        topic: input.clone(),
+    })?;
+
+    let changelog = config.changelog_topic();
+    let compacted = [("cleanup.policy", "compact")];
+    ensure(config, client, &changelog, partitions, &compacted).await?;
+    let changelog_partitions = partition_count(client, &changelog)?.unwrap_or(0);
+    if changelog_partitions != partitions {
+        return Err(TopicError::ChangelogPartitionMismatch {
+            changelog,
+            changelog_partitions,
+            input: input.clone(),
+            input_partitions: partitions,
+        });
+    }
+    ensure(config, client, &config.dlq_topic(), partitions, &[]).await?;
+    ensure(config, client, &config.alerts_topic(), partitions, &[]).await?;
+    Ok(Topology { partitions })
+}
+
+/// Returns a topic's partition count, or `None` if it does not exist.
+pub fn partition_count(client: &ClientConfig, topic: &str) -> Result<Option<u32>, TopicError> {
+    let kafka = |source| TopicError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let consumer: BaseConsumer = client.create().map_err(kafka)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(kafka)?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match found.error() {
+        None => Ok(Some(found.partitions().len() as u32)),
+        Some(code) if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition => {
+            Ok(None)
+        }
+        Some(code) => Err(kafka(KafkaError::MetadataFetch(code.into()))),
+    }
+}
+
+async fn ensure(
+    config: &NodeConfig,
+    client: &ClientConfig,
+    topic: &str,
+    partitions: u32,
+    topic_configs: &[(&str, &str)],
+) -> Result<(), TopicError> {
+    if partition_count(client, topic)?.is_some() {
+        return Ok(());
+    }
+    let kafka = |source| TopicError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let admin: AdminClient<DefaultClientContext> = client.create().map_err(kafka)?;
+    let mut new_topic = NewTopic::new(
+        topic,
+        partitions as i32,
+        TopicReplication::Fixed(config.topic_replication_factor),
+    );
+    for (key, value) in topic_configs {
+        new_topic = new_topic.set(key, value);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    for result in admin
+        .create_topics([&new_topic], &options)
+        .await
+        .map_err(kafka)?
+    {
+        match result {
+            Ok(_) => tracing::info!(topic, partitions, "created topic"),
+            // Another node created it first.
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(kafka(KafkaError::AdminOp(code))),
+        }
+    }
+    Ok(())
+}

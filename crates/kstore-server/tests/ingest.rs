@@ -1,0 +1,596 @@
+//! Ingest against a real broker and real RocksDB, with `kstore-node` as a separate process:
+//! exact state after a large input, after `kill -9` and restart, with bad input in the
+//! stream, and a clear stop when the changelog does not fit the input.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
+use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_core::orders::OrderEvent;
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::CustomerFeatures;
+use kstore_server::config::NodeConfig;
+use kstore_server::ingest::{
+    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+};
+use kstore_server::processor::features::{FeaturesProcessor, fold};
+use kstore_server::processor::{InputRecord, Processor};
+use kstore_server::store::{PartitionStore, SharedMemory};
+use kstore_testkit::TestKafka;
+use kstore_testkit::process::{TestProcess, wait_until};
+use prost::Message as _;
+use rdkafka::Message;
+use rdkafka::message::Headers;
+use rdkafka::producer::FutureRecord;
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// One test's topics, state directory and node settings.
+struct Scenario {
+    kafka: &'static TestKafka,
+    app: String,
+    input: String,
+    partitions: u32,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Scenario {
+    async fn new(name: &str, partitions: u32) -> Result<Self> {
+        let kafka = kstore_testkit::kafka();
+        let app = kafka.unique_name(name);
+        let input = format!("{app}-orders");
+        kafka.create_topic(&input, partitions).await?;
+        Ok(Scenario {
+            kafka,
+            app,
+            input,
+            partitions,
+            dir: tempfile::tempdir()?,
+            extra: Vec::new(),
+        })
+    }
+
+    fn args(&self, node_id: &str) -> Vec<String> {
+        let mut args = vec![
+            format!("node-id={node_id}"),
+            format!("app-id={}", self.app),
+            format!("input-topic={}", self.input),
+            format!("state-dir={}", self.dir.path().join("state").display()),
+            format!("kafka.bootstrap.servers={}", self.kafka.bootstrap()),
+            // A killed static member's partitions wait for its session to time out, unless
+            // it comes back with the same id first (which is what the tests do).
+            "kafka.session.timeout.ms=10000".into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        args.into_iter()
+            .flat_map(|a| ["--set".to_owned(), a])
+            .collect()
+    }
+
+    fn start_node(&self, node_id: &str, run: &str) -> Result<TestProcess> {
+        let log = self.dir.path().join(format!("{node_id}-{run}.log"));
+        TestProcess::start(
+            node_id,
+            Path::new(env!("CARGO_BIN_EXE_kstore-node")),
+            &self.args(node_id),
+            &log,
+        )
+    }
+
+    fn config(&self) -> Result<NodeConfig> {
+        let overrides: Vec<String> = self
+            .args("reader")
+            .into_iter()
+            .filter(|a| a != "--set")
+            .collect();
+        Ok(NodeConfig::load(None, [], &overrides)?)
+    }
+
+    fn produce(&self, generator: &GeneratorConfig, count: u64) -> Result<()> {
+        let summary = produce(&ProduceOptions {
+            bootstrap: self.kafka.bootstrap().into(),
+            topic: self.input.clone(),
+            count,
+            rate: 0,
+            generator: generator.clone(),
+            kafka: Vec::new(),
+        })?;
+        ensure!(
+            summary.delivered == count,
+            "delivered {} of {count}",
+            summary.delivered
+        );
+        Ok(())
+    }
+
+    /// Waits until the node's group has committed every input record.
+    fn wait_caught_up(&self, node: &mut TestProcess, timeout: Duration) -> Result<()> {
+        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
+        wait_until(timeout, "the node to commit every input record", || {
+            if let Some(status) = node.try_exit()? {
+                bail!("the node exited with {status}:\n{}", node.tail());
+            }
+            let committed =
+                self.kafka
+                    .committed_offsets(&self.app, &self.input, self.partitions)?;
+            Ok(committed.iter().zip(&end).all(|(c, e)| c >= e))
+        })
+    }
+
+    /// Returns the committed share of the input, 0.0 to 1.0.
+    fn progress(&self, total: u64) -> Result<f64> {
+        let committed = self
+            .kafka
+            .committed_offsets(&self.app, &self.input, self.partitions)?;
+        Ok(committed.iter().map(|&c| c.max(0) as f64).sum::<f64>() / total as f64)
+    }
+
+    /// Reads every store of a stopped node: partition → key → value.
+    fn read_stores(&self) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
+        let config = self.config()?;
+        let memory = SharedMemory::new(&config.memory);
+        let mut stores = BTreeMap::new();
+        for partition in 0..self.partitions as i32 {
+            let dir = config.store_dir(partition);
+            let mut values = BTreeMap::new();
+            if dir.exists() {
+                let store = PartitionStore::open(&dir, &memory)?;
+                for (key, value) in store.scan()? {
+                    values.insert(
+                        String::from_utf8(key)?,
+                        CustomerFeatures::decode(value.as_slice())?,
+                    );
+                }
+                let position = store.position()?;
+                let end = self.kafka.end_offsets(&self.input, self.partitions)?[partition as usize];
+                ensure!(
+                    position.input_next == end,
+                    "partition {partition}'s store reflects input up to {}, not its end {end}",
+                    position.input_next
+                );
+            }
+            stores.insert(partition, values);
+        }
+        Ok(stores)
+    }
+}
+
+/// Folds events per customer with the library's fold (what the node must have stored).
+fn expected_features(events: &[OrderEvent]) -> HashMap<String, CustomerFeatures> {
+    let mut expected: HashMap<String, CustomerFeatures> = HashMap::new();
+    for event in events {
+        fold(
+            expected.entry(event.customer_id.clone()).or_default(),
+            event,
+        );
+    }
+    expected
+}
+
+/// Recomputes the headline features of one customer straight from its events, without the
+/// fold, so that the fold itself is checked too.
+fn check_against_events(features: &CustomerFeatures, events: &[&OrderEvent]) -> Result<()> {
+    let last = events
+        .iter()
+        .map(|e| e.event_time_ms)
+        .max()
+        .context("no events")?;
+    let first = events
+        .iter()
+        .map(|e| e.event_time_ms)
+        .min()
+        .context("no events")?;
+    let hour = |t: i64| t.div_euclid(HOUR_MS);
+    let minute = |t: i64| t.div_euclid(60_000);
+    let in_1h = |e: &&&OrderEvent| minute(e.event_time_ms) > minute(last) - 60;
+    let in_24h = |e: &&&OrderEvent| hour(e.event_time_ms) > hour(last) - 24;
+    let in_7d = |e: &&&OrderEvent| hour(e.event_time_ms) > hour(last) - 168;
+    let distinct = |filter: &dyn Fn(&&&OrderEvent) -> bool, field: fn(&OrderEvent) -> &str| {
+        let mut values: Vec<&str> = events.iter().filter(filter).map(|e| field(e)).collect();
+        values.sort_unstable();
+        values.dedup();
+        values.len() as u32
+    };
+    let within = |horizon: i64| move |e: &&&OrderEvent| e.event_time_ms > last - horizon;
+    let free_24h = |e: &&&OrderEvent| e.free_delivery && e.event_time_ms > last - DAY_MS;
+
+    ensure!(features.orders_total == events.len() as u64, "orders_total");
+    ensure!(
+        features.amount_total_cents == events.iter().map(|e| e.amount_cents).sum::<i64>(),
+        "amount"
+    );
+    ensure!(
+        features.first_seen_ms == first && features.last_seen_ms == last,
+        "first/last seen"
+    );
+    let window = |f: &dyn Fn(&&&OrderEvent) -> bool| {
+        let orders = events.iter().filter(f).count() as u64;
+        let amount = events.iter().filter(f).map(|e| e.amount_cents).sum::<i64>();
+        (orders, amount)
+    };
+    let stored = |w: &Option<kstore_proto::v1::WindowTotals>| {
+        w.as_ref()
+            .map(|w| (w.orders, w.amount_cents))
+            .unwrap_or_default()
+    };
+    ensure!(stored(&features.last_1h) == window(&in_1h), "last_1h");
+    ensure!(stored(&features.last_24h) == window(&in_24h), "last_24h");
+    ensure!(stored(&features.last_7d) == window(&in_7d), "last_7d");
+    ensure!(
+        features.distinct_addresses_24h == distinct(&within(DAY_MS), |e| &e.delivery_address),
+        "addr 24h"
+    );
+    ensure!(
+        features.distinct_addresses_30d == distinct(&within(30 * DAY_MS), |e| &e.delivery_address),
+        "addr 30d"
+    );
+    ensure!(
+        features.distinct_instruments_30d
+            == distinct(&within(30 * DAY_MS), |e| &e.payment_instrument),
+        "instruments 30d"
+    );
+    ensure!(
+        features.free_delivery_orders_24h
+            == events
+                .iter()
+                .filter(in_24h)
+                .filter(|e| e.free_delivery)
+                .count() as u64,
+        "free delivery orders 24h"
+    );
+    let free_addresses = distinct(&free_24h, |e| &e.delivery_address);
+    ensure!(
+        features.free_delivery_addresses_24h == free_addresses,
+        "free delivery addresses 24h"
+    );
+    ensure!(
+        features.subscription_abuse == (free_addresses > 3),
+        "abuse flag"
+    );
+    Ok(())
+}
+
+/// Checks every customer's stored state against the events, and that each key sits in its
+/// partition's store.
+fn assert_exact_state(scenario: &Scenario, events: &[OrderEvent]) -> Result<()> {
+    let stores = scenario.read_stores()?;
+    let expected = expected_features(events);
+    let mut by_customer: HashMap<&str, Vec<&OrderEvent>> = HashMap::new();
+    for event in events {
+        by_customer
+            .entry(&event.customer_id)
+            .or_default()
+            .push(event);
+    }
+    let mut stored_keys = 0;
+    for (partition, values) in &stores {
+        for (customer, features) in values {
+            stored_keys += 1;
+            let want = partition_for_key(customer.as_bytes(), scenario.partitions) as i32;
+            ensure!(
+                want == *partition,
+                "{customer} is stored in partition {partition}, not {want}"
+            );
+            let expected = expected
+                .get(customer)
+                .with_context(|| format!("unexpected key {customer}"))?;
+            ensure!(
+                features == expected,
+                "{customer}: stored {features:?}\nexpected {expected:?}"
+            );
+            check_against_events(features, &by_customer[customer.as_str()])
+                .with_context(|| format!("{customer} differs from its events"))?;
+        }
+    }
+    ensure!(
+        stored_keys == expected.len(),
+        "stored {stored_keys} customers, expected {}",
+        expected.len()
+    );
+    Ok(())
+}
+
+/// Counts the alerts the built-in processor must emit for these events.
+fn expected_alerts(events: &[OrderEvent]) -> Result<usize> {
+    let mut processor = FeaturesProcessor::new("alerts");
+    let mut values: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut alerts = 0;
+    for event in events {
+        let json = serde_json::to_vec(event)?;
+        let record = InputRecord {
+            topic: "orders",
+            partition: 0,
+            offset: 0,
+            key: event.customer_id.as_bytes(),
+            value: Some(&json),
+        };
+        let outcome =
+            processor.process(&record, values.get(&event.customer_id).map(Vec::as_slice))?;
+        if let kstore_server::processor::Update::Put(value) = outcome.update {
+            values.insert(event.customer_id.clone(), value);
+        }
+        alerts += outcome.outputs.len();
+    }
+    Ok(alerts)
+}
+
+fn run_async<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async { tokio::time::timeout(Duration::from_secs(600), future).await? })
+}
+
+fn exact_state_after_ingest(guarantee: &str, count: u64) -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new(&format!("exact-{guarantee}"), 12).await?;
+        scenario
+            .extra
+            .push(format!("processing-guarantee={guarantee}"));
+        let generator = GeneratorConfig {
+            customers: 5_000,
+            ..GeneratorConfig::default()
+        };
+        scenario.produce(&generator, count)?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator)
+            .take(count as usize)
+            .collect();
+
+        let mut node = scenario.start_node("node-1", "only")?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(300))?;
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(
+            status.success(),
+            "SIGTERM must stop the node cleanly, got {status}:\n{}",
+            node.tail()
+        );
+
+        assert_exact_state(&scenario, &events)?;
+        let alerts = scenario
+            .kafka
+            .read_all(&format!("{}-alerts", scenario.app), 12)?;
+        ensure!(
+            alerts.len() == expected_alerts(&events)?,
+            "{} alerts, expected {}",
+            alerts.len(),
+            expected_alerts(&events)?
+        );
+        ensure!(
+            !alerts.is_empty(),
+            "the generator's abusers must trigger alerts"
+        );
+        let dlq = scenario
+            .kafka
+            .read_all(&format!("{}-dlq", scenario.app), 12)?;
+        ensure!(dlq.is_empty(), "{} dead letters from good input", dlq.len());
+        Ok(())
+    })
+}
+
+#[test]
+fn exactly_once_state_equals_recomputed_state() -> Result<()> {
+    exact_state_after_ingest("exactly-once", 200_000)
+}
+
+#[test]
+fn at_least_once_without_crashes_is_exact_too() -> Result<()> {
+    exact_state_after_ingest("at-least-once", 50_000)
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_keeps_state_exact() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("kill9", 12).await?;
+        // Small transactions, so that the kill lands between many commits.
+        scenario.extra.push("max-transaction-records=2000".into());
+        let count = 200_000;
+        let generator = GeneratorConfig {
+            customers: 5_000,
+            seed: 9,
+            ..GeneratorConfig::default()
+        };
+        scenario.produce(&generator, count)?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator)
+            .take(count as usize)
+            .collect();
+
+        let mut node = scenario.start_node("node-1", "first")?;
+        wait_until(
+            Duration::from_secs(300),
+            "a third of the input to be committed",
+            || {
+                if let Some(status) = node.try_exit()? {
+                    bail!("the node exited with {status}:\n{}", node.tail());
+                }
+                Ok(scenario.progress(count)? >= 0.33)
+            },
+        )?;
+        node.kill9()?;
+        let committed_at_kill = scenario.progress(count)?;
+        ensure!(committed_at_kill < 1.0, "the node finished before the kill");
+
+        let mut node = scenario.start_node("node-1", "second")?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(300))?;
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        assert_exact_state(&scenario, &events)?;
+        let alerts = scenario
+            .kafka
+            .read_all(&format!("{}-alerts", scenario.app), 12)?;
+        ensure!(
+            alerts.len() == expected_alerts(&events)?,
+            "alerts after the crash: {} (duplicated or lost)",
+            alerts.len()
+        );
+
+        // The restart reused the stores and replayed only the changelog tail that the killed
+        // node had committed but not yet applied: at most one transaction's worth.
+        let restored = restored_records(&node.output())?;
+        let changelog_total = (committed_at_kill * count as f64) as u64;
+        eprintln!(
+            "restart replayed {restored} changelog records; ~{changelog_total} were committed at the kill"
+        );
+        ensure!(
+            restored <= 2000,
+            "the restart replayed {restored} records, more than the last transaction"
+        );
+        Ok(())
+    })
+}
+
+/// Sums `records=` of the node's "restore finished" log lines.
+fn restored_records(log: &str) -> Result<u64> {
+    let mut total = 0;
+    let mut restores = 0;
+    for line in log.lines().filter(|l| l.contains("restore finished")) {
+        let records = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("records="))
+            .context("a restore line without records=")?;
+        total += records.parse::<u64>()?;
+        restores += 1;
+    }
+    ensure!(restores > 0, "no restore was logged:\n{log}");
+    Ok(total)
+}
+
+#[test]
+fn bad_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("dlq", 3).await?;
+        scenario.extra.push("partition-mismatch=dlq".into());
+        let kafka = scenario.kafka;
+        let producer = kafka.producer()?;
+        let customer = "customer-dlq";
+        let partition = partition_for_key(customer.as_bytes(), 3) as i32;
+        let good: Vec<OrderEvent> = OrderGenerator::new(GeneratorConfig::default())
+            .take(20)
+            .map(|mut e| {
+                e.customer_id = customer.into();
+                e
+            })
+            .collect();
+
+        let mut node = scenario.start_node("node-1", "only")?;
+        let send = |key: Option<&'static str>, payload: Vec<u8>, to: Option<i32>| {
+            let producer = &producer;
+            let topic = scenario.input.clone();
+            async move {
+                let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(&payload);
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                if let Some(to) = to {
+                    record = record.partition(to);
+                }
+                producer
+                    .send(record, Duration::from_secs(30))
+                    .await
+                    .map(|d| (d.partition, d.offset))
+                    .map_err(|(e, _)| e)
+            }
+        };
+        let json = |e: &OrderEvent| serde_json::to_vec(e).unwrap();
+        let mut bad = Vec::new(); // (partition, offset, expected error)
+        for event in &good[..10] {
+            send(Some(customer), json(event), None).await?;
+        }
+        let (p, o) = send(Some(customer), b"{\"order_id\": ".to_vec(), None).await?;
+        bad.push((p, o, "malformed"));
+        let (p, o) = send(None, json(&good[0]), Some(partition)).await?;
+        bad.push((p, o, "no key"));
+        let (p, o) = send(Some(customer), vec![b'x'; 300 << 10], None).await?;
+        bad.push((p, o, "exceeds max-value-bytes"));
+        let wrong = (partition + 1) % 3;
+        let (p, o) = send(Some(customer), json(&good[0]), Some(wrong)).await?;
+        bad.push((p, o, "arrived on partition"));
+        for event in &good[10..] {
+            send(Some(customer), json(event), None).await?;
+        }
+
+        scenario.wait_caught_up(&mut node, Duration::from_secs(120))?;
+        ensure!(
+            node.try_exit()?.is_none(),
+            "the node must keep running after bad input"
+        );
+        let dlq = kafka.read_all(&format!("{}-dlq", scenario.app), 3)?;
+        ensure!(
+            dlq.len() == bad.len(),
+            "{} dead letters, expected {}",
+            dlq.len(),
+            bad.len()
+        );
+        for (partition, offset, error) in &bad {
+            let letter = dlq
+                .iter()
+                .find(|m| {
+                    header(m, DLQ_OFFSET_HEADER) == offset.to_string()
+                        && header(m, DLQ_PARTITION_HEADER) == partition.to_string()
+                })
+                .with_context(|| format!("no dead letter for {partition}@{offset}"))?;
+            ensure!(
+                header(letter, DLQ_TOPIC_HEADER) == scenario.input,
+                "source topic header"
+            );
+            ensure!(
+                header(letter, DLQ_ERROR_HEADER).contains(error),
+                "error header {:?} lacks {error}",
+                header(letter, DLQ_ERROR_HEADER)
+            );
+        }
+        let oversized = dlq
+            .iter()
+            .find(|m| header(m, DLQ_ERROR_HEADER).contains("max-value-bytes"))
+            .unwrap();
+        ensure!(
+            oversized.payload().map(<[u8]>::len) == Some(300 << 10),
+            "the oversized value is kept whole"
+        );
+
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        let stores = scenario.read_stores()?;
+        let stored = stores[&partition]
+            .get(customer)
+            .context("the good records' state")?;
+        ensure!(
+            stored == &expected_features(&good)[customer],
+            "state of the good records"
+        );
+        Ok(())
+    })
+}
+
+fn header(message: &rdkafka::message::OwnedMessage, name: &str) -> String {
+    message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn changelog_with_another_partition_count_stops_the_node_at_startup() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("mismatch", 4).await?;
+        let changelog = format!("{}-features-changelog", scenario.app);
+        scenario
+            .kafka
+            .create_topic_with(&changelog, 3, &[("cleanup.policy", "compact")])
+            .await?;
+        let mut node = scenario.start_node("node-1", "only")?;
+        let status = node.wait_exit(Duration::from_secs(60))?;
+        ensure!(!status.success(), "the node must refuse to start");
+        let output = node.output();
+        ensure!(
+            output.contains(&format!("changelog topic {changelog} has 3 partitions"))
+                && output.contains("has 4"),
+            "the error must name both counts:\n{output}"
+        );
+        Ok(())
+    })
+}

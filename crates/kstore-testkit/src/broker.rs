@@ -1,0 +1,489 @@
+//! A real Apache Kafka broker for development, tests and CI.
+//!
+//! The broker is the release that `deploy/kafka/pom.xml` pins. Maven resolves its jars into
+//! the local Maven cache; the broker then runs as a plain `java` process in KRaft combined
+//! mode (broker and controller in one process) on 127.0.0.1. Everything it owns lives in one
+//! state directory per port (`<tmp>/kstore-kafka-<port>/`): the pid file, its config, its
+//! data and its log. A file lock in that directory makes `start` safe when several
+//! processes (test binaries, `cargo xtask`) race to start the same broker.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rdkafka::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The port `cargo xtask kafka start` and the test fixture use unless told otherwise.
+pub const DEFAULT_PORT: u16 = 39092;
+
+/// How long `start` waits for a new broker to answer a metadata request.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How long `stop` waits for a clean shutdown before it kills the broker.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the supervisor of a leased broker keeps it alive once nobody holds the lease,
+/// so that consecutive test binaries share one broker instead of each starting their own.
+const IDLE_GRACE_SECS: u32 = 30;
+
+/// A fixed KRaft cluster id (22 characters of URL-safe base64, as Kafka expects), so that
+/// formatting the storage of an existing state directory is a no-op.
+const CLUSTER_ID: &str = "a3N0b3JlLXRlc3Ricm9rZQ";
+
+/// One local broker, named by its client port.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    port: u16,
+    state_dir: PathBuf,
+}
+
+/// What `Broker::start` found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// A new broker process was started.
+    New,
+    /// A healthy broker was already answering on the port and was reused.
+    Reused,
+}
+
+/// A snapshot of a broker's state, for `cargo xtask kafka status`.
+#[derive(Debug, Clone)]
+pub struct BrokerStatus {
+    /// The bootstrap address clients use.
+    pub bootstrap: String,
+    /// The pid of the broker kstore started on this port, if it is alive.
+    pub pid: Option<u32>,
+    /// Whether a broker answers a metadata request on the port.
+    pub healthy: bool,
+    /// The Kafka version the running broker logged at startup (`Kafka version: …`).
+    pub version: Option<String>,
+    /// The broker's log file.
+    pub log_file: PathBuf,
+}
+
+impl Broker {
+    /// Returns the broker that listens on `port`, with its state directory under the
+    /// system's temporary directory.
+    pub fn on_port(port: u16) -> Self {
+        let state_dir = std::env::temp_dir().join(format!("kstore-kafka-{port}"));
+        Broker { port, state_dir }
+    }
+
+    /// Returns the bootstrap address, `127.0.0.1:<port>`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Returns the directory that holds this broker's pid file, config, data and log.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Returns the broker's log file.
+    pub fn log_file(&self) -> PathBuf {
+        self.state_dir.join("broker.log")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.state_dir.join("broker.pid")
+    }
+
+    fn controller_port(&self) -> u16 {
+        self.port + 1
+    }
+
+    /// Starts the broker unless a healthy one already answers on the port, and waits until
+    /// it answers a metadata request. Safe to call from several processes at once.
+    pub fn start(&self) -> Result<Started> {
+        self.start_with(|command| command)
+    }
+
+    /// Starts the broker like [`Broker::start`], but for a bounded use such as a test run:
+    /// the caller gets a lease (a shared file lock) to hold while it needs the broker. If
+    /// this call starts the broker, a small supervisor stops it once no process has held a
+    /// lease for a while, so a crashed or interrupted test run leaves no broker behind.
+    pub fn start_leased(&self) -> Result<(Started, File)> {
+        fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("creating {}", self.state_dir.display()))?;
+        let lease_path = self.state_dir.join("test.lease");
+        let lease = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lease_path)
+            .with_context(|| format!("opening {}", lease_path.display()))?;
+        lease.lock_shared()?;
+        let started = self.start_with(|broker| supervised(broker, &lease_path))?;
+        Ok((started, lease))
+    }
+
+    /// Like [`Broker::start`], but lets the caller wrap the broker's command line.
+    fn start_with(&self, wrap: impl FnOnce(Command) -> Command) -> Result<Started> {
+        fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("creating {}", self.state_dir.display()))?;
+        let _start_lock = self.lock("start.lock")?;
+
+        if self.is_healthy() {
+            return Ok(Started::Reused);
+        }
+        if let Some(pid) = self.running_pid() {
+            // Our broker is alive but not answering yet (another process started it a moment
+            // ago and gave up waiting, or it is still loading its logs): wait for it.
+            self.wait_until_healthy(pid)?;
+            return Ok(Started::Reused);
+        }
+        if TcpStream::connect_timeout(&self.socket_addr(), Duration::from_millis(500)).is_ok() {
+            bail!(
+                "port {} is taken by a process that does not answer Kafka metadata requests; \
+                 choose another with --port",
+                self.port
+            );
+        }
+
+        let classpath = self.resolve_classpath()?;
+        self.write_config()?;
+        self.format_storage(&classpath)?;
+
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .with_context(|| format!("opening {}", self.log_file().display()))?;
+        let mut command = Command::new("java");
+        command
+            .args(self.jvm_args(&classpath))
+            .arg("kafka.Kafka")
+            .arg(self.state_dir.join("server.properties"));
+        let mut command = wrap(command);
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // A process group of its own, so that Ctrl-C in the terminal that started it does
+        // not take the shared broker down with it.
+        command.process_group(0);
+        let child = command
+            .spawn()
+            .context("starting java (is Java 17+ installed?)")?;
+        let pid = child.id();
+        fs::write(self.pid_file(), pid.to_string())?;
+        // The broker outlives this handle on purpose; `stop` ends it by pid.
+        drop(child);
+
+        self.wait_until_healthy(pid)?;
+        Ok(Started::New)
+    }
+
+    /// Stops the broker that kstore started on this port, if any, and waits for it to exit.
+    /// Returns `false` if there was none. A broker that kstore did not start is left alone.
+    pub fn stop(&self) -> Result<bool> {
+        if !self.state_dir.exists() {
+            return Ok(false);
+        }
+        let _start_lock = self.lock("start.lock")?;
+        let Some(pid) = self.running_pid() else {
+            let _ = fs::remove_file(self.pid_file());
+            return Ok(false);
+        };
+        signal(pid, "TERM")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while process_alive(pid) {
+            if Instant::now() > deadline {
+                signal(pid, "KILL")?;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = fs::remove_file(self.pid_file());
+        Ok(true)
+    }
+
+    /// Reports whether the broker answers, which process kstore started for it, and the
+    /// Kafka version that process logged.
+    pub fn status(&self) -> BrokerStatus {
+        let pid = self.running_pid();
+        BrokerStatus {
+            bootstrap: self.bootstrap(),
+            pid,
+            healthy: self.is_healthy(),
+            version: pid.and_then(|_| self.logged_version()),
+            log_file: self.log_file(),
+        }
+    }
+
+    /// Returns whether a broker on the port answers a metadata request.
+    pub fn is_healthy(&self) -> bool {
+        if TcpStream::connect_timeout(&self.socket_addr(), Duration::from_millis(500)).is_err() {
+            return false;
+        }
+        metadata_answers(&self.bootstrap(), Duration::from_secs(5))
+    }
+
+    /// Returns the last `max_bytes` of the broker's log.
+    pub fn log_tail(&self, max_bytes: u64) -> Result<String> {
+        let mut file = File::open(self.log_file())
+            .with_context(|| format!("opening {}", self.log_file().display()))?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        Ok(String::from_utf8_lossy(&tail).into_owned())
+    }
+
+    fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn lock(&self, name: &str) -> Result<File> {
+        let path = self.state_dir.join(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Returns the pid in the pid file if that process is alive and is this broker.
+    fn running_pid(&self) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let config = self.state_dir.join("server.properties");
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        // The pid may have been reused by an unrelated process since the broker died.
+        cmdline
+            .contains(config.to_string_lossy().as_ref())
+            .then_some(pid)
+    }
+
+    fn wait_until_healthy(&self, pid: u32) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !process_alive(pid) {
+                bail!(
+                    "the Kafka broker exited during startup; the end of {}:\n{}",
+                    self.log_file().display(),
+                    self.log_tail(4000).unwrap_or_default()
+                );
+            }
+            if self.is_healthy() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the Kafka broker (pid {pid}) did not answer within {:?}; see {}",
+                    START_TIMEOUT,
+                    self.log_file().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn logged_version(&self) -> Option<String> {
+        let log = fs::read_to_string(self.log_file()).ok()?;
+        log.lines()
+            .rev()
+            .find_map(|line| line.split("Kafka version: ").nth(1))
+            .and_then(|version| version.split_whitespace().next())
+            .map(str::to_owned)
+    }
+
+    /// Asks Maven for the broker's classpath, resolving the jars into the local Maven
+    /// cache the first time. The answer is cached until the pom changes.
+    fn resolve_classpath(&self) -> Result<String> {
+        let pom = kafka_pom();
+        let cached = self.state_dir.join("classpath.txt");
+        let pom_changed = fs::metadata(&pom)?.modified()?;
+        if let Ok(meta) = fs::metadata(&cached)
+            && meta.modified()? >= pom_changed
+        {
+            return Ok(fs::read_to_string(&cached)?.trim().to_owned());
+        }
+        let output = Command::new("mvn")
+            .args(["-q", "-B", "-f"])
+            .arg(&pom)
+            .arg("dependency:build-classpath")
+            .arg(format!("-Dmdep.outputFile={}", cached.display()))
+            .output()
+            .context("running mvn (is Maven installed? `cargo xtask setup` checks)")?;
+        if !output.status.success() {
+            let _ = fs::remove_file(&cached);
+            bail!(
+                "mvn could not resolve the Kafka broker from {}:\n{}{}",
+                pom.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(fs::read_to_string(&cached)?.trim().to_owned())
+    }
+
+    fn jvm_args(&self, classpath: &str) -> Vec<String> {
+        vec![
+            "-Xms256m".into(),
+            "-Xmx1g".into(),
+            "-XX:+UseG1GC".into(),
+            "-Djava.awt.headless=true".into(),
+            format!(
+                "-Dlog4j2.configurationFile={}",
+                self.state_dir.join("log4j2.properties").display()
+            ),
+            "-cp".into(),
+            classpath.into(),
+        ]
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let data = self.state_dir.join("data");
+        let port = self.port;
+        let controller = self.controller_port();
+        let server = format!(
+            "# Written by kstore-testkit for a local development and test broker.\n\
+             process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             auto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=12\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=12\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             group.min.session.timeout.ms=1000\n\
+             log.retention.hours=24\n",
+            data = data.display()
+        );
+        fs::write(self.state_dir.join("server.properties"), server)?;
+        let log4j = "status = warn\n\
+                     appender.out.type = Console\n\
+                     appender.out.name = out\n\
+                     appender.out.layout.type = PatternLayout\n\
+                     appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
+                     rootLogger.level = info\n\
+                     rootLogger.appenderRef.out.ref = out\n\
+                     logger.kafka-request.name = kafka.request.logger\n\
+                     logger.kafka-request.level = warn\n";
+        fs::write(self.state_dir.join("log4j2.properties"), log4j)?;
+        Ok(())
+    }
+
+    fn format_storage(&self, classpath: &str) -> Result<()> {
+        if self.state_dir.join("data").join("meta.properties").exists() {
+            return Ok(());
+        }
+        let output = Command::new("java")
+            .args(self.jvm_args(classpath))
+            .args([
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                "-t",
+                CLUSTER_ID,
+                "-c",
+            ])
+            .arg(self.state_dir.join("server.properties"))
+            .output()
+            .context("running java (is Java 17+ installed?)")?;
+        if !output.status.success() {
+            bail!(
+                "formatting the broker's storage failed:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Wraps the broker's command in a supervisor that stops the broker once no test process
+/// has held the lease for `IDLE_GRACE_SECS`, and forwards SIGTERM to it.
+fn supervised(broker: Command, lease: &Path) -> Command {
+    const SCRIPT: &str = r#"
+lease="$1"; grace="$2"; shift 2
+"$@" &
+broker=$!
+trap 'kill -TERM "$broker" 2>/dev/null; wait "$broker"; exit 0' TERM INT
+idle=0
+while kill -0 "$broker" 2>/dev/null; do
+  sleep 1 & wait $!
+  if flock -n -x "$lease" true; then idle=$((idle + 1)); else idle=0; fi
+  if [ "$idle" -ge "$grace" ]; then kill -TERM "$broker"; wait "$broker"; exit 0; fi
+done
+wait "$broker"
+"#;
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("kstore-kafka-supervisor")
+        .arg(lease)
+        .arg(IDLE_GRACE_SECS.to_string())
+        .arg(broker.get_program())
+        .args(broker.get_args());
+    command
+}
+
+/// Returns `deploy/kafka/pom.xml` of this workspace.
+pub fn kafka_pom() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/pom.xml")
+}
+
+/// Returns whether a broker at `bootstrap` answers a metadata request within `timeout`.
+pub fn metadata_answers(bootstrap: &str, timeout: Duration) -> bool {
+    let consumer: BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set_log_level(RDKafkaLogLevel::Emerg)
+        .create()
+    {
+        Ok(consumer) => consumer,
+        Err(_) => return false,
+    };
+    consumer.fetch_metadata(None, timeout).is_ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie child still has a /proc entry; its state letter is Z.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .context("running kill")?;
+    if !status.success() && process_alive(pid) {
+        bail!("could not send SIG{name} to pid {pid}");
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Test fixtures for kstore: a real Apache Kafka broker, unique topic and group names, topic
+//! creation, and producers that partition keys the way Java producers do.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let kafka = kstore_testkit::kafka();
+//! let topic = kafka.unique_name("orders");
+//! kafka.create_topic(&topic, 12).await?;
+//! let producer = kafka.producer()?;
+//! # Ok(()) }
+//! ```
+
+pub mod broker;
+mod fixture;
+pub mod process;
+
+pub use fixture::{BOOTSTRAP_ENV, PORT_ENV, TestKafka, kafka};
