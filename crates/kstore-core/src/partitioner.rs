@@ -39,7 +39,8 @@ mod tests {
         let m: i32 = 0x5bd1_e995;
         let r = 24;
         let unsigned_shift_right = |x: i32, n: u32| ((x as u32) >> n) as i32;
-        let byte = |i: i32| (data[i as usize] & 0xff) as i32;
+        // Java's `data[i] & 0xff`: a Rust u8 widens without sign extension.
+        let byte = |i: i32| i32::from(data[i as usize]);
 
         let mut h: i32 = seed ^ length;
         let length4 = length / 4;

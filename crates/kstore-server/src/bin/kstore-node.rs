@@ -1,5 +1,6 @@
 //! `kstore-node`: runs one kstore node with the built-in processor.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ struct Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KSTORE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

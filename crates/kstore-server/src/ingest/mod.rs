@@ -791,8 +791,14 @@ pub fn run(
             .map_err(kafka("initializing transactions"))?;
     }
 
-    let restorer = Restorer::spawn(&client, config.changelog_topic(), metrics.clone())
-        .map_err(kafka("creating the restore consumer"))?;
+    let restore_group = format!("{}-{}-restore", config.app_id, config.node_id);
+    let restorer = Restorer::spawn(
+        &client,
+        config.changelog_topic(),
+        restore_group,
+        metrics.clone(),
+    )
+    .map_err(kafka("creating the restore consumer"))?;
     let engine = Arc::new(Mutex::new(Engine {
         config: config.clone(),
         partitions,

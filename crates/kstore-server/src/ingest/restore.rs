@@ -72,10 +72,14 @@ impl Restorer {
     pub fn spawn(
         client: &ClientConfig,
         changelog_topic: String,
+        group_id: String,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Self, KafkaError> {
+        // librdkafka assigns partitions only in a consumer with a group id. This consumer
+        // never subscribes and never commits: it only names a group.
         let consumer: BaseConsumer = client
             .clone()
+            .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
@@ -249,8 +253,8 @@ impl Worker {
     }
 
     fn fail(&mut self, partition: i32, reason: String) {
-        self.unassign(partition);
         self.active.remove(&partition);
+        self.unassign(partition);
         let _ = self.events.send(RestoreEvent::Failed { partition, reason });
     }
 
