@@ -60,7 +60,7 @@ impl Scenario {
             format!("node-id={node_id}"),
             format!("app-id={}", self.app),
             format!("input-topic={}", self.input),
-            format!("state-dir={}", self.dir.path().join("state").display()),
+            format!("state-dir={}", self.state_dir(node_id).display()),
             format!("kafka.bootstrap.servers={}", self.kafka.bootstrap()),
             // A killed static member's partitions wait for its session to time out, unless
             // it comes back with the same id first (which is what the tests do).
@@ -70,6 +70,10 @@ impl Scenario {
         args.into_iter()
             .flat_map(|a| ["--set".to_owned(), a])
             .collect()
+    }
+
+    fn state_dir(&self, node_id: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("state-{node_id}"))
     }
 
     fn start_node(&self, node_id: &str, run: &str) -> Result<TestProcess> {
@@ -82,9 +86,9 @@ impl Scenario {
         )
     }
 
-    fn config(&self) -> Result<NodeConfig> {
+    fn config(&self, node_id: &str) -> Result<NodeConfig> {
         let overrides: Vec<String> = self
-            .args("reader")
+            .args(node_id)
             .into_iter()
             .filter(|a| a != "--set")
             .collect();
@@ -110,11 +114,21 @@ impl Scenario {
 
     /// Waits until the node's group has committed every input record.
     fn wait_caught_up(&self, node: &mut TestProcess, timeout: Duration) -> Result<()> {
+        self.wait_committed(timeout, || match node.try_exit()? {
+            Some(status) => bail!("the node exited with {status}:\n{}", node.tail()),
+            None => Ok(()),
+        })
+    }
+
+    /// Waits until the group has committed every input record, calling `check` in between.
+    fn wait_committed(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         let end = self.kafka.end_offsets(&self.input, self.partitions)?;
-        wait_until(timeout, "the node to commit every input record", || {
-            if let Some(status) = node.try_exit()? {
-                bail!("the node exited with {status}:\n{}", node.tail());
-            }
+        wait_until(timeout, "the group to commit every input record", || {
+            check()?;
             let committed =
                 self.kafka
                     .committed_offsets(&self.app, &self.input, self.partitions)?;
@@ -131,30 +145,45 @@ impl Scenario {
         Ok(committed.iter().map(|&c| c.max(0) as f64).sum::<f64>() / total as f64)
     }
 
-    /// Reads every store of a stopped node: partition → key → value.
-    fn read_stores(&self) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
-        let config = self.config()?;
-        let memory = SharedMemory::new(&config.memory);
+    /// Reads the stores of stopped nodes: partition → key → value. Where several nodes
+    /// hold a partition, the copy that reflects the most input is the owner's.
+    fn read_stores(
+        &self,
+        node_ids: &[&str],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
+        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
         let mut stores = BTreeMap::new();
         for partition in 0..self.partitions as i32 {
-            let dir = config.store_dir(partition);
-            let mut values = BTreeMap::new();
-            if dir.exists() {
-                let store = PartitionStore::open(&dir, &memory)?;
+            let mut newest: Option<(i64, BTreeMap<String, CustomerFeatures>)> = None;
+            for node_id in node_ids {
+                let config = self.config(node_id)?;
+                let dir = config.store_dir(partition);
+                if !dir.exists() {
+                    continue;
+                }
+                let store = PartitionStore::open(&dir, &SharedMemory::new(&config.memory))?;
+                let position = store.position()?;
+                if newest
+                    .as_ref()
+                    .is_some_and(|(input_next, _)| *input_next >= position.input_next)
+                {
+                    continue;
+                }
+                let mut values = BTreeMap::new();
                 for (key, value) in store.scan()? {
                     values.insert(
                         String::from_utf8(key)?,
                         CustomerFeatures::decode(value.as_slice())?,
                     );
                 }
-                let position = store.position()?;
-                let end = self.kafka.end_offsets(&self.input, self.partitions)?[partition as usize];
-                ensure!(
-                    position.input_next == end,
-                    "partition {partition}'s store reflects input up to {}, not its end {end}",
-                    position.input_next
-                );
+                newest = Some((position.input_next, values));
             }
+            let (input_next, values) = newest.unwrap_or_default();
+            let end = end[partition as usize];
+            ensure!(
+                input_next == end,
+                "partition {partition}'s newest store reflects input up to {input_next}, not its end {end}"
+            );
             stores.insert(partition, values);
         }
         Ok(stores)
@@ -258,8 +287,8 @@ fn check_against_events(features: &CustomerFeatures, events: &[&OrderEvent]) -> 
 
 /// Checks every customer's stored state against the events, and that each key sits in its
 /// partition's store.
-fn assert_exact_state(scenario: &Scenario, events: &[OrderEvent]) -> Result<()> {
-    let stores = scenario.read_stores()?;
+fn assert_exact_state(scenario: &Scenario, nodes: &[&str], events: &[OrderEvent]) -> Result<()> {
+    let stores = scenario.read_stores(nodes)?;
     let expected = expected_features(events);
     let mut by_customer: HashMap<&str, Vec<&OrderEvent>> = HashMap::new();
     for event in events {
@@ -349,7 +378,7 @@ fn exact_state_after_ingest(guarantee: &str, count: u64) -> Result<()> {
             node.tail()
         );
 
-        assert_exact_state(&scenario, &events)?;
+        assert_exact_state(&scenario, &["node-1"], &events)?;
         let alerts = scenario
             .kafka
             .read_all(&format!("{}-alerts", scenario.app), 12)?;
@@ -422,14 +451,14 @@ fn kill_9_mid_stream_then_restart_keeps_state_exact() -> Result<()> {
         );
         // Also lose one partition's disk, so that one restore replays a whole changelog.
         let lost = 0;
-        std::fs::remove_dir_all(scenario.config()?.store_dir(lost))?;
+        std::fs::remove_dir_all(scenario.config("node-1")?.store_dir(lost))?;
 
         let mut node = scenario.start_node("node-1", "second")?;
         scenario.wait_caught_up(&mut node, Duration::from_secs(300))?;
         let status = node.terminate(Duration::from_secs(60))?;
         ensure!(status.success(), "exit after SIGTERM: {status}");
 
-        assert_exact_state(&scenario, &events)?;
+        assert_exact_state(&scenario, &["node-1"], &events)?;
         let alerts = scenario
             .kafka
             .read_all(&format!("{}-alerts", scenario.app), 12)?;
@@ -577,7 +606,7 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() -> 
 
         let status = node.terminate(Duration::from_secs(60))?;
         ensure!(status.success(), "exit after SIGTERM: {status}");
-        let stores = scenario.read_stores()?;
+        let stores = scenario.read_stores(&["node-1"])?;
         let stored = stores[&partition]
             .get(customer)
             .context("the good records' state")?;
@@ -615,6 +644,136 @@ fn changelog_with_another_partition_count_stops_the_node_at_startup() -> Result<
                 && output.contains("has 4"),
             "the error must name both counts:\n{output}"
         );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_second_node_takes_over_partitions_and_state_stays_exact() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("rebalance", 12).await?;
+        scenario.extra.push("max-transaction-records=2000".into());
+        let count = 100_000;
+        let generator = GeneratorConfig {
+            customers: 5_000,
+            seed: 11,
+            ..GeneratorConfig::default()
+        };
+        scenario.produce(&generator, count)?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator)
+            .take(count as usize)
+            .collect();
+
+        let mut first = scenario.start_node("node-1", "only")?;
+        wait_until(
+            Duration::from_secs(300),
+            "a fifth of the input to be committed",
+            || {
+                if let Some(status) = first.try_exit()? {
+                    bail!("node-1 exited with {status}:\n{}", first.tail());
+                }
+                Ok(scenario.progress(count)? >= 0.2)
+            },
+        )?;
+        // Cooperative rebalance: node-1 commits and gives up some partitions, node-2 restores
+        // them from the changelog and carries on.
+        let mut second = scenario.start_node("node-2", "only")?;
+        scenario.wait_committed(Duration::from_secs(300), || {
+            for node in [&mut first, &mut second] {
+                if let Some(status) = node.try_exit()? {
+                    bail!("a node exited with {status}:\n{}", node.tail());
+                }
+            }
+            Ok(())
+        })?;
+        for node in [&mut first, &mut second] {
+            let status = node.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "exit after SIGTERM: {status}");
+        }
+        let moved = second.output().matches("restore finished").count();
+        ensure!(
+            moved > 0 && moved < 12,
+            "node-2 took over {moved} partitions"
+        );
+        ensure!(
+            first.output().contains("partitions revoked"),
+            "node-1 gave partitions up"
+        );
+        assert_exact_state(&scenario, &["node-1", "node-2"], &events)?;
+        let alerts = scenario
+            .kafka
+            .read_all(&format!("{}-alerts", scenario.app), 12)?;
+        ensure!(
+            alerts.len() == expected_alerts(&events)?,
+            "alerts across the rebalance: {}",
+            alerts.len()
+        );
+        Ok(())
+    })
+}
+
+/// A user's processor: counts records per key, as a little-endian u64.
+struct CountPerKey;
+
+impl Processor for CountPerKey {
+    fn process(
+        &mut self,
+        _record: &InputRecord<'_>,
+        current: Option<&[u8]>,
+    ) -> Result<kstore_server::processor::Outcome, kstore_server::processor::ProcessError> {
+        let count = current.map_or(0, |bytes| {
+            u64::from_le_bytes(bytes.try_into().unwrap_or_default())
+        });
+        Ok(kstore_server::processor::Outcome {
+            update: kstore_server::processor::Update::Put((count + 1).to_le_bytes().to_vec()),
+            outputs: Vec::new(),
+        })
+    }
+}
+
+#[test]
+fn a_user_processor_runs_in_the_node() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("user-processor", 4).await?;
+        let count = 10_000;
+        let generator = GeneratorConfig {
+            customers: 300,
+            seed: 5,
+            ..GeneratorConfig::default()
+        };
+        scenario.produce(&generator, count)?;
+
+        let config = scenario.config("node-1")?;
+        let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = shutdown.clone();
+        let node = std::thread::spawn(move || {
+            kstore_server::node::run(config, Box::new(CountPerKey), stop)
+        });
+        scenario.wait_committed(Duration::from_secs(120), || {
+            ensure!(!node.is_finished(), "the node stopped early");
+            Ok(())
+        })?;
+        shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+        node.join()
+            .map_err(|_| anyhow::anyhow!("the node panicked"))??;
+
+        let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+        for event in OrderGenerator::new(generator).take(count as usize) {
+            *expected.entry(event.customer_id).or_default() += 1;
+        }
+        let config = scenario.config("node-1")?;
+        let memory = SharedMemory::new(&config.memory);
+        let mut stored = BTreeMap::new();
+        for partition in 0..4 {
+            let store = PartitionStore::open(&config.store_dir(partition), &memory)?;
+            for (key, value) in store.scan()? {
+                stored.insert(
+                    String::from_utf8(key)?,
+                    u64::from_le_bytes(value.as_slice().try_into()?),
+                );
+            }
+        }
+        ensure!(stored == expected, "per-key counts differ");
         Ok(())
     })
 }
