@@ -4,7 +4,12 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../../proto/kstore/v1/features.proto"];
+    let protos = [
+        "../../proto/kstore/v1/features.proto",
+        "../../proto/kstore/v1/query.proto",
+        // Only so that gRPC reflection can describe the error details kstore sends.
+        "../../proto/google/rpc/error_details.proto",
+    ];
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");

@@ -3,9 +3,11 @@
 //! - `setup` checks (and, running as root, installs) what the build needs beyond cargo;
 //! - `kafka start|stop|status|logs` runs the local Apache Kafka broker;
 //! - `test` runs everything CI runs: setup, fmt, clippy and every test against a real broker;
+//! - `up | status | down` runs a local cluster: broker, nodes and a steady producer;
 //! - `bench ingest` measures one node's sustained ingest rate.
 
 mod bench;
+mod cluster;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -43,6 +45,28 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Starts a local cluster: the broker, the `orders` topic, N nodes and a producer.
+    Up {
+        /// How many `kstore-node` processes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// Partitions of the `orders` topic.
+        #[arg(long, default_value_t = 12)]
+        partitions: u32,
+        /// Order events per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Customers the events spread over.
+        #[arg(long, default_value_t = 5_000)]
+        customers: u32,
+        /// The broker's port.
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+    },
+    /// Shows the local cluster: each node's partitions, roles and lag.
+    Status,
+    /// Stops everything `up` started.
+    Down,
     /// Runs a benchmark against the local broker.
     Bench {
         #[command(subcommand)]
@@ -113,6 +137,11 @@ fn run(cli: Cli) -> Result<()> {
             port,
             cargo_test_args,
         } => test(port, &cargo_test_args),
+        Task::Up { nodes, partitions, rate, customers, port } => {
+            cluster::up(&cluster::Up { nodes, partitions, rate, customers, port })
+        }
+        Task::Status => cluster::status(),
+        Task::Down => cluster::down(),
         Task::Bench {
             which:
                 BenchKind::Ingest {

@@ -90,6 +90,19 @@ pub struct NodeConfig {
     pub partition_mismatch: MismatchPolicy,
     /// The replication factor of topics the node creates; -1 takes the broker's default.
     pub topic_replication_factor: i32,
+    /// Where the node serves gRPC (Query, Admin, health, reflection).
+    pub grpc_address: String,
+    /// Where the node serves Prometheus metrics (`GET /metrics`); empty to turn them off.
+    pub metrics_address: String,
+    /// Whether the Admin service is served.
+    pub admin_enabled: bool,
+    /// The bearer token Admin calls must carry; required when `grpc-address` is not a
+    /// loopback address and admin is enabled.
+    pub admin_token: Option<String>,
+    /// The most keys one MultiGet may ask for.
+    pub max_multiget_keys: usize,
+    /// How long a read with a position bound waits when its request has no deadline.
+    pub read_wait_ms: u64,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -112,6 +125,12 @@ impl Default for NodeConfig {
             max_key_bytes: 64 << 10,
             partition_mismatch: MismatchPolicy::Warn,
             topic_replication_factor: -1,
+            grpc_address: "127.0.0.1:50051".into(),
+            metrics_address: "127.0.0.1:9464".into(),
+            admin_enabled: true,
+            admin_token: None,
+            max_multiget_keys: 1_000,
+            read_wait_ms: 1_000,
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }
@@ -263,6 +282,36 @@ impl NodeConfig {
         }
         if self.memory.write_buffer_bytes < 1 << 20 {
             return invalid("memory.write-buffer-bytes", "must be at least 1 MiB");
+        }
+        let grpc: std::net::SocketAddr = match self.grpc_address.parse() {
+            Ok(address) => address,
+            Err(_) => return invalid("grpc-address", "must be an address such as 127.0.0.1:50051"),
+        };
+        if !self.metrics_address.is_empty()
+            && self
+                .metrics_address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return invalid(
+                "metrics-address",
+                "must be an address such as 127.0.0.1:9464, or empty",
+            );
+        }
+        if self.admin_enabled && !grpc.ip().is_loopback() && self.admin_token.is_none() {
+            return invalid(
+                "admin-token",
+                "must be set when admin is enabled and grpc-address is not a loopback address",
+            );
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return invalid("admin-token", "must be at least 16 characters");
+        }
+        if self.max_multiget_keys == 0 || self.max_multiget_keys > 100_000 {
+            return invalid("max-multiget-keys", "must be between 1 and 100000");
+        }
+        if self.read_wait_ms > 60_000 {
+            return invalid("read-wait-ms", "must be at most 60000");
         }
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
@@ -445,6 +494,17 @@ mod tests {
             config.processing_guarantee,
             ProcessingGuarantee::AtLeastOnce
         );
+    }
+
+    #[test]
+    fn admin_beyond_loopback_needs_a_token() {
+        let public = [MINIMAL, &["grpc-address=0.0.0.0:50051"]].concat();
+        let error = load(&[], &public).unwrap_err().to_string();
+        assert!(error.contains("admin-token"), "{error}");
+        let with_token = [public.as_slice(), &["admin-token=0123456789abcdef"]].concat();
+        assert!(load(&[], &with_token).is_ok());
+        let admin_off = [public.as_slice(), &["admin-enabled=false"]].concat();
+        assert!(load(&[], &admin_off).is_ok());
     }
 
     #[test]

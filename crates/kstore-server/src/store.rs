@@ -144,6 +144,27 @@ impl PartitionStore {
         self.db.get(key).map_err(self.rocks())
     }
 
+    /// Returns the values of several keys, in the order given, with one RocksDB multi-get.
+    pub fn multi_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.db
+            .multi_get(keys)
+            .into_iter()
+            .map(|r| r.map_err(self.rocks()))
+            .collect()
+    }
+
+    /// Returns RocksDB's estimate of the number of keys.
+    pub fn estimated_keys(&self) -> Result<u64, StoreError> {
+        let estimate = self.db.property_int_value("rocksdb.estimate-num-keys");
+        Ok(estimate.map_err(self.rocks())?.unwrap_or(0))
+    }
+
+    /// Returns the size of the store's live SST files, in bytes.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        let size = self.db.property_int_value("rocksdb.live-sst-files-size");
+        Ok(size.map_err(self.rocks())?.unwrap_or(0))
+    }
+
     /// Returns the store's position.
     pub fn position(&self) -> Result<Position, StoreError> {
         Ok(Position {

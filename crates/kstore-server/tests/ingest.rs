@@ -3,204 +3,30 @@
 //! stream, and a clear stop when the changelog does not fit the input.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
-use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::CustomerFeatures;
-use kstore_server::config::NodeConfig;
 use kstore_server::ingest::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
-use kstore_server::processor::features::{FeaturesProcessor, fold};
+use kstore_server::processor::features::FeaturesProcessor;
 use kstore_server::processor::{InputRecord, Processor};
 use kstore_server::store::{PartitionStore, SharedMemory};
-use kstore_testkit::TestKafka;
-use kstore_testkit::process::{TestProcess, wait_until};
-use prost::Message as _;
+use kstore_testkit::process::wait_until;
 use rdkafka::Message;
 use rdkafka::message::Headers;
 use rdkafka::producer::FutureRecord;
 
+mod common;
+
+use common::{Scenario, expected_features, run_async};
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
-
-/// One test's topics, state directory and node settings.
-struct Scenario {
-    kafka: &'static TestKafka,
-    app: String,
-    input: String,
-    partitions: u32,
-    dir: tempfile::TempDir,
-    extra: Vec<String>,
-}
-
-impl Scenario {
-    async fn new(name: &str, partitions: u32) -> Result<Self> {
-        let kafka = kstore_testkit::kafka();
-        let app = kafka.unique_name(name);
-        let input = format!("{app}-orders");
-        kafka.create_topic(&input, partitions).await?;
-        Ok(Scenario {
-            kafka,
-            app,
-            input,
-            partitions,
-            dir: tempfile::tempdir()?,
-            extra: Vec::new(),
-        })
-    }
-
-    fn args(&self, node_id: &str) -> Vec<String> {
-        let mut args = vec![
-            format!("node-id={node_id}"),
-            format!("app-id={}", self.app),
-            format!("input-topic={}", self.input),
-            format!("state-dir={}", self.state_dir(node_id).display()),
-            format!("kafka.bootstrap.servers={}", self.kafka.bootstrap()),
-            // A killed static member's partitions wait for its session to time out, unless
-            // it comes back with the same id first (which is what the tests do).
-            "kafka.session.timeout.ms=10000".into(),
-        ];
-        args.extend(self.extra.iter().cloned());
-        args.into_iter()
-            .flat_map(|a| ["--set".to_owned(), a])
-            .collect()
-    }
-
-    fn state_dir(&self, node_id: &str) -> std::path::PathBuf {
-        self.dir.path().join(format!("state-{node_id}"))
-    }
-
-    fn start_node(&self, node_id: &str, run: &str) -> Result<TestProcess> {
-        let log = self.dir.path().join(format!("{node_id}-{run}.log"));
-        TestProcess::start(
-            node_id,
-            Path::new(env!("CARGO_BIN_EXE_kstore-node")),
-            &self.args(node_id),
-            &log,
-        )
-    }
-
-    fn config(&self, node_id: &str) -> Result<NodeConfig> {
-        let overrides: Vec<String> = self
-            .args(node_id)
-            .into_iter()
-            .filter(|a| a != "--set")
-            .collect();
-        Ok(NodeConfig::load(None, [], &overrides)?)
-    }
-
-    fn produce(&self, generator: &GeneratorConfig, count: u64) -> Result<()> {
-        let summary = produce(&ProduceOptions {
-            bootstrap: self.kafka.bootstrap().into(),
-            topic: self.input.clone(),
-            count,
-            rate: 0,
-            generator: generator.clone(),
-            kafka: Vec::new(),
-        })?;
-        ensure!(
-            summary.delivered == count,
-            "delivered {} of {count}",
-            summary.delivered
-        );
-        Ok(())
-    }
-
-    /// Waits until the node's group has committed every input record.
-    fn wait_caught_up(&self, node: &mut TestProcess, timeout: Duration) -> Result<()> {
-        self.wait_committed(timeout, || match node.try_exit()? {
-            Some(status) => bail!("the node exited with {status}:\n{}", node.tail()),
-            None => Ok(()),
-        })
-    }
-
-    /// Waits until the group has committed every input record, calling `check` in between.
-    fn wait_committed(
-        &self,
-        timeout: Duration,
-        mut check: impl FnMut() -> Result<()>,
-    ) -> Result<()> {
-        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
-        wait_until(timeout, "the group to commit every input record", || {
-            check()?;
-            let committed =
-                self.kafka
-                    .committed_offsets(&self.app, &self.input, self.partitions)?;
-            // A partition that never had a record has nothing to commit.
-            Ok(committed.iter().zip(&end).all(|(c, e)| c >= e || *e == 0))
-        })
-    }
-
-    /// Returns the committed share of the input, 0.0 to 1.0.
-    fn progress(&self, total: u64) -> Result<f64> {
-        let committed = self
-            .kafka
-            .committed_offsets(&self.app, &self.input, self.partitions)?;
-        Ok(committed.iter().map(|&c| c.max(0) as f64).sum::<f64>() / total as f64)
-    }
-
-    /// Reads the stores of stopped nodes: partition → key → value. Where several nodes
-    /// hold a partition, the copy that reflects the most input is the owner's.
-    fn read_stores(
-        &self,
-        node_ids: &[&str],
-    ) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
-        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
-        let mut stores = BTreeMap::new();
-        for partition in 0..self.partitions as i32 {
-            let mut newest: Option<(i64, BTreeMap<String, CustomerFeatures>)> = None;
-            for node_id in node_ids {
-                let config = self.config(node_id)?;
-                let dir = config.store_dir(partition);
-                if !dir.exists() {
-                    continue;
-                }
-                let store = PartitionStore::open(&dir, &SharedMemory::new(&config.memory))?;
-                let position = store.position()?;
-                if newest
-                    .as_ref()
-                    .is_some_and(|(input_next, _)| *input_next >= position.input_next)
-                {
-                    continue;
-                }
-                let mut values = BTreeMap::new();
-                for (key, value) in store.scan()? {
-                    values.insert(
-                        String::from_utf8(key)?,
-                        CustomerFeatures::decode(value.as_slice())?,
-                    );
-                }
-                newest = Some((position.input_next, values));
-            }
-            let (input_next, values) = newest.unwrap_or_default();
-            let end = end[partition as usize];
-            ensure!(
-                input_next == end,
-                "partition {partition}'s newest store reflects input up to {input_next}, not its end {end}"
-            );
-            stores.insert(partition, values);
-        }
-        Ok(stores)
-    }
-}
-
-/// Folds events per customer with the library's fold (what the node must have stored).
-fn expected_features(events: &[OrderEvent]) -> HashMap<String, CustomerFeatures> {
-    let mut expected: HashMap<String, CustomerFeatures> = HashMap::new();
-    for event in events {
-        fold(
-            expected.entry(event.customer_id.clone()).or_default(),
-            event,
-        );
-    }
-    expected
-}
 
 /// Recomputes the headline features of one customer straight from its events, without the
 /// fold, so that the fold itself is checked too.
@@ -347,11 +173,6 @@ fn expected_alerts(events: &[OrderEvent]) -> Result<usize> {
         alerts += outcome.outputs.len();
     }
     Ok(alerts)
-}
-
-fn run_async<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async { tokio::time::timeout(Duration::from_secs(600), future).await? })
 }
 
 fn exact_state_after_ingest(guarantee: &str, count: u64) -> Result<()> {

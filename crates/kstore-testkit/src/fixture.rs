@@ -188,6 +188,17 @@ impl TestKafka {
             .create()?)
     }
 
+    /// Returns a topic's partition count, or `None` if the topic does not exist.
+    pub fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
+        let consumer: BaseConsumer = self.client_config().create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as u32))
+    }
+
     /// Returns each partition's end offset (high watermark).
     pub fn end_offsets(&self, topic: &str, partitions: u32) -> Result<Vec<i64>> {
         let consumer: BaseConsumer = self.client_config().create()?;

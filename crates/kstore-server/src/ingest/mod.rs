@@ -28,7 +28,9 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::{MismatchPolicy, NodeConfig, ProcessingGuarantee};
 use crate::processor::{InputRecord, ProcessError, Processor, Update};
+use crate::registry::Registry;
 use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
+use kstore_proto::v1::Role;
 use restore::{RestoreEvent, Restorer};
 
 /// The header of a changelog record that holds the input offset that produced it.
@@ -183,6 +185,7 @@ struct Engine {
     applied_input_next: HashMap<i32, i64>,
     txn: Option<OpenTransaction>,
     restorer: Restorer,
+    registry: Arc<Registry>,
     metrics: Arc<IngestMetrics>,
     max_record_bytes: usize,
     /// An error raised inside a rebalance callback, which cannot return one.
@@ -216,6 +219,8 @@ impl ConsumerContext for IngestContext {
         for partition in &revoked {
             engine.owned.remove(partition);
             engine.restorer.cancel(*partition);
+            // The copy stays open and keeps answering reads, with its staleness stated.
+            engine.registry.set_role(*partition, Role::Standby);
         }
         tracing::info!(?revoked, "partitions revoked");
     }
@@ -233,6 +238,7 @@ impl ConsumerContext for IngestContext {
                     if let Err(error) = engine.start_restore(partition) {
                         engine.fatal.get_or_insert(error);
                     }
+                    engine.registry.mark_ready();
                 }
             }
             Rebalance::Revoke(_) => {}
@@ -278,6 +284,8 @@ impl Engine {
             "partition assigned; restoring its changelog tail"
         );
         self.owned.insert(partition, Ownership::Restoring);
+        self.registry
+            .track(partition, store.clone(), Role::Restoring, position);
         self.restorer.restore(partition, store, position);
         Ok(())
     }
@@ -305,6 +313,8 @@ impl Engine {
                         continue;
                     }
                     self.owned.insert(partition, Ownership::Active);
+                    self.registry.set_position(partition, position);
+                    self.registry.set_role(partition, Role::Active);
                     self.applied_input_next
                         .insert(partition, position.input_next);
                     let mut list = TopicPartitionList::new();
@@ -583,6 +593,7 @@ impl Engine {
         let Some(txn) = self.txn.as_ref() else {
             return Ok(());
         };
+        let started = Instant::now();
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in &txn.next_offset {
             offsets
@@ -619,8 +630,10 @@ impl Engine {
             let empty = BTreeMap::new();
             store.apply(txn.overlay.get(partition).unwrap_or(&empty), position)?;
             self.applied_input_next.insert(*partition, *next_input);
+            self.registry.set_position(*partition, position);
         }
         IngestMetrics::add(&self.metrics.commits, 1);
+        metrics::histogram!(crate::metrics::COMMIT_LATENCY).record(started.elapsed());
         Ok(())
     }
 
@@ -751,6 +764,7 @@ pub fn run(
     config: Arc<NodeConfig>,
     partitions: u32,
     processor: Box<dyn Processor>,
+    registry: Arc<Registry>,
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), IngestError> {
@@ -796,6 +810,7 @@ pub fn run(
         &client,
         config.changelog_topic(),
         restore_group,
+        registry.clone(),
         metrics.clone(),
     )
     .map_err(kafka("creating the restore consumer"))?;
@@ -810,6 +825,7 @@ pub fn run(
         applied_input_next: HashMap::new(),
         txn: None,
         restorer,
+        registry,
         metrics: metrics.clone(),
         max_record_bytes,
         fatal: None,

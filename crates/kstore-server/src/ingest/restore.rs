@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::{IngestMetrics, advance, input_offset_of};
+use crate::registry::Registry;
 use crate::store::{PartitionStore, Position};
 
 /// Records applied to a store in one write batch during a restore.
@@ -73,6 +74,7 @@ impl Restorer {
         client: &ClientConfig,
         changelog_topic: String,
         group_id: String,
+        registry: Arc<Registry>,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Self, KafkaError> {
         // librdkafka assigns partitions only in a consumer with a group id. This consumer
@@ -92,6 +94,7 @@ impl Restorer {
             topic: changelog_topic,
             active: HashMap::new(),
             events: event_tx,
+            registry,
             metrics,
         };
         let thread = std::thread::Builder::new()
@@ -164,6 +167,7 @@ struct Worker {
     topic: String,
     active: HashMap<i32, Job>,
     events: Sender<RestoreEvent>,
+    registry: Arc<Registry>,
     metrics: Arc<IngestMetrics>,
 }
 
@@ -239,12 +243,14 @@ impl Worker {
                 );
                 job.records += 1;
                 IngestMetrics::add(&self.metrics.restored_records, 1);
-                if job.batch.len() >= RESTORE_BATCH_RECORDS
-                    && let Err(reason) = job.flush()
-                {
+                if job.batch.len() >= RESTORE_BATCH_RECORDS {
                     let partition = message.partition();
                     drop(message);
-                    self.fail(partition, reason);
+                    match job.flush() {
+                        // Reads of the restoring copy see its progress.
+                        Ok(()) => self.registry.set_position(partition, job.position),
+                        Err(reason) => self.fail(partition, reason),
+                    }
                 }
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => self.finish(partition, true),

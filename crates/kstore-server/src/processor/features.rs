@@ -104,6 +104,10 @@ impl Processor for FeaturesProcessor {
             outputs,
         })
     }
+
+    fn value_type_url(&self) -> Option<&str> {
+        Some(kstore_proto::CUSTOMER_FEATURES_TYPE_URL)
+    }
 }
 
 /// Folds one event into a customer's features.

@@ -94,4 +94,11 @@ pub trait Processor: Send + 'static {
         record: &InputRecord<'_>,
         current: Option<&[u8]>,
     ) -> Result<Outcome, ProcessError>;
+
+    /// Returns the `google.protobuf.Any` type URL of the values this processor stores, if
+    /// they are protobuf messages that the node's gRPC reflection knows. Reads then return
+    /// them typed, so that grpcurl prints them as JSON; otherwise they return raw bytes.
+    fn value_type_url(&self) -> Option<&str> {
+        None
+    }
 }

@@ -1,0 +1,203 @@
+//! Read errors: a small set of reasons, each mapped to a gRPC status code, with a
+//! `google.rpc.ErrorInfo` detail whose metadata a client can act on.
+
+use std::collections::HashMap;
+
+use kstore_proto::ERROR_DOMAIN;
+use kstore_proto::v1::ErrorReason;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Why a read failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The key is empty.
+    #[error("the key is empty")]
+    EmptyKey,
+    /// The key is longer than the limit.
+    #[error("the key has {len} bytes; the limit is {limit}")]
+    KeyTooLarge {
+        /// The key's length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No store of that name.
+    #[error("no store named {name:?}; this node serves {served:?}")]
+    UnknownStore {
+        /// The requested name.
+        name: String,
+        /// The store this node serves.
+        served: String,
+    },
+    /// The partition is out of range.
+    #[error("partition {partition} is out of range; the store has {partitions} partitions")]
+    PartitionOutOfRange {
+        /// The requested partition.
+        partition: u32,
+        /// The partition count.
+        partitions: u32,
+    },
+    /// The caller's partition is not the key's.
+    #[error("the key belongs to partition {expected}, not {given}")]
+    WrongPartition {
+        /// The partition the caller gave.
+        given: u32,
+        /// The key's partition.
+        expected: u32,
+    },
+    /// Too many keys in one MultiGet.
+    #[error("{count} keys in one MultiGet; the limit is {limit}")]
+    TooManyKeys {
+        /// How many keys were asked for.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// This node holds no copy of the partition.
+    #[error("this node holds no copy of partition {partition}")]
+    PartitionNotHosted {
+        /// The partition.
+        partition: u32,
+    },
+    /// The copy did not reach the requested input offset in time.
+    #[error(
+        "partition {partition} reflects input up to offset {input_offset} (lag {lag}); \
+         offset {wanted} was not reached before the deadline"
+    )]
+    PositionNotReached {
+        /// The partition.
+        partition: u32,
+        /// The input offset the caller wanted reflected.
+        wanted: i64,
+        /// The copy's next input offset.
+        input_offset: i64,
+        /// The copy's lag.
+        lag: i64,
+    },
+    /// The store failed.
+    #[error("reading partition {partition} failed: {message}")]
+    Store {
+        /// The partition.
+        partition: u32,
+        /// What failed.
+        message: String,
+    },
+    /// An admin call without the right token.
+    #[error("admin calls need `authorization: Bearer <admin-token>`")]
+    AdminTokenRequired,
+}
+
+impl ReadError {
+    /// Returns the reason clients match on.
+    pub fn reason(&self) -> ErrorReason {
+        match self {
+            ReadError::EmptyKey => ErrorReason::EmptyKey,
+            ReadError::KeyTooLarge { .. } => ErrorReason::KeyTooLarge,
+            ReadError::UnknownStore { .. } => ErrorReason::UnknownStore,
+            ReadError::PartitionOutOfRange { .. } => ErrorReason::PartitionOutOfRange,
+            ReadError::WrongPartition { .. } => ErrorReason::WrongPartition,
+            ReadError::TooManyKeys { .. } => ErrorReason::TooManyKeys,
+            ReadError::PartitionNotHosted { .. } => ErrorReason::PartitionNotHosted,
+            ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
+            ReadError::Store { .. } => ErrorReason::StoreError,
+            ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
+        }
+    }
+
+    /// Returns the gRPC status code.
+    pub fn code(&self) -> Code {
+        match self {
+            ReadError::EmptyKey
+            | ReadError::KeyTooLarge { .. }
+            | ReadError::UnknownStore { .. }
+            | ReadError::PartitionOutOfRange { .. }
+            | ReadError::WrongPartition { .. }
+            | ReadError::TooManyKeys { .. } => Code::InvalidArgument,
+            ReadError::PartitionNotHosted { .. } => Code::Unavailable,
+            ReadError::PositionNotReached { .. } => Code::FailedPrecondition,
+            ReadError::Store { .. } => Code::Internal,
+            ReadError::AdminTokenRequired => Code::Unauthenticated,
+        }
+    }
+
+    /// Returns the values a client can act on.
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut metadata = HashMap::new();
+        let mut put = |key: &str, value: String| {
+            metadata.insert(key.to_owned(), value);
+        };
+        match self {
+            ReadError::PartitionOutOfRange {
+                partition,
+                partitions,
+            } => {
+                put("partition", partition.to_string());
+                put("partitions", partitions.to_string());
+            }
+            ReadError::WrongPartition { given, expected } => {
+                put("partition", expected.to_string());
+                put("given_partition", given.to_string());
+            }
+            ReadError::PartitionNotHosted { partition } => put("partition", partition.to_string()),
+            ReadError::PositionNotReached {
+                partition,
+                wanted,
+                input_offset,
+                lag,
+            } => {
+                put("partition", partition.to_string());
+                put("min_input_offset", wanted.to_string());
+                put("input_offset", input_offset.to_string());
+                put("lag", lag.to_string());
+            }
+            ReadError::Store { partition, .. } => put("partition", partition.to_string()),
+            ReadError::KeyTooLarge { limit, .. } => put("limit", limit.to_string()),
+            ReadError::TooManyKeys { limit, .. } => put("limit", limit.to_string()),
+            ReadError::UnknownStore { served, .. } => put("store", served.clone()),
+            ReadError::EmptyKey | ReadError::AdminTokenRequired => {}
+        }
+        metadata
+    }
+}
+
+impl From<ReadError> for Status {
+    fn from(error: ReadError) -> Self {
+        let details = ErrorDetails::with_error_info(
+            error.reason().as_str_name(),
+            ERROR_DOMAIN,
+            error.metadata(),
+        );
+        Status::with_error_details(error.code(), error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_reason_and_metadata() {
+        let status = Status::from(ReadError::PositionNotReached {
+            partition: 3,
+            wanted: 100,
+            input_offset: 90,
+            lag: 15,
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status
+            .get_details_error_info()
+            .expect("an ErrorInfo detail");
+        assert_eq!(info.reason, "POSITION_NOT_REACHED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(
+            info.metadata.get("input_offset").map(String::as_str),
+            Some("90")
+        );
+        assert_eq!(
+            info.metadata.get("partition").map(String::as_str),
+            Some("3")
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! The node's gRPC server: Query, Admin, health and reflection on one port.
+
+pub mod admin;
+pub mod error;
+pub mod query;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kstore_proto::v1::admin_server::AdminServer;
+use kstore_proto::v1::query_server::QueryServer;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::NodeConfig;
+use crate::registry::Registry;
+use admin::AdminService;
+use query::QueryService;
+
+/// Why the gRPC server stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrpcError {
+    /// Reflection could not be built from the descriptor sets.
+    #[error("building gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
+/// `shutdown` completes. Health says NOT_SERVING until the node's stores are open.
+pub async fn serve(
+    incoming: TcpIncoming,
+    config: Arc<NodeConfig>,
+    registry: Arc<Registry>,
+    value_type_url: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GrpcError> {
+    let query = QueryServer::new(QueryService::new(
+        registry.clone(),
+        config.clone(),
+        value_type_url,
+    ));
+    let admin = config.admin_enabled.then(|| {
+        AdminServer::new(AdminService::new(
+            registry.clone(),
+            config.store.clone(),
+            config.admin_token.clone(),
+        ))
+    });
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<QueryServer<QueryService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let ready = registry.clone();
+    tokio::spawn(async move {
+        ready.wait_ready().await;
+        reporter.set_serving::<QueryServer<QueryService>>().await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        tracing::info!("stores open; health is SERVING");
+    });
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    Server::builder()
+        .add_service(health)
+        .add_service(reflection.build_v1()?)
+        .add_service(reflection_v1alpha)
+        .add_service(query)
+        .add_optional_service(admin)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The Query service: partition-direct point reads, each answer with its staleness.
+//!
+//! A read computes the key's partition with Kafka's partitioner (or checks the one given)
+//! and reads only that partition's store, on the blocking pool so that a slow RocksDB read
+//! never holds an async worker. A read with a position bound waits for its copy to reach it,
+//! until the request's deadline.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::query_server::Query;
+use kstore_proto::v1::{
+    ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
+    MultiGetRequest, MultiGetResponse, NodeInfo, ReadMetadata, ReadOptions, Role, StoreInfo,
+    get_response,
+};
+use tonic::{Request, Response, Status};
+
+use super::error::ReadError;
+use crate::config::NodeConfig;
+use crate::registry::{PartitionCopy, Registry};
+use crate::store::Position;
+
+/// Answers a bounded read this long before the caller's deadline, so that the answer (an
+/// error carrying the copy's position) still reaches the caller.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The Query service of one node.
+#[derive(Debug, Clone)]
+pub struct QueryService {
+    registry: Arc<Registry>,
+    config: Arc<NodeConfig>,
+    value_type_url: Option<String>,
+}
+
+impl QueryService {
+    /// Returns the service; values are returned as `Any` of `value_type_url` if given.
+    pub fn new(
+        registry: Arc<Registry>,
+        config: Arc<NodeConfig>,
+        value_type_url: Option<String>,
+    ) -> Self {
+        QueryService {
+            registry,
+            config,
+            value_type_url,
+        }
+    }
+
+    fn check_store(&self, store: &str) -> Result<(), ReadError> {
+        if store == self.config.store {
+            Ok(())
+        } else {
+            Err(ReadError::UnknownStore {
+                name: store.into(),
+                served: self.config.store.clone(),
+            })
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), ReadError> {
+        if key.is_empty() {
+            return Err(ReadError::EmptyKey);
+        }
+        if key.len() > self.config.max_key_bytes {
+            return Err(ReadError::KeyTooLarge {
+                len: key.len(),
+                limit: self.config.max_key_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns the key's partition, checking the caller's if given.
+    fn partition_of(&self, key: &[u8], given: Option<u32>) -> Result<u32, ReadError> {
+        let partitions = self.registry.partitions();
+        let expected = partition_for_key(key, partitions);
+        match given {
+            Some(partition) if partition >= partitions => Err(ReadError::PartitionOutOfRange {
+                partition,
+                partitions,
+            }),
+            Some(given) if given != expected => Err(ReadError::WrongPartition { given, expected }),
+            _ => Ok(expected),
+        }
+    }
+
+    fn copy(&self, partition: u32) -> Result<Arc<PartitionCopy>, ReadError> {
+        self.registry
+            .get(partition as i32)
+            .ok_or(ReadError::PartitionNotHosted { partition })
+    }
+
+    /// Waits until the copy reflects input offset `min_input_offset`, or the deadline.
+    async fn wait_for(
+        copy: &PartitionCopy,
+        options: Option<&ReadOptions>,
+        deadline: Instant,
+    ) -> Result<(), ReadError> {
+        let Some(wanted) = options.and_then(|o| o.min_input_offset) else {
+            return Ok(());
+        };
+        let reached = |position: &Position| position.input_next > wanted;
+        let mut positions = copy.watch_position();
+        let waited = tokio::time::timeout_at(deadline.into(), positions.wait_for(reached)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            // Timed out, or the copy was dropped: report where it stands.
+            _ => Err(ReadError::PositionNotReached {
+                partition: copy.partition as u32,
+                wanted,
+                input_offset: copy.position().input_next,
+                lag: copy.lag(),
+            }),
+        }
+    }
+
+    fn read_metadata(&self, copy: &PartitionCopy, position: Position) -> ReadMetadata {
+        ReadMetadata {
+            partition: copy.partition as u32,
+            node_id: self.registry.node_id().to_owned(),
+            role: copy.role() as i32,
+            changelog_offset: position.changelog_next,
+            input_offset: position.input_next,
+            lag: (copy.input_end() - position.input_next).max(0),
+        }
+    }
+
+    fn response(&self, value: Option<Vec<u8>>, read: ReadMetadata) -> GetResponse {
+        let found = value.is_some();
+        let value = value.map(|bytes| match &self.value_type_url {
+            Some(type_url) => get_response::Value::Message(prost_types::Any {
+                type_url: type_url.clone(),
+                value: bytes,
+            }),
+            None => get_response::Value::Raw(bytes),
+        });
+        GetResponse {
+            found,
+            value,
+            read: Some(read),
+        }
+    }
+
+    async fn get_one(
+        &self,
+        request: GetRequest,
+        deadline: Instant,
+    ) -> Result<GetResponse, (ReadError, Role)> {
+        let none = |error| (error, Role::Unspecified);
+        self.check_store(&request.store).map_err(none)?;
+        self.check_key(&request.key).map_err(none)?;
+        let partition = self
+            .partition_of(&request.key, request.partition)
+            .map_err(none)?;
+        let copy = self.copy(partition).map_err(none)?;
+        let role = copy.role();
+        Self::wait_for(&copy, request.options.as_ref(), deadline)
+            .await
+            .map_err(|e| (e, role))?;
+        // The position read first is a lower bound of what the value reflects.
+        let position = copy.position();
+        let reader = copy.clone();
+        let key = request.key;
+        let value = tokio::task::spawn_blocking(move || reader.store.get(&key))
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|result| result.map_err(|error| error.to_string()))
+            .map_err(|message| (ReadError::Store { partition, message }, role))?;
+        Ok(self.response(value, self.read_metadata(&copy, position)))
+    }
+
+    async fn multi_get(
+        &self,
+        request: MultiGetRequest,
+        deadline: Instant,
+    ) -> Result<MultiGetResponse, ReadError> {
+        self.check_store(&request.store)?;
+        if request.keys.len() > self.config.max_multiget_keys {
+            return Err(ReadError::TooManyKeys {
+                count: request.keys.len(),
+                limit: self.config.max_multiget_keys,
+            });
+        }
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (index, key) in request.keys.iter().enumerate() {
+            self.check_key(key)?;
+            by_partition
+                .entry(self.partition_of(key, None)?)
+                .or_default()
+                .push(index);
+        }
+
+        let mut results: Vec<KeyResult> = request
+            .keys
+            .iter()
+            .map(|key| KeyResult {
+                key: key.clone(),
+                result: None,
+                error: 0,
+            })
+            .collect();
+        let mut reads = Vec::new();
+        for (partition, indexes) in by_partition {
+            let copy = match self.copy(partition) {
+                Ok(copy) => copy,
+                Err(error) => {
+                    for index in indexes {
+                        results[index].error = error.reason() as i32;
+                    }
+                    continue;
+                }
+            };
+            if let Err(error) = Self::wait_for(&copy, request.options.as_ref(), deadline).await {
+                for index in indexes {
+                    results[index].error = error.reason() as i32;
+                }
+                continue;
+            }
+            reads.push((copy.clone(), copy.position(), indexes));
+        }
+
+        // One trip to the blocking pool: a RocksDB multi-get per partition.
+        let keys = Arc::new(request.keys);
+        let jobs: Vec<_> = reads
+            .iter()
+            .map(|(copy, _, indexes)| (copy.clone(), indexes.clone()))
+            .collect();
+        let job_keys = keys.clone();
+        let values = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(copy, indexes)| {
+                    let wanted: Vec<&[u8]> =
+                        indexes.iter().map(|&i| job_keys[i].as_slice()).collect();
+                    copy.store.multi_get(&wanted)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|error| ReadError::Store {
+            partition: 0,
+            message: error.to_string(),
+        })?;
+
+        for ((copy, position, indexes), values) in reads.into_iter().zip(values) {
+            match values {
+                Ok(values) => {
+                    let read = self.read_metadata(&copy, position);
+                    for (index, value) in indexes.into_iter().zip(values) {
+                        results[index].result = Some(self.response(value, read.clone()));
+                    }
+                }
+                Err(_) => {
+                    for index in indexes {
+                        results[index].error = ErrorReason::StoreError as i32;
+                    }
+                }
+            }
+        }
+        Ok(MultiGetResponse { results })
+    }
+
+    /// Returns the deadline for waiting: the caller's (`grpc-timeout`) less a margin, or
+    /// the configured wait.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        let now = Instant::now();
+        match request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+        {
+            Some(timeout) => now + timeout.saturating_sub(DEADLINE_MARGIN),
+            None => now + Duration::from_millis(self.config.read_wait_ms),
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn record_latency(method: &'static str, started: Instant, role: Role, outcome: &'static str) {
+    metrics::histogram!(
+        crate::metrics::READ_LATENCY,
+        "method" => method,
+        "role" => role.as_str_name(),
+        "outcome" => outcome
+    )
+    .record(started.elapsed());
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let started = Instant::now();
+        let deadline = self.deadline(&request);
+        match self.get_one(request.into_inner(), deadline).await {
+            Ok(response) => {
+                let role = response
+                    .read
+                    .as_ref()
+                    .map_or(Role::Unspecified, |r| r.role());
+                let outcome = if response.found { "found" } else { "not_found" };
+                record_latency("get", started, role, outcome);
+                Ok(Response::new(response))
+            }
+            Err((error, role)) => {
+                record_latency("get", started, role, error.reason().as_str_name());
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn multi_get(
+        &self,
+        request: Request<MultiGetRequest>,
+    ) -> Result<Response<MultiGetResponse>, Status> {
+        let started = Instant::now();
+        let deadline = self.deadline(&request);
+        let result = QueryService::multi_get(self, request.into_inner(), deadline).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(error) => error.reason().as_str_name(),
+        };
+        record_latency("multi_get", started, Role::Unspecified, outcome);
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn metadata(
+        &self,
+        _request: Request<MetadataRequest>,
+    ) -> Result<Response<MetadataResponse>, Status> {
+        let copies = self
+            .registry
+            .all()
+            .iter()
+            .map(|copy| partition_copy(copy))
+            .collect();
+        let node = NodeInfo {
+            node_id: self.registry.node_id().to_owned(),
+            grpc_address: self.config.grpc_address.clone(),
+            copies,
+        };
+        let store = StoreInfo {
+            name: self.config.store.clone(),
+            partitions: self.registry.partitions(),
+            input_topic: self.config.input_topic.clone(),
+            changelog_topic: self.config.changelog_topic(),
+            value_type: self
+                .value_type_url
+                .as_deref()
+                .and_then(|url| url.rsplit('/').next())
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        Ok(Response::new(MetadataResponse {
+            stores: vec![store],
+            nodes: vec![node],
+            node_id: self.registry.node_id().to_owned(),
+        }))
+    }
+}
+
+/// Describes a local copy for Metadata and Admin.
+pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
+    let position = copy.position();
+    kstore_proto::v1::PartitionCopy {
+        partition: copy.partition as u32,
+        role: copy.role() as i32,
+        changelog_offset: position.changelog_next,
+        input_offset: position.input_next,
+        input_end: copy.input_end(),
+        lag: (copy.input_end() - position.input_next).max(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

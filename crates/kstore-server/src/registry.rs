@@ -1,0 +1,173 @@
+//! The node's registry of local partition copies: what ingest and restore publish and what
+//! reads consult. Each copy carries its store, its role, its position (as a watch channel,
+//! so that a read with a position bound can wait for it) and the input's end offset.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+use kstore_proto::v1::Role;
+use tokio::sync::{Notify, watch};
+
+use crate::store::{PartitionStore, Position};
+
+/// One local copy of a partition's store.
+#[derive(Debug)]
+pub struct PartitionCopy {
+    /// The partition.
+    pub partition: i32,
+    /// Its store.
+    pub store: Arc<PartitionStore>,
+    role: AtomicU8,
+    position: watch::Sender<Position>,
+    input_end: AtomicI64,
+}
+
+impl PartitionCopy {
+    /// Returns the copy's role.
+    pub fn role(&self) -> Role {
+        Role::try_from(i32::from(self.role.load(Ordering::Acquire))).unwrap_or(Role::Unspecified)
+    }
+
+    /// Returns the position the store has applied.
+    pub fn position(&self) -> Position {
+        *self.position.borrow()
+    }
+
+    /// Returns a receiver that sees every new position.
+    pub fn watch_position(&self) -> watch::Receiver<Position> {
+        self.position.subscribe()
+    }
+
+    /// Returns the input partition's end offset as last seen (0 before the first look),
+    /// and never less than what the copy already reflects.
+    pub fn input_end(&self) -> i64 {
+        self.input_end.load(Ordering::Acquire).max(self.position().input_next)
+    }
+
+    /// Returns how many input records the copy does not reflect yet.
+    pub fn lag(&self) -> i64 {
+        (self.input_end() - self.position().input_next).max(0)
+    }
+}
+
+/// Every local copy, by partition.
+#[derive(Debug)]
+pub struct Registry {
+    node_id: String,
+    partitions: u32,
+    copies: RwLock<HashMap<i32, Arc<PartitionCopy>>>,
+    ready: AtomicBool,
+    ready_notify: Notify,
+}
+
+impl Registry {
+    /// Returns an empty registry for a node whose input has `partitions` partitions.
+    pub fn new(node_id: impl Into<String>, partitions: u32) -> Self {
+        Registry {
+            node_id: node_id.into(),
+            partitions,
+            copies: RwLock::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+            ready_notify: Notify::new(),
+        }
+    }
+
+    /// Returns this node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Returns the partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Returns the copy of a partition, if this node holds one.
+    pub fn get(&self, partition: i32) -> Option<Arc<PartitionCopy>> {
+        self.copies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&partition)
+            .cloned()
+    }
+
+    /// Returns every copy, by partition.
+    pub fn all(&self) -> Vec<Arc<PartitionCopy>> {
+        let copies = self
+            .copies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<_> = copies.values().cloned().collect();
+        all.sort_by_key(|c| c.partition);
+        all
+    }
+
+    /// Publishes a copy (or updates the role and position of the one already there).
+    pub fn track(
+        &self,
+        partition: i32,
+        store: Arc<PartitionStore>,
+        role: Role,
+        position: Position,
+    ) {
+        let mut copies = self
+            .copies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match copies.get(&partition) {
+            Some(copy) if Arc::ptr_eq(&copy.store, &store) => {
+                copy.role.store(role as u8, Ordering::Release);
+                copy.position.send_replace(position);
+            }
+            _ => {
+                let copy = PartitionCopy {
+                    partition,
+                    store,
+                    role: AtomicU8::new(role as u8),
+                    position: watch::Sender::new(position),
+                    input_end: AtomicI64::new(0),
+                };
+                copies.insert(partition, Arc::new(copy));
+            }
+        }
+    }
+
+    /// Sets a copy's role.
+    pub fn set_role(&self, partition: i32, role: Role) {
+        if let Some(copy) = self.get(partition) {
+            copy.role.store(role as u8, Ordering::Release);
+        }
+    }
+
+    /// Publishes a copy's new position, waking reads that wait for it.
+    pub fn set_position(&self, partition: i32, position: Position) {
+        if let Some(copy) = self.get(partition) {
+            copy.position.send_replace(position);
+        }
+    }
+
+    /// Records the input partition's end offset.
+    pub fn set_input_end(&self, partition: i32, end: i64) {
+        if let Some(copy) = self.get(partition) {
+            copy.input_end.store(end, Ordering::Release);
+        }
+    }
+
+    /// Marks the node ready: its first assignment's stores are open.
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.ready_notify.notify_waiters();
+    }
+
+    /// Waits until the node is ready.
+    pub async fn wait_ready(&self) {
+        loop {
+            let notified = self.ready_notify.notified();
+            if self.ready.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

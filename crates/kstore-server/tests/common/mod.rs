@@ -1,0 +1,220 @@
+//! What the node's integration tests share: a scenario (topics, state directories, node
+//! processes) and the expected state recomputed from the generated events.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, bail, ensure};
+use kstore_cli::generator::GeneratorConfig;
+use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_core::orders::OrderEvent;
+use kstore_proto::v1::CustomerFeatures;
+use kstore_server::config::NodeConfig;
+use kstore_server::processor::features::fold;
+use kstore_server::store::{PartitionStore, SharedMemory};
+use kstore_testkit::TestKafka;
+use kstore_testkit::process::{TestProcess, wait_until};
+use prost::Message as _;
+
+/// One test's topics, state directory and node settings.
+pub struct Scenario {
+    pub kafka: &'static TestKafka,
+    pub app: String,
+    pub input: String,
+    pub partitions: u32,
+    pub dir: tempfile::TempDir,
+    pub extra: Vec<String>,
+}
+
+impl Scenario {
+    pub async fn new(name: &str, partitions: u32) -> Result<Self> {
+        let kafka = kstore_testkit::kafka();
+        let app = kafka.unique_name(name);
+        let input = format!("{app}-orders");
+        kafka.create_topic(&input, partitions).await?;
+        Ok(Scenario {
+            kafka,
+            app,
+            input,
+            partitions,
+            dir: tempfile::tempdir()?,
+            extra: Vec::new(),
+        })
+    }
+
+    pub fn args(&self, node_id: &str) -> Vec<String> {
+        let mut args = vec![
+            format!("node-id={node_id}"),
+            format!("app-id={}", self.app),
+            format!("input-topic={}", self.input),
+            format!("state-dir={}", self.state_dir(node_id).display()),
+            format!("kafka.bootstrap.servers={}", self.kafka.bootstrap()),
+            // A killed static member's partitions wait for its session to time out, unless
+            // it comes back with the same id first (which is what the tests do).
+            "kafka.session.timeout.ms=10000".into(),
+            // Tests run side by side: an ephemeral gRPC port, no metrics port unless asked.
+            "grpc-address=127.0.0.1:0".into(),
+            "metrics-address=".into(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        args.into_iter()
+            .flat_map(|a| ["--set".to_owned(), a])
+            .collect()
+    }
+
+    pub fn state_dir(&self, node_id: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("state-{node_id}"))
+    }
+
+    pub fn start_node(&self, node_id: &str, run: &str) -> Result<TestProcess> {
+        let log = self.dir.path().join(format!("{node_id}-{run}.log"));
+        TestProcess::start(
+            node_id,
+            Path::new(env!("CARGO_BIN_EXE_kstore-node")),
+            &self.args(node_id),
+            &log,
+        )
+    }
+
+    pub fn config(&self, node_id: &str) -> Result<NodeConfig> {
+        let overrides: Vec<String> = self
+            .args(node_id)
+            .into_iter()
+            .filter(|a| a != "--set")
+            .collect();
+        Ok(NodeConfig::load(None, [], &overrides)?)
+    }
+
+    pub fn produce(&self, generator: &GeneratorConfig, count: u64) -> Result<()> {
+        let summary = produce(&ProduceOptions {
+            bootstrap: self.kafka.bootstrap().into(),
+            topic: self.input.clone(),
+            count,
+            rate: 0,
+            generator: generator.clone(),
+            kafka: Vec::new(),
+        })?;
+        ensure!(
+            summary.delivered == count,
+            "delivered {} of {count}",
+            summary.delivered
+        );
+        Ok(())
+    }
+
+    /// Waits until the node's group has committed every input record.
+    pub fn wait_caught_up(&self, node: &mut TestProcess, timeout: Duration) -> Result<()> {
+        self.wait_committed(timeout, || match node.try_exit()? {
+            Some(status) => bail!("the node exited with {status}:\n{}", node.tail()),
+            None => Ok(()),
+        })
+    }
+
+    /// Waits until the group has committed every input record, calling `check` in between.
+    pub fn wait_committed(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
+        wait_until(timeout, "the group to commit every input record", || {
+            check()?;
+            let committed =
+                self.kafka
+                    .committed_offsets(&self.app, &self.input, self.partitions)?;
+            // A partition that never had a record has nothing to commit.
+            Ok(committed.iter().zip(&end).all(|(c, e)| c >= e || *e == 0))
+        })
+    }
+
+    /// Waits for the node to log its gRPC address and returns it as a URI.
+    pub fn grpc_uri(&self, node: &mut TestProcess) -> Result<String> {
+        let mut address = None;
+        wait_until(Duration::from_secs(120), "the node to serve gRPC", || {
+            if let Some(status) = node.try_exit()? {
+                bail!("the node exited with {status}:\n{}", node.tail());
+            }
+            address = node
+                .output()
+                .lines()
+                .find(|l| l.contains("serving gRPC"))
+                .and_then(|l| l.split("address=").nth(1))
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned());
+            Ok(address.is_some())
+        })?;
+        Ok(format!("http://{}", address.unwrap_or_default()))
+    }
+
+    /// Returns the committed share of the input, 0.0 to 1.0.
+    pub fn progress(&self, total: u64) -> Result<f64> {
+        let committed = self
+            .kafka
+            .committed_offsets(&self.app, &self.input, self.partitions)?;
+        Ok(committed.iter().map(|&c| c.max(0) as f64).sum::<f64>() / total as f64)
+    }
+
+    /// Reads the stores of stopped nodes: partition → key → value. Where several nodes
+    /// hold a partition, the copy that reflects the most input is the owner's.
+    pub fn read_stores(
+        &self,
+        node_ids: &[&str],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
+        let end = self.kafka.end_offsets(&self.input, self.partitions)?;
+        let mut stores = BTreeMap::new();
+        for partition in 0..self.partitions as i32 {
+            let mut newest: Option<(i64, BTreeMap<String, CustomerFeatures>)> = None;
+            for node_id in node_ids {
+                let config = self.config(node_id)?;
+                let dir = config.store_dir(partition);
+                if !dir.exists() {
+                    continue;
+                }
+                let store = PartitionStore::open(&dir, &SharedMemory::new(&config.memory))?;
+                let position = store.position()?;
+                if newest
+                    .as_ref()
+                    .is_some_and(|(input_next, _)| *input_next >= position.input_next)
+                {
+                    continue;
+                }
+                let mut values = BTreeMap::new();
+                for (key, value) in store.scan()? {
+                    values.insert(
+                        String::from_utf8(key)?,
+                        CustomerFeatures::decode(value.as_slice())?,
+                    );
+                }
+                newest = Some((position.input_next, values));
+            }
+            let (input_next, values) = newest.unwrap_or_default();
+            let end = end[partition as usize];
+            ensure!(
+                input_next == end,
+                "partition {partition}'s newest store reflects input up to {input_next}, not its end {end}"
+            );
+            stores.insert(partition, values);
+        }
+        Ok(stores)
+    }
+}
+
+/// Folds events per customer with the library's fold (what the node must have stored).
+pub fn expected_features(events: &[OrderEvent]) -> HashMap<String, CustomerFeatures> {
+    let mut expected: HashMap<String, CustomerFeatures> = HashMap::new();
+    for event in events {
+        fold(
+            expected.entry(event.customer_id.clone()).or_default(),
+            event,
+        );
+    }
+    expected
+}
+
+/// Runs a test body on a fresh runtime, bounded to ten minutes.
+pub fn run_async<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async { tokio::time::timeout(Duration::from_secs(600), future).await? })
+}

@@ -1,0 +1,308 @@
+//! `cargo xtask up | status | down`: kstore's main job on one machine. A broker, the input
+//! topic, N `kstore-node` processes on 127.0.0.1 with their own ports and state, and a
+//! `kstore produce` feeding them at a steady rate.
+//!
+//! Everything `up` starts is written to `.kstore/cluster/cluster.json` in the workspace, with
+//! logs and state directories next to it; `down` stops exactly what is listed there.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{MetadataRequest, Role};
+use kstore_testkit::TestKafka;
+use kstore_testkit::broker::{Broker, Started};
+use serde_json::json;
+
+/// The input topic and app id of the local cluster, as in `deploy/kstore-node.toml`.
+const INPUT_TOPIC: &str = "orders";
+const FIRST_GRPC_PORT: u16 = 50051;
+const FIRST_METRICS_PORT: u16 = 9464;
+
+/// What `up` starts.
+#[derive(Debug, Clone)]
+pub struct Up {
+    pub nodes: u16,
+    pub partitions: u32,
+    pub rate: u64,
+    pub customers: u32,
+    pub port: u16,
+}
+
+fn workspace_root() -> PathBuf {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_owned()
+}
+
+fn cluster_dir() -> PathBuf {
+    workspace_root().join(".kstore").join("cluster")
+}
+
+fn cluster_file() -> PathBuf {
+    cluster_dir().join("cluster.json")
+}
+
+pub fn up(up: &Up) -> Result<()> {
+    if let Ok(text) = fs::read_to_string(cluster_file()) {
+        let cluster: serde_json::Value = serde_json::from_str(&text)?;
+        if pids(&cluster).into_iter().any(alive) {
+            bail!("a local cluster is already up (see `cargo xtask status`); `cargo xtask down` first");
+        }
+    }
+    if up.nodes == 0 || up.partitions == 0 {
+        bail!("--nodes and --partitions must be at least 1");
+    }
+    let (node_binary, cli_binary) = build_binaries()?;
+
+    let broker = Broker::on_port(up.port);
+    let broker_started = broker.start()? == Started::New;
+    let kafka = TestKafka::at(&broker.bootstrap());
+    let runtime = tokio::runtime::Runtime::new()?;
+    match kafka.partition_count(INPUT_TOPIC)? {
+        Some(count) if count != up.partitions => bail!(
+            "topic {INPUT_TOPIC} already has {count} partitions, not {}; use --partitions {count}",
+            up.partitions
+        ),
+        Some(_) => {}
+        None => runtime.block_on(kafka.create_topic(INPUT_TOPIC, up.partitions))?,
+    }
+
+    let dir = cluster_dir();
+    fs::create_dir_all(&dir)?;
+    let template = workspace_root().join("deploy").join("kstore-node.toml");
+    let mut nodes = Vec::new();
+    for i in 0..up.nodes {
+        let id = format!("node-{}", i + 1);
+        let grpc = format!("127.0.0.1:{}", FIRST_GRPC_PORT + i);
+        let metrics = format!("127.0.0.1:{}", FIRST_METRICS_PORT + i);
+        let state = dir.join(&id);
+        let log = dir.join(format!("{id}.log"));
+        let mut command = Command::new(&node_binary);
+        command.arg("--config").arg(&template);
+        for setting in [
+            format!("node-id={id}"),
+            format!("state-dir={}", state.display()),
+            format!("grpc-address={grpc}"),
+            format!("metrics-address={metrics}"),
+            format!("kafka.bootstrap.servers={}", broker.bootstrap()),
+        ] {
+            command.arg("--set").arg(setting);
+        }
+        let pid = spawn_detached(command, &log)?;
+        nodes.push(json!({"id": id, "pid": pid, "grpc": grpc, "metrics": metrics,
+                          "state": state, "log": log}));
+    }
+
+    let producer_log = dir.join("produce.log");
+    let mut produce = Command::new(&cli_binary);
+    produce.args(["produce", "--topic", INPUT_TOPIC, "--count", "1000000000000"]);
+    produce.arg("--rate").arg(up.rate.to_string());
+    produce.arg("--customers").arg(up.customers.to_string());
+    produce.arg("--bootstrap").arg(broker.bootstrap());
+    let producer_pid = spawn_detached(produce, &producer_log)?;
+
+    let cluster = json!({
+        "broker": {"bootstrap": broker.bootstrap(), "port": up.port, "started_by_up": broker_started},
+        "nodes": nodes,
+        "producer": {"pid": producer_pid, "log": producer_log, "rate": up.rate},
+    });
+    fs::write(cluster_file(), serde_json::to_string_pretty(&cluster)?)?;
+
+    runtime.block_on(wait_serving(&cluster))?;
+    print_next_steps(&cluster, up);
+    Ok(())
+}
+
+pub fn status() -> Result<()> {
+    let cluster = read_cluster()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    println!("broker    {}", cluster["broker"]["bootstrap"].as_str().unwrap_or_default());
+    let producer_pid = cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32;
+    println!(
+        "producer  pid {producer_pid} {} at {} events/s",
+        if alive(producer_pid) { "running" } else { "STOPPED" },
+        cluster["producer"]["rate"]
+    );
+    println!();
+    println!("{:<8} {:<17} {:>9} {:<10} {:>12} {:>12} {:>8}", "node", "grpc", "partition", "role", "input", "end", "lag");
+    for node in cluster["nodes"].as_array().into_iter().flatten() {
+        let id = node["id"].as_str().unwrap_or_default();
+        let grpc = node["grpc"].as_str().unwrap_or_default();
+        let pid = node["pid"].as_u64().unwrap_or(0) as u32;
+        if !alive(pid) {
+            println!("{id:<8} {grpc:<17} {:>9} DOWN (pid {pid}; see {})", "-", node["log"].as_str().unwrap_or_default());
+            continue;
+        }
+        match runtime.block_on(metadata(grpc)) {
+            Ok(copies) if copies.is_empty() => println!("{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-"),
+            Ok(copies) => {
+                for copy in copies {
+                    println!(
+                        "{id:<8} {grpc:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
+                        copy.partition,
+                        role_name(copy.role()),
+                        copy.input_offset,
+                        copy.input_end,
+                        copy.lag
+                    );
+                }
+            }
+            Err(error) => println!("{id:<8} {grpc:<17} {:>9} unreachable: {error:#}", "-"),
+        }
+    }
+    Ok(())
+}
+
+pub fn down() -> Result<()> {
+    let cluster = match read_cluster() {
+        Ok(cluster) => cluster,
+        Err(_) => {
+            println!("no local cluster is up");
+            return Ok(());
+        }
+    };
+    let producer = cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32;
+    stop(producer, "kstore produce")?;
+    for node in cluster["nodes"].as_array().into_iter().flatten() {
+        stop(node["pid"].as_u64().unwrap_or(0) as u32, node["id"].as_str().unwrap_or("node"))?;
+    }
+    if cluster["broker"]["started_by_up"].as_bool() == Some(true) {
+        let port = cluster["broker"]["port"].as_u64().unwrap_or(0) as u16;
+        if Broker::on_port(port).stop()? {
+            println!("stopped the Kafka broker on port {port}");
+        }
+    }
+    fs::remove_file(cluster_file())?;
+    println!("the local cluster is down (logs and stores stay in {})", cluster_dir().display());
+    Ok(())
+}
+
+fn read_cluster() -> Result<serde_json::Value> {
+    let text = fs::read_to_string(cluster_file())
+        .with_context(|| "no local cluster is up (start one with `cargo xtask up`)")?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn pids(cluster: &serde_json::Value) -> Vec<u32> {
+    let mut pids = vec![cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32];
+    for node in cluster["nodes"].as_array().into_iter().flatten() {
+        pids.push(node["pid"].as_u64().unwrap_or(0) as u32);
+    }
+    pids
+}
+
+/// Returns whether a process runs (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    pid != 0
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')))
+}
+
+/// Sends SIGTERM and waits up to 30 s, then SIGKILL.
+fn stop(pid: u32, what: &str) -> Result<()> {
+    if !alive(pid) {
+        return Ok(());
+    }
+    Command::new("kill").arg(pid.to_string()).status()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+            println!("killed {what} (pid {pid}) after 30 s");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("stopped {what} (pid {pid})");
+    Ok(())
+}
+
+fn spawn_detached(mut command: Command, log: &Path) -> Result<u32> {
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    Ok(child.id())
+}
+
+fn build_binaries() -> Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The whole workspace's binaries, so that features resolve as in every other build.
+    let status = Command::new(&cargo).args(["build", "--workspace", "--bins"]).status()?;
+    if !status.success() {
+        bail!("building kstore-node and kstore failed");
+    }
+    let metadata = Command::new(&cargo).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
+    let target = Path::new(metadata["target_directory"].as_str().context("no target_directory")?).join("debug");
+    Ok((target.join("kstore-node"), target.join("kstore")))
+}
+
+async fn metadata(grpc: &str) -> Result<Vec<kstore_proto::v1::PartitionCopy>> {
+    let mut client = QueryClient::connect(format!("http://{grpc}")).await?;
+    let response = client.metadata(MetadataRequest {}).await?.into_inner();
+    Ok(response.nodes.into_iter().flat_map(|n| n.copies).collect())
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Active => "active",
+        Role::Standby => "standby",
+        Role::Restoring => "restoring",
+        Role::Unspecified => "-",
+    }
+}
+
+/// Waits until every node answers Metadata, or a node dies.
+async fn wait_serving(cluster: &serde_json::Value) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for node in cluster["nodes"].as_array().into_iter().flatten() {
+        let grpc = node["grpc"].as_str().unwrap_or_default();
+        loop {
+            if metadata(grpc).await.is_ok() {
+                break;
+            }
+            let pid = node["pid"].as_u64().unwrap_or(0) as u32;
+            if !alive(pid) || Instant::now() > deadline {
+                bail!("{} did not come up; see {}", node["id"], node["log"].as_str().unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
+    let first = &cluster["nodes"][0];
+    let grpc = first["grpc"].as_str().unwrap_or_default();
+    let metrics = first["metrics"].as_str().unwrap_or_default();
+    println!();
+    println!(
+        "kstore is up: {} nodes, topic {INPUT_TOPIC} with {} partitions, {} events/s over {} customers",
+        up.nodes, up.partitions, up.rate, up.customers
+    );
+    println!();
+    println!("try:");
+    println!("  cargo xtask status");
+    println!("  grpcurl -plaintext {grpc} list");
+    println!("  grpcurl -plaintext {grpc} describe kstore.v1.Query");
+    println!(
+        "  grpcurl -plaintext -d '{{\"store\": \"features\", \"key\": \"'$(printf customer-000042 | base64)'\"}}' {grpc} kstore.v1.Query/Get"
+    );
+    println!("  grpcurl -plaintext {grpc} kstore.v1.Query/Metadata");
+    println!("  grpcurl -plaintext {grpc} kstore.v1.Admin/PartitionStatus");
+    println!("  curl -s http://{metrics}/metrics | grep kstore_");
+    println!("  tail -f {}", first["log"].as_str().unwrap_or_default());
+    println!("  cargo xtask down");
+    println!();
+    println!("(a node that does not hold the key's partition answers UNAVAILABLE with the partition in");
+    println!(" its error details: ask the node that `cargo xtask status` shows for that partition)");
+}
