@@ -50,7 +50,9 @@ pub fn up(up: &Up) -> Result<()> {
     if let Ok(text) = fs::read_to_string(cluster_file()) {
         let cluster: serde_json::Value = serde_json::from_str(&text)?;
         if pids(&cluster).into_iter().any(alive) {
-            bail!("a local cluster is already up (see `cargo xtask status`); `cargo xtask down` first");
+            bail!(
+                "a local cluster is already up (see `cargo xtask status`); `cargo xtask down` first"
+            );
         }
     }
     if up.nodes == 0 || up.partitions == 0 {
@@ -93,13 +95,21 @@ pub fn up(up: &Up) -> Result<()> {
             command.arg("--set").arg(setting);
         }
         let pid = spawn_detached(command, &log)?;
-        nodes.push(json!({"id": id, "pid": pid, "grpc": grpc, "metrics": metrics,
-                          "state": state, "log": log}));
+        nodes.push(
+            json!({"id": id, "pid": pid, "grpc": grpc, "metrics": metrics,
+                          "state": state, "log": log}),
+        );
     }
 
     let producer_log = dir.join("produce.log");
     let mut produce = Command::new(&cli_binary);
-    produce.args(["produce", "--topic", INPUT_TOPIC, "--count", "1000000000000"]);
+    produce.args([
+        "produce",
+        "--topic",
+        INPUT_TOPIC,
+        "--count",
+        "1000000000000",
+    ]);
     produce.arg("--rate").arg(up.rate.to_string());
     produce.arg("--customers").arg(up.customers.to_string());
     produce.arg("--bootstrap").arg(broker.bootstrap());
@@ -120,25 +130,41 @@ pub fn up(up: &Up) -> Result<()> {
 pub fn status() -> Result<()> {
     let cluster = read_cluster()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    println!("broker    {}", cluster["broker"]["bootstrap"].as_str().unwrap_or_default());
+    println!(
+        "broker    {}",
+        cluster["broker"]["bootstrap"].as_str().unwrap_or_default()
+    );
     let producer_pid = cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32;
     println!(
         "producer  pid {producer_pid} {} at {} events/s",
-        if alive(producer_pid) { "running" } else { "STOPPED" },
+        if alive(producer_pid) {
+            "running"
+        } else {
+            "STOPPED"
+        },
         cluster["producer"]["rate"]
     );
     println!();
-    println!("{:<8} {:<17} {:>9} {:<10} {:>12} {:>12} {:>8}", "node", "grpc", "partition", "role", "input", "end", "lag");
+    println!(
+        "{:<8} {:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
+        "node", "grpc", "partition", "role", "input", "end", "lag"
+    );
     for node in cluster["nodes"].as_array().into_iter().flatten() {
         let id = node["id"].as_str().unwrap_or_default();
         let grpc = node["grpc"].as_str().unwrap_or_default();
         let pid = node["pid"].as_u64().unwrap_or(0) as u32;
         if !alive(pid) {
-            println!("{id:<8} {grpc:<17} {:>9} DOWN (pid {pid}; see {})", "-", node["log"].as_str().unwrap_or_default());
+            println!(
+                "{id:<8} {grpc:<17} {:>9} DOWN (pid {pid}; see {})",
+                "-",
+                node["log"].as_str().unwrap_or_default()
+            );
             continue;
         }
         match runtime.block_on(metadata(grpc)) {
-            Ok(copies) if copies.is_empty() => println!("{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-"),
+            Ok(copies) if copies.is_empty() => {
+                println!("{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-")
+            }
             Ok(copies) => {
                 for copy in copies {
                     println!(
@@ -168,7 +194,10 @@ pub fn down() -> Result<()> {
     let producer = cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32;
     stop(producer, "kstore produce")?;
     for node in cluster["nodes"].as_array().into_iter().flatten() {
-        stop(node["pid"].as_u64().unwrap_or(0) as u32, node["id"].as_str().unwrap_or("node"))?;
+        stop(
+            node["pid"].as_u64().unwrap_or(0) as u32,
+            node["id"].as_str().unwrap_or("node"),
+        )?;
     }
     if cluster["broker"]["started_by_up"].as_bool() == Some(true) {
         let port = cluster["broker"]["port"].as_u64().unwrap_or(0) as u16;
@@ -177,7 +206,10 @@ pub fn down() -> Result<()> {
         }
     }
     fs::remove_file(cluster_file())?;
-    println!("the local cluster is down (logs and stores stay in {})", cluster_dir().display());
+    println!(
+        "the local cluster is down (logs and stores stay in {})",
+        cluster_dir().display()
+    );
     Ok(())
 }
 
@@ -198,8 +230,12 @@ fn pids(cluster: &serde_json::Value) -> Vec<u32> {
 /// Returns whether a process runs (and is not a zombie).
 fn alive(pid: u32) -> bool {
     pid != 0
-        && fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| !stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')))
+        && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'))
+        })
 }
 
 /// Sends SIGTERM and waits up to 30 s, then SIGKILL.
@@ -211,7 +247,9 @@ fn stop(pid: u32, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(pid) {
         if Instant::now() > deadline {
-            Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()?;
             println!("killed {what} (pid {pid}) after 30 s");
             return Ok(());
         }
@@ -236,13 +274,22 @@ fn spawn_detached(mut command: Command, log: &Path) -> Result<u32> {
 fn build_binaries() -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The whole workspace's binaries, so that features resolve as in every other build.
-    let status = Command::new(&cargo).args(["build", "--workspace", "--bins"]).status()?;
+    let status = Command::new(&cargo)
+        .args(["build", "--workspace", "--bins"])
+        .status()?;
     if !status.success() {
         bail!("building kstore-node and kstore failed");
     }
-    let metadata = Command::new(&cargo).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
+    let metadata = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()?;
     let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
-    let target = Path::new(metadata["target_directory"].as_str().context("no target_directory")?).join("debug");
+    let target = Path::new(
+        metadata["target_directory"]
+            .as_str()
+            .context("no target_directory")?,
+    )
+    .join("debug");
     Ok((target.join("kstore-node"), target.join("kstore")))
 }
 
@@ -272,7 +319,11 @@ async fn wait_serving(cluster: &serde_json::Value) -> Result<()> {
             }
             let pid = node["pid"].as_u64().unwrap_or(0) as u32;
             if !alive(pid) || Instant::now() > deadline {
-                bail!("{} did not come up; see {}", node["id"], node["log"].as_str().unwrap_or_default());
+                bail!(
+                    "{} did not come up; see {}",
+                    node["id"],
+                    node["log"].as_str().unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -303,6 +354,10 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
     println!("  tail -f {}", first["log"].as_str().unwrap_or_default());
     println!("  cargo xtask down");
     println!();
-    println!("(a node that does not hold the key's partition answers UNAVAILABLE with the partition in");
-    println!(" its error details: ask the node that `cargo xtask status` shows for that partition)");
+    println!(
+        "(a node that does not hold the key's partition answers UNAVAILABLE with the partition in"
+    );
+    println!(
+        " its error details: ask the node that `cargo xtask status` shows for that partition)"
+    );
 }

@@ -137,9 +137,19 @@ fn run(cli: Cli) -> Result<()> {
             port,
             cargo_test_args,
         } => test(port, &cargo_test_args),
-        Task::Up { nodes, partitions, rate, customers, port } => {
-            cluster::up(&cluster::Up { nodes, partitions, rate, customers, port })
-        }
+        Task::Up {
+            nodes,
+            partitions,
+            rate,
+            customers,
+            port,
+        } => cluster::up(&cluster::Up {
+            nodes,
+            partitions,
+            rate,
+            customers,
+            port,
+        }),
         Task::Status => cluster::status(),
         Task::Down => cluster::down(),
         Task::Bench {

@@ -72,6 +72,7 @@ pub fn publish(ingest: &IngestMetrics, registry: &Registry) {
     for copy in registry.all() {
         let partition = copy.partition.to_string();
         metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(copy.lag() as f64);
-        metrics::gauge!(PARTITION_ROLE, "partition" => partition).set(f64::from(copy.role() as i32));
+        metrics::gauge!(PARTITION_ROLE, "partition" => partition)
+            .set(f64::from(copy.role() as i32));
     }
 }

@@ -42,7 +42,9 @@ impl PartitionCopy {
     /// Returns the input partition's end offset as last seen (0 before the first look),
     /// and never less than what the copy already reflects.
     pub fn input_end(&self) -> i64 {
-        self.input_end.load(Ordering::Acquire).max(self.position().input_next)
+        self.input_end
+            .load(Ordering::Acquire)
+            .max(self.position().input_next)
     }
 
     /// Returns how many input records the copy does not reflect yet.

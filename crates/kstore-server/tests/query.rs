@@ -1,0 +1,518 @@
+//! The Query API of a `kstore-node` process against a real broker: answers with their
+//! staleness, read-your-writes, partition-direct reads, bad requests, MultiGet, Metadata,
+//! Admin, health, reflection and the metrics endpoint.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::{Scenario, expected_features, run_async};
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
+use kstore_core::orders::OrderEvent;
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::admin_client::AdminClient;
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{
+    CustomerFeatures, GetRequest, GetResponse, MetadataRequest, MultiGetRequest,
+    PartitionStatusRequest, ReadOptions, Role, get_response,
+};
+use kstore_testkit::process::TestProcess;
+use prost::Message as _;
+use rdkafka::producer::FutureRecord;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const PARTITIONS: u32 = 4;
+const STORE: &str = "features";
+
+/// A node with some customers' events ingested, and a client for it.
+struct Served {
+    scenario: Scenario,
+    node: TestProcess,
+    client: QueryClient<Channel>,
+    uri: String,
+    events: Vec<OrderEvent>,
+    metrics_address: String,
+}
+
+async fn serve(name: &str) -> Result<Served> {
+    let mut scenario = Scenario::new(name, PARTITIONS).await?;
+    let metrics_address = free_local_address()?;
+    scenario
+        .extra
+        .push(format!("metrics-address={metrics_address}"));
+    let generator = GeneratorConfig {
+        customers: 200,
+        seed: 3,
+        ..GeneratorConfig::default()
+    };
+    let count = 5_000;
+    scenario.produce(&generator, count)?;
+    let events: Vec<OrderEvent> = OrderGenerator::new(generator)
+        .take(count as usize)
+        .collect();
+    let mut node = scenario.start_node("node-1", "only")?;
+    let uri = scenario.grpc_uri(&mut node)?;
+    scenario.wait_caught_up(&mut node, Duration::from_secs(120))?;
+    let client = QueryClient::connect(uri.clone()).await?;
+    Ok(Served {
+        scenario,
+        node,
+        client,
+        uri,
+        events,
+        metrics_address,
+    })
+}
+
+/// Returns a loopback address with a port that was free a moment ago (for the metrics
+/// exporter, which cannot report a port it chose itself).
+fn free_local_address() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+fn get(key: &str) -> GetRequest {
+    GetRequest {
+        store: STORE.into(),
+        key: key.as_bytes().to_vec(),
+        partition: None,
+        options: None,
+    }
+}
+
+fn features(response: &GetResponse) -> Result<CustomerFeatures> {
+    match &response.value {
+        Some(get_response::Value::Message(any)) => {
+            ensure!(
+                any.type_url == kstore_proto::CUSTOMER_FEATURES_TYPE_URL,
+                "type {}",
+                any.type_url
+            );
+            Ok(CustomerFeatures::decode(any.value.as_slice())?)
+        }
+        other => anyhow::bail!("expected a typed value, got {other:?}"),
+    }
+}
+
+#[test]
+fn get_answers_with_features_and_staleness_and_misses_are_not_errors() -> Result<()> {
+    run_async(async {
+        let mut served = serve("get").await?;
+        let expected = expected_features(&served.events);
+        let end = served
+            .scenario
+            .kafka
+            .end_offsets(&served.scenario.input, PARTITIONS)?;
+        for customer in ["customer-000000", "customer-000007", "customer-000150"] {
+            let response = served.client.get(get(customer)).await?.into_inner();
+            ensure!(response.found, "{customer} not found");
+            ensure!(
+                features(&response)? == expected[customer],
+                "{customer}'s features"
+            );
+            let read = response.read.context("read metadata")?;
+            let partition = partition_for_key(customer.as_bytes(), PARTITIONS);
+            ensure!(read.partition == partition, "partition");
+            ensure!(read.node_id == "node-1", "node id");
+            ensure!(read.role() == Role::Active, "role {:?}", read.role());
+            ensure!(
+                read.input_offset == end[partition as usize],
+                "input offset {}",
+                read.input_offset
+            );
+            ensure!(read.lag == 0, "lag {}", read.lag);
+            ensure!(read.changelog_offset > 0, "changelog offset");
+        }
+        let missing = served
+            .client
+            .get(get("customer-that-never-ordered"))
+            .await?
+            .into_inner();
+        ensure!(
+            !missing.found && missing.value.is_none(),
+            "a missing key is found=false"
+        );
+        ensure!(missing.read.is_some(), "a miss still states its staleness");
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn a_read_bounded_by_the_produced_offset_includes_that_event() -> Result<()> {
+    run_async(async {
+        let mut served = serve("ryw").await?;
+        let customer = "customer-000042";
+        let before = features(&served.client.get(get(customer)).await?.into_inner())?;
+
+        let mut event = served.events[0].clone();
+        event.customer_id = customer.into();
+        event.order_id = "order-ryw".into();
+        event.amount_cents = 12_345;
+        event.event_time_ms = before.last_seen_ms + 1_000;
+        let payload = serde_json::to_vec(&event)?;
+        let producer = served.scenario.kafka.producer()?;
+        let record = FutureRecord::to(&served.scenario.input)
+            .key(customer)
+            .payload(&payload);
+        let delivery = producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)?;
+        ensure!(delivery.partition as u32 == partition_for_key(customer.as_bytes(), PARTITIONS));
+
+        let mut request = tonic::Request::new(GetRequest {
+            options: Some(ReadOptions {
+                min_input_offset: Some(delivery.offset),
+            }),
+            ..get(customer)
+        });
+        request.set_timeout(Duration::from_secs(10));
+        let response = served.client.get(request).await?.into_inner();
+        let after = features(&response)?;
+        ensure!(
+            after.orders_total == before.orders_total + 1,
+            "the produced order is reflected"
+        );
+        ensure!(
+            after.amount_total_cents == before.amount_total_cents + 12_345,
+            "its amount too"
+        );
+        ensure!(
+            response.read.context("read")?.input_offset > delivery.offset,
+            "position"
+        );
+
+        // A bound the copy cannot reach: a distinct error, with the copy's position.
+        let mut request = tonic::Request::new(GetRequest {
+            options: Some(ReadOptions {
+                min_input_offset: Some(delivery.offset + 1_000_000),
+            }),
+            ..get(customer)
+        });
+        request.set_timeout(Duration::from_millis(300));
+        let status = served
+            .client
+            .get(request)
+            .await
+            .expect_err("the bound is out of reach");
+        ensure!(
+            status.code() == Code::FailedPrecondition,
+            "code {:?}",
+            status.code()
+        );
+        let info = status.get_details_error_info().context("error info")?;
+        ensure!(
+            info.reason == "POSITION_NOT_REACHED",
+            "reason {}",
+            info.reason
+        );
+        ensure!(
+            info.metadata.get("input_offset") == Some(&(delivery.offset + 1).to_string()),
+            "the error carries the copy's position: {:?}",
+            info.metadata
+        );
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn get_reads_only_the_store_of_the_keys_partition() -> Result<()> {
+    run_async(async {
+        let mut served = serve("direct").await?;
+        // A producer with another partitioner puts a key on a partition where kstore would
+        // never look for it. With the default `warn` policy the node stores it there.
+        let key = "customer-misrouted";
+        let home = partition_for_key(key.as_bytes(), PARTITIONS) as i32;
+        let elsewhere = (home + 1) % PARTITIONS as i32;
+        let mut event = served.events[0].clone();
+        event.customer_id = key.into();
+        let payload = serde_json::to_vec(&event)?;
+        let producer = served.scenario.kafka.producer()?;
+        let record = FutureRecord::to(&served.scenario.input)
+            .key(key)
+            .payload(&payload)
+            .partition(elsewhere);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)?;
+        served
+            .scenario
+            .wait_caught_up(&mut served.node, Duration::from_secs(60))?;
+
+        // The key is in the store of `elsewhere`, so a read that scanned other stores would
+        // find it; a partition-direct read does not.
+        let response = served.client.get(get(key)).await?.into_inner();
+        ensure!(!response.found, "Get looked beyond the key's partition");
+        ensure!(
+            response.read.context("read")?.partition == home as u32,
+            "read the home partition"
+        );
+        let status = served
+            .client
+            .get(GetRequest {
+                partition: Some(elsewhere as u32),
+                ..get(key)
+            })
+            .await
+            .expect_err("the wrong partition is refused");
+        ensure!(status.code() == Code::InvalidArgument);
+        ensure!(status.get_details_error_info().context("info")?.reason == "WRONG_PARTITION");
+        ensure!(
+            served
+                .node
+                .output()
+                .contains("key arrived on another partition"),
+            "mismatch logged"
+        );
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn bad_requests_are_invalid_arguments_and_the_node_keeps_serving() -> Result<()> {
+    run_async(async {
+        let mut served = serve("bad").await?;
+        let client = &mut served.client;
+        let cases: Vec<(GetRequest, &str)> = vec![
+            (get(""), "EMPTY_KEY"),
+            (
+                GetRequest {
+                    key: vec![b'k'; (64 << 10) + 1],
+                    ..get("")
+                },
+                "KEY_TOO_LARGE",
+            ),
+            (
+                GetRequest {
+                    store: "no-such-store".into(),
+                    ..get("customer-000001")
+                },
+                "UNKNOWN_STORE",
+            ),
+            (
+                GetRequest {
+                    partition: Some(PARTITIONS),
+                    ..get("customer-000001")
+                },
+                "PARTITION_OUT_OF_RANGE",
+            ),
+        ];
+        for (request, reason) in cases {
+            let status = client.get(request).await.expect_err(reason);
+            ensure!(
+                status.code() == Code::InvalidArgument,
+                "{reason}: {:?}",
+                status.code()
+            );
+            let info = status.get_details_error_info().context("error info")?;
+            ensure!(
+                info.reason == reason,
+                "expected {reason}, got {}",
+                info.reason
+            );
+        }
+        let too_many = MultiGetRequest {
+            store: STORE.into(),
+            keys: (0..1_001)
+                .map(|i| format!("customer-{i:06}").into_bytes())
+                .collect(),
+            options: None,
+        };
+        let status = client
+            .multi_get(too_many)
+            .await
+            .expect_err("oversized MultiGet");
+        ensure!(status.code() == Code::InvalidArgument);
+        ensure!(status.get_details_error_info().context("info")?.reason == "TOO_MANY_KEYS");
+        let empty_key = MultiGetRequest {
+            store: STORE.into(),
+            keys: vec![Vec::new()],
+            options: None,
+        };
+        ensure!(
+            client
+                .multi_get(empty_key)
+                .await
+                .expect_err("empty key")
+                .code()
+                == Code::InvalidArgument
+        );
+
+        ensure!(
+            client.get(get("customer-000001")).await?.into_inner().found,
+            "still serving"
+        );
+        ensure!(served.node.try_exit()?.is_none(), "the node is still up");
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn multi_get_answers_per_key_in_request_order() -> Result<()> {
+    run_async(async {
+        let mut served = serve("mget").await?;
+        let expected = expected_features(&served.events);
+        let keys: Vec<String> = (0..100)
+            .map(|i| {
+                if i % 10 == 9 {
+                    format!("nobody-{i}")
+                } else {
+                    format!("customer-{:06}", i * 2)
+                }
+            })
+            .collect();
+        let request = MultiGetRequest {
+            store: STORE.into(),
+            keys: keys.iter().map(|k| k.clone().into_bytes()).collect(),
+            options: None,
+        };
+        let response = served.client.multi_get(request).await?.into_inner();
+        ensure!(response.results.len() == keys.len(), "one result per key");
+        let mut partitions = HashMap::new();
+        for (key, result) in keys.iter().zip(&response.results) {
+            ensure!(result.key == key.as_bytes(), "request order");
+            ensure!(result.error == 0, "{key}: error {}", result.error);
+            let answer = result.result.as_ref().context("result")?;
+            match expected.get(key) {
+                Some(want) => ensure!(answer.found && &features(answer)? == want, "{key}"),
+                None => ensure!(!answer.found, "{key} must be missing"),
+            }
+            let read = answer.read.as_ref().context("read")?;
+            ensure!(
+                read.partition == partition_for_key(key.as_bytes(), PARTITIONS),
+                "{key} partition"
+            );
+            partitions.insert(read.partition, ());
+        }
+        ensure!(
+            partitions.len() == PARTITIONS as usize,
+            "the keys spread over every partition"
+        );
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+#[test]
+fn metadata_admin_health_reflection_and_metrics_answer() -> Result<()> {
+    run_async(async {
+        let mut served = serve("ops").await?;
+        let metadata = served
+            .client
+            .metadata(MetadataRequest {})
+            .await?
+            .into_inner();
+        ensure!(metadata.node_id == "node-1");
+        let store = metadata.stores.first().context("store")?;
+        ensure!(store.partitions == PARTITIONS && store.value_type == "kstore.v1.CustomerFeatures");
+        let copies = &metadata.nodes.first().context("node")?.copies;
+        ensure!(
+            copies.len() == PARTITIONS as usize,
+            "{} copies",
+            copies.len()
+        );
+        ensure!(
+            copies
+                .iter()
+                .all(|c| c.role() == Role::Active && c.lag == 0),
+            "{copies:?}"
+        );
+
+        let mut admin = AdminClient::connect(served.uri.clone()).await?;
+        let status = admin
+            .partition_status(PartitionStatusRequest {})
+            .await?
+            .into_inner();
+        ensure!(status.stores.len() == PARTITIONS as usize);
+        let keys: u64 = status.stores.iter().map(|s| s.estimated_keys).sum();
+        ensure!(keys > 0, "key estimates");
+
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            Channel::from_shared(served.uri.clone())?.connect().await?,
+        );
+        let check = tonic_health::pb::HealthCheckRequest {
+            service: "kstore.v1.Query".into(),
+        };
+        let serving = health.check(check).await?.into_inner();
+        ensure!(
+            serving.status() == tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+
+        let services = reflection_services(&served.uri).await?;
+        for service in [
+            "kstore.v1.Query",
+            "kstore.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            ensure!(
+                services.iter().any(|s| s == service),
+                "reflection lists {service}: {services:?}"
+            );
+        }
+
+        let _ = served.client.get(get("customer-000001")).await?;
+        let text = http_get(&served.metrics_address, "/metrics")?;
+        for metric in [
+            "kstore_read_latency_seconds_bucket",
+            "kstore_ingest_records_total 5000",
+            "kstore_commit_latency_seconds_bucket",
+            "kstore_partition_lag_records",
+            "kstore_dead_letters_total 0",
+        ] {
+            ensure!(text.contains(metric), "metrics lack {metric}");
+        }
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
+}
+
+/// Lists services through gRPC reflection, as grpcurl does.
+async fn reflection_services(uri: &str) -> Result<Vec<String>> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client =
+        ServerReflectionClient::new(Channel::from_shared(uri.to_owned())?.connect().await?);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let requests = tokio_stream::iter([request]);
+    let mut responses = client.server_reflection_info(requests).await?.into_inner();
+    let response = responses.message().await?.context("a reflection answer")?;
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => anyhow::bail!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback.
+fn http_get(address: &str, path: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    ensure!(
+        text.starts_with("HTTP/1.1 200"),
+        "GET {path}: {}",
+        text.lines().next().unwrap_or_default()
+    );
+    Ok(text)
+}
