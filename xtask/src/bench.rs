@@ -1,4 +1,5 @@
-//! `cargo xtask bench ingest`: the sustained ingest rate of one `kstore-node`.
+//! `cargo xtask bench ingest | get`: one `kstore-node`'s sustained ingest rate, and its read
+//! latency at a fixed request rate.
 //!
 //! For each processing guarantee: create a fresh input topic, fill it with generated order
 //! events (not timed), start one node with an empty state directory, and watch the group's
@@ -11,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kstore_cli::generator::GeneratorConfig;
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, Started};
@@ -206,4 +207,279 @@ fn build_node() -> Result<PathBuf> {
         .as_str()
         .context("no target_directory")?;
     Ok(Path::new(target).join("debug").join("kstore-node"))
+}
+
+/// What `bench get` measures.
+#[derive(Debug, Clone)]
+pub struct GetBench {
+    pub port: u16,
+    pub rate: u64,
+    pub seconds: u64,
+    pub ingest_rate: u64,
+    pub customers: u32,
+    pub partitions: u32,
+}
+
+/// One latency run's result.
+struct Latencies {
+    phase: String,
+    histogram: hdrhistogram::Histogram<u64>,
+    /// How late requests started against the schedule, p99.
+    start_lag_p99_ms: f64,
+    errors: u64,
+    sent: u64,
+    seconds: f64,
+}
+
+/// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
+pub fn get(bench: &GetBench) -> Result<()> {
+    let node_binary = build_node()?;
+    let broker = Broker::on_port(bench.port);
+    let (started, _lease) = broker.start_leased()?;
+    let kafka = TestKafka::at(&broker.bootstrap());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    let app = kafka.unique_name("bench-get");
+    let input = format!("{app}-orders");
+    runtime.block_on(kafka.create_topic(&input, bench.partitions))?;
+    let generator = GeneratorConfig {
+        customers: bench.customers,
+        ..GeneratorConfig::default()
+    };
+    let preload = u64::from(bench.customers) * 4;
+    eprintln!(
+        "bench: loading {preload} events over {} customers",
+        bench.customers
+    );
+    produce(&ProduceOptions {
+        bootstrap: kafka.bootstrap().into(),
+        topic: input.clone(),
+        count: preload,
+        rate: 0,
+        generator: generator.clone(),
+        kafka: Vec::new(),
+    })?;
+
+    let dir = tempfile::tempdir()?;
+    let args: Vec<String> = [
+        "node-id=bench-node".to_owned(),
+        format!("app-id={app}"),
+        format!("input-topic={input}"),
+        format!("state-dir={}", dir.path().join("state").display()),
+        "grpc-address=127.0.0.1:0".to_owned(),
+        "metrics-address=".to_owned(),
+        format!("kafka.bootstrap.servers={}", kafka.bootstrap()),
+    ]
+    .into_iter()
+    .flat_map(|a| ["--set".to_owned(), a])
+    .collect();
+    let mut node = TestProcess::start(
+        "kstore-node",
+        &node_binary,
+        &args,
+        &dir.path().join("node.log"),
+    )?;
+    let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let committed: i64 = kafka
+            .committed_offsets(&app, &input, bench.partitions)?
+            .iter()
+            .map(|c| *c.max(&0))
+            .sum();
+        if committed >= end {
+            break;
+        }
+        check_alive(&mut node, deadline)?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let uri = node
+        .output()
+        .lines()
+        .find_map(|l| {
+            l.split("serving gRPC address=")
+                .nth(1)
+                .map(|a| format!("http://{}", a.trim()))
+        })
+        .context("the node did not log its gRPC address")?;
+    let channel = runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?;
+
+    let mut results = Vec::new();
+    eprintln!(
+        "bench: Get at {}/s for {}s, idle",
+        bench.rate, bench.seconds
+    );
+    results.push(runtime.block_on(open_loop("Get, idle", &channel, bench, 1))?);
+
+    eprintln!(
+        "bench: Get at {}/s while ingesting {} events/s",
+        bench.rate, bench.ingest_rate
+    );
+    let ingest = {
+        let options = ProduceOptions {
+            bootstrap: kafka.bootstrap().into(),
+            topic: input.clone(),
+            count: bench.ingest_rate * (bench.seconds + 5),
+            rate: bench.ingest_rate,
+            generator: GeneratorConfig {
+                seed: 99,
+                ..generator.clone()
+            },
+            kafka: Vec::new(),
+        };
+        std::thread::spawn(move || produce(&options))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let under_ingest = runtime.block_on(open_loop("Get, ingesting", &channel, bench, 1))?;
+    results.push(under_ingest);
+    let ingested = ingest
+        .join()
+        .map_err(|_| anyhow::anyhow!("the producer panicked"))??;
+
+    let multi = GetBench {
+        rate: (bench.rate / 10).max(1),
+        ..bench.clone()
+    };
+    eprintln!(
+        "bench: MultiGet of 100 keys at {}/s, after ingest",
+        multi.rate
+    );
+    results.push(runtime.block_on(open_loop("MultiGet 100, idle", &channel, &multi, 100))?);
+
+    let status = node.terminate(Duration::from_secs(60))?;
+    if !status.success() {
+        bail!("kstore-node exited with {status}");
+    }
+    if started == Started::New {
+        broker.stop()?;
+    }
+
+    println!();
+    println!(
+        "read latency, one node, {} partitions, {} customers; ingest phase produced {} events at {}/s",
+        bench.partitions, bench.customers, ingested.delivered, bench.ingest_rate
+    );
+    println!(
+        "{:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12}",
+        "phase",
+        "req/s",
+        "sent",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors",
+        "start lag p99"
+    );
+    for r in &results {
+        let ms = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{:<20} {:>9.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>9.3} ms",
+            r.phase,
+            r.sent as f64 / r.seconds,
+            r.sent,
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            r.histogram.max() as f64 / 1000.0,
+            r.errors,
+            r.start_lag_p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// Sends requests on a fixed schedule (open loop): every millisecond tick, every request
+/// due by then is started without waiting for earlier answers. Latency is measured from each
+/// request's start; how late starts were against the schedule is measured too (`lag`), so
+/// a generator that fell behind would show.
+async fn open_loop(
+    phase: &str,
+    channel: &tonic::transport::Channel,
+    bench: &GetBench,
+    keys_per_request: usize,
+) -> Result<Latencies> {
+    use kstore_proto::v1::query_client::QueryClient;
+    use kstore_proto::v1::{GetRequest, MultiGetRequest};
+    use std::sync::{Arc, Mutex};
+
+    let new_histogram = || hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
+    let histogram = Arc::new(Mutex::new(new_histogram()?));
+    let mut start_lag = new_histogram()?;
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total = bench.rate * bench.seconds;
+    let start = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(total as usize);
+    let mut sent = 0;
+    while sent < total {
+        ticks.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * bench.rate as f64) as u64).min(total);
+        while sent < due {
+            let i = sent;
+            sent += 1;
+            let scheduled = start + Duration::from_secs_f64(i as f64 / bench.rate as f64);
+            let _ = start_lag.record((scheduled.elapsed().as_micros() as u64).max(1));
+            let mut client = QueryClient::new(channel.clone());
+            let histogram = histogram.clone();
+            let errors = errors.clone();
+            let customers = bench.customers;
+            tasks.push(tokio::spawn(async move {
+                let key = |n: u64| {
+                    let customer = (n.wrapping_mul(2_654_435_761) % u64::from(customers)) as u32;
+                    OrderGenerator::customer_id(customer).into_bytes()
+                };
+                let began = Instant::now();
+                // Found or not, an answer is a success; only failed calls are errors.
+                let ok = if keys_per_request == 1 {
+                    let request = GetRequest {
+                        store: "features".into(),
+                        key: key(i),
+                        partition: None,
+                        options: None,
+                    };
+                    client.get(request).await.is_ok()
+                } else {
+                    let keys = (0..keys_per_request as u64)
+                        .map(|k| key(i * 1000 + k))
+                        .collect();
+                    let request = MultiGetRequest {
+                        store: "features".into(),
+                        keys,
+                        options: None,
+                    };
+                    client.multi_get(request).await.is_ok()
+                };
+                let micros = began.elapsed().as_micros() as u64;
+                if ok {
+                    let mut histogram = histogram
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = histogram.record(micros.max(1));
+                } else {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let histogram = histogram
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(Latencies {
+        phase: phase.into(),
+        histogram,
+        start_lag_p99_ms: start_lag.value_at_quantile(0.99) as f64 / 1000.0,
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        sent: total,
+        seconds,
+    })
 }

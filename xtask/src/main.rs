@@ -98,6 +98,27 @@ enum BenchKind {
         #[arg(long, default_value_t = DEFAULT_PORT)]
         port: u16,
     },
+    /// Get latency at a fixed rate (open loop), idle and while ingesting; MultiGet of 100 keys.
+    Get {
+        /// Get requests per second.
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Events per second produced during the ingest phase.
+        #[arg(long, default_value_t = 20_000)]
+        ingest_rate: u64,
+        /// Customers (keys) in the store.
+        #[arg(long, default_value_t = 50_000)]
+        customers: u32,
+        /// Partitions of the input topic.
+        #[arg(long, default_value_t = 12)]
+        partitions: u32,
+        /// The broker's port.
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +188,24 @@ fn run(cli: Cli) -> Result<()> {
             partitions,
             customers,
             guarantees,
+        }),
+        Task::Bench {
+            which:
+                BenchKind::Get {
+                    rate,
+                    seconds,
+                    ingest_rate,
+                    customers,
+                    partitions,
+                    port,
+                },
+        } => bench::get(&bench::GetBench {
+            port,
+            rate,
+            seconds,
+            ingest_rate,
+            customers,
+            partitions,
         }),
     }
 }
