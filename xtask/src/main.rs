@@ -164,13 +164,16 @@ fn run(cli: Cli) -> Result<()> {
             rate,
             customers,
             port,
-        } => cluster::up(&cluster::Up {
-            nodes,
-            partitions,
-            rate,
-            customers,
-            port,
-        }),
+        } => {
+            setup::run()?;
+            cluster::up(&cluster::Up {
+                nodes,
+                partitions,
+                rate,
+                customers,
+                port,
+            })
+        }
         Task::Status => cluster::status(),
         Task::Down => cluster::down(),
         Task::Bench {
