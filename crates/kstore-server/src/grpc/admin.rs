@@ -79,3 +79,44 @@ impl Admin for AdminService {
         Ok(Response::new(PartitionStatusResponse { stores }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(authorization: Option<&str>) -> Request<PartitionStatusRequest> {
+        let mut request = Request::new(PartitionStatusRequest {});
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn a_configured_token_is_required() {
+        let registry = Arc::new(Registry::new("n1", 1));
+        let admin = AdminService::new(
+            registry.clone(),
+            "features".into(),
+            Some("0123456789abcdef".into()),
+        );
+        assert!(
+            admin
+                .authorize(&request(Some("Bearer 0123456789abcdef")))
+                .is_ok()
+        );
+        for wrong in [
+            None,
+            Some("Bearer 0123456789abcdeX"),
+            Some("0123456789abcdef"),
+            Some("Bearer "),
+        ] {
+            let status = admin.authorize(&request(wrong)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        }
+        let open = AdminService::new(registry, "features".into(), None);
+        assert!(open.authorize(&request(None)).is_ok());
+    }
+}
