@@ -461,7 +461,16 @@ fn metadata_admin_health_reflection_and_metrics_answer() -> Result<()> {
         }
 
         let _ = served.client.get(get("customer-000001")).await?;
-        let text = http_get(&served.metrics_address, "/metrics")?;
+        // Ingest's counters are published on an interval (500 ms): wait for the last one.
+        let mut text = String::new();
+        kstore_testkit::process::wait_until(
+            Duration::from_secs(10),
+            "metrics to count every record",
+            || {
+                text = http_get(&served.metrics_address, "/metrics")?;
+                Ok(text.contains("kstore_ingest_records_total 5000"))
+            },
+        )?;
         for metric in [
             "kstore_read_latency_seconds_bucket",
             "kstore_ingest_records_total 5000",
