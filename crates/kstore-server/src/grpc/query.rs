@@ -27,6 +27,9 @@ use crate::store::Position;
 /// error carrying the copy's position) still reaches the caller.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
+/// The longest a read waits for its position bound.
+const MAX_READ_WAIT: Duration = Duration::from_secs(60);
+
 /// The Query service of one node.
 #[derive(Debug, Clone)]
 pub struct QueryService {
@@ -266,21 +269,27 @@ impl QueryService {
     /// the configured wait.
     fn deadline<T>(&self, request: &Request<T>) -> Instant {
         let now = Instant::now();
-        match request
+        let timeout = request
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-        {
-            Some(timeout) => now + timeout.saturating_sub(DEADLINE_MARGIN),
-            None => now + Duration::from_millis(self.config.read_wait_ms),
-        }
+            .and_then(parse_grpc_timeout);
+        let wait = match timeout {
+            Some(timeout) => timeout.saturating_sub(DEADLINE_MARGIN),
+            None => Duration::from_millis(self.config.read_wait_ms),
+        };
+        // A read never waits longer than a minute, whatever deadline it brings.
+        now + wait.min(MAX_READ_WAIT)
     }
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The gRPC spec allows at most 8 digits; more could overflow below.
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let amount: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(amount * 3600),
@@ -401,5 +410,11 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout("+5S"), None);
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
     }
 }

@@ -49,6 +49,8 @@ pub const DLQ_TRUNCATED_HEADER: &str = "kstore.truncated-from";
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long to wait after a transaction was aborted because producing failed.
+const SEND_FAILURE_BACKOFF: Duration = Duration::from_millis(100);
 /// Room for a record's headers and framing inside `message.max.bytes`.
 const RECORD_OVERHEAD_BYTES: usize = 4096;
 
@@ -93,8 +95,6 @@ pub struct IngestMetrics {
     pub dead_letters: AtomicU64,
     /// Input records whose key hashes to another partition than the one they came on.
     pub partition_mismatches: AtomicU64,
-    /// Input records skipped because the store already reflects them.
-    pub already_applied: AtomicU64,
     /// Transactions (or at-least-once commits) that succeeded.
     pub commits: AtomicU64,
     /// Transactions aborted, whose records are read again.
@@ -153,8 +153,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the node does with a partition it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ownership {
-    /// Its changelog tail is being replayed; its input is paused.
-    Restoring,
+    /// Its changelog tail is being replayed by restore number `generation`; its input is
+    /// paused. A finished restore of an earlier generation (one cancelled by a revoke before
+    /// the partition came back) must not activate it.
+    Restoring { generation: u64 },
     /// Its input is being folded into its store.
     Active,
 }
@@ -181,10 +183,10 @@ struct Engine {
     memory: SharedMemory,
     stores: HashMap<i32, Arc<PartitionStore>>,
     owned: HashMap<i32, Ownership>,
-    /// Per partition, the next input offset its store reflects.
-    applied_input_next: HashMap<i32, i64>,
     txn: Option<OpenTransaction>,
     restorer: Restorer,
+    /// Numbers restores, so that a stale restore's result is recognised.
+    restore_generation: u64,
     registry: Arc<Registry>,
     metrics: Arc<IngestMetrics>,
     max_record_bytes: usize,
@@ -283,10 +285,14 @@ impl Engine {
             input_offset = position.input_next,
             "partition assigned; restoring its changelog tail"
         );
-        self.owned.insert(partition, Ownership::Restoring);
+        self.restore_generation += 1;
+        let generation = self.restore_generation;
+        self.owned
+            .insert(partition, Ownership::Restoring { generation });
         self.registry
             .track(partition, store.clone(), Role::Restoring, position);
-        self.restorer.restore(partition, store, position);
+        self.restorer
+            .restore(partition, generation, store, position);
         Ok(())
     }
 
@@ -299,6 +305,7 @@ impl Engine {
             match event {
                 RestoreEvent::Done {
                     partition,
+                    generation,
                     records,
                     position,
                 } => {
@@ -309,14 +316,12 @@ impl Engine {
                         input_offset = position.input_next,
                         "restore finished"
                     );
-                    if self.owned.get(&partition) != Some(&Ownership::Restoring) {
+                    if self.owned.get(&partition) != Some(&Ownership::Restoring { generation }) {
                         continue;
                     }
                     self.owned.insert(partition, Ownership::Active);
                     self.registry.set_position(partition, position);
                     self.registry.set_role(partition, Role::Active);
-                    self.applied_input_next
-                        .insert(partition, position.input_next);
                     let mut list = TopicPartitionList::new();
                     list.add_partition(&self.config.input_topic, partition);
                     consumer
@@ -361,16 +366,6 @@ impl Engine {
             return Ok(());
         }
         IngestMetrics::add(&self.metrics.records_in, 1);
-        if offset
-            < self
-                .applied_input_next
-                .get(&partition)
-                .copied()
-                .unwrap_or(0)
-        {
-            IngestMetrics::add(&self.metrics.already_applied, 1);
-            return Ok(());
-        }
         if self.txn.is_none() {
             if self.exactly_once() {
                 self.producer
@@ -390,32 +385,42 @@ impl Engine {
         txn.first_offset.entry(partition).or_insert(offset);
         txn.next_offset.insert(partition, offset + 1);
 
-        if let Err(reason) = self.fold(message) {
-            self.dead_letter(message, &reason)?;
+        let sent = match self.fold(message) {
+            Ok(()) => Ok(()),
+            Err(FoldError::Bad(reason)) => self.dead_letter(message, &reason),
+            Err(FoldError::Send(error)) => Err(error),
+            Err(FoldError::Store(error)) => return Err(error.into()),
+        };
+        if let Err(error) = sent {
+            // Some of the record's effects may be in the transaction and some not: none of
+            // it may commit. Abort, and read the transaction's records again.
+            tracing::error!(%error, "producing failed; aborting the transaction");
+            self.abort(consumer, true);
+            std::thread::sleep(SEND_FAILURE_BACKOFF);
         }
         Ok(())
     }
 
-    /// Runs the checks and the processor; an `Err` is the reason for a dead letter.
-    fn fold(&mut self, message: &BorrowedMessage<'_>) -> Result<(), String> {
+    /// Runs the checks and the processor, and produces the record's effects.
+    fn fold(&mut self, message: &BorrowedMessage<'_>) -> Result<(), FoldError> {
         let partition = message.partition();
         let key = match message.key() {
             Some(key) if !key.is_empty() => key,
-            _ => return Err("record has no key".into()),
+            _ => return Err(FoldError::Bad("record has no key".into())),
         };
         if key.len() > self.config.max_key_bytes {
-            return Err(format!(
+            return Err(FoldError::Bad(format!(
                 "key of {} bytes exceeds max-key-bytes {}",
                 key.len(),
                 self.config.max_key_bytes
-            ));
+            )));
         }
         let value_len = message.payload_len();
         if value_len > self.config.max_value_bytes {
-            return Err(format!(
+            return Err(FoldError::Bad(format!(
                 "value of {value_len} bytes exceeds max-value-bytes {}",
                 self.config.max_value_bytes
-            ));
+            )));
         }
         let expected = partition_for_key(key, self.partitions) as i32;
         if expected != partition {
@@ -429,15 +434,15 @@ impl Engine {
                  its producer does not use the murmur2 partitioner"
             );
             if self.config.partition_mismatch == MismatchPolicy::Dlq {
-                return Err(format!(
+                return Err(FoldError::Bad(format!(
                     "key belongs to partition {expected}, arrived on partition {partition}"
-                ));
+                )));
             }
         }
 
         let current = self
             .current_value(partition, key)
-            .map_err(|e| e.to_string())?;
+            .map_err(FoldError::Store)?;
         let record = InputRecord {
             topic: message.topic(),
             partition,
@@ -448,24 +453,27 @@ impl Engine {
         let outcome = self
             .processor
             .process(&record, current.as_deref())
-            .map_err(|error: ProcessError| error.to_string())?;
+            .map_err(|error: ProcessError| FoldError::Bad(error.to_string()))?;
         let too_big = |what: &str, len: usize| {
             format!("{what} of {len} bytes is larger than a Kafka record can be")
         };
         if let Update::Put(value) = &outcome.update
             && key.len() + value.len() > self.max_record_bytes
         {
-            return Err(too_big("new state", key.len() + value.len()));
+            return Err(FoldError::Bad(too_big(
+                "new state",
+                key.len() + value.len(),
+            )));
         }
         if let Some(output) = outcome
             .outputs
             .iter()
             .find(|o| o.key.len() + o.value.len() > self.max_record_bytes)
         {
-            return Err(too_big(
+            return Err(FoldError::Bad(too_big(
                 "output record",
                 output.key.len() + output.value.len(),
-            ));
+            )));
         }
 
         let offset_text = message.offset().to_string();
@@ -482,7 +490,7 @@ impl Engine {
                     .key(key)
                     .payload(value.as_slice())
                     .headers(headers);
-                send(&self.producer, record).map_err(|e| e.to_string())?;
+                send(&self.producer, record).map_err(FoldError::Send)?;
                 Some(Some(value))
             }
             Update::Delete => {
@@ -490,7 +498,7 @@ impl Engine {
                     .partition(partition)
                     .key(key)
                     .headers(headers);
-                send(&self.producer, record).map_err(|e| e.to_string())?;
+                send(&self.producer, record).map_err(FoldError::Send)?;
                 Some(None)
             }
         };
@@ -508,7 +516,7 @@ impl Engine {
             let record = BaseRecord::to(&output.topic)
                 .key(output.key.as_slice())
                 .payload(output.value.as_slice());
-            send(&self.producer, record).map_err(|e| e.to_string())?;
+            send(&self.producer, record).map_err(FoldError::Send)?;
         }
         IngestMetrics::add(&self.metrics.records_processed, 1);
         Ok(())
@@ -535,8 +543,7 @@ impl Engine {
         &mut self,
         message: &BorrowedMessage<'_>,
         reason: &str,
-    ) -> Result<(), IngestError> {
-        IngestMetrics::add(&self.metrics.dead_letters, 1);
+    ) -> Result<(), KafkaError> {
         tracing::warn!(
             topic = message.topic(),
             partition = message.partition(),
@@ -584,7 +591,9 @@ impl Engine {
         if let Some(payload) = payload {
             record = record.payload(payload);
         }
-        send(&self.producer, record).map_err(kafka("producing a dead letter"))
+        send(&self.producer, record)?;
+        IngestMetrics::add(&self.metrics.dead_letters, 1);
+        Ok(())
     }
 
     /// Commits the open transaction with its input offsets, then applies its updates to
@@ -615,7 +624,11 @@ impl Engine {
                 self.abort(consumer, true);
                 return Ok(());
             }
-            Err(Retry::Fatal(error)) => return Err(error),
+            Err(Retry::Fatal(error)) => {
+                // Never leave it open: closing the consumer would commit it on revoke.
+                self.abort(consumer, false);
+                return Err(error);
+            }
         }
 
         let txn = self.txn.take().expect("checked above");
@@ -629,7 +642,6 @@ impl Engine {
             }
             let empty = BTreeMap::new();
             store.apply(txn.overlay.get(partition).unwrap_or(&empty), position)?;
-            self.applied_input_next.insert(*partition, *next_input);
             self.registry.set_position(*partition, position);
         }
         IngestMetrics::add(&self.metrics.commits, 1);
@@ -708,6 +720,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// Why a record was not folded.
+enum FoldError {
+    /// The record is bad: it goes to the dead-letter topic.
+    Bad(String),
+    /// Producing its effects failed: the transaction must abort.
+    Send(KafkaError),
+    /// The store failed: the node stops.
+    Store(StoreError),
 }
 
 /// How a failed commit continues.
@@ -842,9 +864,9 @@ pub fn run(
         memory: SharedMemory::new(&config.memory),
         stores: HashMap::new(),
         owned: HashMap::new(),
-        applied_input_next: HashMap::new(),
         txn: None,
         restorer,
+        restore_generation: 0,
         registry,
         metrics: metrics.clone(),
         max_record_bytes,
@@ -876,7 +898,15 @@ pub fn run(
     );
 
     let result = poll_loop(&consumer, &engine, &metrics, &shutdown);
-    let finished = result.and_then(|()| lock(&engine).commit(&consumer));
+    let finished = match result {
+        Ok(()) => lock(&engine).commit(&consumer),
+        Err(error) => {
+            // Closing the consumer revokes its partitions, and a revoke commits what is
+            // open: abort first, so that nothing from before the failure commits.
+            lock(&engine).abort(&consumer, false);
+            Err(error)
+        }
+    };
     // Closing the consumer runs the revoke callback (nothing left to commit by then).
     drop(consumer);
     let mut engine = lock(&engine);

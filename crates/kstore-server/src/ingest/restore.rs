@@ -25,6 +25,7 @@ const RESTORE_BATCH_RECORDS: usize = 10_000;
 enum Command {
     Restore {
         partition: i32,
+        generation: u64,
         store: Arc<PartitionStore>,
         position: Position,
     },
@@ -41,6 +42,8 @@ pub enum RestoreEvent {
     Done {
         /// The partition.
         partition: i32,
+        /// Which restore of the partition finished.
+        generation: u64,
         /// How many changelog records were replayed.
         records: u64,
         /// The store's position afterwards.
@@ -109,9 +112,16 @@ impl Restorer {
     }
 
     /// Replays the partition's changelog from `position` into `store`.
-    pub fn restore(&self, partition: i32, store: Arc<PartitionStore>, position: Position) {
+    pub fn restore(
+        &self,
+        partition: i32,
+        generation: u64,
+        store: Arc<PartitionStore>,
+        position: Position,
+    ) {
         let _ = self.commands.send(Command::Restore {
             partition,
+            generation,
             store,
             position,
         });
@@ -143,6 +153,7 @@ impl Drop for Restorer {
 }
 
 struct Job {
+    generation: u64,
     store: Arc<PartitionStore>,
     position: Position,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -190,10 +201,11 @@ impl Worker {
             match command {
                 Some(Command::Restore {
                     partition,
+                    generation,
                     store,
                     position,
                 }) => {
-                    self.start(partition, store, position);
+                    self.start(partition, generation, store, position);
                 }
                 Some(Command::Cancel { partition }) => self.finish(partition, false),
                 Some(Command::Stop) => return,
@@ -202,7 +214,13 @@ impl Worker {
         }
     }
 
-    fn start(&mut self, partition: i32, store: Arc<PartitionStore>, position: Position) {
+    fn start(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        store: Arc<PartitionStore>,
+        position: Position,
+    ) {
         if self.active.contains_key(&partition) {
             self.finish(partition, false);
         }
@@ -219,6 +237,7 @@ impl Worker {
         self.active.insert(
             partition,
             Job {
+                generation,
                 store,
                 position,
                 batch: BTreeMap::new(),
@@ -277,6 +296,7 @@ impl Worker {
         if done {
             let event = RestoreEvent::Done {
                 partition,
+                generation: job.generation,
                 records: job.records,
                 position: job.position,
             };
