@@ -89,6 +89,7 @@ fn measure(
         bootstrap: kafka.bootstrap().into(),
         topic: input.clone(),
         count: bench.events,
+        skip: 0,
         rate: 0,
         generator: GeneratorConfig {
             customers: bench.customers,
@@ -258,6 +259,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
         bootstrap: kafka.bootstrap().into(),
         topic: input.clone(),
         count: preload,
+        skip: 0,
         rate: 0,
         generator: generator.clone(),
         kafka: Vec::new(),
@@ -323,6 +325,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
             bootstrap: kafka.bootstrap().into(),
             topic: input.clone(),
             count: bench.ingest_rate * (bench.seconds + 5),
+            skip: 0,
             rate: bench.ingest_rate,
             generator: GeneratorConfig {
                 seed: 99,

@@ -22,6 +22,8 @@ pub struct ProduceOptions {
     pub topic: String,
     /// How many events to send.
     pub count: u64,
+    /// How many of the generator's first events to leave out (to continue an earlier run).
+    pub skip: u64,
     /// Events per second; 0 sends as fast as the producer allows.
     pub rate: u64,
     /// The events.
@@ -96,7 +98,9 @@ pub fn produce(options: &ProduceOptions) -> Result<ProduceSummary> {
         .context("creating the producer")?;
 
     let started = Instant::now();
-    let events = OrderGenerator::new(options.generator.clone()).take(options.count as usize);
+    let events = OrderGenerator::new(options.generator.clone())
+        .skip(options.skip as usize)
+        .take(options.count as usize);
     for (i, event) in events.enumerate() {
         if options.rate > 0 {
             let due = Duration::from_secs_f64(i as f64 / options.rate as f64);

@@ -26,6 +26,9 @@ enum Command {
         /// How many events to send.
         #[arg(long, default_value_t = 100_000)]
         count: u64,
+        /// How many of the generator's first events to leave out (to continue a run).
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
         /// Events per second; 0 sends as fast as possible.
         #[arg(long, default_value_t = 0)]
         rate: u64,
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
             bootstrap,
             topic,
             count,
+            skip,
             rate,
             customers,
             abuser_every,
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
                 bootstrap,
                 topic,
                 count,
+                skip,
                 rate,
                 generator: GeneratorConfig {
                     seed,

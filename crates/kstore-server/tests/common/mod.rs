@@ -89,10 +89,16 @@ impl Scenario {
     }
 
     pub fn produce(&self, generator: &GeneratorConfig, count: u64) -> Result<()> {
+        self.produce_from(generator, 0, count)
+    }
+
+    /// Sends the generator's events `skip..skip + count`.
+    pub fn produce_from(&self, generator: &GeneratorConfig, skip: u64, count: u64) -> Result<()> {
         let summary = produce(&ProduceOptions {
             bootstrap: self.kafka.bootstrap().into(),
             topic: self.input.clone(),
             count,
+            skip,
             rate: 0,
             generator: generator.clone(),
             kafka: Vec::new(),
