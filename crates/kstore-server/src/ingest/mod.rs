@@ -810,6 +810,7 @@ pub fn run(
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), IngestError> {
+    lower_priority();
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka {
         client.set(key, value);
@@ -917,6 +918,19 @@ pub fn run(
     engine.stores.clear();
     log_progress(&metrics);
     finished
+}
+
+/// Lowers the calling thread's CPU priority (niceness 5) before it creates the Kafka
+/// clients, whose threads inherit it: when the CPU is short, reads win over ingestion.
+fn lower_priority() {
+    use thread_priority::{ThreadPriority, ThreadPriorityValue, set_current_thread_priority};
+    // On Linux, 35 of 0..=99 maps to niceness 5.
+    let priority = ThreadPriorityValue::try_from(35u8).map(ThreadPriority::Crossplatform);
+    match priority.map(set_current_thread_priority) {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(?error, "cannot lower the ingest thread's priority"),
+        Err(error) => tracing::warn!(error, "cannot lower the ingest thread's priority"),
+    }
 }
 
 /// Sets a client setting unless the user's `kafka.*` settings already chose one.
