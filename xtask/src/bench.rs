@@ -219,6 +219,9 @@ pub struct GetBench {
     pub ingest_rate: u64,
     pub customers: u32,
     pub partitions: u32,
+    /// If set, the broker's processes run at this niceness during the benchmark, standing in
+    /// for a broker on other machines.
+    pub broker_nice: Option<i32>,
 }
 
 /// One latency run's result.
@@ -238,6 +241,9 @@ pub fn get(bench: &GetBench) -> Result<()> {
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
+    if let Some(nice) = bench.broker_nice {
+        renice_broker(&broker, nice)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -392,6 +398,55 @@ pub fn get(bench: &GetBench) -> Result<()> {
             r.start_lag_p99_ms
         );
     }
+    Ok(())
+}
+
+/// Sets the niceness of every process in the broker's process group.
+fn renice_broker(broker: &Broker, nice: i32) -> Result<()> {
+    let pid = broker
+        .status()
+        .pid
+        .context("no broker started by kstore to renice")?;
+    // The broker (and its supervisor, if any) lead a process group of their own.
+    let group = std::fs::read_to_string(format!("/proc/{pid}/stat"))?
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(2).map(str::to_owned))
+        .context("reading the broker's process group")?;
+    let tasks: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|name| name.chars().all(|c| c.is_ascii_digit()))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(2))
+                    == Some(&group)
+            })
+        })
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|t| t.file_name().to_str().map(str::to_owned))
+        })
+        .collect();
+    let status = Command::new("renice")
+        .arg("-n")
+        .arg(nice.to_string())
+        .arg("-p")
+        .args(&tasks)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("renice of the broker's {} threads failed", tasks.len());
+    }
+    eprintln!(
+        "bench: the broker's {} threads run at niceness {nice}",
+        tasks.len()
+    );
     Ok(())
 }
 

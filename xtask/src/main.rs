@@ -115,6 +115,9 @@ enum BenchKind {
         /// Partitions of the input topic.
         #[arg(long, default_value_t = 12)]
         partitions: u32,
+        /// Run the broker at this niceness, standing in for a broker on other machines.
+        #[arg(long)]
+        broker_nice: Option<i32>,
         /// The broker's port.
         #[arg(long, default_value_t = DEFAULT_PORT)]
         port: u16,
@@ -200,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
                     ingest_rate,
                     customers,
                     partitions,
+                    broker_nice,
                     port,
                 },
         } => bench::get(&bench::GetBench {
@@ -209,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
             ingest_rate,
             customers,
             partitions,
+            broker_nice,
         }),
     }
 }
