@@ -7,7 +7,7 @@
 //! moment every record is committed, divided by that time, so JVM warm-up of the broker,
 //! group join and topic creation are left out. RSS is read from /proc just before SIGTERM.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ struct Measurement {
 }
 
 pub fn ingest(bench: &IngestBench) -> Result<()> {
-    let node_binary = build_node()?;
+    let node_binary = crate::binaries::build()?.node;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
@@ -103,23 +103,8 @@ fn measure(
     );
 
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = [
-        "node-id=bench-node".to_owned(),
-        format!("app-id={app}"),
-        format!("input-topic={input}"),
-        format!("state-dir={}", dir.path().join("state").display()),
-        format!("processing-guarantee={guarantee}"),
-        format!("kafka.bootstrap.servers={}", kafka.bootstrap()),
-    ]
-    .into_iter()
-    .flat_map(|a| ["--set".to_owned(), a])
-    .collect();
-    let mut node = TestProcess::start(
-        "kstore-node",
-        node_binary,
-        &args,
-        &dir.path().join("node.log"),
-    )?;
+    let extra = [format!("processing-guarantee={guarantee}")];
+    let mut node = start_bench_node(node_binary, kafka, &app, &input, dir.path(), &extra)?;
 
     let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
     let committed = || -> Result<i64> {
@@ -172,6 +157,33 @@ fn check_alive(node: &mut TestProcess, deadline: Instant) -> Result<()> {
     Ok(())
 }
 
+/// Starts one node for a benchmark: its state in `dir`, an ephemeral gRPC port (logged as
+/// `serving gRPC address=…`), no metrics port.
+fn start_bench_node(
+    node_binary: &Path,
+    kafka: &TestKafka,
+    app: &str,
+    input: &str,
+    dir: &Path,
+    extra: &[String],
+) -> Result<TestProcess> {
+    let settings = [
+        "node-id=bench-node".to_owned(),
+        format!("app-id={app}"),
+        format!("input-topic={input}"),
+        format!("state-dir={}", dir.join("state").display()),
+        "grpc-address=127.0.0.1:0".to_owned(),
+        "metrics-address=".to_owned(),
+        format!("kafka.bootstrap.servers={}", kafka.bootstrap()),
+    ];
+    let args: Vec<String> = settings
+        .iter()
+        .chain(extra)
+        .flat_map(|setting| ["--set".to_owned(), setting.clone()])
+        .collect();
+    TestProcess::start("kstore-node", node_binary, &args, &dir.join("node.log"))
+}
+
 /// Returns VmRSS and VmHWM (peak) in KiB.
 fn rss(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -183,31 +195,6 @@ fn rss(pid: u32) -> Result<(u64, u64)> {
             .with_context(|| format!("no {name} in /proc/{pid}/status"))
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// Builds `kstore-node` with the workspace's profile and returns its path.
-fn build_node() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args([
-            "build",
-            "--package",
-            "kstore-server",
-            "--bin",
-            "kstore-node",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building kstore-node failed");
-    }
-    let metadata = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()?;
-    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
-    let target = metadata["target_directory"]
-        .as_str()
-        .context("no target_directory")?;
-    Ok(Path::new(target).join("debug").join("kstore-node"))
 }
 
 /// What `bench get` measures.
@@ -237,7 +224,7 @@ struct Latencies {
 
 /// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
 pub fn get(bench: &GetBench) -> Result<()> {
-    let node_binary = build_node()?;
+    let node_binary = crate::binaries::build()?.node;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
@@ -272,24 +259,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
     })?;
 
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = [
-        "node-id=bench-node".to_owned(),
-        format!("app-id={app}"),
-        format!("input-topic={input}"),
-        format!("state-dir={}", dir.path().join("state").display()),
-        "grpc-address=127.0.0.1:0".to_owned(),
-        "metrics-address=".to_owned(),
-        format!("kafka.bootstrap.servers={}", kafka.bootstrap()),
-    ]
-    .into_iter()
-    .flat_map(|a| ["--set".to_owned(), a])
-    .collect();
-    let mut node = TestProcess::start(
-        "kstore-node",
-        &node_binary,
-        &args,
-        &dir.path().join("node.log"),
-    )?;
+    let mut node = start_bench_node(&node_binary, &kafka, &app, &input, dir.path(), &[])?;
     let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

@@ -58,7 +58,7 @@ pub fn up(up: &Up) -> Result<()> {
     if up.nodes == 0 || up.partitions == 0 {
         bail!("--nodes and --partitions must be at least 1");
     }
-    let (node_binary, cli_binary) = build_binaries()?;
+    let binaries = crate::binaries::build()?;
 
     let broker = Broker::on_port(up.port);
     let broker_started = broker.start()? == Started::New;
@@ -83,7 +83,7 @@ pub fn up(up: &Up) -> Result<()> {
         let metrics = format!("127.0.0.1:{}", FIRST_METRICS_PORT + i);
         let state = dir.join(&id);
         let log = dir.join(format!("{id}.log"));
-        let mut command = Command::new(&node_binary);
+        let mut command = Command::new(&binaries.node);
         command.arg("--config").arg(&template);
         for setting in [
             format!("node-id={id}"),
@@ -102,7 +102,7 @@ pub fn up(up: &Up) -> Result<()> {
     }
 
     let producer_log = dir.join("produce.log");
-    let mut produce = Command::new(&cli_binary);
+    let mut produce = Command::new(&binaries.cli);
     produce.args([
         "produce",
         "--topic",
@@ -269,28 +269,6 @@ fn spawn_detached(mut command: Command, log: &Path) -> Result<u32> {
         .spawn()
         .with_context(|| format!("starting {:?}", command.get_program()))?;
     Ok(child.id())
-}
-
-fn build_binaries() -> Result<(PathBuf, PathBuf)> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // The whole workspace's binaries, so that features resolve as in every other build.
-    let status = Command::new(&cargo)
-        .args(["build", "--workspace", "--bins"])
-        .status()?;
-    if !status.success() {
-        bail!("building kstore-node and kstore failed");
-    }
-    let metadata = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()?;
-    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
-    let target = Path::new(
-        metadata["target_directory"]
-            .as_str()
-            .context("no target_directory")?,
-    )
-    .join("debug");
-    Ok((target.join("kstore-node"), target.join("kstore")))
 }
 
 async fn metadata(grpc: &str) -> Result<Vec<kstore_proto::v1::PartitionCopy>> {

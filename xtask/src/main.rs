@@ -7,6 +7,7 @@
 //! - `bench ingest` measures one node's sustained ingest rate.
 
 mod bench;
+mod binaries;
 mod cluster;
 mod setup;
 
