@@ -440,59 +440,55 @@ async fn open_loop(
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let total = bench.rate * bench.seconds;
     let start = Instant::now();
-    let mut ticks = tokio::time::interval(Duration::from_millis(1));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity(total as usize);
-    let mut sent = 0;
-    while sent < total {
-        ticks.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * bench.rate as f64) as u64).min(total);
-        while sent < due {
-            let i = sent;
-            sent += 1;
-            let scheduled = start + Duration::from_secs_f64(i as f64 / bench.rate as f64);
-            let _ = start_lag.record((scheduled.elapsed().as_micros() as u64).max(1));
-            let mut client = QueryClient::new(channel.clone());
-            let histogram = histogram.clone();
-            let errors = errors.clone();
-            let customers = bench.customers;
-            tasks.push(tokio::spawn(async move {
-                let key = |n: u64| {
-                    let customer = (n.wrapping_mul(2_654_435_761) % u64::from(customers)) as u32;
-                    OrderGenerator::customer_id(customer).into_bytes()
-                };
-                let began = Instant::now();
-                // Found or not, an answer is a success; only failed calls are errors.
-                let ok = if keys_per_request == 1 {
-                    let request = GetRequest {
-                        store: "features".into(),
-                        key: key(i),
-                        partition: None,
-                        options: None,
-                    };
-                    client.get(request).await.is_ok()
-                } else {
-                    let keys = (0..keys_per_request as u64)
-                        .map(|k| key(i * 1000 + k))
-                        .collect();
-                    let request = MultiGetRequest {
-                        store: "features".into(),
-                        keys,
-                        options: None,
-                    };
-                    client.multi_get(request).await.is_ok()
-                };
-                let micros = began.elapsed().as_micros() as u64;
-                if ok {
-                    let mut histogram = histogram
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let _ = histogram.record(micros.max(1));
-                } else {
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }));
+    for i in 0..total {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / bench.rate as f64);
+        // This future runs on the thread that called `block_on`, not on a runtime worker,
+        // so sleeping here paces requests finely without holding up the requests themselves.
+        if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
+        let _ = start_lag.record((scheduled.elapsed().as_micros() as u64).max(1));
+        let mut client = QueryClient::new(channel.clone());
+        let histogram = histogram.clone();
+        let errors = errors.clone();
+        let customers = bench.customers;
+        tasks.push(tokio::spawn(async move {
+            let key = |n: u64| {
+                let customer = (n.wrapping_mul(2_654_435_761) % u64::from(customers)) as u32;
+                OrderGenerator::customer_id(customer).into_bytes()
+            };
+            let began = Instant::now();
+            // Found or not, an answer is a success; only failed calls are errors.
+            let ok = if keys_per_request == 1 {
+                let request = GetRequest {
+                    store: "features".into(),
+                    key: key(i),
+                    partition: None,
+                    options: None,
+                };
+                client.get(request).await.is_ok()
+            } else {
+                let keys = (0..keys_per_request as u64)
+                    .map(|k| key(i * 1000 + k))
+                    .collect();
+                let request = MultiGetRequest {
+                    store: "features".into(),
+                    keys,
+                    options: None,
+                };
+                client.multi_get(request).await.is_ok()
+            };
+            let micros = began.elapsed().as_micros() as u64;
+            if ok {
+                let mut histogram = histogram
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _ = histogram.record(micros.max(1));
+            } else {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
     }
     for task in tasks {
         task.await?;
