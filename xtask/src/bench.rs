@@ -222,6 +222,9 @@ struct Latencies {
     seconds: f64,
 }
 
+/// How long `bench get` waits after loading before it measures.
+const SETTLE: Duration = Duration::from_secs(15);
+
 /// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
 pub fn get(bench: &GetBench) -> Result<()> {
     let node_binary = crate::binaries::build()?.node;
@@ -284,6 +287,16 @@ pub fn get(bench: &GetBench) -> Result<()> {
         })
         .context("the node did not log its gRPC address")?;
     let channel = runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?;
+
+    // Let the preload's compactions (RocksDB's and the broker's) finish, then warm the
+    // connection and the block cache with a short unrecorded run.
+    eprintln!("bench: settling for {}s, then warming up", SETTLE.as_secs());
+    std::thread::sleep(SETTLE);
+    let warm_up = GetBench {
+        seconds: 3,
+        ..bench.clone()
+    };
+    runtime.block_on(open_loop("warm-up", &channel, &warm_up, 1))?;
 
     let mut results = Vec::new();
     eprintln!(
