@@ -217,6 +217,8 @@ struct Latencies {
     histogram: hdrhistogram::Histogram<u64>,
     /// How late requests started against the schedule, p99.
     start_lag_p99_ms: f64,
+    /// The node's own p99 for Get (a histogram bucket bound), if measured.
+    server_p99_ms: Option<f64>,
     errors: u64,
     sent: u64,
     seconds: f64,
@@ -262,7 +264,12 @@ pub fn get(bench: &GetBench) -> Result<()> {
     })?;
 
     let dir = tempfile::tempdir()?;
-    let mut node = start_bench_node(&node_binary, &kafka, &app, &input, dir.path(), &[])?;
+    // The node's own read-latency histogram tells server time from client and network time.
+    let metrics_address = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let extra = [format!("metrics-address={metrics_address}")];
+    let mut node = start_bench_node(&node_binary, &kafka, &app, &input, dir.path(), &extra)?;
     let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -303,7 +310,10 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "bench: Get at {}/s for {}s, idle",
         bench.rate, bench.seconds
     );
-    results.push(runtime.block_on(open_loop("Get, idle", &channel, bench, 1))?);
+    let before = server_get_buckets(&metrics_address)?;
+    let mut idle = runtime.block_on(open_loop("Get, idle", &channel, bench, 1))?;
+    idle.server_p99_ms = server_p99_ms(&before, &server_get_buckets(&metrics_address)?);
+    results.push(idle);
 
     eprintln!(
         "bench: Get at {}/s while ingesting {} events/s",
@@ -325,7 +335,9 @@ pub fn get(bench: &GetBench) -> Result<()> {
         std::thread::spawn(move || produce(&options))
     };
     std::thread::sleep(Duration::from_secs(3));
-    let under_ingest = runtime.block_on(open_loop("Get, ingesting", &channel, bench, 1))?;
+    let before = server_get_buckets(&metrics_address)?;
+    let mut under_ingest = runtime.block_on(open_loop("Get, ingesting", &channel, bench, 1))?;
+    under_ingest.server_p99_ms = server_p99_ms(&before, &server_get_buckets(&metrics_address)?);
     results.push(under_ingest);
     let ingested = ingest
         .join()
@@ -355,7 +367,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
         bench.partitions, bench.customers, ingested.delivered, bench.ingest_rate
     );
     println!(
-        "{:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12}",
+        "{:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13} {:>12}",
         "phase",
         "req/s",
         "sent",
@@ -364,12 +376,13 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "p99.9 ms",
         "max ms",
         "errors",
-        "start lag p99"
+        "start lag p99",
+        "node p99 <="
     );
     for r in &results {
         let ms = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
         println!(
-            "{:<20} {:>9.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>9.3} ms",
+            "{:<20} {:>9.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>10.3} ms {:>12}",
             r.phase,
             r.sent as f64 / r.seconds,
             r.sent,
@@ -378,10 +391,61 @@ pub fn get(bench: &GetBench) -> Result<()> {
             ms(0.999),
             r.histogram.max() as f64 / 1000.0,
             r.errors,
-            r.start_lag_p99_ms
+            r.start_lag_p99_ms,
+            r.server_p99_ms
+                .map_or("-".to_owned(), |ms| format!("{ms} ms"))
         );
     }
     Ok(())
+}
+
+/// Returns the node's cumulative Get latency buckets (upper bound in seconds, count), summed
+/// over roles and outcomes, from its Prometheus endpoint.
+fn server_get_buckets(address: &str) -> Result<Vec<(f64, u64)>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let mut buckets: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+    let get_buckets = text.lines().filter(|l| {
+        l.starts_with("kstore_read_latency_seconds_bucket{") && l.contains("method=\"get\"")
+    });
+    for line in get_buckets {
+        // The `le` label comes last (and "role=" also ends in "le=").
+        let le = line
+            .rsplit_once(",le=\"")
+            .and_then(|(_, r)| r.split('"').next())
+            .unwrap_or("+Inf");
+        let count: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let bound = le.parse().unwrap_or(f64::INFINITY);
+        buckets.entry(le.to_owned()).or_insert((bound, 0)).1 += count;
+    }
+    let mut buckets: Vec<(f64, u64)> = buckets.into_values().collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// Returns the bucket bound (ms) under which 99 % of the Get calls between two snapshots fell.
+fn server_p99_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
+    let count_before = |bound: f64| before.iter().find(|b| b.0 == bound).map_or(0, |b| b.1);
+    let deltas: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(bound, n)| (*bound, n.saturating_sub(count_before(*bound))))
+        .collect();
+    let total = deltas.last()?.1;
+    let wanted = (total as f64 * 0.99).ceil() as u64;
+    deltas
+        .iter()
+        .find(|(_, n)| *n >= wanted)
+        .map(|(bound, _)| bound * 1000.0)
 }
 
 /// Sets the niceness of every process in the broker's process group.
@@ -515,8 +579,24 @@ async fn open_loop(
         phase: phase.into(),
         histogram,
         start_lag_p99_ms: start_lag.value_at_quantile(0.99) as f64 / 1000.0,
+        server_p99_ms: None,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
         sent: total,
         seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_p99_comes_from_bucket_deltas() {
+        let before = vec![(0.001, 10), (0.002, 10), (f64::INFINITY, 10)];
+        // 100 more calls: 98 under 1 ms, 1 under 2 ms, 1 above.
+        let after = vec![(0.001, 108), (0.002, 109), (f64::INFINITY, 110)];
+        assert_eq!(server_p99_ms(&before, &after), Some(2.0));
+        let fast = vec![(0.001, 110), (0.002, 110), (f64::INFINITY, 110)];
+        assert_eq!(server_p99_ms(&before, &fast), Some(1.0));
+    }
 }
