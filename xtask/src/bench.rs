@@ -15,17 +15,31 @@ use anyhow::{Context, Result, bail};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_testkit::TestKafka;
-use kstore_testkit::broker::{Broker, Started};
+use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
 use kstore_testkit::process::TestProcess;
 
 /// What `bench ingest` measures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct IngestBench {
-    pub port: u16,
+    /// Events to ingest per guarantee.
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Partitions of the input topic.
+    #[arg(long, default_value_t = 12)]
     pub partitions: u32,
+    /// Customers the events spread over.
+    #[arg(long, default_value_t = 100_000)]
     pub customers: u32,
+    /// Which guarantees to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "exactly-once,at-least-once"
+    )]
     pub guarantees: Vec<String>,
+    /// The broker's port.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
 }
 
 struct Measurement {
@@ -198,17 +212,29 @@ fn rss(pid: u32) -> Result<(u64, u64)> {
 }
 
 /// What `bench get` measures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GetBench {
-    pub port: u16,
+    /// Get requests per second.
+    #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// Events per second produced during the ingest phase.
+    #[arg(long, default_value_t = 20_000)]
     pub ingest_rate: u64,
+    /// Customers (keys) in the store.
+    #[arg(long, default_value_t = 50_000)]
     pub customers: u32,
+    /// Partitions of the input topic.
+    #[arg(long, default_value_t = 12)]
     pub partitions: u32,
-    /// If set, the broker's processes run at this niceness during the benchmark, standing in
-    /// for a broker on other machines.
+    /// Run the broker at this niceness, standing in for a broker on other machines.
+    #[arg(long)]
     pub broker_nice: Option<i32>,
+    /// The broker's port.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
 }
 
 /// One latency run's result.

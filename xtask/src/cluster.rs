@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::{MetadataRequest, Role};
 use kstore_testkit::TestKafka;
-use kstore_testkit::broker::{Broker, Started};
+use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
 use serde_json::json;
 
 /// The input topic and app id of the local cluster, as in `deploy/kstore-node.toml`.
@@ -24,12 +24,22 @@ const FIRST_GRPC_PORT: u16 = 50051;
 const FIRST_METRICS_PORT: u16 = 9464;
 
 /// What `up` starts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Up {
+    /// How many `kstore-node` processes.
+    #[arg(long, default_value_t = 3)]
     pub nodes: u16,
+    /// Partitions of the `orders` topic.
+    #[arg(long, default_value_t = 12)]
     pub partitions: u32,
+    /// Order events per second.
+    #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
+    /// Customers the events spread over.
+    #[arg(long, default_value_t = 5_000)]
     pub customers: u32,
+    /// The broker's port.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
 }
 

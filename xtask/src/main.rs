@@ -47,23 +47,7 @@ enum Task {
         cargo_test_args: Vec<String>,
     },
     /// Starts a local cluster: the broker, the `orders` topic, N nodes and a producer.
-    Up {
-        /// How many `kstore-node` processes.
-        #[arg(long, default_value_t = 3)]
-        nodes: u16,
-        /// Partitions of the `orders` topic.
-        #[arg(long, default_value_t = 12)]
-        partitions: u32,
-        /// Order events per second.
-        #[arg(long, default_value_t = 1_000)]
-        rate: u64,
-        /// Customers the events spread over.
-        #[arg(long, default_value_t = 5_000)]
-        customers: u32,
-        /// The broker's port.
-        #[arg(long, default_value_t = DEFAULT_PORT)]
-        port: u16,
-    },
+    Up(cluster::Up),
     /// Shows the local cluster: each node's partitions, roles and lag.
     Status,
     /// Stops everything `up` started.
@@ -78,51 +62,9 @@ enum Task {
 #[derive(Debug, Subcommand)]
 enum BenchKind {
     /// One node's sustained ingest rate, exactly-once and at-least-once, and its RSS.
-    Ingest {
-        /// Events to ingest per guarantee.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
-        /// Partitions of the input topic.
-        #[arg(long, default_value_t = 12)]
-        partitions: u32,
-        /// Customers the events spread over.
-        #[arg(long, default_value_t = 100_000)]
-        customers: u32,
-        /// Which guarantees to measure.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "exactly-once,at-least-once"
-        )]
-        guarantees: Vec<String>,
-        /// The broker's port.
-        #[arg(long, default_value_t = DEFAULT_PORT)]
-        port: u16,
-    },
+    Ingest(bench::IngestBench),
     /// Get latency at a fixed rate (open loop), idle and while ingesting; MultiGet of 100 keys.
-    Get {
-        /// Get requests per second.
-        #[arg(long, default_value_t = 5_000)]
-        rate: u64,
-        /// Seconds per phase.
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        /// Events per second produced during the ingest phase.
-        #[arg(long, default_value_t = 20_000)]
-        ingest_rate: u64,
-        /// Customers (keys) in the store.
-        #[arg(long, default_value_t = 50_000)]
-        customers: u32,
-        /// Partitions of the input topic.
-        #[arg(long, default_value_t = 12)]
-        partitions: u32,
-        /// Run the broker at this niceness, standing in for a broker on other machines.
-        #[arg(long)]
-        broker_nice: Option<i32>,
-        /// The broker's port.
-        #[arg(long, default_value_t = DEFAULT_PORT)]
-        port: u16,
-    },
+    Get(bench::GetBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,60 +104,18 @@ fn run(cli: Cli) -> Result<()> {
             port,
             cargo_test_args,
         } => test(port, &cargo_test_args),
-        Task::Up {
-            nodes,
-            partitions,
-            rate,
-            customers,
-            port,
-        } => {
+        Task::Up(up) => {
             setup::run()?;
-            cluster::up(&cluster::Up {
-                nodes,
-                partitions,
-                rate,
-                customers,
-                port,
-            })
+            cluster::up(&up)
         }
         Task::Status => cluster::status(),
         Task::Down => cluster::down(),
         Task::Bench {
-            which:
-                BenchKind::Ingest {
-                    events,
-                    partitions,
-                    customers,
-                    guarantees,
-                    port,
-                },
-        } => bench::ingest(&bench::IngestBench {
-            port,
-            events,
-            partitions,
-            customers,
-            guarantees,
-        }),
+            which: BenchKind::Ingest(bench),
+        } => bench::ingest(&bench),
         Task::Bench {
-            which:
-                BenchKind::Get {
-                    rate,
-                    seconds,
-                    ingest_rate,
-                    customers,
-                    partitions,
-                    broker_nice,
-                    port,
-                },
-        } => bench::get(&bench::GetBench {
-            port,
-            rate,
-            seconds,
-            ingest_rate,
-            customers,
-            partitions,
-            broker_nice,
-        }),
+            which: BenchKind::Get(bench),
+        } => bench::get(&bench),
     }
 }
 
