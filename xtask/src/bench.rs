@@ -428,14 +428,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
 /// Returns the node's cumulative Get latency buckets (upper bound in seconds, count), summed
 /// over roles and outcomes, from its Prometheus endpoint.
 fn server_get_buckets(address: &str) -> Result<Vec<(f64, u64)>> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address)?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
+    let text = kstore_testkit::process::http_get(address, "/metrics")?;
     let mut buckets: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
     let get_buckets = text.lines().filter(|l| {
         l.starts_with("kstore_read_latency_seconds_bucket{") && l.contains("method=\"get\"")

@@ -16,6 +16,7 @@ use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::{MetadataRequest, Role};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
+use kstore_testkit::process::alive;
 use serde_json::json;
 
 /// The input topic and app id of the local cluster, as in `deploy/kstore-node.toml`.
@@ -235,17 +236,6 @@ fn pids(cluster: &serde_json::Value) -> Vec<u32> {
         pids.push(node["pid"].as_u64().unwrap_or(0) as u32);
     }
     pids
-}
-
-/// Returns whether a process runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    pid != 0
-        && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z'))
-        })
 }
 
 /// Sends SIGTERM and waits up to 30 s, then SIGKILL.

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -19,7 +18,7 @@ use kstore_proto::v1::{
     CustomerFeatures, GetRequest, GetResponse, MetadataRequest, MultiGetRequest,
     PartitionStatusRequest, ReadOptions, Role, get_response,
 };
-use kstore_testkit::process::TestProcess;
+use kstore_testkit::process::{TestProcess, http_get};
 use prost::Message as _;
 use rdkafka::producer::FutureRecord;
 use tonic::Code;
@@ -506,22 +505,4 @@ async fn reflection_services(uri: &str) -> Result<Vec<String>> {
         }
         other => anyhow::bail!("unexpected reflection answer {other:?}"),
     }
-}
-
-/// A minimal HTTP/1.1 GET over loopback.
-fn http_get(address: &str, path: &str) -> Result<String> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    ensure!(
-        text.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        text.lines().next().unwrap_or_default()
-    );
-    Ok(text)
 }

@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::process::alive;
 use rdkafka::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -194,7 +196,7 @@ impl Broker {
         };
         signal(pid, "TERM")?;
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while process_alive(pid) {
+        while alive(pid) {
             if Instant::now() > deadline {
                 signal(pid, "KILL")?;
             }
@@ -272,7 +274,7 @@ impl Broker {
     fn wait_until_healthy(&self, pid: u32) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if !process_alive(pid) {
+            if !alive(pid) {
                 bail!(
                     "the Kafka broker exited during startup; the end of {}:\n{}",
                     self.log_file().display(),
@@ -464,17 +466,6 @@ pub fn metadata_answers(bootstrap: &str, timeout: Duration) -> bool {
     consumer.fetch_metadata(None, timeout).is_ok()
 }
 
-fn process_alive(pid: u32) -> bool {
-    // A zombie child still has a /proc entry; its state letter is Z.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 fn signal(pid: u32, name: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
@@ -482,7 +473,7 @@ fn signal(pid: u32, name: &str) -> Result<()> {
         .stderr(Stdio::null())
         .status()
         .context("running kill")?;
-    if !status.success() && process_alive(pid) {
+    if !status.success() && alive(pid) {
         bail!("could not send SIG{name} to pid {pid}");
     }
     Ok(())

@@ -116,6 +116,35 @@ impl Drop for TestProcess {
     }
 }
 
+/// Returns whether process `pid` runs (a zombie, exited but not yet reaped, does not).
+pub fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; its state letter, after the name, is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+    })
+}
+
+/// Sends `GET path` over HTTP/1.1 to `address` (such as a node's metrics port) and returns the
+/// whole response, failing unless its status is 200.
+pub fn http_get(address: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", text.lines().next().unwrap_or_default());
+    }
+    Ok(text)
+}
+
 /// Polls `condition` every 100 ms until it holds or `timeout` passes.
 pub fn wait_until(
     timeout: Duration,
