@@ -49,7 +49,12 @@ impl PartitionCopy {
 
     /// Returns how many input records the copy does not reflect yet.
     pub fn lag(&self) -> i64 {
-        (self.input_end() - self.position().input_next).max(0)
+        self.lag_at(self.position())
+    }
+
+    /// Returns how many input records a copy at `position` does not reflect yet.
+    pub fn lag_at(&self, position: Position) -> i64 {
+        (self.input_end() - position.input_next).max(0)
     }
 }
 

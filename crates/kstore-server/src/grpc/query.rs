@@ -127,7 +127,7 @@ impl QueryService {
             role: copy.role() as i32,
             changelog_offset: position.changelog_next,
             input_offset: position.input_next,
-            lag: (copy.input_end() - position.input_next).max(0),
+            lag: copy.lag_at(position),
         }
     }
 
@@ -393,7 +393,7 @@ pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
         changelog_offset: position.changelog_next,
         input_offset: position.input_next,
         input_end: copy.input_end(),
-        lag: (copy.input_end() - position.input_next).max(0),
+        lag: copy.lag_at(position),
     }
 }
 

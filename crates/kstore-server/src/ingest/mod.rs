@@ -190,6 +190,8 @@ struct Engine {
     registry: Arc<Registry>,
     metrics: Arc<IngestMetrics>,
     max_record_bytes: usize,
+    /// `<app>-dlq`, formatted once.
+    dlq_topic: String,
     /// An error raised inside a rebalance callback, which cannot return one.
     fatal: Option<IngestError>,
 }
@@ -481,11 +483,11 @@ impl Engine {
             key: INPUT_OFFSET_HEADER,
             value: Some(offset_text.as_bytes()),
         });
-        let changelog = self.config.changelog_topic();
+        let changelog = &self.producer.context().changelog_topic;
         let pending = match outcome.update {
             Update::Unchanged => None,
             Update::Put(value) => {
-                let record = BaseRecord::to(&changelog)
+                let record = BaseRecord::to(changelog)
                     .partition(partition)
                     .key(key)
                     .payload(value.as_slice())
@@ -494,7 +496,7 @@ impl Engine {
                 Some(Some(value))
             }
             Update::Delete => {
-                let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
+                let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(changelog)
                     .partition(partition)
                     .key(key)
                     .headers(headers);
@@ -583,8 +585,8 @@ impl Engine {
                 value: Some(original_text.as_bytes()),
             });
         }
-        let dlq = self.config.dlq_topic();
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.dlq_topic).headers(headers);
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -635,7 +637,11 @@ impl Engine {
         let changelog_next = std::mem::take(&mut *lock(&self.producer.context().changelog_next));
         for (partition, next_input) in &txn.next_offset {
             let store = self.store(*partition)?;
-            let mut position = store.position()?;
+            // The registry holds every active store's position; no need to read RocksDB.
+            let mut position = match self.registry.get(*partition) {
+                Some(copy) => copy.position(),
+                None => store.position()?,
+            };
             position.input_next = *next_input;
             if let Some(next) = changelog_next.get(partition) {
                 position.changelog_next = *next;
@@ -871,6 +877,7 @@ pub fn run(
         registry,
         metrics: metrics.clone(),
         max_record_bytes,
+        dlq_topic: config.dlq_topic(),
         fatal: None,
     }));
 
