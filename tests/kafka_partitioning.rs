@@ -54,7 +54,8 @@ async fn produce_and_check() -> Result<()> {
             .context("producing")?;
     }
 
-    let consumer = kafka.consumer(&kafka.unique_name("partitioning-group"))?;
+    let group = kafka.unique_name("partitioning-group");
+    let consumer = kafka.consumer(&group)?;
     consumer.subscribe(&[&topic])?;
     let mut seen: HashMap<usize, i32> = HashMap::new();
     while seen.len() < RECORDS {
@@ -80,5 +81,7 @@ async fn produce_and_check() -> Result<()> {
             keys[index]
         );
     }
+    drop(consumer);
+    kafka.delete_topics_with_prefix(&topic, Some(&group))?;
     Ok(())
 }

@@ -150,6 +150,7 @@ fn measure(
     if !status.success() {
         bail!("kstore-node exited with {status}:\n{}", node.tail());
     }
+    kafka.delete_topics_with_prefix(&format!("{app}-"), Some(&app))?;
     let measured_records = end - first_committed;
     Ok(Measurement {
         guarantee: guarantee.into(),
@@ -383,6 +384,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
     if !status.success() {
         bail!("kstore-node exited with {status}");
     }
+    kafka.delete_topics_with_prefix(&format!("{app}-"), Some(&app))?;
     if started == Started::New {
         broker.stop()?;
     }

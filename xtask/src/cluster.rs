@@ -44,9 +44,15 @@ pub struct Up {
     pub port: u16,
 }
 
+/// The checkout that `cargo xtask` runs in. Read at run time (cargo sets it for `cargo run`),
+/// not built in: checkouts that share a target directory share the xtask binary too.
 fn workspace_root() -> PathBuf {
-    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask.parent().unwrap_or(xtask).to_owned()
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("xtask"));
+    xtask
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
 }
 
 fn cluster_dir() -> PathBuf {

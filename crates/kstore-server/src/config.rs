@@ -436,7 +436,9 @@ mod tests {
 
     #[test]
     fn template_in_deploy_parses_and_validates() {
-        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kstore-node.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("kstore-node.toml");
+        std::fs::write(&template, include_str!("../../../deploy/kstore-node.toml")).unwrap();
         let config = NodeConfig::load(Some(&template), [], &[]).unwrap();
         assert_eq!(
             config.processing_guarantee,

@@ -41,6 +41,16 @@ pub enum TopicError {
         /// Its partition count.
         input_partitions: u32,
     },
+    /// A topic exists but its partitions have no leaders.
+    #[error(
+        "topic {topic} has partitions without a leader after {waited:?}; is the cluster healthy?"
+    )]
+    NotReady {
+        /// The topic.
+        topic: String,
+        /// How long the node waited.
+        waited: Duration,
+    },
     /// Kafka failed.
     #[error("kafka error while checking topic {topic}: {source}")]
     Kafka {
@@ -69,7 +79,7 @@ pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topol
     let changelog = config.changelog_topic();
     let compacted = [("cleanup.policy", "compact")];
     ensure(config, client, &changelog, partitions, &compacted).await?;
-    let changelog_partitions = partition_count(client, &changelog)?.unwrap_or(0);
+    let changelog_partitions = settled_partition_count(client, &changelog).await?;
     if changelog_partitions != partitions {
         return Err(TopicError::ChangelogPartitionMismatch {
             changelog,
@@ -78,9 +88,44 @@ pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topol
             input_partitions: partitions,
         });
     }
-    ensure(config, client, &config.dlq_topic(), partitions, &[]).await?;
-    ensure(config, client, &config.alerts_topic(), partitions, &[]).await?;
+    for topic in [config.dlq_topic(), config.alerts_topic()] {
+        ensure(config, client, &topic, partitions, &[]).await?;
+        settled_partition_count(client, &topic).await?;
+    }
     Ok(Topology { partitions })
+}
+
+/// Returns the partition count of a topic that exists, once the metadata shows every one of
+/// its partitions with a leader: a topic that was just created (by this node or another)
+/// can show up with no partitions or leaders for a moment.
+async fn settled_partition_count(client: &ClientConfig, topic: &str) -> Result<u32, TopicError> {
+    let kafka = |source| TopicError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let consumer: BaseConsumer = client.create().map_err(kafka)?;
+    let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
+    loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+            .map_err(kafka)?;
+        let settled = metadata.topics().iter().find(|t| {
+            t.name() == topic
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions().iter().all(|p| p.leader() >= 0)
+        });
+        if let Some(found) = settled {
+            return Ok(found.partitions().len() as u32);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(TopicError::NotReady {
+                topic: topic.to_owned(),
+                waited: METADATA_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Returns a topic's partition count, or `None` if it does not exist.

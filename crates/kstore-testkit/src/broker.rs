@@ -35,6 +35,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// so that consecutive test binaries share one broker instead of each starting their own.
 const IDLE_GRACE_SECS: u32 = 30;
 
+/// A broker log larger than this is set aside when the broker starts (64 MiB).
+const LOG_ROTATE_BYTES: u64 = 64 << 20;
+
 /// A fixed KRaft cluster id (22 characters of URL-safe base64, as Kafka expects), so that
 /// formatting the storage of an existing state directory is a no-op.
 const CLUSTER_ID: &str = "a3N0b3JlLXRlc3Ricm9rZQ";
@@ -153,6 +156,7 @@ impl Broker {
         self.write_config()?;
         self.format_storage(&classpath)?;
 
+        self.rotate_log()?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -295,6 +299,17 @@ impl Broker {
         }
     }
 
+    /// Keeps the log bounded across starts: a log over `LOG_ROTATE_BYTES` becomes
+    /// `broker.log.1` (replacing the one before) and the broker starts a new one.
+    fn rotate_log(&self) -> Result<()> {
+        let log = self.log_file();
+        if fs::metadata(&log).is_ok_and(|meta| meta.len() > LOG_ROTATE_BYTES) {
+            fs::rename(&log, log.with_extension("log.1"))
+                .with_context(|| format!("rotating {}", log.display()))?;
+        }
+        Ok(())
+    }
+
     fn logged_version(&self) -> Option<String> {
         let log = fs::read_to_string(self.log_file()).ok()?;
         log.lines()
@@ -305,16 +320,20 @@ impl Broker {
     }
 
     /// Asks Maven for the broker's classpath, resolving the jars into the local Maven
-    /// cache the first time. The answer is cached until the pom changes.
+    /// cache the first time. The answer is cached in the state directory beside the pom it
+    /// came from, until the pom changes or a jar it names is gone.
     fn resolve_classpath(&self) -> Result<String> {
-        let pom = kafka_pom();
+        let pom = self.state_dir.join("pom.xml");
         let cached = self.state_dir.join("classpath.txt");
-        let pom_changed = fs::metadata(&pom)?.modified()?;
-        if let Ok(meta) = fs::metadata(&cached)
-            && meta.modified()? >= pom_changed
+        let pom_unchanged = fs::read_to_string(&pom).is_ok_and(|text| text == KAFKA_POM);
+        if pom_unchanged
+            && let Ok(classpath) = fs::read_to_string(&cached)
+            && std::env::split_paths(classpath.trim()).all(|jar| jar.exists())
         {
-            return Ok(fs::read_to_string(&cached)?.trim().to_owned());
+            return Ok(classpath.trim().to_owned());
         }
+        let _ = fs::remove_file(&cached);
+        fs::write(&pom, KAFKA_POM).with_context(|| format!("writing {}", pom.display()))?;
         let output = Command::new("mvn")
             .args(["-q", "-B", "-f"])
             .arg(&pom)
@@ -325,13 +344,15 @@ impl Broker {
         if !output.status.success() {
             let _ = fs::remove_file(&cached);
             bail!(
-                "mvn could not resolve the Kafka broker from {}:\n{}{}",
+                "mvn could not resolve the Kafka broker from {} (a copy of deploy/kafka/pom.xml):\n{}{}",
                 pom.display(),
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        Ok(fs::read_to_string(&cached)?.trim().to_owned())
+        let classpath = fs::read_to_string(&cached)
+            .with_context(|| format!("reading the classpath mvn wrote to {}", cached.display()))?;
+        Ok(classpath.trim().to_owned())
     }
 
     fn jvm_args(&self, classpath: &str) -> Vec<String> {
@@ -448,10 +469,9 @@ wait "$broker"
     command
 }
 
-/// Returns `deploy/kafka/pom.xml` of this workspace.
-pub fn kafka_pom() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kafka/pom.xml")
-}
+/// `deploy/kafka/pom.xml`, built in: a binary built in one checkout and run from another
+/// (they share a target directory) must not look for the pom where it was compiled.
+const KAFKA_POM: &str = include_str!("../../../deploy/kafka/pom.xml");
 
 /// Returns whether a broker at `bootstrap` answers a metadata request within `timeout`.
 pub fn metadata_answers(bootstrap: &str, timeout: Duration) -> bool {

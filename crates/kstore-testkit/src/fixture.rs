@@ -17,7 +17,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
@@ -160,6 +160,53 @@ impl TestKafka {
         }
     }
 
+    /// Deletes every topic whose name starts with `prefix`, and the consumer group named
+    /// `group` if given, so that test runs do not pile up partitions on a long-lived broker.
+    /// Returns how many topics it deleted. Blocking; callable from any thread, also from
+    /// inside a tokio runtime (for example in a `Drop`).
+    pub fn delete_topics_with_prefix(&self, prefix: &str, group: Option<&str>) -> Result<usize> {
+        let consumer: BaseConsumer = self.client_config().create()?;
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        let topics: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|name| name.starts_with(prefix))
+            .collect();
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let group = group.map(str::to_owned);
+        let deleted = topics.len();
+        // A thread of its own with a small runtime: the caller may be inside a runtime.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<()> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    let options =
+                        AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+                    runtime.block_on(async {
+                        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                        if !names.is_empty() {
+                            for result in admin.delete_topics(&names, &options).await? {
+                                result.map_err(|(topic, code)| {
+                                    anyhow::anyhow!("deleting topic {topic}: {code}")
+                                })?;
+                            }
+                        }
+                        if let Some(group) = &group {
+                            // A group that is still in use or never existed stays; that is fine.
+                            let _ = admin.delete_groups(&[group.as_str()], &options).await;
+                        }
+                        Ok(())
+                    })
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("deleting topics panicked"))?
+        })?;
+        Ok(deleted)
+    }
+
     /// Returns the producer configuration tests use: Java's partitioner for keyed records
     /// (`murmur2_random`; librdkafka's own default is CRC32-based), acks from all replicas.
     pub fn producer_config(&self) -> ClientConfig {
@@ -225,7 +272,18 @@ impl TestKafka {
         for p in 0..partitions as i32 {
             list.add_partition(topic, p);
         }
-        let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+        // Right after a broker starts, the group coordinator may still be loading: retry.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let committed = loop {
+            match consumer.committed_offsets(list.clone(), Duration::from_secs(10)) {
+                Err(KafkaError::MetadataFetch(code))
+                    if is_coordinator_moving(code) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                result => break result?,
+            }
+        };
         Ok(committed
             .elements()
             .iter()
@@ -268,4 +326,14 @@ impl TestKafka {
         }
         Ok(messages)
     }
+}
+
+/// Whether an error only means that the group coordinator is starting or moving.
+fn is_coordinator_moving(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::NotCoordinator
+            | RDKafkaErrorCode::CoordinatorLoadInProgress
+            | RDKafkaErrorCode::CoordinatorNotAvailable
+    )
 }

@@ -29,6 +29,19 @@ pub struct Scenario {
     pub extra: Vec<String>,
 }
 
+impl Drop for Scenario {
+    /// Deletes the scenario's topics (input, changelog, dead letters, alerts) and its group.
+    fn drop(&mut self) {
+        let prefix = format!("{}-", self.app);
+        if let Err(error) = self
+            .kafka
+            .delete_topics_with_prefix(&prefix, Some(&self.app))
+        {
+            eprintln!("could not delete the topics of {}: {error:#}", self.app);
+        }
+    }
+}
+
 impl Scenario {
     pub async fn new(name: &str, partitions: u32) -> Result<Self> {
         let kafka = kstore_testkit::kafka();
