@@ -31,6 +31,10 @@ pub const COMMIT_LATENCY: &str = "kstore_commit_latency_seconds";
 pub const PARTITION_LAG: &str = "kstore_partition_lag_records";
 /// The role of a local copy, by partition: 1 active, 2 standby, 3 restoring.
 pub const PARTITION_ROLE: &str = "kstore_partition_role";
+/// Reads (a Get, or a MultiGet's keys of one partition) that the block cache and memtables
+/// could not answer, so they read from disk on the blocking pool. A steady rise means the
+/// block cache is too small for the keys being read.
+pub const DISK_READS: &str = "kstore_disk_reads_total";
 /// Seconds to answer a read, by method, role and outcome.
 pub const READ_LATENCY: &str = "kstore_read_latency_seconds";
 

@@ -97,6 +97,22 @@ impl SharedMemory {
     }
 }
 
+/// The outcome of a read that may only use memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryRead<T> {
+    /// Answered from memtables and the block cache.
+    Answered(T),
+    /// Answering needs a read from disk.
+    NeedsDisk,
+}
+
+/// Read options that let RocksDB answer from memtables and the block cache only.
+fn memory_only() -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    options.set_read_tier(rocksdb::ReadTier::BlockCache);
+    options
+}
+
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
@@ -139,18 +155,50 @@ impl PartitionStore {
         }
     }
 
-    /// Returns a key's value.
+    /// Returns a key's value. May read from disk.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.get(key).map_err(self.rocks())
     }
 
+    /// Returns a key's value if RocksDB can answer from memory (memtables and block cache),
+    /// or [`MemoryRead::NeedsDisk`] without waiting if it would have to read from disk. Such
+    /// a read never blocks on I/O, so it may run on an async worker.
+    pub fn get_from_memory(&self, key: &[u8]) -> Result<MemoryRead<Option<Vec<u8>>>, StoreError> {
+        match self.db.get_opt(key, &memory_only()) {
+            Ok(value) => Ok(MemoryRead::Answered(value)),
+            Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
+                Ok(MemoryRead::NeedsDisk)
+            }
+            Err(error) => Err(self.rocks()(error)),
+        }
+    }
+
     /// Returns the values of several keys, in the order given, with one RocksDB multi-get.
+    /// May read from disk.
     pub fn multi_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         self.db
             .multi_get(keys)
             .into_iter()
             .map(|r| r.map_err(self.rocks()))
             .collect()
+    }
+
+    /// Like [`PartitionStore::multi_get`], from memory only: [`MemoryRead::NeedsDisk`] if
+    /// any of the keys would need a read from disk. Point reads, not RocksDB's MultiGet:
+    /// MultiGet does not honour the block-cache-only read tier in every case (it may read
+    /// the disk anyway, or report a key it could not read as missing).
+    pub fn multi_get_from_memory(
+        &self,
+        keys: &[&[u8]],
+    ) -> Result<MemoryRead<Vec<Option<Vec<u8>>>>, StoreError> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.get_from_memory(key)? {
+                MemoryRead::Answered(value) => values.push(value),
+                MemoryRead::NeedsDisk => return Ok(MemoryRead::NeedsDisk),
+            }
+        }
+        Ok(MemoryRead::Answered(values))
     }
 
     /// Returns RocksDB's estimate of the number of keys.
@@ -281,6 +329,62 @@ mod tests {
         );
         assert_eq!(store.get(b"a").unwrap(), None);
         assert_eq!(store.scan().unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn memory_reads_say_when_they_need_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("key-{i:03}").into_bytes())
+            .collect();
+        {
+            let store = PartitionStore::open(dir.path(), &memory()).unwrap();
+            let updates = keys
+                .iter()
+                .map(|k| (k.clone(), Some(k.repeat(100))))
+                .collect();
+            store.apply(&updates, Position::default()).unwrap();
+            // A memtable answers from memory.
+            assert_eq!(
+                store.get_from_memory(&keys[7]).unwrap(),
+                MemoryRead::Answered(Some(keys[7].repeat(100)))
+            );
+            store.db.flush().unwrap();
+        }
+        // Reopened with an empty block cache: the data is only in an SST file on disk.
+        let store = PartitionStore::open(dir.path(), &memory()).unwrap();
+        // Values of 700 bytes: the keys are spread over many data blocks.
+        let wanted: Vec<&[u8]> = [50, 80, 95].iter().map(|&i| keys[i].as_slice()).collect();
+        assert_eq!(
+            store.get_from_memory(&keys[7]).unwrap(),
+            MemoryRead::NeedsDisk
+        );
+        assert_eq!(
+            store.multi_get_from_memory(&wanted).unwrap(),
+            MemoryRead::NeedsDisk
+        );
+        // A read from disk answers and fills the block cache, so memory answers next time,
+        // also for a key that does not exist.
+        assert_eq!(store.get(&keys[7]).unwrap(), Some(keys[7].repeat(100)));
+        assert_eq!(
+            store.multi_get(&wanted).unwrap(),
+            wanted
+                .iter()
+                .map(|k| Some(k.repeat(100)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store.get_from_memory(&keys[7]).unwrap(),
+            MemoryRead::Answered(Some(keys[7].repeat(100)))
+        );
+        assert_eq!(
+            store.multi_get_from_memory(&wanted).unwrap(),
+            MemoryRead::Answered(wanted.iter().map(|k| Some(k.repeat(100))).collect())
+        );
+        assert_eq!(
+            store.get_from_memory(b"key-0071").unwrap(),
+            MemoryRead::Answered(None)
+        );
     }
 
     #[test]

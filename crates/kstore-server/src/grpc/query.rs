@@ -1,8 +1,9 @@
 //! The Query service: partition-direct point reads, each answer with its staleness.
 //!
 //! A read computes the key's partition with Kafka's partitioner (or checks the one given)
-//! and reads only that partition's store, on the blocking pool so that a slow RocksDB read
-//! never holds an async worker. A read with a position bound waits for its copy to reach it,
+//! and reads only that partition's store. RocksDB answers from memory (memtables and block
+//! cache) on the async worker, without I/O; a read that needs the disk goes to the blocking
+//! pool, so that a slow disk never holds an async worker. A read with a position bound waits for its copy to reach it,
 //! until the request's deadline.
 
 use std::collections::BTreeMap;
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status};
 use super::error::ReadError;
 use crate::config::NodeConfig;
 use crate::registry::{PartitionCopy, Registry};
-use crate::store::Position;
+use crate::store::{MemoryRead, Position};
 
 /// Answers a bounded read this long before the caller's deadline, so that the answer (an
 /// error carrying the copy's position) still reaches the caller.
@@ -165,12 +166,8 @@ impl QueryService {
             .map_err(|e| (e, role))?;
         // The position read first is a lower bound of what the value reflects.
         let position = copy.position();
-        let reader = copy.clone();
-        let key = request.key;
-        let value = tokio::task::spawn_blocking(move || reader.store.get(&key))
+        let value = read_value(&copy, request.key)
             .await
-            .map_err(|error| error.to_string())
-            .and_then(|result| result.map_err(|error| error.to_string()))
             .map_err(|message| (ReadError::Store { partition, message }, role))?;
         Ok(self.response(value, self.read_metadata(&copy, position)))
     }
@@ -225,37 +222,52 @@ impl QueryService {
             reads.push((copy.clone(), copy.position(), indexes));
         }
 
-        // One trip to the blocking pool: a RocksDB multi-get per partition.
+        // A RocksDB multi-get per partition: from memory on this worker where possible, and
+        // one trip to the blocking pool for the partitions that need the disk.
         let keys = Arc::new(request.keys);
-        let jobs: Vec<_> = reads
-            .iter()
-            .map(|(copy, _, indexes)| (copy.clone(), indexes.clone()))
+        let mut values = Vec::with_capacity(reads.len());
+        for (copy, _, indexes) in &reads {
+            let wanted: Vec<&[u8]> = indexes.iter().map(|&i| keys[i].as_slice()).collect();
+            values.push(copy.store.multi_get_from_memory(&wanted));
+        }
+        let from_disk: Vec<usize> = (0..values.len())
+            .filter(|&i| matches!(values[i], Ok(MemoryRead::NeedsDisk)))
             .collect();
-        let job_keys = keys.clone();
-        let values = tokio::task::spawn_blocking(move || {
-            jobs.into_iter()
-                .map(|(copy, indexes)| {
-                    let wanted: Vec<&[u8]> =
-                        indexes.iter().map(|&i| job_keys[i].as_slice()).collect();
-                    copy.store.multi_get(&wanted)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|error| ReadError::Store {
-            partition: 0,
-            message: error.to_string(),
-        })?;
+        if !from_disk.is_empty() {
+            metrics::counter!(crate::metrics::DISK_READS).increment(from_disk.len() as u64);
+            let jobs: Vec<_> = from_disk
+                .iter()
+                .map(|&i| (reads[i].0.clone(), reads[i].2.clone()))
+                .collect();
+            let job_keys = keys.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                jobs.into_iter()
+                    .map(|(copy, indexes)| {
+                        let wanted: Vec<&[u8]> =
+                            indexes.iter().map(|&i| job_keys[i].as_slice()).collect();
+                        copy.store.multi_get(&wanted).map(MemoryRead::Answered)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|error| ReadError::Store {
+                partition: 0,
+                message: error.to_string(),
+            })?;
+            for (i, result) in from_disk.into_iter().zip(read) {
+                values[i] = result;
+            }
+        }
 
         for ((copy, position, indexes), values) in reads.into_iter().zip(values) {
             match values {
-                Ok(values) => {
+                Ok(MemoryRead::Answered(values)) => {
                     let read = self.read_metadata(&copy, position);
                     for (index, value) in indexes.into_iter().zip(values) {
                         results[index].result = Some(self.response(value, read.clone()));
                     }
                 }
-                Err(_) => {
+                Ok(MemoryRead::NeedsDisk) | Err(_) => {
                     for index in indexes {
                         results[index].error = ErrorReason::StoreError as i32;
                     }
@@ -281,6 +293,22 @@ impl QueryService {
         // A read never waits longer than a minute, whatever deadline it brings.
         now + wait.min(MAX_READ_WAIT)
     }
+}
+
+/// Reads one key of a copy: from memory on the calling async worker (no I/O, so it cannot
+/// stall the worker), or, if that needs the disk, on the blocking pool.
+async fn read_value(copy: &Arc<PartitionCopy>, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+    match copy.store.get_from_memory(&key) {
+        Ok(MemoryRead::Answered(value)) => return Ok(value),
+        Ok(MemoryRead::NeedsDisk) => {}
+        Err(error) => return Err(error.to_string()),
+    }
+    metrics::counter!(crate::metrics::DISK_READS).increment(1);
+    let reader = copy.clone();
+    tokio::task::spawn_blocking(move || reader.store.get(&key))
+        .await
+        .map_err(|error| error.to_string())?
+        .map_err(|error| error.to_string())
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
