@@ -230,9 +230,10 @@ pub struct GetBench {
     /// Partitions of the input topic.
     #[arg(long, default_value_t = 12)]
     pub partitions: u32,
-    /// Run the broker at this niceness, standing in for a broker on other machines.
+    /// Run the broker and the ingest phase's producer at this niceness (for example 10),
+    /// standing in for a Kafka cluster and producers on machines of their own.
     #[arg(long)]
-    pub broker_nice: Option<i32>,
+    pub remote_nice: Option<i32>,
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
@@ -241,7 +242,11 @@ pub struct GetBench {
 /// One latency run's result.
 struct Latencies {
     phase: String,
-    histogram: hdrhistogram::Histogram<u64>,
+    /// Microseconds from each request's scheduled start to its answer (open-loop response
+    /// time: a generator or client that falls behind shows here too).
+    response: hdrhistogram::Histogram<u64>,
+    /// Microseconds from each request's actual start to its answer.
+    service: hdrhistogram::Histogram<u64>,
     /// How late requests started against the schedule, p99.
     start_lag_p99_ms: f64,
     /// The node's own p99 for Get (a histogram bucket bound), if measured.
@@ -256,11 +261,11 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 /// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
 pub fn get(bench: &GetBench) -> Result<()> {
-    let node_binary = crate::binaries::build()?.node;
+    let binaries = crate::binaries::build()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
-    if let Some(nice) = bench.broker_nice {
+    if let Some(nice) = bench.remote_nice {
         renice_broker(&broker, nice)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -296,7 +301,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
         .local_addr()?
         .to_string();
     let extra = [format!("metrics-address={metrics_address}")];
-    let mut node = start_bench_node(&node_binary, &kafka, &app, &input, dir.path(), &extra)?;
+    let mut node = start_bench_node(&binaries.node, &kafka, &app, &input, dir.path(), &extra)?;
     let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -346,29 +351,25 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "bench: Get at {}/s while ingesting {} events/s",
         bench.rate, bench.ingest_rate
     );
-    let ingest = {
-        let options = ProduceOptions {
-            bootstrap: kafka.bootstrap().into(),
-            topic: input.clone(),
-            count: bench.ingest_rate * (bench.seconds + 5),
-            skip: 0,
-            rate: bench.ingest_rate,
-            generator: GeneratorConfig {
-                seed: 99,
-                ..generator.clone()
-            },
-            kafka: Vec::new(),
-        };
-        std::thread::spawn(move || produce(&options))
-    };
+    let end_before: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
+    let mut producer = start_ingest_producer(&binaries.cli, &kafka, &input, bench, dir.path())?;
     std::thread::sleep(Duration::from_secs(3));
     let before = server_get_buckets(&metrics_address)?;
     let mut under_ingest = runtime.block_on(open_loop("Get, ingesting", &channel, bench, 1))?;
     under_ingest.server_p99_ms = server_p99_ms(&before, &server_get_buckets(&metrics_address)?);
     results.push(under_ingest);
-    let ingested = ingest
-        .join()
-        .map_err(|_| anyhow::anyhow!("the producer panicked"))??;
+    let produced = producer.wait_exit(Duration::from_secs(120))?;
+    if !produced.success() {
+        bail!(
+            "kstore produce exited with {produced}:\n{}",
+            producer.tail()
+        );
+    }
+    let ingested = kafka
+        .end_offsets(&input, bench.partitions)?
+        .iter()
+        .sum::<i64>()
+        - end_before;
 
     let multi = GetBench {
         rate: (bench.rate / 10).max(1),
@@ -391,11 +392,19 @@ pub fn get(bench: &GetBench) -> Result<()> {
 
     println!();
     println!(
-        "read latency, one node, {} partitions, {} customers; ingest phase produced {} events at {}/s",
-        bench.partitions, bench.customers, ingested.delivered, bench.ingest_rate
+        "read latency, one node, {} partitions, {} customers; the ingest phase produced {ingested} \
+         events at {}/s; broker and producer at niceness {}",
+        bench.partitions,
+        bench.customers,
+        bench.ingest_rate,
+        bench.remote_nice.unwrap_or(0)
     );
     println!(
-        "{:<20} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13} {:>12}",
+        "response time is measured from each request's scheduled start; 'from send' from its \
+         actual start; 'node' is the server's own histogram (a bucket bound)"
+    );
+    println!(
+        "{:<20} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8} {:>6} {:>10} {:>10} {:>9}",
         "phase",
         "req/s",
         "sent",
@@ -404,27 +413,64 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "p99.9 ms",
         "max ms",
         "errors",
-        "start lag p99",
-        "node p99 <="
+        "from send",
+        "start lag",
+        "node p99"
     );
     for r in &results {
-        let ms = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
+        let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         println!(
-            "{:<20} {:>9.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>10.3} ms {:>12}",
+            "{:<20} {:>7.0} {:>7} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>6} {:>10.3} {:>10.3} {:>9}",
             r.phase,
             r.sent as f64 / r.seconds,
             r.sent,
-            ms(0.5),
-            ms(0.99),
-            ms(0.999),
-            r.histogram.max() as f64 / 1000.0,
+            ms(&r.response, 0.5),
+            ms(&r.response, 0.99),
+            ms(&r.response, 0.999),
+            r.response.max() as f64 / 1000.0,
             r.errors,
+            ms(&r.service, 0.99),
             r.start_lag_p99_ms,
             r.server_p99_ms
-                .map_or("-".to_owned(), |ms| format!("{ms} ms"))
+                .map_or("-".to_owned(), |ms| format!("<= {ms}"))
         );
     }
     Ok(())
+}
+
+/// Starts `kstore produce` for the ingest phase, at the remote niceness if one is set.
+fn start_ingest_producer(
+    cli: &Path,
+    kafka: &TestKafka,
+    input: &str,
+    bench: &GetBench,
+    dir: &Path,
+) -> Result<TestProcess> {
+    let count = bench.ingest_rate * (bench.seconds + 5);
+    let mut args: Vec<String> = Vec::new();
+    let program = match bench.remote_nice {
+        Some(nice) => {
+            args.extend(["-n".into(), nice.to_string(), cli.display().to_string()]);
+            Path::new("nice")
+        }
+        None => cli,
+    };
+    args.extend(
+        [
+            "produce",
+            "--topic",
+            input,
+            "--bootstrap",
+            kafka.bootstrap(),
+            "--seed",
+            "99",
+        ]
+        .map(str::to_owned),
+    );
+    args.extend(["--count".into(), count.to_string()]);
+    args.extend(["--rate".into(), bench.ingest_rate.to_string()]);
+    args.extend(["--customers".into(), bench.customers.to_string()]);
+    TestProcess::start("kstore produce", program, &args, &dir.join("produce.log"))
 }
 
 /// Returns the node's cumulative Get latency buckets (upper bound in seconds, count), summed
@@ -533,7 +579,8 @@ async fn open_loop(
     use std::sync::{Arc, Mutex};
 
     let new_histogram = || hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
-    let histogram = Arc::new(Mutex::new(new_histogram()?));
+    // (response time, service time)
+    let histograms = Arc::new(Mutex::new((new_histogram()?, new_histogram()?)));
     let mut start_lag = new_histogram()?;
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let total = bench.rate * bench.seconds;
@@ -548,7 +595,7 @@ async fn open_loop(
         }
         let _ = start_lag.record((scheduled.elapsed().as_micros() as u64).max(1));
         let mut client = QueryClient::new(channel.clone());
-        let histogram = histogram.clone();
+        let histograms = histograms.clone();
         let errors = errors.clone();
         let customers = bench.customers;
         tasks.push(tokio::spawn(async move {
@@ -577,12 +624,13 @@ async fn open_loop(
                 };
                 client.multi_get(request).await.is_ok()
             };
-            let micros = began.elapsed().as_micros() as u64;
+            let (response, service) = (scheduled.elapsed(), began.elapsed());
             if ok {
-                let mut histogram = histogram
+                let mut histograms = histograms
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let _ = histogram.record(micros.max(1));
+                let _ = histograms.0.record((response.as_micros() as u64).max(1));
+                let _ = histograms.1.record((service.as_micros() as u64).max(1));
             } else {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -592,13 +640,14 @@ async fn open_loop(
         task.await?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let histogram = histogram
+    let (response, service) = histograms
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     Ok(Latencies {
         phase: phase.into(),
-        histogram,
+        response,
+        service,
         start_lag_p99_ms: start_lag.value_at_quantile(0.99) as f64 / 1000.0,
         server_p99_ms: None,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
