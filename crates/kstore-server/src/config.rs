@@ -103,6 +103,10 @@ pub struct NodeConfig {
     pub max_multiget_keys: usize,
     /// How long a read with a position bound waits when its request has no deadline.
     pub read_wait_ms: u64,
+    /// The niceness (0..=19) of ingestion: the ingest thread, and the Kafka client and
+    /// RocksDB threads it starts. Reads run at the process's own priority, so a node that
+    /// is short of CPU answers reads first and lets ingest lag (every answer shows the lag).
+    pub ingest_niceness: u8,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -131,6 +135,7 @@ impl Default for NodeConfig {
             admin_token: None,
             max_multiget_keys: 1_000,
             read_wait_ms: 1_000,
+            ingest_niceness: 10,
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }
@@ -276,6 +281,9 @@ impl NodeConfig {
                 "topic-replication-factor",
                 "must be -1 (broker default) or at least 1",
             );
+        }
+        if self.ingest_niceness > 19 {
+            return invalid("ingest-niceness", "must be between 0 and 19");
         }
         if self.memory.block_cache_bytes < 1 << 20 {
             return invalid("memory.block-cache-bytes", "must be at least 1 MiB");
@@ -533,6 +541,10 @@ mod tests {
                 &[MINIMAL, &["processing-guarantee=maybe"]].concat()
             ))
             .contains("maybe")
+        );
+        assert!(
+            message(load(&[], &[MINIMAL, &["ingest-niceness=20"]].concat()))
+                .contains("ingest-niceness")
         );
         assert!(message(load(&[], &["oops"])).contains("key=value"));
     }

@@ -816,7 +816,7 @@ pub fn run(
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), IngestError> {
-    lower_priority();
+    lower_priority(config.ingest_niceness);
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka {
         client.set(key, value);
@@ -927,17 +927,32 @@ pub fn run(
     finished
 }
 
-/// Lowers the calling thread's CPU priority (niceness 5) before it creates the Kafka
-/// clients, whose threads inherit it: when the CPU is short, reads win over ingestion.
-fn lower_priority() {
+/// Lowers the calling thread's CPU priority to `niceness` before it creates the Kafka
+/// clients and opens the stores, whose threads inherit it: when the CPU is short, reads win
+/// over ingestion.
+fn lower_priority(niceness: u8) {
     use thread_priority::{ThreadPriority, ThreadPriorityValue, set_current_thread_priority};
-    // On Linux, 35 of 0..=99 maps to niceness 5.
-    let priority = ThreadPriorityValue::try_from(35u8).map(ThreadPriority::Crossplatform);
+    if niceness == 0 {
+        return;
+    }
+    let priority = ThreadPriorityValue::try_from(crossplatform_priority(niceness))
+        .map(ThreadPriority::Crossplatform);
     match priority.map(set_current_thread_priority) {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => tracing::debug!(niceness, "ingest runs at a lower CPU priority"),
         Ok(Err(error)) => tracing::warn!(?error, "cannot lower the ingest thread's priority"),
         Err(error) => tracing::warn!(error, "cannot lower the ingest thread's priority"),
     }
+}
+
+/// The `thread-priority` cross-platform value (0..=99) that it maps to `niceness` on Linux:
+/// it maps p to niceness ⌊39 · (1 − p/99)⌋ − 20, so this is the largest p giving at least
+/// that niceness.
+fn crossplatform_priority(niceness: u8) -> u8 {
+    let wanted = f32::from(niceness.min(19)) + 20.0;
+    (0..=99u8)
+        .rev()
+        .find(|&p| (39.0 * (1.0 - f32::from(p) / 99.0)).floor() >= wanted)
+        .unwrap_or(0)
 }
 
 /// Sets a client setting unless the user's `kafka.*` settings already chose one.
@@ -1016,5 +1031,44 @@ pub(crate) fn advance(position: &mut Position, offset: i64, input_offset: Option
     position.changelog_next = position.changelog_next.max(offset + 1);
     if let Some(input) = input_offset {
         position.input_next = position.input_next.max(input + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the calling thread's niceness from /proc.
+    fn current_niceness() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // Field 19 of stat; the first after ')' is field 3.
+        fields[16].parse().unwrap()
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn ingest_threads_get_exactly_the_configured_niceness() {
+        for niceness in 0..=19u8 {
+            let seen = std::thread::spawn(move || {
+                let before = current_niceness();
+                lower_priority(niceness);
+                (before, current_niceness())
+            })
+            .join()
+            .unwrap();
+            // A thread starts at the process's niceness; 0 leaves it there.
+            let expected = if niceness == 0 {
+                seen.0
+            } else {
+                i32::from(niceness).max(seen.0)
+            };
+            assert_eq!(seen.1, expected, "ingest-niceness {niceness}");
+        }
     }
 }
