@@ -265,6 +265,19 @@ impl PartitionStore {
         self.db.write(batch).map_err(self.rocks())
     }
 
+    /// Writes the memtables to SST files and waits for it.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let families = [
+            self.db
+                .cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+                .expect("the default column family always exists"),
+            self.meta_cf(),
+        ];
+        self.db
+            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
+            .map_err(self.rocks())
+    }
+
     /// Returns every key and value, in key order. For tests and small stores only.
     pub fn scan(&self) -> Result<Vec<KeyValue>, StoreError> {
         self.db
@@ -349,7 +362,7 @@ mod tests {
                 store.get_from_memory(&keys[7]).unwrap(),
                 MemoryRead::Answered(Some(keys[7].repeat(100)))
             );
-            store.db.flush().unwrap();
+            store.flush().unwrap();
         }
         // Reopened with an empty block cache: the data is only in an SST file on disk.
         let store = PartitionStore::open(dir.path(), &memory()).unwrap();

@@ -428,6 +428,137 @@ pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MemoryConfig;
+    use crate::store::{PartitionStore, SharedMemory};
+
+    const PARTITIONS: u32 = 4;
+
+    fn memory() -> SharedMemory {
+        SharedMemory::new(&MemoryConfig {
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+        })
+    }
+
+    /// A store holding `keys` (value = key repeated 50 times) at `position`.
+    fn store_with(
+        dir: &std::path::Path,
+        keys: &[&[u8]],
+        position: Position,
+    ) -> Arc<PartitionStore> {
+        let store = PartitionStore::open(dir, &memory()).unwrap();
+        let updates = keys
+            .iter()
+            .map(|k| (k.to_vec(), Some(k.repeat(50))))
+            .collect();
+        store.apply(&updates, position).unwrap();
+        store
+    }
+
+    fn service(registry: Arc<Registry>) -> QueryService {
+        QueryService::new(registry, Arc::new(NodeConfig::default()), None)
+    }
+
+    fn get_request(key: &[u8]) -> Request<GetRequest> {
+        Request::new(GetRequest {
+            store: "features".into(),
+            key: key.to_vec(),
+            partition: None,
+            options: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_restoring_copy_answers_with_its_role_and_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"customer-7";
+        let partition = partition_for_key(key, PARTITIONS) as i32;
+        let position = Position {
+            changelog_next: 5,
+            input_next: 40,
+        };
+        let registry = Arc::new(Registry::new("n1", PARTITIONS));
+        registry.track(
+            partition,
+            store_with(dir.path(), &[key], position),
+            Role::Restoring,
+            position,
+        );
+        registry.set_input_end(partition, 100);
+
+        let answer = service(registry)
+            .get(get_request(key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.found);
+        assert_eq!(answer.value, Some(get_response::Value::Raw(key.repeat(50))));
+        let read = answer.read.unwrap();
+        assert_eq!(read.role(), Role::Restoring);
+        assert_eq!(read.partition, partition as u32);
+        assert_eq!(read.changelog_offset, 5);
+        assert_eq!(read.input_offset, 40);
+        assert_eq!(read.lag, 60);
+    }
+
+    #[tokio::test]
+    async fn reads_that_need_the_disk_are_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        // Keys of one partition, so that one store holds them all.
+        let keys: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("customer-{i}").into_bytes())
+            .filter(|k| partition_for_key(k, PARTITIONS) == 1)
+            .take(300)
+            .collect();
+        let key_refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let position = Position {
+            changelog_next: 300,
+            input_next: 300,
+        };
+        store_with(dir.path(), &key_refs, position).flush().unwrap();
+        // Reopened with an empty block cache: every read needs the disk at first.
+        let store = PartitionStore::open(dir.path(), &memory()).unwrap();
+        assert_eq!(
+            store.get_from_memory(&keys[0]).unwrap(),
+            MemoryRead::NeedsDisk
+        );
+        let registry = Arc::new(Registry::new("n1", PARTITIONS));
+        registry.track(1, store, Role::Active, position);
+        let service = service(registry);
+
+        let answer = service
+            .get(get_request(&keys[0]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.value,
+            Some(get_response::Value::Raw(keys[0].repeat(50)))
+        );
+        let wanted: Vec<Vec<u8>> = keys[100..200].to_vec();
+        let wanted_refs: Vec<&[u8]> = wanted.iter().map(Vec::as_slice).collect();
+        let copy = service.registry.get(1).unwrap();
+        assert_eq!(
+            copy.store.multi_get_from_memory(&wanted_refs).unwrap(),
+            MemoryRead::NeedsDisk
+        );
+        let request = Request::new(MultiGetRequest {
+            store: "features".into(),
+            keys: wanted.clone(),
+            options: None,
+        });
+        let answer = Query::multi_get(&service, request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.results.len(), 100);
+        for (result, key) in answer.results.iter().zip(&wanted) {
+            assert_eq!(&result.key, key);
+            assert_eq!(result.error, 0);
+            let value = result.result.as_ref().unwrap().value.clone();
+            assert_eq!(value, Some(get_response::Value::Raw(key.repeat(50))));
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse() {
