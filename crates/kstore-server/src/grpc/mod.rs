@@ -86,3 +86,72 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn health_is_not_serving_until_the_stores_are_open() {
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = incoming.local_addr().unwrap();
+        let registry = Arc::new(Registry::new("n1", 4));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            incoming,
+            Arc::new(NodeConfig::default()),
+            registry.clone(),
+            None,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let status = |service: &str| {
+            let mut health = health.clone();
+            let request = HealthCheckRequest {
+                service: service.into(),
+            };
+            async move { health.check(request).await.unwrap().into_inner().status() }
+        };
+        for service in ["", "kstore.v1.Query"] {
+            assert_eq!(
+                status(service).await,
+                ServingStatus::NotServing,
+                "{service:?}"
+            );
+        }
+
+        registry.mark_ready();
+        let serving = async {
+            while status("").await != ServingStatus::Serving {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("health turns SERVING once the stores are open");
+        assert_eq!(status("kstore.v1.Query").await, ServingStatus::Serving);
+        let unknown = health
+            .check(HealthCheckRequest {
+                service: "no.such.Service".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
