@@ -144,15 +144,34 @@ pub fn up(up: &Up) -> Result<()> {
     Ok(())
 }
 
+/// Prints the cluster's processes, and each node's partitions with their roles and lag.
+/// A closed pipe (`cargo xtask status | head`) ends the listing quietly.
 pub fn status() -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match write_status(&mut out).and_then(|()| Ok(out.flush()?)) {
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+fn write_status(out: &mut impl std::io::Write) -> Result<()> {
     let cluster = read_cluster()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    println!(
+    writeln!(
+        out,
         "broker    {}",
         cluster["broker"]["bootstrap"].as_str().unwrap_or_default()
-    );
+    )?;
     let producer_pid = cluster["producer"]["pid"].as_u64().unwrap_or(0) as u32;
-    println!(
+    writeln!(
+        out,
         "producer  pid {producer_pid} {} at {} events/s",
         if alive(producer_pid) {
             "running"
@@ -160,41 +179,44 @@ pub fn status() -> Result<()> {
             "STOPPED"
         },
         cluster["producer"]["rate"]
-    );
-    println!();
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<8} {:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
         "node", "grpc", "partition", "role", "input", "end", "lag"
-    );
+    )?;
     for node in cluster["nodes"].as_array().into_iter().flatten() {
         let id = node["id"].as_str().unwrap_or_default();
         let grpc = node["grpc"].as_str().unwrap_or_default();
         let pid = node["pid"].as_u64().unwrap_or(0) as u32;
         if !alive(pid) {
-            println!(
+            writeln!(
+                out,
                 "{id:<8} {grpc:<17} {:>9} DOWN (pid {pid}; see {})",
                 "-",
                 node["log"].as_str().unwrap_or_default()
-            );
+            )?;
             continue;
         }
         match runtime.block_on(metadata(grpc)) {
             Ok(copies) if copies.is_empty() => {
-                println!("{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-")
+                writeln!(out, "{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-")?
             }
             Ok(copies) => {
                 for copy in copies {
-                    println!(
+                    writeln!(
+                        out,
                         "{id:<8} {grpc:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
                         copy.partition,
                         role_name(copy.role()),
                         copy.input_offset,
                         copy.input_end,
                         copy.lag
-                    );
+                    )?;
                 }
             }
-            Err(error) => println!("{id:<8} {grpc:<17} {:>9} unreachable: {error:#}", "-"),
+            Err(error) => writeln!(out, "{id:<8} {grpc:<17} {:>9} unreachable: {error:#}", "-")?,
         }
     }
     Ok(())
