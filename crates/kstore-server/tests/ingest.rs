@@ -602,3 +602,126 @@ fn a_user_processor_runs_in_the_node() -> Result<()> {
         Ok(())
     })
 }
+
+/// Returns the role of each local copy, by partition, from the node's Metadata.
+async fn roles(
+    client: &mut kstore_proto::v1::query_client::QueryClient<tonic::transport::Channel>,
+) -> Result<BTreeMap<u32, kstore_proto::v1::Role>> {
+    let metadata = client
+        .metadata(kstore_proto::v1::MetadataRequest {})
+        .await?
+        .into_inner();
+    let node = metadata.nodes.first().context("no node in Metadata")?;
+    Ok(node
+        .copies
+        .iter()
+        .map(|c| (c.partition, c.role()))
+        .collect())
+}
+
+/// A previous owner's transaction left open on the changelog (a node that stalled between
+/// writing its changelog and committing) may still commit. The restore must not end at the
+/// last stable offset before it: the partition stays RESTORING until the transaction
+/// commits, and then its records are in the store.
+#[test]
+fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
+    use kstore_proto::v1::query_client::QueryClient;
+    use kstore_proto::v1::{GetRequest, Role, get_response};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    run_async(async {
+        let scenario = Scenario::new("open-txn", 2).await?;
+        let changelog = format!("{}-features-changelog", scenario.app);
+        scenario
+            .kafka
+            .create_topic_with(&changelog, 2, &[("cleanup.policy", "compact")])
+            .await?;
+        let key = b"customer-late";
+        let partition = partition_for_key(key, 2);
+        let value = b"written by a previous owner".to_vec();
+
+        // The stalled previous owner: a transaction with one changelog record, left open.
+        let zombie: ThreadedProducer<DefaultProducerContext> = scenario
+            .kafka
+            .client_config()
+            .set("transactional.id", scenario.kafka.unique_name("zombie"))
+            .create()?;
+        zombie.init_transactions(Duration::from_secs(30))?;
+        zombie.begin_transaction()?;
+        zombie
+            .send(
+                BaseRecord::to(&changelog)
+                    .partition(partition as i32)
+                    .key(&key[..])
+                    .payload(&value),
+            )
+            .map_err(|(error, _)| error)?;
+        zombie.flush(Duration::from_secs(30))?;
+
+        let mut node = scenario.start_node("node-1", "only")?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        let mut client = QueryClient::connect(uri).await?;
+        let other = 1 - partition;
+        let other_active = async {
+            loop {
+                if roles(&mut client).await?.get(&other) == Some(&Role::Active) {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), other_active)
+            .await
+            .context("the partition without an open transaction never became active")??;
+        // The other partition's restore is done; this one's must not be, now or a moment
+        // later, while the transaction is open.
+        for _ in 0..2 {
+            let roles = roles(&mut client).await?;
+            ensure!(
+                roles.get(&partition) == Some(&Role::Restoring),
+                "partition {partition} must keep restoring while the changelog ends in an \
+                 open transaction: {roles:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let request = GetRequest {
+            store: "features".into(),
+            key: key.to_vec(),
+            partition: None,
+            options: None,
+        };
+        let before = client.get(request.clone()).await?.into_inner();
+        ensure!(
+            !before.found,
+            "an open transaction's record is not readable"
+        );
+        ensure!(before.read.context("read metadata")?.role() == Role::Restoring);
+
+        zombie.commit_transaction(Duration::from_secs(30))?;
+        let active = async {
+            loop {
+                if roles(&mut client).await?.get(&partition) == Some(&Role::Active) {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), active)
+            .await
+            .context("the partition did not become active after the transaction committed")??;
+        let after = client.get(request).await?.into_inner();
+        let read = after.read.clone().context("read metadata")?;
+        ensure!(after.found && read.role() == Role::Active, "{after:?}");
+        match after.value {
+            Some(get_response::Value::Message(any)) => ensure!(any.value == value),
+            other => bail!("unexpected value {other:?}"),
+        }
+        // The record at offset 0, its commit marker at 1.
+        ensure!(read.changelog_offset == 1, "{read:?}");
+        ensure!(node.output().contains("ends in an open transaction"));
+
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "node exit: {status}");
+        Ok(())
+    })
+}

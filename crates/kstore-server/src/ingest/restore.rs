@@ -2,14 +2,15 @@
 //! thread and consumer of its own, so the group consumer's poll loop never waits for it.
 //!
 //! The restore consumer reads committed records only, so an aborted transaction never
-//! reaches a store. Records are applied in batches, each with the position it reaches, so
+//! reaches a store, and a restore ends only when no transaction is open at the end of the
+//! changelog partition, so a transaction that commits late is never missed. Records are applied in batches, each with the position it reaches, so
 //! a restore interrupted by a crash resumes where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -21,6 +22,12 @@ use crate::store::{PartitionStore, Position};
 
 /// Records applied to a store in one write batch during a restore.
 const RESTORE_BATCH_RECORDS: usize = 10_000;
+
+/// How often a restore that waits for an open transaction asks for the changelog's end.
+const END_RECHECK: Duration = Duration::from_millis(500);
+
+/// How long one question for the changelog's end may take.
+const END_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Command {
     Restore {
@@ -90,10 +97,15 @@ impl Restorer {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .create()?;
+        let end_offsets: BaseConsumer = client
+            .clone()
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
         let (commands, command_rx) = mpsc::channel();
         let (event_tx, events) = mpsc::channel();
         let worker = Worker {
             consumer,
+            end_offsets,
             topic: changelog_topic,
             active: HashMap::new(),
             events: event_tx,
@@ -158,6 +170,12 @@ struct Job {
     position: Position,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     records: u64,
+    /// The consumer reached the partition's last stable offset.
+    at_stable_end: bool,
+    /// When the partition's end was last compared with the position.
+    end_checked: Option<Instant>,
+    /// The partition ended in an open transaction when the consumer first reached its end.
+    waiting_for_transaction: bool,
 }
 
 impl Job {
@@ -175,6 +193,8 @@ impl Job {
 
 struct Worker {
     consumer: BaseConsumer,
+    /// Asks for end offsets read-uncommitted: the high watermark, past open transactions.
+    end_offsets: BaseConsumer,
     topic: String,
     active: HashMap<i32, Job>,
     events: Sender<RestoreEvent>,
@@ -242,6 +262,9 @@ impl Worker {
                 position,
                 batch: BTreeMap::new(),
                 records: 0,
+                at_stable_end: false,
+                end_checked: None,
+                waiting_for_transaction: false,
             },
         );
     }
@@ -272,9 +295,86 @@ impl Worker {
                     }
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(partition))) => self.finish(partition, true),
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if let Some(job) = self.active.get_mut(&partition) {
+                    job.at_stable_end = true;
+                    job.end_checked = None;
+                }
+            }
             Some(Err(error)) => tracing::warn!(%error, "restore consumer error"),
         }
+        self.finish_jobs_at_end();
+    }
+
+    /// Finishes the restores that reached the end of their changelog partition with no
+    /// transaction open there.
+    ///
+    /// A read-committed consumer reaches "the end" at the last stable offset. If a previous
+    /// owner's transaction is still open there (a node that stalled between writing its
+    /// changelog and committing), it may yet commit, together with input offsets beyond
+    /// this store's position; a restore that stopped before it would lose its updates. So a
+    /// restore ends only when its position (past records and transaction markers) reaches
+    /// the high watermark. Until then the copy stays readable as a restoring copy.
+    fn finish_jobs_at_end(&mut self) {
+        let due: Vec<i32> = self
+            .active
+            .iter()
+            .filter(|(_, job)| {
+                job.at_stable_end
+                    && job
+                        .end_checked
+                        .is_none_or(|checked| checked.elapsed() >= END_RECHECK)
+            })
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in due {
+            if self.transaction_open_at_end(partition) == Some(false) {
+                self.finish(partition, true);
+            }
+        }
+    }
+
+    /// Whether the changelog partition ends in an open transaction; `None` if that cannot
+    /// be told right now (it is asked again shortly).
+    fn transaction_open_at_end(&mut self, partition: i32) -> Option<bool> {
+        let job = self.active.get_mut(&partition)?;
+        job.end_checked = Some(Instant::now());
+        // Before any record or marker was consumed, the position is where the restore began.
+        let position = self
+            .consumer
+            .position()
+            .ok()
+            .and_then(|positions| {
+                positions
+                    .find_partition(&self.topic, partition)
+                    .and_then(|p| p.offset().to_raw())
+            })
+            .unwrap_or(-1)
+            .max(job.position.changelog_next);
+        let end = match self
+            .end_offsets
+            .fetch_watermarks(&self.topic, partition, END_QUERY_TIMEOUT)
+        {
+            Ok((_, high)) => high,
+            Err(error) => {
+                tracing::debug!(%error, partition, "asking for the changelog's end");
+                return None;
+            }
+        };
+        if position >= end {
+            return Some(false);
+        }
+        if !job.waiting_for_transaction {
+            job.waiting_for_transaction = true;
+            tracing::warn!(
+                partition,
+                stable_offset = position,
+                end,
+                "the changelog partition ends in an open transaction of a previous owner; the \
+                 restore waits until it commits or aborts"
+            );
+        }
+        Some(true)
     }
 
     fn fail(&mut self, partition: i32, reason: String) {
