@@ -70,6 +70,20 @@ pub enum IngestError {
     /// A store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Committing kept failing with errors Kafka calls retriable for longer than a commit
+    /// may take.
+    #[error(
+        "{during} kept failing for {budget:?} (three quarters of max.poll.interval.ms): \
+         {source}; the node stops rather than be dropped from the group mid-transaction"
+    )]
+    CommitTimedOut {
+        /// What the node was doing.
+        during: &'static str,
+        /// How long it tried.
+        budget: Duration,
+        /// Kafka's last error.
+        source: KafkaError,
+    },
     /// Restoring a partition failed.
     #[error("restoring partition {partition} failed: {reason}")]
     Restore {
@@ -663,14 +677,28 @@ impl Engine {
         let group = consumer.group_metadata().ok_or_else(|| {
             Retry::Abort("the consumer has no group metadata (not in the group)".into())
         })?;
-        retry_transactional("sending offsets to the transaction", || {
-            self.producer
-                .send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)
-        })?;
-        flush(&self.producer, KAFKA_TIMEOUT)
+        // The poll loop waits while a commit runs: all of it, retries included, must end
+        // well before max.poll.interval.ms.
+        let budget = commit_budget(&self.config);
+        let deadline = Instant::now() + budget;
+        let remaining = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .min(KAFKA_TIMEOUT)
+        };
+        retry_transactional(
+            "sending offsets to the transaction",
+            budget,
+            deadline,
+            || {
+                self.producer
+                    .send_offsets_to_transaction(offsets, &group, remaining())
+            },
+        )?;
+        flush(&self.producer, remaining())
             .map_err(|error| Retry::Abort(format!("flushing: {error}")))?;
-        retry_transactional("committing the transaction", || {
-            self.producer.commit_transaction(KAFKA_TIMEOUT)
+        retry_transactional("committing the transaction", budget, deadline, || {
+            self.producer.commit_transaction(remaining())
         })
     }
 
@@ -746,16 +774,30 @@ enum Retry {
     Fatal(IngestError),
 }
 
-/// Runs a transactional call, retrying what Kafka says is retriable.
+/// Runs a transactional call, retrying what Kafka says is retriable until `deadline`.
 fn retry_transactional(
     during: &'static str,
+    budget: Duration,
+    deadline: Instant,
     mut call: impl FnMut() -> Result<(), KafkaError>,
 ) -> Result<(), Retry> {
-    for attempt in 1.. {
+    for attempt in 1u32.. {
         match call() {
             Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(error)) if error.is_retriable() && attempt < 10 => {
+            Err(KafkaError::Transaction(error)) if error.is_retriable() => {
+                if Instant::now() >= deadline {
+                    let source = KafkaError::Transaction(error);
+                    let error = IngestError::CommitTimedOut {
+                        during,
+                        budget,
+                        source,
+                    };
+                    return Err(Retry::Fatal(error));
+                }
                 tracing::warn!(%error, attempt, during, "retrying");
+                // Some retriable errors return at once: do not spin.
+                let pause = Duration::from_millis(100 * u64::from(attempt.min(10)));
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
             }
             Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
                 return Err(Retry::Abort(format!("{during}: {error}")));
@@ -764,6 +806,17 @@ fn retry_transactional(
         }
     }
     unreachable!("the loop returns")
+}
+
+/// How long one commit may take, retries included: three quarters of the consumer's
+/// `max.poll.interval.ms` (librdkafka's default is five minutes).
+fn commit_budget(config: &NodeConfig) -> Duration {
+    let max_poll_interval_ms: u64 = config
+        .kafka
+        .get("max.poll.interval.ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(max_poll_interval_ms / 4 * 3)
 }
 
 /// Waits until every record sent so far is acknowledged, serving delivery reports.
@@ -1049,6 +1102,31 @@ mod tests {
             .collect();
         // Field 19 of stat; the first after ')' is field 3.
         fields[16].parse().unwrap()
+    }
+
+    #[test]
+    fn a_commit_ends_well_before_the_poll_interval() {
+        let mut config = NodeConfig::default();
+        assert_eq!(commit_budget(&config), Duration::from_secs(225));
+        config
+            .kafka
+            .insert("max.poll.interval.ms".into(), "60000".into());
+        assert_eq!(commit_budget(&config), Duration::from_secs(45));
+    }
+
+    #[test]
+    fn non_retriable_commit_errors_are_not_retried() {
+        let mut calls = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let result = retry_transactional("committing", Duration::from_secs(60), deadline, || {
+            calls += 1;
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+        });
+        assert!(matches!(
+            result,
+            Err(Retry::Fatal(IngestError::Kafka { .. }))
+        ));
+        assert_eq!(calls, 1);
     }
 
     #[test]
