@@ -82,6 +82,9 @@ pub struct NodeConfig {
     pub commit_interval_ms: u64,
     /// The most input records in one transaction.
     pub max_transaction_records: usize,
+    /// A transaction commits once the updates it holds in memory (keys and values, one per
+    /// key) reach this many bytes.
+    pub max_transaction_bytes: usize,
     /// Input values larger than this go to the dead-letter topic.
     pub max_value_bytes: usize,
     /// Input keys larger than this go to the dead-letter topic.
@@ -125,6 +128,7 @@ impl Default for NodeConfig {
             processor: ProcessorKind::Features,
             commit_interval_ms: 100,
             max_transaction_records: 20_000,
+            max_transaction_bytes: 64 << 20,
             max_value_bytes: 256 << 10,
             max_key_bytes: 64 << 10,
             partition_mismatch: MismatchPolicy::Warn,
@@ -269,6 +273,9 @@ impl NodeConfig {
         }
         if self.max_transaction_records == 0 {
             return invalid("max-transaction-records", "must be at least 1");
+        }
+        if self.max_transaction_bytes < 1 << 20 {
+            return invalid("max-transaction-bytes", "must be at least 1 MiB");
         }
         if self.max_value_bytes == 0 || self.max_value_bytes > 64 << 20 {
             return invalid("max-value-bytes", "must be between 1 and 64 MiB");

@@ -725,3 +725,59 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
         Ok(())
     })
 }
+
+/// The updates an open transaction holds in memory are bounded in bytes: with the interval
+/// and record bounds far away, the transaction still commits once its updates reach
+/// `max-transaction-bytes`, and the state stays exact.
+#[test]
+fn a_transaction_commits_when_its_updates_reach_the_byte_bound() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("txn-bytes", 2).await?;
+        scenario.extra.extend([
+            "commit-interval-ms=60000".to_owned(),
+            "max-transaction-records=1000000".to_owned(),
+            "max-transaction-bytes=1048576".to_owned(),
+        ]);
+        let generator = GeneratorConfig {
+            customers: 10_000,
+            seed: 21,
+            ..GeneratorConfig::default()
+        };
+        let count = 20_000;
+        scenario.produce(&generator, count)?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator)
+            .take(count as usize)
+            .collect();
+
+        let mut node = scenario.start_node("node-1", "only")?;
+        // Long before the 60 s interval, transactions of about 1 MiB of updates commit.
+        wait_until(
+            Duration::from_secs(40),
+            "a commit triggered by the byte bound",
+            || {
+                if let Some(status) = node.try_exit()? {
+                    bail!("the node exited with {status}:\n{}", node.tail());
+                }
+                let committed = scenario.kafka.committed_offsets(
+                    &scenario.app,
+                    &scenario.input,
+                    scenario.partitions,
+                )?;
+                Ok(committed.iter().map(|c| c.max(&0)).sum::<i64>() >= 5_000)
+            },
+        )?;
+        // SIGTERM commits the rest.
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "node exit: {status}");
+        let committed: i64 = scenario
+            .kafka
+            .committed_offsets(&scenario.app, &scenario.input, scenario.partitions)?
+            .iter()
+            .sum();
+        ensure!(
+            committed == count as i64,
+            "committed {committed} of {count}"
+        );
+        assert_exact_state(&scenario, &["node-1"], &events)
+    })
+}

@@ -179,6 +179,8 @@ enum Ownership {
 struct OpenTransaction {
     started: Instant,
     records: usize,
+    /// Bytes of keys and values in the overlay.
+    overlay_bytes: usize,
     /// Pending updates per partition; `None` deletes. Readable by the processor, invisible
     /// to everyone else until the transaction commits.
     overlay: HashMap<i32, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
@@ -355,6 +357,7 @@ impl Engine {
     fn txn_due(&self) -> bool {
         self.txn.as_ref().is_some_and(|txn| {
             txn.records >= self.config.max_transaction_records
+                || txn.overlay_bytes >= self.config.max_transaction_bytes
                 || txn.started.elapsed() >= Duration::from_millis(self.config.commit_interval_ms)
         })
     }
@@ -391,6 +394,7 @@ impl Engine {
             self.txn = Some(OpenTransaction {
                 started: Instant::now(),
                 records: 0,
+                overlay_bytes: 0,
                 overlay: HashMap::new(),
                 first_offset: HashMap::new(),
                 next_offset: HashMap::new(),
@@ -523,10 +527,16 @@ impl Engine {
                 .txn
                 .as_mut()
                 .expect("a record is only folded inside a transaction");
-            txn.overlay
+            let size = |value: &Option<Vec<u8>>| key.len() + value.as_ref().map_or(0, Vec::len);
+            txn.overlay_bytes += size(&value);
+            let replaced = txn
+                .overlay
                 .entry(partition)
                 .or_default()
                 .insert(key.to_vec(), value);
+            if let Some(replaced) = replaced {
+                txn.overlay_bytes -= size(&replaced);
+            }
         }
         for output in &outcome.outputs {
             let record = BaseRecord::to(&output.topic)
