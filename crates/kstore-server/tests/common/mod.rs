@@ -177,11 +177,23 @@ impl Scenario {
 
     /// Reads the stores of stopped nodes: partition → key → value. Where several nodes
     /// hold a partition, the copy that reflects the most input is the owner's.
+    /// Each partition's newest copy must reflect the whole input.
     pub fn read_stores(
         &self,
         node_ids: &[&str],
     ) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
         let end = self.kafka.end_offsets(&self.input, self.partitions)?;
+        self.read_stores_at(node_ids, &end)
+    }
+
+    /// Like [`Scenario::read_stores`], where each partition's newest copy must reflect the
+    /// input up to `positions[partition]` (a next offset).
+    pub fn read_stores_at(
+        &self,
+        node_ids: &[&str],
+        positions: &[i64],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, CustomerFeatures>>> {
+        let end = positions;
         let mut stores = BTreeMap::new();
         for partition in 0..self.partitions as i32 {
             let mut newest: Option<(i64, BTreeMap<String, CustomerFeatures>)> = None;
@@ -212,7 +224,7 @@ impl Scenario {
             let end = end[partition as usize];
             ensure!(
                 input_next == end,
-                "partition {partition}'s newest store reflects input up to {input_next}, not its end {end}"
+                "partition {partition}'s newest store reflects input up to {input_next}, not {end}"
             );
             stores.insert(partition, values);
         }
