@@ -47,12 +47,11 @@ pub struct Up {
 /// The checkout that `cargo xtask` runs in. Read at run time (cargo sets it for `cargo run`),
 /// not built in: checkouts that share a target directory share the xtask binary too.
 fn workspace_root() -> PathBuf {
-    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("xtask"));
-    xtask
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+    match std::env::var_os("CARGO_MANIFEST_DIR") {
+        Some(xtask) => PathBuf::from(xtask).join(".."),
+        // Run directly, not through cargo: from the checkout's root.
+        None => PathBuf::from("."),
+    }
 }
 
 fn cluster_dir() -> PathBuf {

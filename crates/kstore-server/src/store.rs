@@ -164,7 +164,15 @@ impl PartitionStore {
     /// or [`MemoryRead::NeedsDisk`] without waiting if it would have to read from disk. Such
     /// a read never blocks on I/O, so it may run on an async worker.
     pub fn get_from_memory(&self, key: &[u8]) -> Result<MemoryRead<Option<Vec<u8>>>, StoreError> {
-        match self.db.get_opt(key, &memory_only()) {
+        self.get_with(key, &memory_only())
+    }
+
+    fn get_with(
+        &self,
+        key: &[u8],
+        options: &rocksdb::ReadOptions,
+    ) -> Result<MemoryRead<Option<Vec<u8>>>, StoreError> {
+        match self.db.get_opt(key, options) {
             Ok(value) => Ok(MemoryRead::Answered(value)),
             Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
                 Ok(MemoryRead::NeedsDisk)
@@ -184,16 +192,20 @@ impl PartitionStore {
     }
 
     /// Like [`PartitionStore::multi_get`], from memory only: [`MemoryRead::NeedsDisk`] if
-    /// any of the keys would need a read from disk. Point reads, not RocksDB's MultiGet:
-    /// MultiGet does not honour the block-cache-only read tier in every case (it may read
-    /// the disk anyway, or report a key it could not read as missing).
+    /// any of the keys would need a read from disk. Point reads of one snapshot (so all
+    /// values come from the same state, as with MultiGet), not RocksDB's MultiGet: that does
+    /// not honour the block-cache-only read tier in every case (it may read the disk anyway,
+    /// or report a key it could not read as missing).
     pub fn multi_get_from_memory(
         &self,
         keys: &[&[u8]],
     ) -> Result<MemoryRead<Vec<Option<Vec<u8>>>>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let mut options = memory_only();
+        options.set_snapshot(&snapshot);
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {
-            match self.get_from_memory(key)? {
+            match self.get_with(key, &options)? {
                 MemoryRead::Answered(value) => values.push(value),
                 MemoryRead::NeedsDisk => return Ok(MemoryRead::NeedsDisk),
             }

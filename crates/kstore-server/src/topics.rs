@@ -41,9 +41,11 @@ pub enum TopicError {
         /// Its partition count.
         input_partitions: u32,
     },
-    /// A topic exists but its partitions have no leaders.
+    /// A topic that should exist is missing from the metadata, or has partitions without a
+    /// leader.
     #[error(
-        "topic {topic} has partitions without a leader after {waited:?}; is the cluster healthy?"
+        "topic {topic} is not ready (missing, or partitions without a leader) after waiting \
+         {waited:?}; is the cluster healthy?"
     )]
     NotReady {
         /// The topic.
@@ -104,7 +106,7 @@ async fn settled_partition_count(client: &ClientConfig, topic: &str) -> Result<u
         source,
     };
     let consumer: BaseConsumer = client.create().map_err(kafka)?;
-    let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
+    let started = tokio::time::Instant::now();
     loop {
         let metadata = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
@@ -118,10 +120,10 @@ async fn settled_partition_count(client: &ClientConfig, topic: &str) -> Result<u
         if let Some(found) = settled {
             return Ok(found.partitions().len() as u32);
         }
-        if tokio::time::Instant::now() > deadline {
+        if started.elapsed() > METADATA_TIMEOUT {
             return Err(TopicError::NotReady {
                 topic: topic.to_owned(),
-                waited: METADATA_TIMEOUT,
+                waited: started.elapsed(),
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

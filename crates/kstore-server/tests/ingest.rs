@@ -659,6 +659,8 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
             .kafka
             .client_config()
             .set("transactional.id", scenario.kafka.unique_name("zombie"))
+            // Open for as long as the test may take, not librdkafka's 60 s.
+            .set("transaction.timeout.ms", "300000")
             .create()?;
         zombie.init_transactions(Duration::from_secs(30))?;
         zombie.begin_transaction()?;

@@ -222,8 +222,9 @@ impl QueryService {
             reads.push((copy.clone(), copy.position(), indexes));
         }
 
-        // A RocksDB multi-get per partition: from memory on this worker where possible, and
-        // one trip to the blocking pool for the partitions that need the disk.
+        // One consistent read per partition: from memory on this worker where possible (one
+        // snapshot), and one trip to the blocking pool (a RocksDB multi-get per partition)
+        // for the partitions that need the disk.
         let keys = Arc::new(request.keys);
         let mut values = Vec::with_capacity(reads.len());
         for (copy, _, indexes) in &reads {

@@ -705,8 +705,17 @@ impl Engine {
                     .send_offsets_to_transaction(offsets, &group, remaining())
             },
         )?;
-        flush(&self.producer, remaining())
-            .map_err(|error| Retry::Abort(format!("flushing: {error}")))?;
+        flush(&self.producer, remaining()).map_err(|source| {
+            if Instant::now() >= deadline {
+                Retry::Fatal(IngestError::CommitTimedOut {
+                    during: "flushing the transaction's records",
+                    budget,
+                    source,
+                })
+            } else {
+                Retry::Abort(format!("flushing: {source}"))
+            }
+        })?;
         retry_transactional("committing the transaction", budget, deadline, || {
             self.producer.commit_transaction(remaining())
         })
@@ -819,14 +828,16 @@ fn retry_transactional(
 }
 
 /// How long one commit may take, retries included: three quarters of the consumer's
-/// `max.poll.interval.ms` (librdkafka's default is five minutes).
+/// `max.poll.interval.ms` (librdkafka's default is five minutes), and at least a second.
+/// (A commit that fails for good then aborts, which may take up to `KAFKA_TIMEOUT` more;
+/// the node stops after that anyway.)
 fn commit_budget(config: &NodeConfig) -> Duration {
     let max_poll_interval_ms: u64 = config
         .kafka
         .get("max.poll.interval.ms")
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(300_000);
-    Duration::from_millis(max_poll_interval_ms / 4 * 3)
+    Duration::from_millis(max_poll_interval_ms / 4 * 3).max(Duration::from_secs(1))
 }
 
 /// Waits until every record sent so far is acknowledged, serving delivery reports.
@@ -901,6 +912,10 @@ pub fn run(
             "transactional.id",
             format!("{}-{}", config.app_id, config.node_id),
         );
+        // A transaction lasts about commit-interval-ms. If this node dies with one open, the
+        // broker aborts it after this timeout, and the partition's next owner waits for that
+        // before its restore ends: 10 s rather than librdkafka's 60 s.
+        set_default(&mut producer_config, "transaction.timeout.ms", "10000");
     }
     let tracker = DeliveryTracker {
         changelog_topic: config.changelog_topic(),
@@ -1122,6 +1137,10 @@ mod tests {
             .kafka
             .insert("max.poll.interval.ms".into(), "60000".into());
         assert_eq!(commit_budget(&config), Duration::from_secs(45));
+        config
+            .kafka
+            .insert("max.poll.interval.ms".into(), "2".into());
+        assert_eq!(commit_budget(&config), Duration::from_secs(1));
     }
 
     #[test]
@@ -1150,13 +1169,13 @@ mod tests {
             })
             .join()
             .unwrap();
-            // A thread starts at the process's niceness; 0 leaves it there.
-            let expected = if niceness == 0 {
-                seen.0
-            } else {
-                i32::from(niceness).max(seen.0)
-            };
-            assert_eq!(seen.1, expected, "ingest-niceness {niceness}");
+            // A thread starts at the process's niceness; 0 leaves it there. (Going below
+            // the process's niceness needs privileges: not checked.)
+            if niceness == 0 {
+                assert_eq!(seen.1, seen.0, "ingest-niceness 0");
+            } else if i32::from(niceness) >= seen.0 {
+                assert_eq!(seen.1, i32::from(niceness), "ingest-niceness {niceness}");
+            }
         }
     }
 }

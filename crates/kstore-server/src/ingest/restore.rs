@@ -2,7 +2,7 @@
 //! thread and consumer of its own, so the group consumer's poll loop never waits for it.
 //!
 //! The restore consumer reads committed records only, so an aborted transaction never
-//! reaches a store, and a restore ends only when no transaction is open at the end of the
+//! reaches a store. A restore ends only when no transaction is open at the end of the
 //! changelog partition, so a transaction that commits late is never missed. Records are applied in batches, each with the position it reaches, so
 //! a restore interrupted by a crash resumes where it stopped.
 
@@ -27,7 +27,11 @@ const RESTORE_BATCH_RECORDS: usize = 10_000;
 const END_RECHECK: Duration = Duration::from_millis(500);
 
 /// How long one question for the changelog's end may take.
-const END_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest a restore waits for an open transaction at the changelog's end: the broker's
+/// default `transaction.max.timeout.ms`, after which no transaction can still be open.
+const TRANSACTION_WAIT_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 enum Command {
     Restore {
@@ -174,8 +178,10 @@ struct Job {
     at_stable_end: bool,
     /// When the partition's end was last compared with the position.
     end_checked: Option<Instant>,
-    /// The partition ended in an open transaction when the consumer first reached its end.
-    waiting_for_transaction: bool,
+    /// Since when the restore waits for an open transaction at the partition's end.
+    waiting_since: Option<Instant>,
+    /// Failed questions for the partition's end, in a row.
+    end_query_failures: u32,
 }
 
 impl Job {
@@ -264,7 +270,8 @@ impl Worker {
                 records: 0,
                 at_stable_end: false,
                 end_checked: None,
-                waiting_for_transaction: false,
+                waiting_since: None,
+                end_query_failures: 0,
             },
         );
     }
@@ -339,7 +346,31 @@ impl Worker {
     fn transaction_open_at_end(&mut self, partition: i32) -> Option<bool> {
         let job = self.active.get_mut(&partition)?;
         job.end_checked = Some(Instant::now());
-        // Before any record or marker was consumed, the position is where the restore began.
+        let (start, end) =
+            match self
+                .end_offsets
+                .fetch_watermarks(&self.topic, partition, END_QUERY_TIMEOUT)
+            {
+                Ok(watermarks) => {
+                    job.end_query_failures = 0;
+                    watermarks
+                }
+                Err(error) => {
+                    job.end_query_failures += 1;
+                    if job.end_query_failures % 20 == 1 {
+                        tracing::warn!(
+                            %error,
+                            partition,
+                            failures = job.end_query_failures,
+                            "cannot ask for the changelog's end; the restore asks again"
+                        );
+                    }
+                    return None;
+                }
+            };
+        // The consumer's position moves past every record and transaction marker it hands
+        // over. Before it handed over any, it is where the restore began, or the log's start
+        // if that was deleted.
         let position = self
             .consumer
             .position()
@@ -350,29 +381,33 @@ impl Worker {
                     .and_then(|p| p.offset().to_raw())
             })
             .unwrap_or(-1)
-            .max(job.position.changelog_next);
-        let end = match self
-            .end_offsets
-            .fetch_watermarks(&self.topic, partition, END_QUERY_TIMEOUT)
-        {
-            Ok((_, high)) => high,
-            Err(error) => {
-                tracing::debug!(%error, partition, "asking for the changelog's end");
-                return None;
-            }
-        };
+            .max(job.position.changelog_next)
+            .max(start);
         if position >= end {
             return Some(false);
         }
-        if !job.waiting_for_transaction {
-            job.waiting_for_transaction = true;
+        let waiting_since = *job.waiting_since.get_or_insert_with(|| {
             tracing::warn!(
                 partition,
-                stable_offset = position,
+                position,
                 end,
-                "the changelog partition ends in an open transaction of a previous owner; the \
+                "the changelog partition ends in an open transaction (a previous owner's); the \
                  restore waits until it commits or aborts"
             );
+            Instant::now()
+        });
+        // The broker aborts any transaction after transaction.max.timeout.ms (15 minutes by
+        // default): past that, whatever keeps the position short of the end is no open
+        // transaction.
+        if waiting_since.elapsed() >= TRANSACTION_WAIT_LIMIT {
+            tracing::warn!(
+                partition,
+                position,
+                end,
+                "the changelog's end stayed out of reach for {TRANSACTION_WAIT_LIMIT:?}; the \
+                 restore ends where it is"
+            );
+            return Some(false);
         }
         Some(true)
     }
