@@ -633,6 +633,21 @@ async fn roles(
         .collect())
 }
 
+/// Waits until the node's copy of `partition` is active.
+async fn wait_for_active(
+    client: &mut kstore_proto::v1::query_client::QueryClient<tonic::transport::Channel>,
+    partition: u32,
+    timeout: Duration,
+) -> Result<()> {
+    let active = async {
+        while roles(client).await?.get(&partition) != Some(&kstore_proto::v1::Role::Active) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, active).await?
+}
+
 /// A previous owner's transaction left open on the changelog (a node that stalled between
 /// writing its changelog and committing) may still commit. The restore must not end at the
 /// last stable offset before it: the partition stays RESTORING until the transaction
@@ -678,17 +693,9 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
         let uri = scenario.grpc_uri(&mut node)?;
         let mut client = QueryClient::connect(uri).await?;
         let other = 1 - partition;
-        let other_active = async {
-            loop {
-                if roles(&mut client).await?.get(&other) == Some(&Role::Active) {
-                    return anyhow::Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), other_active)
+        wait_for_active(&mut client, other, Duration::from_secs(60))
             .await
-            .context("the partition without an open transaction never became active")??;
+            .context("the partition without an open transaction never became active")?;
         // The other partition's restore is done; this one's must not be, now or a moment
         // later, while the transaction is open.
         for _ in 0..2 {
@@ -714,17 +721,9 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
         ensure!(before.read.context("read metadata")?.role() == Role::Restoring);
 
         zombie.commit_transaction(Duration::from_secs(30))?;
-        let active = async {
-            loop {
-                if roles(&mut client).await?.get(&partition) == Some(&Role::Active) {
-                    return anyhow::Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), active)
+        wait_for_active(&mut client, partition, Duration::from_secs(30))
             .await
-            .context("the partition did not become active after the transaction committed")??;
+            .context("the partition did not become active after the transaction committed")?;
         let after = client.get(request).await?.into_inner();
         let read = after.read.clone().context("read metadata")?;
         ensure!(after.found && read.role() == Role::Active, "{after:?}");

@@ -3,8 +3,8 @@
 //! A read computes the key's partition with Kafka's partitioner (or checks the one given)
 //! and reads only that partition's store. RocksDB answers from memory (memtables and block
 //! cache) on the async worker, without I/O; a read that needs the disk goes to the blocking
-//! pool, so that a slow disk never holds an async worker. A read with a position bound waits for its copy to reach it,
-//! until the request's deadline.
+//! pool, so that a slow disk never holds an async worker. A read with a position bound
+//! waits for its copy to reach it, until the request's deadline.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
