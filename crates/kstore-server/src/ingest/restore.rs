@@ -3,8 +3,9 @@
 //!
 //! The restore consumer reads committed records only, so an aborted transaction never
 //! reaches a store. A restore ends only when no transaction is open at the end of the
-//! changelog partition, so a transaction that commits late is never missed. Records are applied in batches, each with the position it reaches, so
-//! a restore interrupted by a crash resumes where it stopped.
+//! changelog partition, so a transaction that commits late is never missed. Records are
+//! applied in batches, each with the position it reaches, so a restore interrupted by a
+//! crash resumes where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
