@@ -297,11 +297,10 @@ pub fn get(bench: &GetBench) -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     // The node's own read-latency histogram tells server time from client and network time.
-    let metrics_address = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string();
-    let extra = [format!("metrics-address={metrics_address}")];
+    let extra = ["metrics-address=127.0.0.1:0".to_owned()];
     let mut node = start_bench_node(&binaries.node, &kafka, &app, &input, dir.path(), &extra)?;
+    let metrics_address =
+        node.logged_address("serving Prometheus metrics", Duration::from_secs(120))?;
     let caught_up = |node: &mut TestProcess, timeout: Duration| -> Result<Duration> {
         let started = Instant::now();
         let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
@@ -319,15 +318,10 @@ pub fn get(bench: &GetBench) -> Result<()> {
         }
     };
     caught_up(&mut node, Duration::from_secs(600))?;
-    let uri = node
-        .output()
-        .lines()
-        .find_map(|l| {
-            l.split("serving gRPC address=")
-                .nth(1)
-                .map(|a| format!("http://{}", a.trim()))
-        })
-        .context("the node did not log its gRPC address")?;
+    let uri = format!(
+        "http://{}",
+        node.logged_address("serving gRPC", Duration::from_secs(10))?
+    );
     let channel = runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?;
 
     // Let the preload's compactions (RocksDB's and the broker's) finish, then warm the

@@ -48,7 +48,10 @@ pub struct Up {
 /// not built in: checkouts that share a target directory share the xtask binary too.
 fn workspace_root() -> PathBuf {
     match std::env::var_os("CARGO_MANIFEST_DIR") {
-        Some(xtask) => PathBuf::from(xtask).join(".."),
+        Some(xtask) => {
+            let xtask = PathBuf::from(xtask);
+            xtask.parent().map_or(xtask.join(".."), Path::to_path_buf)
+        }
         // Run directly, not through cargo: from the checkout's root.
         None => PathBuf::from("."),
     }

@@ -3,10 +3,16 @@
 //! Counters that ingest keeps as atomics (for its logs) are published as Prometheus counters
 //! by the lag tracker, so there is one source of truth for each number.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
 
 use crate::ingest::IngestMetrics;
 use crate::registry::Registry;
@@ -50,13 +56,70 @@ const COMMIT_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Starts the Prometheus exporter on `address` (`GET /metrics`).
-pub fn install(address: SocketAddr) -> Result<(), BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(address)
+/// How often histograms are folded in, so that samples do not pile up between scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on `listener` (bound by the
+/// caller, so that port 0 works and the bound address can be told). Runs until the task is
+/// dropped.
+pub fn install(listener: TcpListener) -> Result<(), BuildError> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(READ_LATENCY.into()), READ_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_LATENCY.into()), COMMIT_BUCKETS)?
-        .install()
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            interval.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(serve(listener, handle));
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a metrics connection");
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let handle = handle.clone();
+            async move { Ok::<_, std::convert::Infallible>(answer(&request, &handle)) }
+        });
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "serving a metrics connection");
+            }
+        });
+    }
+}
+
+/// `GET /metrics` gets the metrics in Prometheus' text format; anything else a 404 or 405.
+fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let status = if request.uri().path() != "/metrics" {
+        StatusCode::NOT_FOUND
+    } else if request.method() != Method::GET {
+        StatusCode::METHOD_NOT_ALLOWED
+    } else {
+        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return response;
+    };
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 /// Publishes ingest's counters and each local copy's lag.

@@ -77,22 +77,25 @@ pub fn run(
     let ingest_metrics = Arc::new(IngestMetrics::default());
 
     if !config.metrics_address.is_empty() {
-        let address = config
+        let listen_error = |reason: String| NodeError::Listen {
+            what: "metrics",
+            address: config.metrics_address.clone(),
+            reason,
+        };
+        let address: std::net::SocketAddr = config
             .metrics_address
             .parse()
-            .map_err(|_| NodeError::Listen {
-                what: "metrics",
-                address: config.metrics_address.clone(),
-                reason: "not an address".into(),
-            })?;
-        runtime
-            .block_on(async { crate::metrics::install(address) })
-            .map_err(|error| NodeError::Listen {
-                what: "metrics",
-                address: config.metrics_address.clone(),
-                reason: error.to_string(),
-            })?;
-        tracing::info!(address = %config.metrics_address, "serving Prometheus metrics at /metrics");
+            .map_err(|_| listen_error("not an address".into()))?;
+        let bound = runtime
+            .block_on(async {
+                let listener = tokio::net::TcpListener::bind(address).await?;
+                let bound = listener.local_addr()?;
+                crate::metrics::install(listener).map_err(std::io::Error::other)?;
+                std::io::Result::Ok(bound)
+            })
+            .map_err(|error| listen_error(error.to_string()))?;
+        // The bound address, which differs from the configured one when its port is 0.
+        tracing::info!(address = %bound, "serving Prometheus metrics at /metrics");
     }
 
     let listen_error = |reason: String| NodeError::Listen {

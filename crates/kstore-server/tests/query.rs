@@ -40,10 +40,7 @@ struct Served {
 
 async fn serve(name: &str) -> Result<Served> {
     let mut scenario = Scenario::new(name, PARTITIONS).await?;
-    let metrics_address = free_local_address()?;
-    scenario
-        .extra
-        .push(format!("metrics-address={metrics_address}"));
+    scenario.extra.push("metrics-address=127.0.0.1:0".into());
     let generator = GeneratorConfig {
         customers: 200,
         seed: 3,
@@ -56,6 +53,7 @@ async fn serve(name: &str) -> Result<Served> {
         .collect();
     let mut node = scenario.start_node("node-1", "only")?;
     let uri = scenario.grpc_uri(&mut node)?;
+    let metrics_address = scenario.metrics_address(&mut node)?;
     scenario.wait_caught_up(&mut node, Duration::from_secs(120))?;
     let client = QueryClient::connect(uri.clone()).await?;
     Ok(Served {
@@ -66,13 +64,6 @@ async fn serve(name: &str) -> Result<Served> {
         events,
         metrics_address,
     })
-}
-
-/// Returns a loopback address with a port that was free a moment ago (for the metrics
-/// exporter, which cannot report a port it chose itself).
-fn free_local_address() -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.to_string())
 }
 
 fn get(key: &str) -> GetRequest {

@@ -46,6 +46,27 @@ impl TestProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for the process to log a line containing `what` and
+    /// `address=…` (as kstore-node logs the addresses it serves on), and returns the
+    /// address. Fails at once if the process exits.
+    pub fn logged_address(&mut self, what: &str, timeout: Duration) -> Result<String> {
+        let mut address = None;
+        wait_until(timeout, what, || {
+            if let Some(status) = self.try_exit()? {
+                bail!("{} exited with {status}:\n{}", self.name, self.tail());
+            }
+            address = self
+                .output()
+                .lines()
+                .find(|l| l.contains(what))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .map(str::to_owned);
+            Ok(address.is_some())
+        })?;
+        Ok(address.unwrap_or_default())
+    }
+
     /// Returns the exit status if the process has exited.
     pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
         if self.exit.is_none() {

@@ -151,20 +151,13 @@ impl Scenario {
 
     /// Waits for the node to log its gRPC address and returns it as a URI.
     pub fn grpc_uri(&self, node: &mut TestProcess) -> Result<String> {
-        let mut address = None;
-        wait_until(Duration::from_secs(120), "the node to serve gRPC", || {
-            if let Some(status) = node.try_exit()? {
-                bail!("the node exited with {status}:\n{}", node.tail());
-            }
-            address = node
-                .output()
-                .lines()
-                .find(|l| l.contains("serving gRPC"))
-                .and_then(|l| l.split("address=").nth(1))
-                .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned());
-            Ok(address.is_some())
-        })?;
-        Ok(format!("http://{}", address.unwrap_or_default()))
+        let address = node.logged_address("serving gRPC", Duration::from_secs(120))?;
+        Ok(format!("http://{address}"))
+    }
+
+    /// Waits for the node to log its metrics address (it may have chosen the port).
+    pub fn metrics_address(&self, node: &mut TestProcess) -> Result<String> {
+        node.logged_address("serving Prometheus metrics", Duration::from_secs(120))
     }
 
     /// Returns the committed share of the input, 0.0 to 1.0.
