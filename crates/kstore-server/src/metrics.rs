@@ -105,20 +105,19 @@ async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 
 /// `GET /metrics` gets the metrics in Prometheus' text format; anything else a 404 or 405.
 fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
-    let status = if request.uri().path() != "/metrics" {
-        StatusCode::NOT_FOUND
+    let (status, body) = if request.uri().path() != "/metrics" {
+        (StatusCode::NOT_FOUND, String::new())
     } else if request.method() != Method::GET {
-        StatusCode::METHOD_NOT_ALLOWED
+        (StatusCode::METHOD_NOT_ALLOWED, String::new())
     } else {
-        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        return response;
+        (StatusCode::OK, handle.render())
     };
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     response
 }
 

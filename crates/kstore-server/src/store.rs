@@ -302,21 +302,23 @@ impl PartitionStore {
     }
 }
 
+/// Small shared memory for unit tests.
+#[cfg(test)]
+pub(crate) fn test_memory() -> SharedMemory {
+    SharedMemory::new(&MemoryConfig {
+        block_cache_bytes: 8 << 20,
+        write_buffer_bytes: 4 << 20,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn memory() -> SharedMemory {
-        SharedMemory::new(&MemoryConfig {
-            block_cache_bytes: 8 << 20,
-            write_buffer_bytes: 4 << 20,
-        })
-    }
-
     #[test]
     fn data_and_position_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = memory();
+        let memory = test_memory();
         {
             let store = PartitionStore::open(dir.path(), &memory).unwrap();
             assert_eq!(store.position().unwrap(), Position::default());
@@ -363,7 +365,7 @@ mod tests {
             .map(|i| format!("key-{i:03}").into_bytes())
             .collect();
         {
-            let store = PartitionStore::open(dir.path(), &memory()).unwrap();
+            let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
             let updates = keys
                 .iter()
                 .map(|k| (k.clone(), Some(k.repeat(100))))
@@ -377,7 +379,7 @@ mod tests {
             store.flush().unwrap();
         }
         // Reopened with an empty block cache: the data is only in an SST file on disk.
-        let store = PartitionStore::open(dir.path(), &memory()).unwrap();
+        let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
         // Values of 700 bytes: the keys are spread over many data blocks.
         let wanted: Vec<&[u8]> = [50, 80, 95].iter().map(|&i| keys[i].as_slice()).collect();
         assert_eq!(
@@ -415,7 +417,7 @@ mod tests {
     #[test]
     fn a_store_is_locked_by_its_owner() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = memory();
+        let memory = test_memory();
         let _store = PartitionStore::open(dir.path(), &memory).unwrap();
         let second = PartitionStore::open(dir.path(), &memory).unwrap_err();
         assert!(second.to_string().contains("lock"), "{second}");

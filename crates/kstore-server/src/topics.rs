@@ -80,8 +80,7 @@ pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topol
 
     let changelog = config.changelog_topic();
     let compacted = [("cleanup.policy", "compact")];
-    ensure(config, client, &changelog, partitions, &compacted).await?;
-    let changelog_partitions = settled_partition_count(client, &changelog).await?;
+    let changelog_partitions = ensure(config, client, &changelog, partitions, &compacted).await?;
     if changelog_partitions != partitions {
         return Err(TopicError::ChangelogPartitionMismatch {
             changelog,
@@ -92,7 +91,6 @@ pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topol
     }
     for topic in [config.dlq_topic(), config.alerts_topic()] {
         ensure(config, client, &topic, partitions, &[]).await?;
-        settled_partition_count(client, &topic).await?;
     }
     Ok(Topology { partitions })
 }
@@ -152,16 +150,28 @@ pub fn partition_count(client: &ClientConfig, topic: &str) -> Result<Option<u32>
     }
 }
 
+/// Creates the topic with `partitions` partitions unless it exists, and returns its
+/// partition count once every partition has a leader.
 async fn ensure(
     config: &NodeConfig,
     client: &ClientConfig,
     topic: &str,
     partitions: u32,
     topic_configs: &[(&str, &str)],
-) -> Result<(), TopicError> {
-    if partition_count(client, topic)?.is_some() {
-        return Ok(());
+) -> Result<u32, TopicError> {
+    if partition_count(client, topic)?.is_none() {
+        create(config, client, topic, partitions, topic_configs).await?;
     }
+    settled_partition_count(client, topic).await
+}
+
+async fn create(
+    config: &NodeConfig,
+    client: &ClientConfig,
+    topic: &str,
+    partitions: u32,
+    topic_configs: &[(&str, &str)],
+) -> Result<(), TopicError> {
     let kafka = |source| TopicError::Kafka {
         topic: topic.to_owned(),
         source,

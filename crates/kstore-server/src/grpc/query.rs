@@ -429,17 +429,10 @@ pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MemoryConfig;
-    use crate::store::{PartitionStore, SharedMemory};
+    use crate::store::PartitionStore;
+    use crate::store::test_memory as memory;
 
     const PARTITIONS: u32 = 4;
-
-    fn memory() -> SharedMemory {
-        SharedMemory::new(&MemoryConfig {
-            block_cache_bytes: 8 << 20,
-            write_buffer_bytes: 4 << 20,
-        })
-    }
 
     /// A store holding `keys` (value = key repeated 50 times) at `position`.
     fn store_with(
