@@ -37,6 +37,10 @@ pub struct IngestBench {
         default_value = "exactly-once,at-least-once"
     )]
     pub guarantees: Vec<String>,
+    /// Nodes that ingest together (gossiping as one cluster, with one standby per partition
+    /// when there are several).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u16,
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
@@ -67,8 +71,8 @@ pub fn ingest(bench: &IngestBench) -> Result<()> {
 
     println!();
     println!(
-        "ingest, one node, {} partitions, {} events over {} customers, broker on the same machine",
-        bench.partitions, bench.events, bench.customers
+        "ingest, {} node(s), {} partitions, {} events over {} customers, broker on the same machine",
+        bench.nodes, bench.partitions, bench.events, bench.customers
     );
     println!(
         "{:<15} {:>12} {:>10} {:>9} {:>10} {:>10}",
@@ -117,8 +121,20 @@ fn measure(
     );
 
     let dir = tempfile::tempdir()?;
-    let extra = [format!("processing-guarantee={guarantee}")];
-    let mut node = start_bench_node(node_binary, kafka, &app, &input, dir.path(), &extra)?;
+    let mut nodes: Vec<TestProcess> = Vec::new();
+    let mut seeds = Vec::new();
+    for i in 1..=bench.nodes.max(1) {
+        let node_dir = dir.path().join(format!("node-{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let extra = [
+            format!("processing-guarantee={guarantee}"),
+            format!("node-id=bench-node-{i}"),
+            format!("seeds={}", seeds.join(",")),
+        ];
+        let mut node = start_bench_node(node_binary, kafka, &app, &input, &node_dir, &extra)?;
+        seeds.push(node.logged_address("gossiping", Duration::from_secs(60))?);
+        nodes.push(node);
+    }
 
     let end: i64 = kafka.end_offsets(&input, bench.partitions)?.iter().sum();
     let committed = || -> Result<i64> {
@@ -129,26 +145,38 @@ fn measure(
             .sum())
     };
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let all_alive = |nodes: &mut Vec<TestProcess>| -> Result<()> {
+        nodes
+            .iter_mut()
+            .try_for_each(|node| check_alive(node, deadline))
+    };
     let (first_at, first_committed) = loop {
         let now = committed()?;
         if now > 0 {
             break (Instant::now(), now);
         }
-        check_alive(&mut node, deadline)?;
+        all_alive(&mut nodes)?;
         std::thread::sleep(Duration::from_millis(20));
     };
     loop {
         if committed()? >= end {
             break;
         }
-        check_alive(&mut node, deadline)?;
+        all_alive(&mut nodes)?;
         std::thread::sleep(Duration::from_millis(20));
     }
     let seconds = first_at.elapsed().as_secs_f64();
-    let (rss_kib, peak_rss_kib) = rss(node.pid())?;
-    let status = node.terminate(Duration::from_secs(60))?;
-    if !status.success() {
-        bail!("kstore-node exited with {status}:\n{}", node.tail());
+    let (mut rss_kib, mut peak_rss_kib) = (0, 0);
+    for node in &nodes {
+        let (rss, peak) = rss(node.pid())?;
+        rss_kib += rss;
+        peak_rss_kib += peak;
+    }
+    for node in &mut nodes {
+        let status = node.terminate(Duration::from_secs(60))?;
+        if !status.success() {
+            bail!("kstore-node exited with {status}:\n{}", node.tail());
+        }
     }
     kafka.delete_topics_with_prefix(&format!("{app}-"), Some(&app))?;
     let measured_records = end - first_committed;
@@ -172,8 +200,8 @@ fn check_alive(node: &mut TestProcess, deadline: Instant) -> Result<()> {
     Ok(())
 }
 
-/// Starts one node for a benchmark: its state in `dir`, an ephemeral gRPC port (logged as
-/// `serving gRPC address=…`), no metrics port.
+/// Starts one node for a benchmark: its state in `dir`, ephemeral gRPC and gossip ports
+/// (logged as `serving gRPC address=…`), no metrics port, a cluster of its own.
 fn start_bench_node(
     node_binary: &Path,
     kafka: &TestKafka,
@@ -189,6 +217,8 @@ fn start_bench_node(
         format!("state-dir={}", dir.join("state").display()),
         "grpc-address=127.0.0.1:0".to_owned(),
         "metrics-address=".to_owned(),
+        "gossip-address=127.0.0.1:0".to_owned(),
+        format!("cluster-id={app}"),
         format!("kafka.bootstrap.servers={}", kafka.bootstrap()),
     ];
     let args: Vec<String> = settings

@@ -1,6 +1,7 @@
 //! `cargo xtask up | status | down`: kstore's main job on one machine. A broker, the input
-//! topic, N `kstore-node` processes on 127.0.0.1 with their own ports and state, and a
-//! `kstore produce` feeding them at a steady rate.
+//! topic, N `kstore-node` processes on 127.0.0.1 with their own ports and state, gossiping
+//! as one cluster with standby copies of every partition, and a `kstore produce` feeding
+//! them at a steady rate.
 //!
 //! Everything `up` starts is written to `.kstore/cluster/cluster.json` in the workspace, with
 //! logs and state directories next to it; `down` stops exactly what is listed there.
@@ -12,8 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
+use kstore_proto::v1::MetadataRequest;
 use kstore_proto::v1::query_client::QueryClient;
-use kstore_proto::v1::{MetadataRequest, Role};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
 use kstore_testkit::process::alive;
@@ -23,6 +25,7 @@ use serde_json::json;
 const INPUT_TOPIC: &str = "orders";
 const FIRST_GRPC_PORT: u16 = 50051;
 const FIRST_METRICS_PORT: u16 = 9464;
+const FIRST_GOSSIP_PORT: u16 = 7946;
 
 /// What `up` starts.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,6 +42,9 @@ pub struct Up {
     /// Customers the events spread over.
     #[arg(long, default_value_t = 5_000)]
     pub customers: u32,
+    /// Standby copies of each partition.
+    #[arg(long, default_value_t = 1)]
+    pub standbys: usize,
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
@@ -95,11 +101,18 @@ pub fn up(up: &Up) -> Result<()> {
     let dir = cluster_dir();
     fs::create_dir_all(&dir)?;
     let template = workspace_root().join("deploy").join("kstore-node.toml");
+    let gossip_address = |i: u16| format!("127.0.0.1:{}", FIRST_GOSSIP_PORT + i);
     let mut nodes = Vec::new();
     for i in 0..up.nodes {
         let id = format!("node-{}", i + 1);
         let grpc = format!("127.0.0.1:{}", FIRST_GRPC_PORT + i);
         let metrics = format!("127.0.0.1:{}", FIRST_METRICS_PORT + i);
+        let gossip = gossip_address(i);
+        // Every other node is a seed: any one of them that is up lets this one join.
+        let seeds: Vec<String> = (0..up.nodes)
+            .filter(|&j| j != i)
+            .map(gossip_address)
+            .collect();
         let state = dir.join(&id);
         let log = dir.join(format!("{id}.log"));
         let mut command = Command::new(&binaries.node);
@@ -109,6 +122,9 @@ pub fn up(up: &Up) -> Result<()> {
             format!("state-dir={}", state.display()),
             format!("grpc-address={grpc}"),
             format!("metrics-address={metrics}"),
+            format!("gossip-address={gossip}"),
+            format!("seeds={}", seeds.join(",")),
+            format!("num-standbys={}", up.standbys),
             format!("kafka.bootstrap.servers={}", broker.bootstrap()),
         ] {
             command.arg("--set").arg(setting);
@@ -116,7 +132,7 @@ pub fn up(up: &Up) -> Result<()> {
         let pid = spawn_detached(command, &log)?;
         nodes.push(
             json!({"id": id, "pid": pid, "grpc": grpc, "metrics": metrics,
-                          "state": state, "log": log}),
+                          "gossip": gossip, "state": state, "log": log}),
         );
     }
 
@@ -183,45 +199,141 @@ fn write_status(out: &mut impl std::io::Write) -> Result<()> {
         cluster["producer"]["rate"]
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:<8} {:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
-        "node", "grpc", "partition", "role", "input", "end", "lag"
-    )?;
-    for node in cluster["nodes"].as_array().into_iter().flatten() {
-        let id = node["id"].as_str().unwrap_or_default();
+    let nodes: Vec<&serde_json::Value> =
+        cluster["nodes"].as_array().into_iter().flatten().collect();
+    for node in nodes
+        .iter()
+        .filter(|n| !alive(n["pid"].as_u64().unwrap_or(0) as u32))
+    {
+        writeln!(
+            out,
+            "{} is DOWN (pid {}; see {})",
+            node["id"].as_str().unwrap_or_default(),
+            node["pid"],
+            node["log"].as_str().unwrap_or_default()
+        )?;
+    }
+    // Any node answers for the whole cluster: ask the first that does.
+    let mut view = None;
+    let mut errors = Vec::new();
+    for node in &nodes {
         let grpc = node["grpc"].as_str().unwrap_or_default();
-        let pid = node["pid"].as_u64().unwrap_or(0) as u32;
-        if !alive(pid) {
-            writeln!(
-                out,
-                "{id:<8} {grpc:<17} {:>9} DOWN (pid {pid}; see {})",
-                "-",
-                node["log"].as_str().unwrap_or_default()
-            )?;
-            continue;
-        }
         match runtime.block_on(metadata(grpc)) {
-            Ok(copies) if copies.is_empty() => {
-                writeln!(out, "{id:<8} {grpc:<17} {:>9} (no partitions yet)", "-")?
+            Ok(answer) => {
+                view = Some((node["id"].as_str().unwrap_or_default().to_owned(), answer));
+                break;
             }
-            Ok(copies) => {
-                for copy in copies {
-                    writeln!(
-                        out,
-                        "{id:<8} {grpc:<17} {:>9} {:<10} {:>12} {:>12} {:>8}",
-                        copy.partition,
-                        role_name(copy.role()),
-                        copy.input_offset,
-                        copy.input_end,
-                        copy.lag
-                    )?;
-                }
-            }
-            Err(error) => writeln!(out, "{id:<8} {grpc:<17} {:>9} unreachable: {error:#}", "-")?,
+            Err(error) => errors.push(format!("{grpc}: {error:#}")),
         }
     }
+    let Some((asked, view)) = view else {
+        writeln!(out, "no node answers Metadata: {}", errors.join("; "))?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "cluster {} (view {} from {asked})",
+        view.cluster_id, view.version
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<8} {:<17} {:<17} {:<8} {:<9} {:>6} {:>9} {:>6}",
+        "node", "grpc", "gossip", "liveness", "status", "copies", "ingest/s", "reads"
+    )?;
+    for node in &view.nodes {
+        writeln!(
+            out,
+            "{:<8} {:<17} {:<17} {:<8} {:<9} {:>6} {:>9} {:>6}{}",
+            node.node_id,
+            node.grpc_address,
+            node.gossip_address,
+            liveness_name(node.liveness),
+            status_name(node.status),
+            node.copies.len(),
+            node.load.ingest_rate,
+            node.load.reads_in_flight,
+            if node.conflicting {
+                "  CONFLICTING NODE ID"
+            } else {
+                ""
+            }
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>9}  {:<24} standbys and restoring copies (lag)",
+        "partition", "active (input, lag)"
+    )?;
+    let partitions = view
+        .nodes
+        .iter()
+        .flat_map(|n| n.copies.iter().map(|c| c.partition + 1))
+        .max()
+        .unwrap_or(0);
+    for partition in 0..partitions {
+        let holders = view.holders(partition);
+        let active = holders
+            .iter()
+            .find(|h| h.copy.role == Role::Active)
+            .map(|h| {
+                format!(
+                    "{}{} ({}, {})",
+                    h.node.node_id,
+                    liveness_mark(h.node.liveness),
+                    h.copy.input_offset,
+                    h.copy.lag
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let others: Vec<String> = holders
+            .iter()
+            .filter(|h| h.copy.role != Role::Active)
+            .map(|h| {
+                format!(
+                    "{}{}{} ({})",
+                    h.node.node_id,
+                    liveness_mark(h.node.liveness),
+                    if h.copy.role == Role::Restoring {
+                        " restoring"
+                    } else {
+                        ""
+                    },
+                    h.copy.lag
+                )
+            })
+            .collect();
+        writeln!(out, "{partition:>9}  {active:<24} {}", others.join(", "))?;
+    }
     Ok(())
+}
+
+fn liveness_name(liveness: Liveness) -> &'static str {
+    match liveness {
+        Liveness::Live => "live",
+        Liveness::Suspect => "SUSPECT",
+        Liveness::Dead => "DEAD",
+        Liveness::Unspecified => "-",
+    }
+}
+
+/// A mark after a node's name when it is not live.
+fn liveness_mark(liveness: Liveness) -> &'static str {
+    match liveness {
+        Liveness::Live => "",
+        Liveness::Suspect => "?",
+        Liveness::Dead | Liveness::Unspecified => "†",
+    }
+}
+
+fn status_name(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Starting => "starting",
+        NodeStatus::Running => "running",
+        NodeStatus::Leaving => "leaving",
+        NodeStatus::Unspecified => "-",
+    }
 }
 
 pub fn down() -> Result<()> {
@@ -301,19 +413,11 @@ fn spawn_detached(mut command: Command, log: &Path) -> Result<u32> {
     Ok(child.id())
 }
 
-async fn metadata(grpc: &str) -> Result<Vec<kstore_proto::v1::PartitionCopy>> {
+/// Returns a node's view of the cluster.
+async fn metadata(grpc: &str) -> Result<ClusterView> {
     let mut client = QueryClient::connect(format!("http://{grpc}")).await?;
     let response = client.metadata(MetadataRequest {}).await?.into_inner();
-    Ok(response.nodes.into_iter().flat_map(|n| n.copies).collect())
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Active => "active",
-        Role::Standby => "standby",
-        Role::Restoring => "restoring",
-        Role::Unspecified => "-",
-    }
+    Ok(ClusterView::from_proto(&response))
 }
 
 /// Waits until every node answers Metadata, or a node dies.
@@ -363,9 +467,9 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
     println!("  cargo xtask down");
     println!();
     println!(
-        "(a node that does not hold the key's partition answers UNAVAILABLE with the partition in"
+        "(a node that holds no copy of the key's partition answers UNAVAILABLE with the partition"
     );
     println!(
-        " its error details: ask the node that `cargo xtask status` shows for that partition)"
+        " in its error details: ask a node that `cargo xtask status` shows for that partition)"
     );
 }

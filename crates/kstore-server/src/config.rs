@@ -110,6 +110,28 @@ pub struct NodeConfig {
     /// RocksDB threads it starts. Reads run at the process's own priority, so a node that
     /// is short of CPU answers reads first and lets ingest lag (every answer shows the lag).
     pub ingest_niceness: u8,
+    /// The cluster this node gossips with; gossip from other clusters is dropped.
+    pub cluster_id: String,
+    /// Where the node gossips (UDP). Port 0 takes a free port; the node logs the address.
+    pub gossip_address: String,
+    /// The IP address other nodes and clients use to reach this node, when it differs from
+    /// the one it listens on (which must then be set if it listens on 0.0.0.0 or [::]).
+    pub advertise_host: String,
+    /// Gossip addresses (`host:port`) of nodes to join through. Empty for the first node.
+    pub seeds: Vec<String>,
+    /// How often the node gossips with a few others, in milliseconds.
+    pub gossip_interval_ms: u64,
+    /// How often the node publishes its copies, offsets, lag and load, and rebuilds its view
+    /// of the cluster, in milliseconds.
+    pub publish_interval_ms: u64,
+    /// How long a node whose heartbeats stopped is suspect before it counts as dead (its
+    /// standbys are then placed on other nodes), in milliseconds.
+    pub dead_after_ms: u64,
+    /// Standby copies of each partition, on nodes other than its active's.
+    pub num_standbys: usize,
+    /// How long the directory of a copy this node no longer holds is kept, so that a quick
+    /// return starts warm, in milliseconds.
+    pub standby_retention_ms: u64,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -140,6 +162,15 @@ impl Default for NodeConfig {
             max_multiget_keys: 1_000,
             read_wait_ms: 1_000,
             ingest_niceness: 10,
+            cluster_id: "kstore".into(),
+            gossip_address: "127.0.0.1:7946".into(),
+            advertise_host: String::new(),
+            seeds: Vec::new(),
+            gossip_interval_ms: 100,
+            publish_interval_ms: 250,
+            dead_after_ms: 10_000,
+            num_standbys: 1,
+            standby_retention_ms: 600_000,
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }
@@ -254,6 +285,7 @@ impl NodeConfig {
             ("node-id", &self.node_id),
             ("app-id", &self.app_id),
             ("store", &self.store),
+            ("cluster-id", &self.cluster_id),
         ] {
             if value.is_empty() {
                 return invalid(key, "must be set");
@@ -313,6 +345,51 @@ impl NodeConfig {
                 "must be an address such as 127.0.0.1:9464, or empty",
             );
         }
+        let gossip: std::net::SocketAddr = match self.gossip_address.parse() {
+            Ok(address) => address,
+            Err(_) => {
+                return invalid(
+                    "gossip-address",
+                    "must be an address such as 127.0.0.1:7946",
+                );
+            }
+        };
+        if !self.advertise_host.is_empty()
+            && self.advertise_host.parse::<std::net::IpAddr>().is_err()
+        {
+            return invalid("advertise-host", "must be an IP address, or empty");
+        }
+        if self.advertise_host.is_empty() {
+            for (key, address) in [("grpc-address", grpc), ("gossip-address", gossip)] {
+                if address.ip().is_unspecified() {
+                    return invalid(
+                        "advertise-host",
+                        &format!(
+                            "must be set when {key} listens on every interface ({address}): \
+                             other nodes need an address to reach this one"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(seed) = self.seeds.iter().find(|s| {
+            s.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            return invalid("seeds", &format!("{seed:?} is not host:port"));
+        }
+        if !(10..=10_000).contains(&self.gossip_interval_ms) {
+            return invalid("gossip-interval-ms", "must be between 10 and 10000");
+        }
+        if !(50..=60_000).contains(&self.publish_interval_ms) {
+            return invalid("publish-interval-ms", "must be between 50 and 60000");
+        }
+        if self.dead_after_ms < 1_000 {
+            return invalid("dead-after-ms", "must be at least 1000");
+        }
+        if self.num_standbys > 8 {
+            return invalid("num-standbys", "must be at most 8");
+        }
         if self.admin_enabled && !grpc.ip().is_loopback() && self.admin_token.is_none() {
             return invalid(
                 "admin-token",
@@ -362,6 +439,14 @@ impl NodeConfig {
     /// Returns the built-in processor's alert topic: `<app>-alerts`.
     pub fn alerts_topic(&self) -> String {
         format!("{}-alerts", self.app_id)
+    }
+
+    /// Returns the address other nodes and clients use for a port this node bound.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> std::net::SocketAddr {
+        match self.advertise_host.parse::<std::net::IpAddr>() {
+            Ok(host) => std::net::SocketAddr::new(host, bound.port()),
+            Err(_) => bound,
+        }
     }
 
     /// Returns the directory of one partition's store.
@@ -421,7 +506,15 @@ fn set_path(table: &mut toml::Table, path: &[String], text: &str) {
         current = next;
     }
     let in_kafka = path.first().is_some_and(|p| p == "kafka");
-    let value = if in_kafka {
+    let value = if path == ["seeds"] {
+        toml::Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        )
+    } else if in_kafka {
         toml::Value::String(text.to_owned())
     } else if let Ok(v) = text.parse::<i64>() {
         toml::Value::Integer(v)
@@ -515,13 +608,52 @@ mod tests {
 
     #[test]
     fn admin_beyond_loopback_needs_a_token() {
-        let public = [MINIMAL, &["grpc-address=0.0.0.0:50051"]].concat();
+        let public = [
+            MINIMAL,
+            &["grpc-address=0.0.0.0:50051", "advertise-host=10.0.0.1"],
+        ]
+        .concat();
         let error = load(&[], &public).unwrap_err().to_string();
         assert!(error.contains("admin-token"), "{error}");
         let with_token = [public.as_slice(), &["admin-token=0123456789abcdef"]].concat();
         assert!(load(&[], &with_token).is_ok());
         let admin_off = [public.as_slice(), &["admin-enabled=false"]].concat();
         assert!(load(&[], &admin_off).is_ok());
+    }
+
+    #[test]
+    fn seeds_come_comma_separated_from_flags_and_the_environment() {
+        let config = load(&[("KSTORE_SEEDS", "10.0.0.1:7946, 10.0.0.2:7946")], MINIMAL).unwrap();
+        assert_eq!(config.seeds, ["10.0.0.1:7946", "10.0.0.2:7946"]);
+        let config = load(&[], &[MINIMAL, &["seeds=kstore-0.kstore:7946"]].concat()).unwrap();
+        assert_eq!(config.seeds, ["kstore-0.kstore:7946"]);
+        let config = load(&[], &[MINIMAL, &["seeds="]].concat()).unwrap();
+        assert!(config.seeds.is_empty());
+        let error = load(&[], &[MINIMAL, &["seeds=10.0.0.1"]].concat()).unwrap_err();
+        assert!(error.to_string().contains("seeds"), "{error}");
+    }
+
+    #[test]
+    fn listening_on_every_interface_needs_an_advertised_host() {
+        let everywhere = [MINIMAL, &["gossip-address=0.0.0.0:7946"]].concat();
+        let error = load(&[], &everywhere).unwrap_err().to_string();
+        assert!(
+            error.contains("advertise-host") && error.contains("gossip-address"),
+            "{error}"
+        );
+        let advertised = [everywhere.as_slice(), &["advertise-host=10.1.2.3"]].concat();
+        let config = load(&[], &advertised).unwrap();
+        assert_eq!(
+            config.advertised("0.0.0.0:7000".parse().unwrap()),
+            "10.1.2.3:7000".parse().unwrap()
+        );
+        let bad = [MINIMAL, &["advertise-host=node-1.example"]].concat();
+        assert!(
+            load(&[], &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("advertise-host")
+        );
     }
 
     #[test]
@@ -554,5 +686,16 @@ mod tests {
                 .contains("ingest-niceness")
         );
         assert!(message(load(&[], &["oops"])).contains("key=value"));
+        for (setting, key) in [
+            ("cluster-id=a b", "cluster-id"),
+            ("gossip-address=nowhere", "gossip-address"),
+            ("gossip-interval-ms=0", "gossip-interval-ms"),
+            ("publish-interval-ms=10", "publish-interval-ms"),
+            ("dead-after-ms=10", "dead-after-ms"),
+            ("num-standbys=9", "num-standbys"),
+        ] {
+            let error = message(load(&[], &[MINIMAL, &[setting]].concat()));
+            assert!(error.contains(key), "{setting}: {error}");
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! The kstore node: ingest of keyed events into per-partition RocksDB stores, exactly once,
-//! with restore from the changelog and dead letters for bad input; and its gRPC Query and
-//! Admin services, health, reflection and Prometheus metrics.
+//! with restore from the changelog and dead letters for bad input; standby copies kept
+//! current by a state updater and placed by a cluster view that gossip shares; and its gRPC
+//! Query and Admin services, health, reflection and Prometheus metrics.
 //!
 //! The binary `kstore-node` runs the built-in processor; a user's own binary can call
 //! [`node::run`] with a [`processor::Processor`] of its own.
 
 pub mod config;
+pub mod gossip;
 pub mod grpc;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod processor;
 pub mod registry;
+pub mod standby;
 pub mod store;
 pub mod topics;

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::ingest::IngestMetrics;
 use crate::registry::Registry;
+use crate::standby::updater::UpdaterMetrics;
 
 /// Input records read.
 pub const INGEST_RECORDS: &str = "kstore_ingest_records_total";
@@ -29,8 +30,13 @@ pub const PARTITION_MISMATCHES: &str = "kstore_partition_mismatches_total";
 pub const COMMITS: &str = "kstore_commits_total";
 /// Transactions aborted.
 pub const ABORTS: &str = "kstore_aborts_total";
-/// Changelog records replayed by restores.
-pub const RESTORED_RECORDS: &str = "kstore_restored_records_total";
+/// Changelog records the state updater applied to standby and restoring copies.
+pub const UPDATER_RECORDS: &str = "kstore_updater_records_total";
+/// Standby copies the state updater stopped updating because their store failed.
+pub const UPDATER_FAILURES: &str = "kstore_updater_failures_total";
+/// Seconds from a partition's assignment to its processing: its restore (a promoted standby
+/// replays only the tail it had not applied).
+pub const ACTIVATION_TIME: &str = "kstore_partition_activation_seconds";
 /// Seconds from the start of a commit to its updates being in RocksDB.
 pub const COMMIT_LATENCY: &str = "kstore_commit_latency_seconds";
 /// Input records a local copy does not reflect yet, by partition.
@@ -51,6 +57,11 @@ const READ_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0,
 ];
 
+/// Activation buckets: from 10 ms (a warm standby) to 10 minutes (a replay from zero).
+const ACTIVATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// Commit latency buckets: from 1 ms to 10 s.
 const COMMIT_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -66,6 +77,7 @@ pub fn install(listener: TcpListener) -> Result<(), BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(READ_LATENCY.into()), READ_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_LATENCY.into()), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(ACTIVATION_TIME.into()), ACTIVATION_BUCKETS)?
         .install_recorder()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -121,8 +133,9 @@ fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Fu
     response
 }
 
-/// Publishes ingest's counters and each local copy's lag.
-pub fn publish(ingest: &IngestMetrics, registry: &Registry) {
+/// Publishes ingest's and the state updater's counters, and each local copy's role and lag.
+/// A partition without a local copy shows role 0 and lag 0.
+pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Registry) {
     let counters = [
         (INGEST_RECORDS, &ingest.records_in),
         (PROCESSED_RECORDS, &ingest.records_processed),
@@ -130,15 +143,18 @@ pub fn publish(ingest: &IngestMetrics, registry: &Registry) {
         (PARTITION_MISMATCHES, &ingest.partition_mismatches),
         (COMMITS, &ingest.commits),
         (ABORTS, &ingest.aborts),
-        (RESTORED_RECORDS, &ingest.restored_records),
+        (UPDATER_RECORDS, &updater.records),
+        (UPDATER_FAILURES, &updater.failures),
     ];
     for (name, counter) in counters {
         metrics::counter!(name).absolute(counter.load(Ordering::Relaxed));
     }
-    for copy in registry.all() {
-        let partition = copy.partition.to_string();
-        metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(copy.lag() as f64);
-        metrics::gauge!(PARTITION_ROLE, "partition" => partition)
-            .set(f64::from(copy.role() as i32));
+    for partition in 0..registry.partitions() as i32 {
+        let copy = registry.get(partition);
+        let lag = copy.as_ref().map_or(0, |c| c.lag());
+        let role = copy.as_ref().map_or(0, |c| c.role() as i32);
+        let partition = partition.to_string();
+        metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(lag as f64);
+        metrics::gauge!(PARTITION_ROLE, "partition" => partition).set(f64::from(role));
     }
 }

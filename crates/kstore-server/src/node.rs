@@ -1,5 +1,6 @@
-//! A node's lifecycle: check the topics, open the gRPC and metrics ports, then ingest until
-//! asked to stop; then stop serving.
+//! A node's lifecycle: check the topics, open the gRPC and metrics ports, join the cluster's
+//! gossip, start the state updater and placement, then ingest until asked to stop; then say
+//! it leaves, and stop serving.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,11 +11,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::{NodeConfig, ProcessorKind};
+use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::registry::Registry;
+use crate::standby::updater::{self, UpdaterMetrics};
+use crate::standby::{Copies, placement};
+use crate::store::SharedMemory;
 use crate::topics::{self, TopicError};
 
 /// How often the node looks at the input's end offsets (for lag) and publishes metrics.
@@ -33,6 +38,12 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    /// Gossip could not start.
+    #[error(transparent)]
+    Gossip(#[from] GossipError),
+    /// The state updater could not start.
+    #[error("starting the state updater: {0}")]
+    Updater(rdkafka::error::KafkaError),
     /// A port could not be opened.
     #[error("cannot listen on {what} address {address}: {reason}")]
     Listen {
@@ -116,45 +127,100 @@ pub fn run(
         .local_addr()
         .map_err(|error| listen_error(error.to_string()))?;
     tracing::info!(address = %bound, "serving gRPC");
-    let stop_serving = shutdown.clone();
+
+    let gossip = runtime.block_on(Gossip::start(
+        &config,
+        SelfState {
+            registry: registry.clone(),
+            ingest: ingest_metrics.clone(),
+            grpc_address: config.advertised(bound).to_string(),
+            shutdown: shutdown.clone(),
+        },
+    ))?;
+    // Serving stops after ingest has handed its partitions over and gossip has said the
+    // node leaves, so reads keep answering while the node shuts down.
+    let stop_serving = Arc::new(AtomicBool::new(false));
     let server = runtime.spawn(grpc::serve(
         incoming,
         config.clone(),
         registry.clone(),
+        gossip.view(),
         processor.value_type_url().map(str::to_owned),
-        async move {
-            while !stop_serving.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        {
+            let stop_serving = stop_serving.clone();
+            async move {
+                while !stop_serving.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         },
     ));
 
+    let (restored_tx, restored) = std::sync::mpsc::channel();
+    let updater_metrics = Arc::new(UpdaterMetrics::default());
+    let mut updater_thread = updater::spawn(
+        &client,
+        config.changelog_topic(),
+        format!("{}-{}-updater", config.app_id, config.node_id),
+        config.ingest_niceness,
+        registry.clone(),
+        updater_metrics.clone(),
+        restored_tx,
+    )
+    .map_err(NodeError::Updater)?;
+    let copies = Arc::new(Copies::new(
+        config.clone(),
+        registry.clone(),
+        SharedMemory::new(&config.memory),
+        updater_thread.updater(),
+    ));
+    let placement = placement::spawn(
+        copies.clone(),
+        config.node_id.clone(),
+        config.num_standbys,
+        gossip.view(),
+        shutdown.clone(),
+    )?;
+
     let tracker = {
-        let (client, config, registry, metrics, shutdown) = (
+        let (client, config, registry, metrics, updater_metrics, shutdown) = (
             client.clone(),
             config.clone(),
             registry.clone(),
             ingest_metrics.clone(),
+            updater_metrics.clone(),
             shutdown.clone(),
         );
         std::thread::Builder::new()
             .name("kstore-lag".into())
             .spawn(move || {
-                track_lag(&client, &config.input_topic, &registry, &metrics, &shutdown)
+                track_lag(
+                    &client,
+                    &config.input_topic,
+                    &registry,
+                    &metrics,
+                    &updater_metrics,
+                    &shutdown,
+                )
             })?
     };
 
     let ingested = ingest::run(
-        config,
+        config.clone(),
         topology.partitions,
         processor,
-        registry,
+        copies,
+        restored,
         ingest_metrics,
         shutdown.clone(),
     );
-    // Whatever ended ingest, stop serving too.
+    // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);
+    let _ = placement.join();
+    runtime.block_on(gossip.leave(Duration::from_millis(config.publish_interval_ms)));
+    stop_serving.store(true, Ordering::Relaxed);
     let served = runtime.block_on(server);
+    updater_thread.stop();
     let _ = tracker.join();
     ingested?;
     match served {
@@ -170,6 +236,7 @@ fn track_lag(
     input: &str,
     registry: &Registry,
     metrics: &IngestMetrics,
+    updater_metrics: &UpdaterMetrics,
     shutdown: &AtomicBool,
 ) {
     let consumer: BaseConsumer = match client.create() {
@@ -186,7 +253,7 @@ fn track_lag(
                 Err(error) => tracing::debug!(%error, partition = copy.partition, "end offset"),
             }
         }
-        crate::metrics::publish(metrics, registry);
+        crate::metrics::publish(metrics, updater_metrics, registry);
         std::thread::sleep(LAG_INTERVAL);
     }
 }

@@ -1,12 +1,14 @@
-//! The node's registry of local partition copies: what ingest and restore publish and what
-//! reads consult. Each copy carries its store, its role, its position (as a watch channel,
-//! so that a read with a position bound can wait for it) and the input's end offset.
+//! The node's registry of local partition copies: what ingest and the state updater publish
+//! and what reads and gossip consult. Each copy carries its store, its role, its position
+//! (as a watch channel, so that a read with a position bound can wait for it) and the
+//! input's end offset. The registry also holds what the node says of itself in gossip: its
+//! status, the consumer-group generation it last saw, and the reads it is answering.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
-use kstore_proto::v1::Role;
+use kstore_proto::v1::{NodeStatus, Role};
 use tokio::sync::{Notify, watch};
 
 use crate::store::{PartitionStore, Position};
@@ -66,6 +68,18 @@ pub struct Registry {
     copies: RwLock<HashMap<i32, Arc<PartitionCopy>>>,
     ready: AtomicBool,
     ready_notify: Notify,
+    group_generation: AtomicI32,
+    reads_in_flight: AtomicU32,
+}
+
+/// Counts a read as in flight while it lives.
+#[derive(Debug)]
+pub struct ReadInFlight<'a>(&'a AtomicU32);
+
+impl Drop for ReadInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Registry {
@@ -77,6 +91,8 @@ impl Registry {
             copies: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             ready_notify: Notify::new(),
+            group_generation: AtomicI32::new(0),
+            reads_in_flight: AtomicU32::new(0),
         }
     }
 
@@ -140,6 +156,14 @@ impl Registry {
         }
     }
 
+    /// Forgets a copy: reads no longer find it.
+    pub fn remove(&self, partition: i32) {
+        self.copies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&partition);
+    }
+
     /// Sets a copy's role.
     pub fn set_role(&self, partition: i32, role: Role) {
         if let Some(copy) = self.get(partition) {
@@ -150,6 +174,18 @@ impl Registry {
     /// Publishes a copy's new position, waking reads that wait for it.
     pub fn set_position(&self, partition: i32, position: Position) {
         if let Some(copy) = self.get(partition) {
+            copy.position.send_replace(position);
+        }
+    }
+
+    /// Publishes a new position of the copy whose store is `store`, if that copy is still
+    /// registered (a copy that was retired, or replaced by another store, is left alone).
+    pub fn set_position_of(&self, store: &Arc<PartitionStore>, position: Position) {
+        let copies = self
+            .copies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(copy) = copies.values().find(|c| Arc::ptr_eq(&c.store, store)) {
             copy.position.send_replace(position);
         }
     }
@@ -165,6 +201,37 @@ impl Registry {
     pub fn mark_ready(&self) {
         self.ready.store(true, Ordering::Release);
         self.ready_notify.notify_waiters();
+    }
+
+    /// Returns what the node is doing: starting until its first stores are open, then
+    /// running.
+    pub fn status(&self) -> NodeStatus {
+        if self.ready.load(Ordering::Acquire) {
+            NodeStatus::Running
+        } else {
+            NodeStatus::Starting
+        }
+    }
+
+    /// Records the consumer-group generation the node saw last.
+    pub fn set_group_generation(&self, generation: i32) {
+        self.group_generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// Returns the consumer-group generation the node saw last (0 before it joined).
+    pub fn group_generation(&self) -> i32 {
+        self.group_generation.load(Ordering::Relaxed)
+    }
+
+    /// Counts a read as in flight until the returned guard is dropped.
+    pub fn read_started(&self) -> ReadInFlight<'_> {
+        self.reads_in_flight.fetch_add(1, Ordering::Relaxed);
+        ReadInFlight(&self.reads_in_flight)
+    }
+
+    /// Returns how many reads are in flight.
+    pub fn reads_in_flight(&self) -> u32 {
+        self.reads_in_flight.load(Ordering::Relaxed)
     }
 
     /// Waits until the node is ready.

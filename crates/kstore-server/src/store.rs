@@ -42,6 +42,14 @@ pub enum StoreError {
         /// RocksDB's error.
         source: rocksdb::Error,
     },
+    /// The store's directory could not be prepared.
+    #[error("store {path}: {message}")]
+    Io {
+        /// The store's directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
     /// The stored position is not 8 bytes.
     #[error("store {path} holds a corrupt position under {key}")]
     CorruptPosition {

@@ -397,12 +397,40 @@ fn multi_get_answers_per_key_in_request_order() -> Result<()> {
 fn metadata_admin_health_reflection_and_metrics_answer() -> Result<()> {
     run_async(async {
         let mut served = serve("ops").await?;
-        let metadata = served
-            .client
-            .metadata(MetadataRequest {})
-            .await?
-            .into_inner();
+        // The view is republished every publish interval: wait for the one after ingest
+        // caught up.
+        let caught_up = async {
+            loop {
+                let metadata = served
+                    .client
+                    .metadata(MetadataRequest {})
+                    .await?
+                    .into_inner();
+                let copies = metadata.nodes.first().map(|n| n.copies.clone());
+                if copies
+                    .is_some_and(|c| c.len() == PARTITIONS as usize && c.iter().all(|c| c.lag == 0))
+                {
+                    return anyhow::Ok(metadata);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let metadata = tokio::time::timeout(Duration::from_secs(30), caught_up)
+            .await
+            .context("the view shows the caught-up copies")??;
         ensure!(metadata.node_id == "node-1");
+        ensure!(
+            metadata.cluster_id == served.scenario.app,
+            "{}",
+            metadata.cluster_id
+        );
+        ensure!(metadata.nodes.len() == 1, "{:?}", metadata.nodes);
+        ensure!(
+            metadata.nodes[0].liveness() == kstore_proto::v1::Liveness::Live
+                && metadata.nodes[0].grpc_address == served.uri.trim_start_matches("http://"),
+            "{:?}",
+            metadata.nodes[0]
+        );
         let store = metadata.stores.first().context("store")?;
         ensure!(store.partitions == PARTITIONS && store.value_type == "kstore.v1.CustomerFeatures");
         let copies = &metadata.nodes.first().context("node")?.copies;

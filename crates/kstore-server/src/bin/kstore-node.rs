@@ -24,12 +24,18 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KSTORE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    use tracing_subscriber::prelude::*;
+    // Chitchat warns once per dropped gossip message; the node counts them (unfiltered
+    // layer) and reports them once per publish interval instead.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KSTORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chitchat=error"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stdout().is_terminal())
+                .with_filter(filter),
         )
+        .with(kstore_server::gossip::transport::DropCounter)
         .init();
     let args = Args::parse();
     let env = std::env::vars().filter(|(name, _)| name != "KSTORE_CONFIG");

@@ -12,6 +12,9 @@ use kstore_proto::v1::query_server::QueryServer;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use kstore_core::cluster::ClusterView;
+use tokio::sync::watch;
+
 use crate::config::NodeConfig;
 use crate::registry::Registry;
 use admin::AdminService;
@@ -35,12 +38,14 @@ pub async fn serve(
     incoming: TcpIncoming,
     config: Arc<NodeConfig>,
     registry: Arc<Registry>,
+    view: watch::Receiver<Arc<ClusterView>>,
     value_type_url: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
     let query = QueryServer::new(QueryService::new(
         registry.clone(),
         config.clone(),
+        view,
         value_type_url,
     ));
     let admin = config.admin_enabled.then(|| {
@@ -103,10 +108,12 @@ mod tests {
         let address = incoming.local_addr().unwrap();
         let registry = Arc::new(Registry::new("n1", 4));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (_view, view_rx) = watch::channel(Arc::new(ClusterView::default()));
         let server = tokio::spawn(serve(
             incoming,
             Arc::new(NodeConfig::default()),
             registry.clone(),
+            view_rx,
             None,
             async move {
                 let _ = stopped.await;

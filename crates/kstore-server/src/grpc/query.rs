@@ -5,18 +5,24 @@
 //! cache) on the async worker, without I/O; a read that needs the disk goes to the blocking
 //! pool, so that a slow disk never holds an async worker. A read with a position bound
 //! waits for its copy to reach it, until the request's deadline.
+//!
+//! Metadata answers with the cluster-wide view that gossip keeps; WatchMetadata streams it,
+//! once now and again on every change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kstore_core::cluster::ClusterView;
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::query_server::Query;
 use kstore_proto::v1::{
     ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
-    MultiGetRequest, MultiGetResponse, NodeInfo, ReadMetadata, ReadOptions, Role, StoreInfo,
-    get_response,
+    MultiGetRequest, MultiGetResponse, ReadMetadata, ReadOptions, Role, StoreInfo, get_response,
 };
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::error::ReadError;
@@ -36,20 +42,47 @@ const MAX_READ_WAIT: Duration = Duration::from_secs(60);
 pub struct QueryService {
     registry: Arc<Registry>,
     config: Arc<NodeConfig>,
+    view: watch::Receiver<Arc<ClusterView>>,
     value_type_url: Option<String>,
 }
 
 impl QueryService {
-    /// Returns the service; values are returned as `Any` of `value_type_url` if given.
+    /// Returns the service; values are returned as `Any` of `value_type_url` if given, and
+    /// Metadata describes `view`.
     pub fn new(
         registry: Arc<Registry>,
         config: Arc<NodeConfig>,
+        view: watch::Receiver<Arc<ClusterView>>,
         value_type_url: Option<String>,
     ) -> Self {
         QueryService {
             registry,
             config,
+            view,
             value_type_url,
+        }
+    }
+
+    /// Describes the store and the cluster view for Metadata and WatchMetadata.
+    fn metadata_of(&self, view: &ClusterView) -> MetadataResponse {
+        let store = StoreInfo {
+            name: self.config.store.clone(),
+            partitions: self.registry.partitions(),
+            input_topic: self.config.input_topic.clone(),
+            changelog_topic: self.config.changelog_topic(),
+            value_type: self
+                .value_type_url
+                .as_deref()
+                .and_then(|url| url.rsplit('/').next())
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        MetadataResponse {
+            stores: vec![store],
+            nodes: view.to_proto_nodes(),
+            node_id: self.registry.node_id().to_owned(),
+            cluster_id: self.config.cluster_id.clone(),
+            view_version: view.version,
         }
     }
 
@@ -344,6 +377,7 @@ fn record_latency(method: &'static str, started: Instant, role: Role, outcome: &
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);
         match self.get_one(request.into_inner(), deadline).await {
@@ -367,6 +401,7 @@ impl Query for QueryService {
         &self,
         request: Request<MultiGetRequest>,
     ) -> Result<Response<MultiGetResponse>, Status> {
+        let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);
         let result = QueryService::multi_get(self, request.into_inner(), deadline).await;
@@ -382,34 +417,23 @@ impl Query for QueryService {
         &self,
         _request: Request<MetadataRequest>,
     ) -> Result<Response<MetadataResponse>, Status> {
-        let copies = self
-            .registry
-            .all()
-            .iter()
-            .map(|copy| partition_copy(copy))
-            .collect();
-        let node = NodeInfo {
-            node_id: self.registry.node_id().to_owned(),
-            grpc_address: self.config.grpc_address.clone(),
-            copies,
-        };
-        let store = StoreInfo {
-            name: self.config.store.clone(),
-            partitions: self.registry.partitions(),
-            input_topic: self.config.input_topic.clone(),
-            changelog_topic: self.config.changelog_topic(),
-            value_type: self
-                .value_type_url
-                .as_deref()
-                .and_then(|url| url.rsplit('/').next())
-                .unwrap_or_default()
-                .to_owned(),
-        };
-        Ok(Response::new(MetadataResponse {
-            stores: vec![store],
-            nodes: vec![node],
-            node_id: self.registry.node_id().to_owned(),
-        }))
+        let view = self.view.borrow().clone();
+        Ok(Response::new(self.metadata_of(&view)))
+    }
+
+    type WatchMetadataStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<MetadataResponse, Status>> + Send>>;
+
+    async fn watch_metadata(
+        &self,
+        _request: Request<MetadataRequest>,
+    ) -> Result<Response<Self::WatchMetadataStream>, Status> {
+        // The current view first, then each new version. A slow reader skips the versions
+        // it missed (the watch keeps only the newest), so it never falls behind.
+        let service = self.clone();
+        let views = WatchStream::new(self.view.clone());
+        let stream = views.map(move |view| Ok(service.metadata_of(&view)));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -450,7 +474,8 @@ mod tests {
     }
 
     fn service(registry: Arc<Registry>) -> QueryService {
-        QueryService::new(registry, Arc::new(NodeConfig::default()), None)
+        let (_, view) = watch::channel(Arc::new(ClusterView::default()));
+        QueryService::new(registry, Arc::new(NodeConfig::default()), view, None)
     }
 
     fn get_request(key: &[u8]) -> Request<GetRequest> {

@@ -8,14 +8,14 @@
 //! together with the input offsets (exactly-once v2). Only after the commit do the updates
 //! reach RocksDB, so a read never sees state that could still roll back.
 //!
-//! Partitions the group assigns are paused until the state updater (`restore`) has
-//! replayed their changelog tail, off this thread, so a long restore cannot exceed
-//! `max.poll.interval.ms`.
-
-pub mod restore;
+//! Partitions the group assigns are paused until the state updater has replayed their
+//! changelog tail, off this thread, so a long restore cannot exceed `max.poll.interval.ms`.
+//! A partition this node held as a standby replays only the tail the standby had not
+//! applied yet. A revoked partition's copy stays open as a standby.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,9 +29,9 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use crate::config::{MismatchPolicy, NodeConfig, ProcessingGuarantee};
 use crate::processor::{InputRecord, ProcessError, Processor, Update};
 use crate::registry::Registry;
-use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
-use kstore_proto::v1::Role;
-use restore::{RestoreEvent, Restorer};
+use crate::standby::Copies;
+use crate::standby::updater::UpdaterEvent;
+use crate::store::{PartitionStore, StoreError};
 
 /// The header of a changelog record that holds the input offset that produced it.
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
@@ -113,8 +113,6 @@ pub struct IngestMetrics {
     pub commits: AtomicU64,
     /// Transactions aborted, whose records are read again.
     pub aborts: AtomicU64,
-    /// Changelog records replayed into stores by restores.
-    pub restored_records: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -170,7 +168,7 @@ enum Ownership {
     /// Its changelog tail is being replayed by restore number `generation`; its input is
     /// paused. A finished restore of an earlier generation (one cancelled by a revoke before
     /// the partition came back) must not activate it.
-    Restoring { generation: u64 },
+    Restoring { generation: u64, assigned: Instant },
     /// Its input is being folded into its store.
     Active,
 }
@@ -196,11 +194,14 @@ struct Engine {
     partitions: u32,
     processor: Box<dyn Processor>,
     producer: BaseProducer<DeliveryTracker>,
-    memory: SharedMemory,
+    /// The stores of the partitions this node owns.
     stores: HashMap<i32, Arc<PartitionStore>>,
     owned: HashMap<i32, Ownership>,
     txn: Option<OpenTransaction>,
-    restorer: Restorer,
+    /// Opens, hands over and retires the node's copies.
+    copies: Arc<Copies>,
+    /// Restores the state updater finished (or failed).
+    restored: Receiver<UpdaterEvent>,
     /// Numbers restores, so that a stale restore's result is recognised.
     restore_generation: u64,
     registry: Arc<Registry>,
@@ -238,10 +239,14 @@ impl ConsumerContext for IngestContext {
         }
         for partition in &revoked {
             engine.owned.remove(partition);
-            engine.restorer.cancel(*partition);
-            // The copy stays open and keeps answering reads, with its staleness stated.
-            engine.registry.set_role(*partition, Role::Standby);
+            engine.stores.remove(partition);
+            // The copy stays open and keeps answering reads as a standby, with its
+            // staleness stated, until its partition runs elsewhere.
+            engine.copies.revoke(*partition);
         }
+        engine
+            .registry
+            .set_group_generation(group_generation(consumer));
         tracing::info!(?revoked, "partitions revoked");
     }
 
@@ -253,6 +258,9 @@ impl ConsumerContext for IngestContext {
                     tracing::error!(%error, "pausing newly assigned partitions failed");
                 }
                 let mut engine = lock(&self.engine);
+                engine
+                    .registry
+                    .set_group_generation(group_generation(consumer));
                 let input = engine.config.input_topic.clone();
                 for partition in partitions_of(partitions, &input) {
                     if let Err(error) = engine.start_restore(partition) {
@@ -280,37 +288,34 @@ impl Engine {
         self.config.processing_guarantee == ProcessingGuarantee::ExactlyOnce
     }
 
-    fn store(&mut self, partition: i32) -> Result<Arc<PartitionStore>, IngestError> {
-        if let Some(store) = self.stores.get(&partition) {
-            return Ok(store.clone());
-        }
-        let dir = self.config.store_dir(partition);
-        std::fs::create_dir_all(&dir).map_err(|error| IngestError::Restore {
-            partition,
-            reason: format!("creating {}: {error}", dir.display()),
-        })?;
-        let store = PartitionStore::open(&dir, &self.memory)?;
-        self.stores.insert(partition, store.clone());
-        Ok(store)
+    fn store(&self, partition: i32) -> Result<Arc<PartitionStore>, IngestError> {
+        self.stores
+            .get(&partition)
+            .cloned()
+            .ok_or_else(|| IngestError::Restore {
+                partition,
+                reason: "the node does not own the partition".into(),
+            })
     }
 
     fn start_restore(&mut self, partition: i32) -> Result<(), IngestError> {
-        let store = self.store(partition)?;
-        let position = store.position()?;
+        self.restore_generation += 1;
+        let generation = self.restore_generation;
+        let (store, position) = self.copies.assign(partition, generation)?;
         tracing::info!(
             partition,
             changelog_offset = position.changelog_next,
             input_offset = position.input_next,
             "partition assigned; restoring its changelog tail"
         );
-        self.restore_generation += 1;
-        let generation = self.restore_generation;
-        self.owned
-            .insert(partition, Ownership::Restoring { generation });
-        self.registry
-            .track(partition, store.clone(), Role::Restoring, position);
-        self.restorer
-            .restore(partition, generation, store, position);
+        self.stores.insert(partition, store);
+        self.owned.insert(
+            partition,
+            Ownership::Restoring {
+                generation,
+                assigned: Instant::now(),
+            },
+        );
         Ok(())
     }
 
@@ -319,34 +324,43 @@ impl Engine {
         &mut self,
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<(), IngestError> {
-        while let Some(event) = self.restorer.try_event() {
+        while let Ok(event) = self.restored.try_recv() {
             match event {
-                RestoreEvent::Done {
+                UpdaterEvent::Restored {
                     partition,
                     generation,
                     records,
                     position,
                 } => {
+                    let Some(Ownership::Restoring {
+                        generation: current,
+                        assigned,
+                    }) = self.owned.get(&partition).copied()
+                    else {
+                        continue;
+                    };
+                    if current != generation {
+                        continue;
+                    }
+                    let ready_in = assigned.elapsed();
                     tracing::info!(
                         partition,
                         records,
                         changelog_offset = position.changelog_next,
                         input_offset = position.input_next,
-                        "restore finished"
+                        ready_in_ms = ready_in.as_millis() as u64,
+                        "restore finished; the partition is active"
                     );
-                    if self.owned.get(&partition) != Some(&Ownership::Restoring { generation }) {
-                        continue;
-                    }
+                    metrics::histogram!(crate::metrics::ACTIVATION_TIME).record(ready_in);
                     self.owned.insert(partition, Ownership::Active);
-                    self.registry.set_position(partition, position);
-                    self.registry.set_role(partition, Role::Active);
+                    self.copies.activate(partition, position);
                     let mut list = TopicPartitionList::new();
                     list.add_partition(&self.config.input_topic, partition);
                     consumer
                         .resume(&list)
                         .map_err(kafka("resuming a restored partition"))?;
                 }
-                RestoreEvent::Failed { partition, reason } => {
+                UpdaterEvent::Failed { partition, reason } => {
                     return Err(IngestError::Restore { partition, reason });
                 }
             }
@@ -661,7 +675,7 @@ impl Engine {
         let changelog_next = std::mem::take(&mut *lock(&self.producer.context().changelog_next));
         for (partition, next_input) in &txn.next_offset {
             let store = self.store(*partition)?;
-            // The registry holds every active store's position; no need to read RocksDB.
+            // The registry holds every owned store's position; no need to read RocksDB.
             let mut position = match self.registry.get(*partition) {
                 Some(copy) => copy.position(),
                 None => store.position()?,
@@ -880,13 +894,15 @@ where
     }
 }
 
-/// Runs ingest on the calling thread until `shutdown` is set, then commits what is open,
-/// leaves the partitions and closes the stores.
+/// Runs ingest on the calling thread until `shutdown` is set, then commits what is open and
+/// leaves the partitions (their copies stay open as standbys until the node exits).
+/// `restored` receives the state updater's restore results.
 pub fn run(
     config: Arc<NodeConfig>,
     partitions: u32,
     processor: Box<dyn Processor>,
-    registry: Arc<Registry>,
+    copies: Arc<Copies>,
+    restored: Receiver<UpdaterEvent>,
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), IngestError> {
@@ -932,25 +948,17 @@ pub fn run(
             .map_err(kafka("initializing transactions"))?;
     }
 
-    let restore_group = format!("{}-{}-restore", config.app_id, config.node_id);
-    let restorer = Restorer::spawn(
-        &client,
-        config.changelog_topic(),
-        restore_group,
-        registry.clone(),
-        metrics.clone(),
-    )
-    .map_err(kafka("creating the restore consumer"))?;
+    let registry = copies.registry().clone();
     let engine = Arc::new(Mutex::new(Engine {
         config: config.clone(),
         partitions,
         processor,
         producer,
-        memory: SharedMemory::new(&config.memory),
         stores: HashMap::new(),
         owned: HashMap::new(),
         txn: None,
-        restorer,
+        copies,
+        restored,
         restore_generation: 0,
         registry,
         metrics: metrics.clone(),
@@ -996,7 +1004,6 @@ pub fn run(
     // Closing the consumer runs the revoke callback (nothing left to commit by then).
     drop(consumer);
     let mut engine = lock(&engine);
-    engine.restorer.stop();
     if let Err(error) = flush(&engine.producer, KAFKA_TIMEOUT) {
         tracing::warn!(%error, "flushing the producer at shutdown");
     }
@@ -1008,7 +1015,7 @@ pub fn run(
 /// Lowers the calling thread's CPU priority to `niceness` before it creates the Kafka
 /// clients and opens the stores, whose threads inherit it: when the CPU is short, reads win
 /// over ingestion.
-fn lower_priority(niceness: u8) {
+pub(crate) fn lower_priority(niceness: u8) {
     use thread_priority::{ThreadPriority, ThreadPriorityValue, set_current_thread_priority};
     if niceness == 0 {
         return;
@@ -1086,29 +1093,29 @@ fn log_progress(metrics: &IngestMetrics) {
         partition_mismatches = get(&metrics.partition_mismatches),
         commits = get(&metrics.commits),
         aborts = get(&metrics.aborts),
-        restored_records = get(&metrics.restored_records),
         "ingest progress"
     );
 }
 
-/// Returns the input offset that a changelog record carries in its header.
-pub(crate) fn input_offset_of(message: &BorrowedMessage<'_>) -> Option<i64> {
-    use rdkafka::message::Headers;
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == INPUT_OFFSET_HEADER)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
-}
-
-/// The position a store reaches after applying a changelog record at `offset` that came
-/// from input offset `input_offset`.
-pub(crate) fn advance(position: &mut Position, offset: i64, input_offset: Option<i64>) {
-    position.changelog_next = position.changelog_next.max(offset + 1);
-    if let Some(input) = input_offset {
-        position.input_next = position.input_next.max(input + 1);
+/// Returns the consumer-group generation the consumer is in (-1 outside the group).
+///
+/// rdkafka does not expose it, but librdkafka does (`rd_kafka_consumer_group_metadata`,
+/// then its generation id); the group metadata object is freed right away.
+#[allow(unsafe_code)]
+fn group_generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> i32 {
+    use rdkafka::bindings as rd;
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the live handle of `consumer`, borrowed for this call. The group
+    // metadata object is newly allocated by librdkafka, read once, and destroyed here; a
+    // null one (no group) is never dereferenced.
+    unsafe {
+        let metadata = rd::rd_kafka_consumer_group_metadata(client);
+        if metadata.is_null() {
+            return -1;
+        }
+        let generation = rd::rd_kafka_consumer_group_metadata_generation_id(metadata);
+        rd::rd_kafka_consumer_group_metadata_destroy(metadata);
+        generation
     }
 }
 

@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
@@ -27,6 +28,8 @@ pub struct Scenario {
     pub partitions: u32,
     pub dir: tempfile::TempDir,
     pub extra: Vec<String>,
+    /// The log of each node's latest run, by node id: where its gossip address is found.
+    logs: Mutex<BTreeMap<String, PathBuf>>,
 }
 
 impl Drop for Scenario {
@@ -55,6 +58,7 @@ impl Scenario {
             partitions,
             dir: tempfile::tempdir()?,
             extra: Vec::new(),
+            logs: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -68,9 +72,13 @@ impl Scenario {
             // A killed static member's partitions wait for its session to time out, unless
             // it comes back with the same id first (which is what the tests do).
             "kafka.session.timeout.ms=10000".into(),
-            // Tests run side by side: an ephemeral gRPC port, no metrics port unless asked.
+            // Tests run side by side: ephemeral gRPC and gossip ports, no metrics port unless
+            // asked, and a cluster of their own.
             "grpc-address=127.0.0.1:0".into(),
             "metrics-address=".into(),
+            "gossip-address=127.0.0.1:0".into(),
+            format!("cluster-id={}", self.app),
+            format!("seeds={}", self.seeds(node_id).join(",")),
         ];
         args.extend(self.extra.iter().cloned());
         args.into_iter()
@@ -82,14 +90,38 @@ impl Scenario {
         self.dir.path().join(format!("state-{node_id}"))
     }
 
+    /// Starts a node. It joins the gossip of the nodes started before it that have logged
+    /// their gossip address by now (see [`Scenario::wait_gossiping`]).
     pub fn start_node(&self, node_id: &str, run: &str) -> Result<TestProcess> {
         let log = self.dir.path().join(format!("{node_id}-{run}.log"));
-        TestProcess::start(
+        let node = TestProcess::start(
             node_id,
             Path::new(env!("CARGO_BIN_EXE_kstore-node")),
             &self.args(node_id),
             &log,
-        )
+        )?;
+        self.logs.lock().unwrap().insert(node_id.to_owned(), log);
+        Ok(node)
+    }
+
+    /// The gossip addresses that the other nodes' latest runs logged.
+    fn seeds(&self, node_id: &str) -> Vec<String> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .filter(|(id, _)| id.as_str() != node_id)
+            .filter_map(|(_, log)| {
+                let output = std::fs::read_to_string(log).ok()?;
+                let line = output.lines().rfind(|l| l.contains("gossiping"))?;
+                let address = line.split("address=").nth(1)?.split_whitespace().next()?;
+                Some(address.to_owned())
+            })
+            .collect()
+    }
+
+    /// Waits for the node to log its gossip address, so that nodes started after it join
+    /// through it, and returns the address.
+    pub fn wait_gossiping(&self, node: &mut TestProcess) -> Result<String> {
+        node.logged_address("gossiping", Duration::from_secs(120))
     }
 
     pub fn config(&self, node_id: &str) -> Result<NodeConfig> {

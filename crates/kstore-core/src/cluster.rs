@@ -1,0 +1,876 @@
+//! The cluster view: every node that gossip knows of, whether it is live, its load, and
+//! every copy of every partition it holds, in which role and how far behind. Plain data,
+//! built from gossip entries; the questions that routing and placement ask of it ("who
+//! holds partition p, and how fresh?") are pure functions.
+//!
+//! Each node publishes a few gossip keys ([`keys`]); the values are compact text so that
+//! one node's state fits one UDP datagram with room to spare (a copy takes about 25 bytes).
+//!
+//! ```
+//! use kstore_core::cluster::{CopyInfo, Role, decode_copies, encode_copies};
+//! let copies = vec![CopyInfo {
+//!     partition: 3,
+//!     role: Role::Standby,
+//!     changelog_offset: 120,
+//!     input_offset: 455,
+//!     lag: 2,
+//! }];
+//! let text = encode_copies(&copies);
+//! assert_eq!(text, "3:S:120:455:2");
+//! assert_eq!(decode_copies(&text).unwrap(), copies);
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+pub use kstore_proto::v1::{Liveness, NodeStatus, Role};
+use kstore_proto::v1::{MetadataResponse, NodeInfo, NodeLoad, PartitionCopy};
+
+/// The gossip keys every node publishes.
+pub mod keys {
+    /// Where the node serves gRPC.
+    pub const GRPC_ADDRESS: &str = "grpc";
+    /// [`super::encode_status`] of the node.
+    pub const STATUS: &str = "status";
+    /// The consumer-group generation the node last saw.
+    pub const GROUP_GENERATION: &str = "group-generation";
+    /// [`super::encode_load`] of the node.
+    pub const LOAD: &str = "load";
+    /// [`super::encode_copies`] of the node's local copies.
+    pub const COPIES: &str = "copies";
+}
+
+/// One copy of a partition on a node, as its node last published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// The partition.
+    pub partition: u32,
+    /// Active, standby or restoring.
+    pub role: Role,
+    /// The next changelog offset the copy will apply.
+    pub changelog_offset: i64,
+    /// The next input offset: every input record before it is reflected.
+    pub input_offset: i64,
+    /// Input records of the partition the copy does not reflect yet.
+    pub lag: i64,
+}
+
+/// How busy a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    /// Input records processed per second.
+    pub ingest_rate: u64,
+    /// Query calls being answered.
+    pub reads_in_flight: u32,
+}
+
+/// One node (one process: a restart is a new incarnation) in the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// The node's id.
+    pub node_id: String,
+    /// When the process started, in milliseconds since the Unix epoch.
+    pub incarnation: u64,
+    /// The version of the node's gossip state within its incarnation.
+    pub version: u64,
+    /// Where the node gossips.
+    pub gossip_address: String,
+    /// Where the node serves gRPC.
+    pub grpc_address: String,
+    /// The consumer-group generation the node last saw (0 before it joined).
+    pub group_generation: i32,
+    /// What the node says it is doing.
+    pub status: NodeStatus,
+    /// What the failure detector says.
+    pub liveness: Liveness,
+    /// Whether another live process claims the same node id.
+    pub conflicting: bool,
+    /// How busy it is.
+    pub load: Load,
+    /// Its copies, by partition.
+    pub copies: Vec<CopyInfo>,
+}
+
+impl NodeEntry {
+    /// Returns the node's copy of `partition`, if it holds one.
+    pub fn copy_of(&self, partition: u32) -> Option<&CopyInfo> {
+        self.copies
+            .binary_search_by_key(&partition, |c| c.partition)
+            .ok()
+            .map(|i| &self.copies[i])
+    }
+
+    /// Whether this entry is newer news of the same node than `other`.
+    pub fn is_newer_than(&self, other: &NodeEntry) -> bool {
+        (self.incarnation, self.version) > (other.incarnation, other.version)
+    }
+}
+
+/// What the failure detector says of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// Its heartbeats arrive.
+    Live,
+    /// No heartbeat for this long past the detector's threshold.
+    SilentFor(Duration),
+}
+
+/// A node's gossip state as the gossip library hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipEntry {
+    /// The node's id.
+    pub node_id: String,
+    /// The node process's start time (the gossip generation).
+    pub incarnation: u64,
+    /// Where it gossips.
+    pub gossip_address: String,
+    /// The version of its state.
+    pub version: u64,
+    /// Its liveness.
+    pub detected: Detected,
+    /// Its keys and values.
+    pub values: BTreeMap<String, String>,
+}
+
+/// A gossip value that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gossip key {key:?} of node {node_id:?} does not decode: {reason}")]
+pub struct GossipValueError {
+    /// The node that published it.
+    pub node_id: String,
+    /// The key.
+    pub key: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+/// Returns the liveness of a node: live while its heartbeats arrive; suspect when they
+/// stopped less than `dead_after` ago; dead after that, or at once if it said it was leaving.
+pub fn liveness(detected: Detected, status: NodeStatus, dead_after: Duration) -> Liveness {
+    match detected {
+        Detected::Live => Liveness::Live,
+        Detected::SilentFor(_) if status == NodeStatus::Leaving => Liveness::Dead,
+        Detected::SilentFor(silent) if silent < dead_after => Liveness::Suspect,
+        Detected::SilentFor(_) => Liveness::Dead,
+    }
+}
+
+fn role_letter(role: Role) -> char {
+    match role {
+        Role::Active => 'A',
+        Role::Standby => 'S',
+        Role::Restoring => 'R',
+        Role::Unspecified => 'U',
+    }
+}
+
+/// Encodes copies as `partition:role:changelog:input:lag`, space-separated, roles as
+/// A(ctive), S(tandby), R(estoring).
+pub fn encode_copies(copies: &[CopyInfo]) -> String {
+    let mut text = String::with_capacity(copies.len() * 24);
+    for (i, copy) in copies.iter().enumerate() {
+        if i > 0 {
+            text.push(' ');
+        }
+        use std::fmt::Write;
+        let _ = write!(
+            text,
+            "{}:{}:{}:{}:{}",
+            copy.partition,
+            role_letter(copy.role),
+            copy.changelog_offset,
+            copy.input_offset,
+            copy.lag
+        );
+    }
+    text
+}
+
+/// Decodes [`encode_copies`]; the copies come back sorted by partition.
+pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
+    let mut copies = Vec::new();
+    for item in text.split_ascii_whitespace() {
+        let fields: Vec<&str> = item.split(':').collect();
+        let [partition, role, changelog, input, lag] = fields[..] else {
+            return Err(format!("{item:?} does not have 5 fields"));
+        };
+        let number = |field: &str| {
+            field
+                .parse::<i64>()
+                .map_err(|_| format!("{field:?} in {item:?} is not a number"))
+        };
+        let role = match role {
+            "A" => Role::Active,
+            "S" => Role::Standby,
+            "R" => Role::Restoring,
+            other => return Err(format!("unknown role {other:?} in {item:?}")),
+        };
+        copies.push(CopyInfo {
+            partition: partition
+                .parse()
+                .map_err(|_| format!("partition {partition:?} in {item:?} is not a number"))?,
+            role,
+            changelog_offset: number(changelog)?,
+            input_offset: number(input)?,
+            lag: number(lag)?,
+        });
+    }
+    copies.sort_by_key(|c| c.partition);
+    let before = copies.len();
+    copies.dedup_by_key(|c| c.partition);
+    if copies.len() != before {
+        return Err("a partition appears twice".into());
+    }
+    Ok(copies)
+}
+
+/// Encodes a load as `ingest_rate:reads_in_flight`.
+pub fn encode_load(load: Load) -> String {
+    format!("{}:{}", load.ingest_rate, load.reads_in_flight)
+}
+
+/// Decodes [`encode_load`].
+pub fn decode_load(text: &str) -> Result<Load, String> {
+    let (rate, reads) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not rate:reads"))?;
+    Ok(Load {
+        ingest_rate: rate.parse().map_err(|_| format!("{rate:?} is no rate"))?,
+        reads_in_flight: reads
+            .parse()
+            .map_err(|_| format!("{reads:?} is no count"))?,
+    })
+}
+
+/// Encodes a status as its word.
+pub fn encode_status(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Starting => "starting",
+        NodeStatus::Running => "running",
+        NodeStatus::Leaving => "leaving",
+        NodeStatus::Unspecified => "unspecified",
+    }
+}
+
+/// Decodes [`encode_status`].
+pub fn decode_status(text: &str) -> Result<NodeStatus, String> {
+    match text {
+        "starting" => Ok(NodeStatus::Starting),
+        "running" => Ok(NodeStatus::Running),
+        "leaving" => Ok(NodeStatus::Leaving),
+        other => Err(format!("unknown status {other:?}")),
+    }
+}
+
+impl NodeEntry {
+    /// Builds a node's entry from its gossip state. A value that does not decode is reported
+    /// and left at its default (no copies, no load), so the node still shows.
+    pub fn from_gossip(
+        entry: &GossipEntry,
+        dead_after: Duration,
+    ) -> (NodeEntry, Vec<GossipValueError>) {
+        let mut errors = Vec::new();
+        let status = decoded(entry, keys::STATUS, decode_status, &mut errors)
+            .unwrap_or(NodeStatus::Starting);
+        let load = decoded(entry, keys::LOAD, decode_load, &mut errors).unwrap_or_default();
+        let group_generation = decoded(
+            entry,
+            keys::GROUP_GENERATION,
+            |v| v.parse().map_err(|_| format!("{v:?} is not a generation")),
+            &mut errors,
+        )
+        .unwrap_or_default();
+        let copies = decoded(entry, keys::COPIES, decode_copies, &mut errors).unwrap_or_default();
+        let node = NodeEntry {
+            node_id: entry.node_id.clone(),
+            incarnation: entry.incarnation,
+            version: entry.version,
+            gossip_address: entry.gossip_address.clone(),
+            grpc_address: entry
+                .values
+                .get(keys::GRPC_ADDRESS)
+                .cloned()
+                .unwrap_or_default(),
+            group_generation,
+            status,
+            liveness: liveness(entry.detected, status, dead_after),
+            conflicting: false,
+            load,
+            copies,
+        };
+        (node, errors)
+    }
+}
+
+/// Decodes the value of `key`, if the entry has one; one that does not decode is reported.
+fn decoded<T>(
+    entry: &GossipEntry,
+    key: &'static str,
+    decode: impl Fn(&str) -> Result<T, String>,
+    errors: &mut Vec<GossipValueError>,
+) -> Option<T> {
+    let value = entry.values.get(key)?;
+    decode(value)
+        .map_err(|reason| {
+            errors.push(GossipValueError {
+                node_id: entry.node_id.clone(),
+                key,
+                reason,
+            });
+        })
+        .ok()
+}
+
+/// One holder of a partition: a node and its copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder<'a> {
+    /// The node.
+    pub node: &'a NodeEntry,
+    /// Its copy of the partition.
+    pub copy: &'a CopyInfo,
+}
+
+impl Holder<'_> {
+    /// Whether reads can go to this holder: its node is live.
+    pub fn routable(&self) -> bool {
+        self.node.liveness == Liveness::Live
+    }
+
+    /// The order in which holders are worth asking: live before suspect before dead; the
+    /// active before other copies; then the least lag; then node id.
+    fn rank(&self) -> (Liveness, bool, i64, &str) {
+        (
+            self.node.liveness,
+            self.copy.role != Role::Active,
+            self.copy.lag,
+            &self.node.node_id,
+        )
+    }
+}
+
+/// What one node knows of the whole cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    /// The cluster's id.
+    pub cluster_id: String,
+    /// Increases whenever the content changes.
+    pub version: u64,
+    /// The nodes, by node id, then incarnation.
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl ClusterView {
+    /// Builds a view from gossip entries. A restarted node's earlier incarnations at the
+    /// same gossip address are dropped (one address cannot serve two processes); an earlier
+    /// incarnation elsewhere is dropped once a newer one is live. Two live processes that
+    /// claim one node id are both kept and marked conflicting. Values that do not decode
+    /// are returned for the caller to report.
+    pub fn from_gossip(
+        cluster_id: &str,
+        entries: &[GossipEntry],
+        dead_after: Duration,
+    ) -> (ClusterView, Vec<GossipValueError>) {
+        let mut errors = Vec::new();
+        let mut by_id: BTreeMap<&str, Vec<NodeEntry>> = BTreeMap::new();
+        for entry in entries {
+            let (node, mut node_errors) = NodeEntry::from_gossip(entry, dead_after);
+            errors.append(&mut node_errors);
+            by_id.entry(&entry.node_id).or_default().push(node);
+        }
+        let mut nodes = Vec::new();
+        for (_, mut incarnations) in by_id {
+            incarnations.sort_by_key(|n| std::cmp::Reverse(n.incarnation));
+            let mut kept: Vec<NodeEntry> = Vec::new();
+            for node in incarnations {
+                let superseded = kept.iter().any(|newer| {
+                    newer.gossip_address == node.gossip_address
+                        || (newer.liveness == Liveness::Live && node.liveness != Liveness::Live)
+                        || node.liveness == Liveness::Dead
+                });
+                if !superseded {
+                    kept.push(node);
+                }
+            }
+            let live = kept.iter().filter(|n| n.liveness == Liveness::Live).count();
+            for node in &mut kept {
+                node.conflicting = live > 1 && node.liveness == Liveness::Live;
+            }
+            kept.reverse();
+            nodes.extend(kept);
+        }
+        let view = ClusterView {
+            cluster_id: cluster_id.to_owned(),
+            version: 0,
+            nodes,
+        };
+        (view, errors)
+    }
+
+    /// Whether two views hold the same nodes and copies (versions aside).
+    pub fn same_content(&self, other: &ClusterView) -> bool {
+        self.cluster_id == other.cluster_id && self.nodes == other.nodes
+    }
+
+    /// Returns every holder of `partition`, best first: live before suspect before dead,
+    /// the active before other copies, then the least lag.
+    pub fn holders(&self, partition: u32) -> Vec<Holder<'_>> {
+        let mut holders: Vec<Holder<'_>> = self
+            .nodes
+            .iter()
+            .filter_map(|node| node.copy_of(partition).map(|copy| Holder { node, copy }))
+            .collect();
+        holders.sort_by(|a, b| a.rank().cmp(&b.rank()));
+        holders
+    }
+
+    /// Returns the node whose copy of `partition` is active and not dead. If two claim it
+    /// (one is being fenced, or has not said yet that it gave the partition up), the one
+    /// that saw the later group generation; then a live one; then the later incarnation.
+    pub fn active(&self, partition: u32) -> Option<Holder<'_>> {
+        self.holders(partition)
+            .into_iter()
+            .filter(|h| h.copy.role == Role::Active && h.node.liveness != Liveness::Dead)
+            .max_by_key(|h| {
+                (
+                    h.node.group_generation,
+                    h.node.liveness == Liveness::Live,
+                    h.node.incarnation,
+                )
+            })
+    }
+
+    /// Returns the node ids that standbys may be placed on: live and not leaving.
+    pub fn placement_members(&self) -> Vec<&str> {
+        let mut members: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.liveness == Liveness::Live && n.status != NodeStatus::Leaving)
+            .map(|n| n.node_id.as_str())
+            .collect();
+        members.dedup();
+        members
+    }
+
+    /// Returns, per partition below `partitions`, the node id of its active copy if known.
+    pub fn actives(&self, partitions: u32) -> Vec<Option<&str>> {
+        (0..partitions)
+            .map(|p| self.active(p).map(|h| h.node.node_id.as_str()))
+            .collect()
+    }
+
+    /// Counts the nodes by liveness.
+    pub fn count_by_liveness(&self) -> HashMap<Liveness, usize> {
+        let mut counts = HashMap::new();
+        for node in &self.nodes {
+            *counts.entry(node.liveness).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Returns the view as the `nodes` of a Metadata answer.
+    pub fn to_proto_nodes(&self) -> Vec<NodeInfo> {
+        self.nodes.iter().map(node_to_proto).collect()
+    }
+
+    /// Rebuilds a view from a Metadata answer (as a client receives it).
+    pub fn from_proto(response: &MetadataResponse) -> ClusterView {
+        let mut nodes: Vec<NodeEntry> = response.nodes.iter().map(node_from_proto).collect();
+        nodes.sort_by(|a, b| (&a.node_id, a.incarnation).cmp(&(&b.node_id, b.incarnation)));
+        ClusterView {
+            cluster_id: response.cluster_id.clone(),
+            version: response.view_version,
+            nodes,
+        }
+    }
+}
+
+fn node_to_proto(node: &NodeEntry) -> NodeInfo {
+    NodeInfo {
+        node_id: node.node_id.clone(),
+        grpc_address: node.grpc_address.clone(),
+        copies: node
+            .copies
+            .iter()
+            .map(|c| PartitionCopy {
+                partition: c.partition,
+                role: c.role as i32,
+                changelog_offset: c.changelog_offset,
+                input_offset: c.input_offset,
+                input_end: c.input_offset + c.lag,
+                lag: c.lag,
+            })
+            .collect(),
+        liveness: node.liveness as i32,
+        incarnation: node.incarnation,
+        version: node.version,
+        group_generation: node.group_generation,
+        load: Some(NodeLoad {
+            ingest_rate: node.load.ingest_rate,
+            reads_in_flight: node.load.reads_in_flight,
+        }),
+        status: node.status as i32,
+        conflicting: node.conflicting,
+        gossip_address: node.gossip_address.clone(),
+    }
+}
+
+fn node_from_proto(node: &NodeInfo) -> NodeEntry {
+    let mut copies: Vec<CopyInfo> = node
+        .copies
+        .iter()
+        .map(|c| CopyInfo {
+            partition: c.partition,
+            role: c.role(),
+            changelog_offset: c.changelog_offset,
+            input_offset: c.input_offset,
+            lag: c.lag,
+        })
+        .collect();
+    copies.sort_by_key(|c| c.partition);
+    let load = node.load.unwrap_or_default();
+    NodeEntry {
+        node_id: node.node_id.clone(),
+        incarnation: node.incarnation,
+        version: node.version,
+        gossip_address: node.gossip_address.clone(),
+        grpc_address: node.grpc_address.clone(),
+        group_generation: node.group_generation,
+        status: node.status(),
+        liveness: node.liveness(),
+        conflicting: node.conflicting,
+        load: Load {
+            ingest_rate: load.ingest_rate,
+            reads_in_flight: load.reads_in_flight,
+        },
+        copies,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::*;
+
+    const DEAD_AFTER: Duration = Duration::from_secs(10);
+
+    fn copy(partition: u32, role: Role, lag: i64) -> CopyInfo {
+        CopyInfo {
+            partition,
+            role,
+            changelog_offset: 100 + i64::from(partition),
+            input_offset: 1_000 + i64::from(partition),
+            lag,
+        }
+    }
+
+    fn entry(node_id: &str, incarnation: u64, port: u16, detected: Detected) -> GossipEntry {
+        let mut values = BTreeMap::new();
+        values.insert(
+            keys::GRPC_ADDRESS.into(),
+            format!("127.0.0.1:{}", port + 1000),
+        );
+        values.insert(keys::STATUS.into(), "running".into());
+        values.insert(keys::LOAD.into(), "250:3".into());
+        values.insert(keys::GROUP_GENERATION.into(), "7".into());
+        GossipEntry {
+            node_id: node_id.into(),
+            incarnation,
+            gossip_address: format!("127.0.0.1:{port}"),
+            version: 42,
+            detected,
+            values,
+        }
+    }
+
+    fn with_copies(mut entry: GossipEntry, copies: &[CopyInfo]) -> GossipEntry {
+        entry
+            .values
+            .insert(keys::COPIES.into(), encode_copies(copies));
+        entry
+    }
+
+    fn view(entries: &[GossipEntry]) -> ClusterView {
+        let (view, errors) = ClusterView::from_gossip("test", entries, DEAD_AFTER);
+        assert!(errors.is_empty(), "{errors:?}");
+        view
+    }
+
+    #[test]
+    fn liveness_follows_the_detector_and_dead_after() {
+        let silent = |s| Detected::SilentFor(Duration::from_secs(s));
+        let running = NodeStatus::Running;
+        assert_eq!(
+            liveness(Detected::Live, running, DEAD_AFTER),
+            Liveness::Live
+        );
+        assert_eq!(liveness(silent(3), running, DEAD_AFTER), Liveness::Suspect);
+        assert_eq!(liveness(silent(10), running, DEAD_AFTER), Liveness::Dead);
+        assert_eq!(
+            liveness(silent(0), NodeStatus::Leaving, DEAD_AFTER),
+            Liveness::Dead
+        );
+    }
+
+    #[test]
+    fn holders_are_ranked_live_active_first_then_by_lag() {
+        let view = view(&[
+            with_copies(
+                entry("node-1", 1, 7001, Detected::Live),
+                &[copy(0, Role::Standby, 50)],
+            ),
+            with_copies(
+                entry("node-2", 1, 7002, Detected::Live),
+                &[copy(0, Role::Standby, 5), copy(1, Role::Active, 0)],
+            ),
+            with_copies(
+                entry(
+                    "node-3",
+                    1,
+                    7003,
+                    Detected::SilentFor(Duration::from_secs(2)),
+                ),
+                &[copy(0, Role::Active, 0)],
+            ),
+            with_copies(
+                entry("node-4", 1, 7004, Detected::Live),
+                &[copy(0, Role::Active, 900)],
+            ),
+        ]);
+        let order: Vec<&str> = view
+            .holders(0)
+            .iter()
+            .map(|h| h.node.node_id.as_str())
+            .collect();
+        assert_eq!(order, ["node-4", "node-2", "node-1", "node-3"]);
+        assert_eq!(view.holders(1).len(), 1);
+        assert!(view.holders(2).is_empty());
+        assert!(view.holders(0)[0].routable());
+        assert!(!view.holders(0)[3].routable());
+        // Two claim partition 0's active copy in the same generation: the live one wins.
+        assert_eq!(view.active(0).unwrap().node.node_id, "node-4");
+        assert_eq!(view.active(1).unwrap().node.node_id, "node-2");
+    }
+
+    #[test]
+    fn a_restart_at_the_same_address_replaces_the_old_process() {
+        let old = with_copies(
+            entry("node-1", 100, 7001, Detected::Live),
+            &[copy(0, Role::Active, 0)],
+        );
+        let new = entry("node-1", 200, 7001, Detected::Live);
+        let view = view(&[old, new]);
+        assert_eq!(view.nodes.len(), 1);
+        assert_eq!(view.nodes[0].incarnation, 200);
+        assert!(!view.nodes[0].conflicting);
+    }
+
+    #[test]
+    fn two_live_processes_with_one_node_id_are_both_shown_as_conflicting() {
+        let view = view(&[
+            entry("node-1", 100, 7001, Detected::Live),
+            entry("node-1", 200, 7002, Detected::Live),
+            entry("node-2", 100, 7003, Detected::Live),
+        ]);
+        let conflicting: Vec<(&str, u64)> = view
+            .nodes
+            .iter()
+            .filter(|n| n.conflicting)
+            .map(|n| (n.node_id.as_str(), n.incarnation))
+            .collect();
+        assert_eq!(conflicting, [("node-1", 100), ("node-1", 200)]);
+        assert_eq!(view.placement_members(), ["node-1", "node-2"]);
+    }
+
+    #[test]
+    fn an_old_incarnation_elsewhere_goes_once_the_new_one_is_live() {
+        let view = view(&[
+            entry(
+                "node-1",
+                100,
+                7001,
+                Detected::SilentFor(Duration::from_secs(1)),
+            ),
+            entry("node-1", 200, 7002, Detected::Live),
+        ]);
+        assert_eq!(view.nodes.len(), 1);
+        assert_eq!(view.nodes[0].gossip_address, "127.0.0.1:7002");
+    }
+
+    #[test]
+    fn values_that_do_not_decode_are_reported_and_the_node_still_shows() {
+        let mut bad = entry("node-1", 1, 7001, Detected::Live);
+        bad.values.insert(keys::COPIES.into(), "0:X:1:2:3".into());
+        bad.values.insert(keys::LOAD.into(), "lots".into());
+        let (view, errors) = ClusterView::from_gossip("test", &[bad], DEAD_AFTER);
+        assert_eq!(view.nodes.len(), 1);
+        assert!(view.nodes[0].copies.is_empty());
+        let keys: Vec<&str> = errors.iter().map(|e| e.key).collect();
+        assert_eq!(keys, [keys::LOAD, keys::COPIES]);
+    }
+
+    #[test]
+    fn leaving_nodes_take_no_standbys_and_are_dead_once_silent() {
+        let mut leaving = entry("node-2", 1, 7002, Detected::Live);
+        leaving.values.insert(keys::STATUS.into(), "leaving".into());
+        let view = view(&[entry("node-1", 1, 7001, Detected::Live), leaving.clone()]);
+        assert_eq!(view.placement_members(), ["node-1"]);
+        leaving.detected = Detected::SilentFor(Duration::from_millis(1));
+        let (view, _) = ClusterView::from_gossip("test", &[leaving], DEAD_AFTER);
+        assert_eq!(view.nodes[0].liveness, Liveness::Dead);
+    }
+
+    /// The issue's sizing: 256 partitions, 20 nodes, one standby. One node's gossip state
+    /// must fit one UDP datagram (65,507 bytes) and the whole Metadata answer stay well
+    /// under 64 KiB.
+    #[test]
+    fn view_size_for_256_partitions_20_nodes_one_standby() {
+        let partitions = 256u32;
+        let members: Vec<String> = (1..=20).map(|i| format!("node-{i:02}")).collect();
+        let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
+        let actives: Vec<Option<&str>> = (0..partitions as usize)
+            .map(|p| Some(member_refs[p % 20]))
+            .collect();
+        let standbys = crate::placement::place_standbys(&member_refs, &actives, 1);
+        // Large, realistic offsets: a partition that has seen a billion records.
+        let offset = |p: u32| 1_000_000_000 + i64::from(p) * 7_919;
+        let mut entries = Vec::new();
+        let mut largest_state = 0;
+        for (i, node) in members.iter().enumerate() {
+            let mut copies = Vec::new();
+            for p in 0..partitions {
+                let role = if actives[p as usize] == Some(node.as_str()) {
+                    Role::Active
+                } else if standbys[p as usize].contains(node) {
+                    Role::Standby
+                } else {
+                    continue;
+                };
+                copies.push(CopyInfo {
+                    partition: p,
+                    role,
+                    changelog_offset: offset(p),
+                    input_offset: offset(p) * 3,
+                    lag: if role == Role::Active { 0 } else { 1_234 },
+                });
+            }
+            let gossip = with_copies(
+                entry(node, 1_764_000_000_000, 7000 + i as u16, Detected::Live),
+                &copies,
+            );
+            let state: usize = gossip
+                .values
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum();
+            largest_state = largest_state.max(state);
+            entries.push(gossip);
+        }
+        let view = view(&entries);
+        let response = MetadataResponse {
+            stores: Vec::new(),
+            nodes: view.to_proto_nodes(),
+            node_id: "node-01".into(),
+            cluster_id: "test".into(),
+            view_version: 1,
+        };
+        let encoded = response.encoded_len();
+        eprintln!(
+            "256 partitions x 20 nodes x 1 standby: largest node gossip state {largest_state} \
+             bytes, Metadata answer {encoded} bytes"
+        );
+        assert!(
+            largest_state < 65_507 / 4,
+            "one node's state: {largest_state} bytes"
+        );
+        assert!(encoded < 64 << 10, "the view: {encoded} bytes");
+        assert_eq!(
+            view.nodes.iter().map(|n| n.copies.len()).sum::<usize>(),
+            512
+        );
+    }
+
+    fn arbitrary_copy() -> impl Strategy<Value = CopyInfo> {
+        (
+            0u32..1024,
+            prop_oneof![
+                Just(Role::Active),
+                Just(Role::Standby),
+                Just(Role::Restoring)
+            ],
+            0i64..i64::MAX / 2,
+            0i64..i64::MAX / 2,
+            0i64..1 << 40,
+        )
+            .prop_map(
+                |(partition, role, changelog_offset, input_offset, lag)| CopyInfo {
+                    partition,
+                    role,
+                    changelog_offset,
+                    input_offset,
+                    lag,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn copies_round_trip(copies in proptest::collection::vec(arbitrary_copy(), 0..64)) {
+            let mut copies = copies;
+            copies.sort_by_key(|c| c.partition);
+            copies.dedup_by_key(|c| c.partition);
+            prop_assert_eq!(decode_copies(&encode_copies(&copies)).unwrap(), copies);
+        }
+
+        #[test]
+        fn decoding_arbitrary_text_never_panics(text in ".{0,200}") {
+            let _ = decode_copies(&text);
+            let _ = decode_load(&text);
+        }
+
+        #[test]
+        fn holders_are_every_copy_ranked_and_the_view_survives_the_wire(
+            layout in proptest::collection::vec(
+                (proptest::collection::vec(arbitrary_copy(), 0..8), 0u8..3), 1..8)
+        ) {
+            let entries: Vec<GossipEntry> = layout
+                .iter()
+                .enumerate()
+                .map(|(i, (copies, health))| {
+                    let detected = match health {
+                        0 => Detected::Live,
+                        1 => Detected::SilentFor(Duration::from_secs(1)),
+                        _ => Detected::SilentFor(Duration::from_secs(60)),
+                    };
+                    let mut copies = copies.clone();
+                    copies.sort_by_key(|c| c.partition);
+                    copies.dedup_by_key(|c| c.partition);
+                    with_copies(entry(&format!("node-{i}"), 1, 7000 + i as u16, detected), &copies)
+                })
+                .collect();
+            let view = view(&entries);
+            for partition in 0..1024 {
+                let holders = view.holders(partition);
+                let expected = view.nodes.iter().filter(|n| n.copy_of(partition).is_some()).count();
+                prop_assert_eq!(holders.len(), expected);
+                for pair in holders.windows(2) {
+                    prop_assert!(pair[0].rank() <= pair[1].rank());
+                }
+                if let Some(active) = view.active(partition) {
+                    prop_assert_eq!(active.copy.role, Role::Active);
+                    prop_assert!(active.node.liveness != Liveness::Dead);
+                }
+            }
+            let response = MetadataResponse {
+                stores: Vec::new(),
+                nodes: view.to_proto_nodes(),
+                node_id: String::new(),
+                cluster_id: "test".into(),
+                view_version: view.version,
+            };
+            let decoded = MetadataResponse::decode(response.encode_to_vec().as_slice()).unwrap();
+            prop_assert_eq!(ClusterView::from_proto(&decoded), view);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Local copies and their lifecycle: the one place where a partition's store is opened,
+//! handed between ingest and the state updater, and retired.
+//!
+//! A copy is active while ingest folds the partition's input into it; restoring while the
+//! state updater brings it to the end of its changelog before it turns active; standby while
+//! the updater keeps it current for reads (because placement puts a standby here, or
+//! because the partition was revoked and its new active is not running yet). A retired copy
+//! is closed and its directory kept for `standby-retention-ms`, so that a quick return starts
+//! warm; then it is deleted. Every change of a copy's role happens under one lock, so ingest
+//! (assign, revoke) and placement (open, retire) never cross.
+
+pub mod placement;
+pub mod updater;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kstore_proto::v1::Role;
+
+use crate::config::NodeConfig;
+use crate::registry::Registry;
+use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
+use updater::{Follow, StateUpdater};
+
+/// A file in a retired copy's directory that holds when it was retired (milliseconds since
+/// the Unix epoch).
+pub const RETIRED_MARKER: &str = "kstore-retired-at";
+
+/// Copies opened, as standbys or for ingest.
+pub const COPIES_OPENED: &str = "kstore_copies_opened_total";
+/// Copies retired (closed, their directories kept for the retention period).
+pub const COPIES_RETIRED: &str = "kstore_copies_retired_total";
+/// Retired copies' directories deleted after the retention period.
+pub const COPIES_DELETED: &str = "kstore_copies_deleted_total";
+
+/// Every local copy's lifecycle.
+#[derive(Debug)]
+pub struct Copies {
+    config: Arc<NodeConfig>,
+    registry: Arc<Registry>,
+    memory: SharedMemory,
+    updater: StateUpdater,
+    /// Stores that may still be open (a read or the updater may hold one after it was
+    /// retired): opening such a partition again reuses the instance, since RocksDB allows
+    /// one per directory. Guarded with the lifecycle: every change of a copy holds it.
+    open: Mutex<HashMap<i32, Weak<PartitionStore>>>,
+}
+
+impl Copies {
+    /// Returns the lifecycle of the node's copies.
+    pub fn new(
+        config: Arc<NodeConfig>,
+        registry: Arc<Registry>,
+        memory: SharedMemory,
+        updater: StateUpdater,
+    ) -> Self {
+        Copies {
+            config,
+            registry,
+            memory,
+            updater,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns the registry the copies are published in.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn lifecycle(&self) -> MutexGuard<'_, HashMap<i32, Weak<PartitionStore>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Returns the partition's store: the local copy's if there is one, else the store in
+    /// its directory, opened (and created if missing).
+    fn open_store(
+        &self,
+        open: &mut HashMap<i32, Weak<PartitionStore>>,
+        partition: i32,
+    ) -> Result<Arc<PartitionStore>, StoreError> {
+        if let Some(copy) = self.registry.get(partition) {
+            return Ok(copy.store.clone());
+        }
+        if let Some(store) = open.get(&partition).and_then(Weak::upgrade) {
+            return Ok(store);
+        }
+        let dir = self.config.store_dir(partition);
+        std::fs::create_dir_all(&dir).map_err(|error| StoreError::Io {
+            path: dir.display().to_string(),
+            message: error.to_string(),
+        })?;
+        let warm = dir.join("CURRENT").exists();
+        let store = PartitionStore::open(&dir, &self.memory)?;
+        // Opened again: no longer retired.
+        let _ = std::fs::remove_file(dir.join(RETIRED_MARKER));
+        open.insert(partition, Arc::downgrade(&store));
+        metrics::counter!(COPIES_OPENED).increment(1);
+        tracing::info!(partition, warm, "opened a local copy");
+        Ok(store)
+    }
+
+    /// Ingest was assigned the partition: its copy (a standby's, a retired one's, or a new
+    /// one) turns restoring, and the state updater brings it to the end of its changelog,
+    /// then reports [`updater::UpdaterEvent::Restored`] with `generation`.
+    pub fn assign(
+        &self,
+        partition: i32,
+        generation: u64,
+    ) -> Result<(Arc<PartitionStore>, Position), StoreError> {
+        let mut open = self.lifecycle();
+        let store = self.open_store(&mut open, partition)?;
+        let position = store.position()?;
+        self.registry
+            .track(partition, store.clone(), Role::Restoring, position);
+        self.updater
+            .follow(partition, store.clone(), Follow::Restore { generation });
+        Ok((store, position))
+    }
+
+    /// The restore of an assigned partition finished: the copy turns active at `position`.
+    pub fn activate(&self, partition: i32, position: Position) {
+        let _open = self.lifecycle();
+        self.registry.set_position(partition, position);
+        self.registry.set_role(partition, Role::Active);
+    }
+
+    /// Ingest gave the partition up (after committing what was open): the copy stays open
+    /// and readable as a standby, kept current by the updater, until placement retires it.
+    pub fn revoke(&self, partition: i32) {
+        let _open = self.lifecycle();
+        let Some(copy) = self.registry.get(partition) else {
+            return;
+        };
+        self.registry.set_role(partition, Role::Standby);
+        self.updater
+            .follow(partition, copy.store.clone(), Follow::Standby);
+    }
+
+    /// Placement put a standby of the partition here: opens it (warm from its directory if
+    /// one is there) and has the updater keep it current. Does nothing if a copy is open.
+    pub fn open_standby(&self, partition: i32) -> Result<(), StoreError> {
+        let mut open = self.lifecycle();
+        if self.registry.get(partition).is_some() {
+            return Ok(());
+        }
+        let store = self.open_store(&mut open, partition)?;
+        let position = store.position()?;
+        self.registry
+            .track(partition, store.clone(), Role::Standby, position);
+        self.updater.follow(partition, store, Follow::Standby);
+        tracing::info!(
+            partition,
+            changelog_offset = position.changelog_next,
+            "following a standby copy"
+        );
+        Ok(())
+    }
+
+    /// Retires a standby copy: the updater stops, reads no longer find it, and its
+    /// directory is kept for the retention period. Copies in any other role are left alone
+    /// (ingest may have claimed it meanwhile). Returns whether it was retired.
+    pub fn retire(&self, partition: i32) -> bool {
+        let _open = self.lifecycle();
+        let Some(copy) = self.registry.get(partition) else {
+            return false;
+        };
+        if copy.role() != Role::Standby {
+            return false;
+        }
+        self.updater.stop(partition);
+        self.registry.remove(partition);
+        let dir = self.config.store_dir(partition);
+        if let Err(error) = mark_retired(&dir, SystemTime::now()) {
+            tracing::warn!(%error, dir = %dir.display(), "cannot mark a retired copy");
+        }
+        metrics::counter!(COPIES_RETIRED).increment(1);
+        tracing::info!(
+            partition,
+            "retired a standby copy; its directory is kept for a while"
+        );
+        true
+    }
+
+    /// Marks the directories of copies that are not open (left by an earlier run) as
+    /// retired now, unless they are marked already, so that the retention period counts for
+    /// them too. `wanted` are the partitions that may still be opened soon.
+    pub fn mark_unopened_retired(&self, wanted: &dyn Fn(i32) -> bool) {
+        let open = self.lifecycle();
+        for (partition, dir) in self.store_dirs() {
+            let in_use = self.registry.get(partition).is_some()
+                || open.get(&partition).is_some_and(|w| w.strong_count() > 0);
+            if in_use || wanted(partition) || dir.join(RETIRED_MARKER).exists() {
+                continue;
+            }
+            if let Err(error) = mark_retired(&dir, SystemTime::now()) {
+                tracing::warn!(%error, dir = %dir.display(), "cannot mark an unused copy");
+            }
+        }
+    }
+
+    /// Deletes the directories of copies retired longer than `standby-retention-ms` ago that
+    /// were not opened again.
+    pub fn delete_expired(&self) {
+        let retention = Duration::from_millis(self.config.standby_retention_ms);
+        let mut open = self.lifecycle();
+        for (partition, dir) in self.store_dirs() {
+            let in_use = self.registry.get(partition).is_some()
+                || open.get(&partition).is_some_and(|w| w.strong_count() > 0);
+            let expired = retired_at(&dir).is_some_and(|at| {
+                SystemTime::now()
+                    .duration_since(at)
+                    .is_ok_and(|age| age >= retention)
+            });
+            if in_use || !expired {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    open.remove(&partition);
+                    metrics::counter!(COPIES_DELETED).increment(1);
+                    tracing::info!(
+                        partition,
+                        "deleted a copy retired longer than the retention"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, dir = %dir.display(), "cannot delete a retired copy");
+                }
+            }
+        }
+    }
+
+    /// The partition directories under the store's directory, by partition.
+    fn store_dirs(&self) -> Vec<(i32, std::path::PathBuf)> {
+        let Some(root) = self.config.store_dir(0).parent().map(Path::to_path_buf) else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let partition: i32 = entry.file_name().to_str()?.parse().ok()?;
+                Some((partition, entry.path()))
+            })
+            .filter(|(partition, _)| {
+                *partition >= 0 && (*partition as u32) < self.registry.partitions()
+            })
+            .collect()
+    }
+}
+
+fn mark_retired(dir: &Path, at: SystemTime) -> std::io::Result<()> {
+    let millis = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    std::fs::write(dir.join(RETIRED_MARKER), millis.to_string())
+}
+
+/// When the copy in `dir` was retired, if it is.
+fn retired_at(dir: &Path) -> Option<SystemTime> {
+    let text = std::fs::read_to_string(dir.join(RETIRED_MARKER)).ok()?;
+    let millis: u64 = text.trim().parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_millis(millis))
+}

@@ -1,0 +1,660 @@
+//! The state updater: one thread and one changelog consumer per node that apply the
+//! changelog to every local copy that is not active, standby and restoring alike, off the
+//! group consumer's poll loop.
+//!
+//! The consumer reads committed records only, so an aborted transaction never reaches a
+//! store. Records are applied in batches per partition, each batch with the position it
+//! reaches in the same write batch, so an update interrupted by a crash resumes where it
+//! stopped. A batch is written when it is large, when the consumer has caught up with the
+//! partition, or after [`FLUSH_INTERVAL`], so a standby lags its active by about that much.
+//!
+//! A copy followed as a standby is followed for as long as it is wanted. A copy followed to
+//! restore it (its partition was assigned to this node) is followed to the end of its
+//! changelog partition and then handed back: only when no transaction is open there, so a
+//! previous owner's transaction that commits late is never missed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::ingest::INPUT_OFFSET_HEADER;
+use crate::registry::Registry;
+use crate::store::{PartitionStore, Position};
+
+/// The most records applied to one store in one write batch.
+const BATCH_RECORDS: usize = 10_000;
+
+/// The longest a record waits in a batch before it is applied (and readable).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long one poll of the changelog consumer waits for a record.
+const POLL_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// How often the jobs are looked over for batches due and restores at their end (not after
+/// every record: a node may follow many partitions).
+const SCAN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How often a restore that waits for an open transaction asks for the changelog's end.
+const END_RECHECK: Duration = Duration::from_millis(500);
+
+/// How long one question for the changelog's end may take.
+const END_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a restore finds the changelog's end out of reach before it says it waits for an
+/// open transaction (before that, records on their way explain it).
+const OPEN_TRANSACTION_WARNING: Duration = Duration::from_secs(2);
+
+/// The longest a restore waits for an open transaction at the changelog's end: the broker's
+/// default `transaction.max.timeout.ms`, after which no transaction can still be open.
+const TRANSACTION_WAIT_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Why a copy is followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Keep it current for as long as it is wanted.
+    Standby,
+    /// Bring it to the end of its changelog, then report [`UpdaterEvent::Restored`]. The
+    /// generation tells a stale restore's result from the current one.
+    Restore {
+        /// Which restore of the partition this is.
+        generation: u64,
+    },
+}
+
+enum Command {
+    Follow {
+        partition: i32,
+        store: Arc<PartitionStore>,
+        follow: Follow,
+    },
+    Stop {
+        partition: i32,
+    },
+    Shutdown,
+}
+
+/// What became of a restore.
+#[derive(Debug)]
+pub enum UpdaterEvent {
+    /// The store has applied its changelog up to the end.
+    Restored {
+        /// The partition.
+        partition: i32,
+        /// Which restore of the partition finished.
+        generation: u64,
+        /// How many changelog records this restore applied (a standby that was promoted
+        /// applies only the tail it had not applied yet).
+        records: u64,
+        /// The store's position afterwards.
+        position: Position,
+    },
+    /// The restore failed; the partition cannot be served from this store.
+    Failed {
+        /// The partition.
+        partition: i32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the updater has done, for metrics.
+#[derive(Debug, Default)]
+pub struct UpdaterMetrics {
+    /// Changelog records applied to standby and restoring copies.
+    pub records: AtomicU64,
+    /// Copies it stopped following because their store failed.
+    pub failures: AtomicU64,
+}
+
+/// The handle of the state updater thread. Cloned handles send to the same thread.
+#[derive(Clone)]
+pub struct StateUpdater {
+    commands: Sender<Command>,
+}
+
+impl std::fmt::Debug for StateUpdater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateUpdater").finish_non_exhaustive()
+    }
+}
+
+/// The updater's thread and the restore results it reports.
+#[derive(Debug)]
+pub struct UpdaterThread {
+    thread: Option<JoinHandle<()>>,
+    updater: StateUpdater,
+}
+
+/// Starts the state updater thread, which creates its Kafka clients after lowering its own
+/// CPU priority to `niceness` (librdkafka's threads inherit it). Restore results go to
+/// `events`.
+pub fn spawn(
+    client: &ClientConfig,
+    changelog_topic: String,
+    group_id: String,
+    niceness: u8,
+    registry: Arc<Registry>,
+    metrics: Arc<UpdaterMetrics>,
+    events: Sender<UpdaterEvent>,
+) -> Result<UpdaterThread, KafkaError> {
+    let client = client.clone();
+    let (commands, command_rx) = mpsc::channel();
+    let (created_tx, created_rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("kstore-updater".into())
+        .spawn(move || {
+            crate::ingest::lower_priority(niceness);
+            let worker = match Worker::new(&client, changelog_topic, group_id) {
+                Ok(worker) => worker,
+                Err(error) => {
+                    let _ = created_tx.send(Err(error));
+                    return;
+                }
+            };
+            let _ = created_tx.send(Ok(()));
+            worker.run(command_rx, &registry, &metrics, &events);
+        })
+        .expect("spawning the state updater thread");
+    match created_rx.recv() {
+        Ok(Ok(())) => Ok(UpdaterThread {
+            thread: Some(thread),
+            updater: StateUpdater { commands },
+        }),
+        Ok(Err(error)) => {
+            let _ = thread.join();
+            Err(error)
+        }
+        Err(_) => Err(KafkaError::ClientCreation(
+            "the state updater thread ended before creating its consumer".into(),
+        )),
+    }
+}
+
+impl UpdaterThread {
+    /// Returns a handle that sends commands to the thread.
+    pub fn updater(&self) -> StateUpdater {
+        self.updater.clone()
+    }
+
+    /// Stops the thread (what each copy has applied so far is written) and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.updater.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for UpdaterThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl StateUpdater {
+    /// Applies the partition's changelog to `store`, from the position the store holds, as
+    /// `follow` says. If the partition is followed already with the same store, only the
+    /// reason changes (a standby that is promoted restores just the tail it has not applied
+    /// yet); with another store, the old one is written and let go first.
+    pub fn follow(&self, partition: i32, store: Arc<PartitionStore>, follow: Follow) {
+        let _ = self.commands.send(Command::Follow {
+            partition,
+            store,
+            follow,
+        });
+    }
+
+    /// Stops following the partition. What was applied so far is kept.
+    pub fn stop(&self, partition: i32) {
+        let _ = self.commands.send(Command::Stop { partition });
+    }
+}
+
+struct Job {
+    follow: Follow,
+    store: Arc<PartitionStore>,
+    position: Position,
+    batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// When the oldest record of the batch arrived.
+    batch_started: Option<Instant>,
+    /// Records applied since the job started or last changed its reason.
+    records: u64,
+    /// The consumer reached the partition's last stable offset.
+    at_stable_end: bool,
+    /// When the partition's end was last compared with the position.
+    end_checked: Option<Instant>,
+    /// Since when a restore waits for an open transaction at the partition's end.
+    waiting_since: Option<Instant>,
+    /// Failed questions for the partition's end, in a row.
+    end_query_failures: u32,
+    /// Whether the wait for an open transaction was logged.
+    warned_open_transaction: bool,
+}
+
+impl Job {
+    fn new(follow: Follow, store: Arc<PartitionStore>, position: Position) -> Self {
+        Job {
+            follow,
+            store,
+            position,
+            batch: BTreeMap::new(),
+            batch_started: None,
+            records: 0,
+            at_stable_end: false,
+            end_checked: None,
+            waiting_since: None,
+            end_query_failures: 0,
+            warned_open_transaction: false,
+        }
+    }
+
+    fn flush(&mut self) -> Result<bool, String> {
+        if self.batch.is_empty() {
+            return Ok(false);
+        }
+        self.store
+            .apply(&self.batch, self.position)
+            .map_err(|e| e.to_string())?;
+        self.batch.clear();
+        self.batch_started = None;
+        Ok(true)
+    }
+}
+
+struct Worker {
+    consumer: BaseConsumer,
+    /// Asks for end offsets read-uncommitted: the high watermark, past open transactions.
+    end_offsets: BaseConsumer,
+    topic: String,
+    jobs: HashMap<i32, Job>,
+    last_scan: Instant,
+}
+
+impl Worker {
+    fn new(client: &ClientConfig, topic: String, group_id: String) -> Result<Self, KafkaError> {
+        // librdkafka assigns partitions only in a consumer with a group id. This consumer
+        // never subscribes and never commits: it only names a group.
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let end_offsets: BaseConsumer = client
+            .clone()
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
+        Ok(Worker {
+            consumer,
+            end_offsets,
+            topic,
+            jobs: HashMap::new(),
+            last_scan: Instant::now(),
+        })
+    }
+
+    fn run(
+        mut self,
+        commands: Receiver<Command>,
+        registry: &Registry,
+        metrics: &UpdaterMetrics,
+        events: &Sender<UpdaterEvent>,
+    ) {
+        loop {
+            // Idle: wait for work. Busy: take every waiting command between polls.
+            let command = if self.jobs.is_empty() {
+                commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                commands.recv_timeout(Duration::ZERO)
+            };
+            match command {
+                Ok(Command::Follow {
+                    partition,
+                    store,
+                    follow,
+                }) => self.follow(partition, store, follow, registry, events),
+                Ok(Command::Stop { partition }) => {
+                    self.finish(partition, registry, events, false);
+                }
+                Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                    let partitions: Vec<i32> = self.jobs.keys().copied().collect();
+                    for partition in partitions {
+                        self.finish(partition, registry, events, false);
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.poll(registry, metrics, events);
+                }
+            }
+        }
+    }
+
+    fn follow(
+        &mut self,
+        partition: i32,
+        store: Arc<PartitionStore>,
+        follow: Follow,
+        registry: &Registry,
+        events: &Sender<UpdaterEvent>,
+    ) {
+        if let Some(job) = self.jobs.get_mut(&partition) {
+            if Arc::ptr_eq(&job.store, &store) {
+                if job.follow != follow {
+                    tracing::debug!(
+                        partition,
+                        ?follow,
+                        "the copy is now followed for another reason"
+                    );
+                    job.follow = follow;
+                    job.records = 0;
+                    job.waiting_since = None;
+                    job.warned_open_transaction = false;
+                    job.end_checked = None;
+                }
+                return;
+            }
+            self.finish(partition, registry, events, false);
+        }
+        // What the store holds now is what it has applied, whoever wrote it last.
+        let position = match store.position() {
+            Ok(position) => position,
+            Err(error) => {
+                report_failure(partition, follow, error.to_string(), events);
+                return;
+            }
+        };
+        let mut list = TopicPartitionList::new();
+        let offset = Offset::Offset(position.changelog_next);
+        if let Err(error) = list
+            .add_partition_offset(&self.topic, partition, offset)
+            .and_then(|()| self.consumer.incremental_assign(&list))
+        {
+            let reason = format!("assigning changelog partition: {error}");
+            report_failure(partition, follow, reason, events);
+            return;
+        }
+        self.jobs
+            .insert(partition, Job::new(follow, store, position));
+    }
+
+    fn poll(
+        &mut self,
+        registry: &Registry,
+        metrics: &UpdaterMetrics,
+        events: &Sender<UpdaterEvent>,
+    ) {
+        match self.consumer.poll(POLL_TIMEOUT) {
+            None => {}
+            Some(Ok(message)) => {
+                let partition = message.partition();
+                let full = Self::take(&mut self.jobs, &message, metrics);
+                drop(message);
+                if full {
+                    self.flush(partition, registry, metrics, events);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if let Some(job) = self.jobs.get_mut(&partition) {
+                    job.at_stable_end = true;
+                    job.end_checked = None;
+                }
+                self.flush(partition, registry, metrics, events);
+            }
+            Some(Err(error)) => tracing::warn!(%error, "changelog consumer error"),
+        }
+        if self.last_scan.elapsed() < SCAN_INTERVAL {
+            return;
+        }
+        self.last_scan = Instant::now();
+        let due: Vec<i32> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| {
+                job.batch_started
+                    .is_some_and(|started| started.elapsed() >= FLUSH_INTERVAL)
+            })
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in due {
+            self.flush(partition, registry, metrics, events);
+        }
+        self.finish_restores_at_end(registry, events);
+    }
+
+    /// Adds a changelog record to its partition's batch; returns whether the batch is full.
+    fn take(
+        jobs: &mut HashMap<i32, Job>,
+        message: &BorrowedMessage<'_>,
+        metrics: &UpdaterMetrics,
+    ) -> bool {
+        let Some(job) = jobs.get_mut(&message.partition()) else {
+            return false;
+        };
+        let key = message.key().unwrap_or_default().to_vec();
+        job.batch.insert(key, message.payload().map(<[u8]>::to_vec));
+        job.batch_started.get_or_insert_with(Instant::now);
+        advance(
+            &mut job.position,
+            message.offset(),
+            input_offset_of(message),
+        );
+        // New records after the end was reached: the end is further on now.
+        job.at_stable_end = false;
+        job.records += 1;
+        metrics.records.fetch_add(1, Ordering::Relaxed);
+        job.batch.len() >= BATCH_RECORDS
+    }
+
+    /// Writes a partition's batch and publishes the position it reached, so that reads of
+    /// the copy see it.
+    fn flush(
+        &mut self,
+        partition: i32,
+        registry: &Registry,
+        metrics: &UpdaterMetrics,
+        events: &Sender<UpdaterEvent>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&partition) else {
+            return;
+        };
+        match job.flush() {
+            Ok(true) => registry.set_position_of(&job.store, job.position),
+            Ok(false) => {}
+            Err(reason) => {
+                let follow = job.follow;
+                self.jobs.remove(&partition);
+                self.unassign(partition);
+                metrics.failures.fetch_add(1, Ordering::Relaxed);
+                report_failure(partition, follow, reason, events);
+            }
+        }
+    }
+
+    /// Finishes the restores that reached the end of their changelog partition with no
+    /// transaction open there.
+    ///
+    /// A read-committed consumer reaches "the end" at the last stable offset. If a previous
+    /// owner's transaction is still open there (a node that stalled between writing its
+    /// changelog and committing), it may yet commit, together with input offsets beyond
+    /// this store's position; a restore that stopped before it would lose its updates. So a
+    /// restore ends only when its position (past records and transaction markers) reaches
+    /// the high watermark. Until then the copy stays readable as a restoring copy.
+    fn finish_restores_at_end(&mut self, registry: &Registry, events: &Sender<UpdaterEvent>) {
+        let due: Vec<i32> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| {
+                matches!(job.follow, Follow::Restore { .. })
+                    && job.at_stable_end
+                    && job
+                        .end_checked
+                        .is_none_or(|checked| checked.elapsed() >= END_RECHECK)
+            })
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in due {
+            if self.transaction_open_at_end(partition) == Some(false) {
+                self.finish(partition, registry, events, true);
+            }
+        }
+    }
+
+    /// Whether the changelog partition ends in an open transaction; `None` if that cannot
+    /// be told right now (it is asked again shortly).
+    fn transaction_open_at_end(&mut self, partition: i32) -> Option<bool> {
+        let job = self.jobs.get_mut(&partition)?;
+        job.end_checked = Some(Instant::now());
+        let (start, end) =
+            match self
+                .end_offsets
+                .fetch_watermarks(&self.topic, partition, END_QUERY_TIMEOUT)
+            {
+                Ok(watermarks) => {
+                    job.end_query_failures = 0;
+                    watermarks
+                }
+                Err(error) => {
+                    job.end_query_failures += 1;
+                    if job.end_query_failures % 20 == 1 {
+                        tracing::warn!(
+                            %error,
+                            partition,
+                            failures = job.end_query_failures,
+                            "cannot ask for the changelog's end; the restore asks again"
+                        );
+                    }
+                    return None;
+                }
+            };
+        // The consumer's position moves past every record and transaction marker it hands
+        // over. Before it handed over any, it is where the restore began, or the log's start
+        // if that was deleted.
+        let position = self
+            .consumer
+            .position()
+            .ok()
+            .and_then(|positions| {
+                positions
+                    .find_partition(&self.topic, partition)
+                    .and_then(|p| p.offset().to_raw())
+            })
+            .unwrap_or(-1)
+            .max(job.position.changelog_next)
+            .max(start);
+        if position >= end {
+            return Some(false);
+        }
+        // Short of the end: records not read yet, or an open transaction.
+        let waiting_since = *job.waiting_since.get_or_insert_with(Instant::now);
+        if waiting_since.elapsed() >= OPEN_TRANSACTION_WARNING && !job.warned_open_transaction {
+            job.warned_open_transaction = true;
+            tracing::warn!(
+                partition,
+                position,
+                end,
+                "the changelog partition ends in an open transaction (a previous owner's); the \
+                 restore waits until it commits or aborts"
+            );
+        }
+        // The broker aborts any transaction after transaction.max.timeout.ms (15 minutes by
+        // default): past that, whatever keeps the position short of the end is no open
+        // transaction.
+        if waiting_since.elapsed() >= TRANSACTION_WAIT_LIMIT {
+            tracing::warn!(
+                partition,
+                position,
+                end,
+                "the changelog's end stayed out of reach for {TRANSACTION_WAIT_LIMIT:?}; the \
+                 restore ends where it is"
+            );
+            return Some(false);
+        }
+        Some(true)
+    }
+
+    /// Writes what is left, stops reading the partition and, if `restored`, reports it.
+    fn finish(
+        &mut self,
+        partition: i32,
+        registry: &Registry,
+        events: &Sender<UpdaterEvent>,
+        restored: bool,
+    ) {
+        let Some(mut job) = self.jobs.remove(&partition) else {
+            return;
+        };
+        self.unassign(partition);
+        match job.flush() {
+            Ok(_) => registry.set_position_of(&job.store, job.position),
+            Err(reason) => {
+                report_failure(partition, job.follow, reason, events);
+                return;
+            }
+        }
+        if let (true, Follow::Restore { generation }) = (restored, job.follow) {
+            let _ = events.send(UpdaterEvent::Restored {
+                partition,
+                generation,
+                records: job.records,
+                position: job.position,
+            });
+        }
+    }
+
+    fn unassign(&self, partition: i32) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, partition);
+        if let Err(error) = self.consumer.incremental_unassign(&list) {
+            tracing::warn!(%error, partition, "unassigning a changelog partition");
+        }
+    }
+}
+
+/// A restore's failure goes to ingest, which owns the partition; a standby's is logged, and
+/// the copy stays readable with its lag growing.
+fn report_failure(partition: i32, follow: Follow, reason: String, events: &Sender<UpdaterEvent>) {
+    match follow {
+        Follow::Restore { .. } => {
+            let _ = events.send(UpdaterEvent::Failed { partition, reason });
+        }
+        Follow::Standby => {
+            tracing::error!(
+                partition,
+                reason,
+                "updating a standby copy failed; it is no longer updated"
+            );
+        }
+    }
+}
+
+/// Returns the input offset that a changelog record carries in its header.
+pub(crate) fn input_offset_of(message: &BorrowedMessage<'_>) -> Option<i64> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == INPUT_OFFSET_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The position a store reaches after applying a changelog record at `offset` that came
+/// from input offset `input_offset`.
+pub(crate) fn advance(position: &mut Position, offset: i64, input_offset: Option<i64>) {
+    position.changelog_next = position.changelog_next.max(offset + 1);
+    if let Some(input) = input_offset {
+        position.input_next = position.input_next.max(input + 1);
+    }
+}

@@ -1,0 +1,477 @@
+//! A cluster of `kstore-node` processes against a real broker: gossip membership, one
+//! cluster-wide view that every node serves, standby placement that follows joins, leaves
+//! and kills, and standbys kept current by the state updater until they equal their actives.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::{Scenario, expected_features, run_async};
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
+use kstore_core::orders::OrderEvent;
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{
+    CustomerFeatures, GetRequest, Liveness, MetadataRequest, MetadataResponse, Role, get_response,
+};
+use kstore_testkit::process::TestProcess;
+use prost::Message as _;
+use tonic::transport::Channel;
+
+const PARTITIONS: u32 = 12;
+
+/// A running node and a Query client for it.
+struct Node {
+    id: String,
+    process: TestProcess,
+    client: QueryClient<Channel>,
+}
+
+impl Node {
+    async fn start(scenario: &Scenario, id: &str, run: &str) -> Result<Node> {
+        let mut process = scenario.start_node(id, run)?;
+        let uri = scenario.grpc_uri(&mut process)?;
+        scenario.wait_gossiping(&mut process)?;
+        let client = QueryClient::connect(uri).await?;
+        Ok(Node {
+            id: id.to_owned(),
+            process,
+            client,
+        })
+    }
+
+    async fn metadata(&mut self) -> Result<MetadataResponse> {
+        if let Some(status) = self.process.try_exit()? {
+            bail!("{} exited with {status}:\n{}", self.id, self.process.tail());
+        }
+        Ok(self.client.metadata(MetadataRequest {}).await?.into_inner())
+    }
+}
+
+/// Who holds each partition, as one node's view says: the live active's node, and the live
+/// standbys' nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Layout {
+    actives: BTreeMap<u32, Vec<String>>,
+    standbys: BTreeMap<u32, BTreeSet<String>>,
+}
+
+impl Layout {
+    fn of(metadata: &MetadataResponse) -> Layout {
+        let mut layout = Layout::default();
+        for node in metadata
+            .nodes
+            .iter()
+            .filter(|n| n.liveness() == Liveness::Live)
+        {
+            for copy in &node.copies {
+                match copy.role() {
+                    Role::Active => layout
+                        .actives
+                        .entry(copy.partition)
+                        .or_default()
+                        .push(node.node_id.clone()),
+                    Role::Standby => {
+                        layout
+                            .standbys
+                            .entry(copy.partition)
+                            .or_default()
+                            .insert(node.node_id.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        layout
+    }
+
+    /// Whether each partition has one active and `standbys` standbys on other nodes, all on
+    /// `members`.
+    fn complete(&self, members: &[&str], standbys: usize) -> bool {
+        (0..PARTITIONS).all(|p| {
+            let Some([active]) = self.actives.get(&p).map(Vec::as_slice) else {
+                return false;
+            };
+            let held = self.standbys.get(&p).cloned().unwrap_or_default();
+            held.len() == standbys
+                && !held.contains(active)
+                && members.contains(&active.as_str())
+                && held.iter().all(|n| members.contains(&n.as_str()))
+        })
+    }
+
+    fn standbys_per_node(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for node in self.standbys.values().flatten() {
+            *counts.entry(node.as_str()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Waits until every node in `nodes` serves the same complete layout over `members`, in
+/// which every member holds a standby, and returns it.
+async fn wait_for_agreement(
+    nodes: &mut [&mut Node],
+    members: &[&str],
+    timeout: Duration,
+) -> Result<Layout> {
+    let deadline = Instant::now() + timeout;
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        for node in nodes.iter_mut() {
+            last.push((node.id.clone(), Layout::of(&node.metadata().await?)));
+        }
+        let first = &last[0].1;
+        let everyone_holds_a_standby = first.standbys_per_node().len() == members.len();
+        if first.complete(members, 1)
+            && everyone_holds_a_standby
+            && last.iter().all(|(_, layout)| layout == first)
+        {
+            return Ok(first.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("the nodes did not agree on a complete layout over {members:?}: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `node`'s view says `about` is suspect or dead, and returns how long that took.
+async fn wait_until_not_live(node: &mut Node, about: &str, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let metadata = node.metadata().await?;
+        let live = metadata
+            .nodes
+            .iter()
+            .any(|n| n.node_id == about && n.liveness() == Liveness::Live);
+        if !live {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("{} still sees {about} live after {timeout:?}", node.id);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn nodes_share_one_view_and_standbys_follow_joins_leaves_and_kills() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("cluster-view", PARTITIONS).await?;
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        let mut node3 = Node::start(&scenario, "node-3", "only").await?;
+
+        let three = ["node-1", "node-2", "node-3"];
+        let layout = wait_for_agreement(
+            &mut [&mut node1, &mut node2, &mut node3],
+            &three,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let counts = layout.standbys_per_node();
+        let (max, min) = (counts.values().max(), counts.values().min());
+        ensure!(
+            counts.len() == 3 && max.zip(min).is_some_and(|(max, min)| max - min <= 1),
+            "standbys per node: {counts:?}"
+        );
+        // Every copy states its offsets and lag in every node's view.
+        let metadata = node2.metadata().await?;
+        ensure!(
+            metadata.cluster_id == scenario.app,
+            "{}",
+            metadata.cluster_id
+        );
+        for node in &metadata.nodes {
+            ensure!(
+                !node.grpc_address.is_empty() && node.incarnation > 0,
+                "{node:?}"
+            );
+            for copy in &node.copies {
+                ensure!(
+                    copy.lag >= 0 && copy.input_end == copy.input_offset + copy.lag,
+                    "{copy:?}"
+                );
+            }
+        }
+
+        // A fourth node: the watch delivers a view with it, and it receives standbys.
+        let mut watch = node1
+            .client
+            .watch_metadata(MetadataRequest {})
+            .await?
+            .into_inner();
+        let first = watch.message().await?.context("the watch's first view")?;
+        ensure!(first.nodes.len() == 3, "first view: {:?}", first.nodes);
+        let mut node4 = Node::start(&scenario, "node-4", "only").await?;
+        let joined = async {
+            while let Some(view) = watch.message().await? {
+                if view
+                    .nodes
+                    .iter()
+                    .any(|n| n.node_id == "node-4" && n.liveness() == Liveness::Live)
+                {
+                    return anyhow::Ok(view.view_version);
+                }
+            }
+            bail!("the watch ended")
+        };
+        let version = tokio::time::timeout(Duration::from_secs(60), joined)
+            .await
+            .context("a view with node-4 from the watch")??;
+        ensure!(version > first.view_version, "view versions increase");
+
+        let four = ["node-1", "node-2", "node-3", "node-4"];
+        let layout = wait_for_agreement(
+            &mut [&mut node1, &mut node2, &mut node3, &mut node4],
+            &four,
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            layout
+                .standbys_per_node()
+                .get("node-4")
+                .copied()
+                .unwrap_or(0)
+                > 0,
+            "node-4 holds no standby: {layout:?}"
+        );
+
+        // It leaves: its standbys are placed on the others again.
+        let status = node4.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "node-4 exit: {status}");
+        wait_for_agreement(
+            &mut [&mut node1, &mut node2, &mut node3],
+            &three,
+            Duration::from_secs(120),
+        )
+        .await?;
+
+        // kill -9: the others stop seeing node-3 as live within seconds.
+        node3.process.kill9()?;
+        let killed = Instant::now();
+        let seen_by_1 = wait_until_not_live(&mut node1, "node-3", Duration::from_secs(30)).await?;
+        let seen_by_2 = wait_until_not_live(&mut node2, "node-3", Duration::from_secs(30)).await?;
+        eprintln!(
+            "kill -9 of node-3: node-1 saw it suspect after {seen_by_1:?}, node-2 after {:?}",
+            killed.elapsed().max(seen_by_2)
+        );
+        for node in [&mut node1, &mut node2] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit: {status}", node.id);
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn standbys_converge_to_their_actives_and_both_equal_the_recomputed_state() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("cluster-standby", PARTITIONS).await?;
+        let generator = GeneratorConfig {
+            customers: 3_000,
+            seed: 21,
+            ..GeneratorConfig::default()
+        };
+        let count = 40_000u64;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take(count as usize)
+            .collect();
+        let mut nodes = Vec::new();
+        for id in ["node-1", "node-2", "node-3"] {
+            nodes.push(Node::start(&scenario, id, "only").await?);
+        }
+        let three = ["node-1", "node-2", "node-3"];
+        {
+            let mut refs: Vec<&mut Node> = nodes.iter_mut().collect();
+            wait_for_agreement(&mut refs, &three, Duration::from_secs(120)).await?;
+        }
+
+        // Events flow while actives ingest and standbys follow.
+        scenario.produce(&generator, count)?;
+        scenario.wait_committed(Duration::from_secs(300), || Ok(()))?;
+
+        // Every standby reaches its active's changelog position.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let layout = loop {
+            let metadata = nodes[0].metadata().await?;
+            let mut positions: BTreeMap<u32, Vec<(Role, i64)>> = BTreeMap::new();
+            for node in &metadata.nodes {
+                for copy in &node.copies {
+                    positions
+                        .entry(copy.partition)
+                        .or_default()
+                        .push((copy.role(), copy.changelog_offset));
+                }
+            }
+            let converged = (0..PARTITIONS).all(|p| {
+                let copies = positions.get(&p).cloned().unwrap_or_default();
+                let active = copies.iter().find(|(r, _)| *r == Role::Active);
+                active.is_some_and(|(_, offset)| {
+                    *offset > 0 && copies.len() >= 2 && copies.iter().all(|(_, o)| o == offset)
+                })
+            });
+            if converged {
+                break Layout::of(&metadata);
+            }
+            if Instant::now() > deadline {
+                bail!("standbys did not reach their actives: {positions:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+
+        // Every key, read from the active's node and from the standby's node, is exactly
+        // the recomputed state.
+        let expected = expected_features(&events);
+        let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let index = |id: &str| ids.iter().position(|n| n == id).unwrap();
+        let mut standby_reads = 0;
+        for (customer, features) in &expected {
+            let partition = partition_for_key(customer.as_bytes(), PARTITIONS);
+            let active = &layout.actives[&partition][0];
+            let standby = layout.standbys[&partition].first().context("a standby")?;
+            for (holder, role) in [(active, Role::Active), (standby, Role::Standby)] {
+                let node = &mut nodes[index(holder)];
+                let answer = node
+                    .client
+                    .get(GetRequest {
+                        store: "features".into(),
+                        key: customer.as_bytes().to_vec(),
+                        partition: None,
+                        options: None,
+                    })
+                    .await?
+                    .into_inner();
+                let read = answer.read.context("read metadata")?;
+                ensure!(
+                    read.node_id == *holder && read.role() == role,
+                    "{customer} from {holder}: {read:?}"
+                );
+                let Some(get_response::Value::Message(any)) = answer.value else {
+                    bail!("{customer} not found on {holder} ({role:?})");
+                };
+                ensure!(
+                    CustomerFeatures::decode(any.value.as_slice())? == *features,
+                    "{customer}'s features on {holder} ({role:?})"
+                );
+                standby_reads += usize::from(role == Role::Standby);
+            }
+        }
+        ensure!(standby_reads == expected.len());
+        for node in &mut nodes {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit: {status}", node.id);
+        }
+        Ok(())
+    })
+}
+
+/// Starts a gossip member inside the test, as another process would be, with `node_id` in
+/// `cluster_id`, joining through `seed`.
+async fn fake_member(
+    node_id: &str,
+    cluster_id: &str,
+    seed: &str,
+) -> Result<chitchat::ChitchatHandle> {
+    use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+    use kstore_server::gossip::transport::BoundTransport;
+    let (transport, address) = BoundTransport::bind("127.0.0.1:0".parse()?).await?;
+    let config = ChitchatConfig {
+        chitchat_id: ChitchatId::new(node_id, 1, address),
+        cluster_id: cluster_id.into(),
+        gossip_interval: Duration::from_millis(100),
+        listen_addr: address,
+        seed_nodes: vec![seed.into()],
+        failure_detector_config: FailureDetectorConfig {
+            initial_interval: Duration::from_millis(100),
+            ..FailureDetectorConfig::default()
+        },
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
+    };
+    let values = vec![
+        ("grpc".to_owned(), "127.0.0.1:1".to_owned()),
+        ("status".to_owned(), "running".to_owned()),
+        // A value that does not decode: reported and counted, the member still shows.
+        ("copies".to_owned(), "not:a:copy".to_owned()),
+    ];
+    chitchat::spawn_chitchat(config, values, &transport).await
+}
+
+/// Returns a counter's value from a node's Prometheus metrics (0 if absent).
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn bad_gossip_is_dropped_and_counted_and_a_claimed_node_id_shows_as_conflicting() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("cluster-bad-gossip", 4).await?;
+        scenario.extra.push("metrics-address=127.0.0.1:0".into());
+        let mut node = Node::start(&scenario, "node-1", "only").await?;
+        let gossip = scenario.wait_gossiping(&mut node.process)?;
+        let metrics_address = scenario.metrics_address(&mut node.process)?;
+
+        // Datagrams that are no gossip at all.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        for garbage in [&b""[..], b"\xff\xff\xff", &[7u8; 2_000]] {
+            socket.send_to(garbage, &gossip)?;
+        }
+        // A member of another cluster, and a second process that claims node-1.
+        let stranger = fake_member("node-9", "another-cluster", &gossip).await?;
+        let impostor = fake_member("node-1", &scenario.app, &gossip).await?;
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let metadata = node.metadata().await?;
+            let claims: Vec<_> = metadata
+                .nodes
+                .iter()
+                .filter(|n| n.node_id == "node-1")
+                .collect();
+            let conflicting = claims.len() == 2 && claims.iter().all(|n| n.conflicting);
+            let stranger_unseen = metadata.nodes.iter().all(|n| n.node_id != "node-9");
+            let metrics = kstore_testkit::process::http_get(&metrics_address, "/metrics")?;
+            let bad = counter(&metrics, "kstore_gossip_bad_datagrams_total");
+            let foreign = counter(&metrics, "kstore_gossip_foreign_cluster_messages_total");
+            let bad_values = counter(&metrics, "kstore_gossip_bad_values_total");
+            if conflicting && stranger_unseen && bad >= 3.0 && foreign >= 1.0 && bad_values >= 1.0 {
+                break;
+            }
+            ensure!(
+                stranger_unseen,
+                "a member of another cluster joined the view"
+            );
+            if Instant::now() > deadline {
+                bail!(
+                    "claims {claims:?}; bad datagrams {bad}, foreign messages {foreign}, bad \
+                     values {bad_values}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ensure!(
+            node.process
+                .output()
+                .contains("two live processes claim this node id"),
+            "the conflict is logged"
+        );
+        drop((stranger, impostor));
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit: {status}");
+        Ok(())
+    })
+}
