@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Only so that gRPC reflection can describe the error details kstore sends.
         "../../proto/google/rpc/error_details.proto",
     ];
+    // The protos live outside this package, where cargo does not look for changes itself.
+    println!("cargo:rerun-if-changed=../../proto");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 pub use kstore_proto::v1::{Liveness, NodeStatus, Role};
-use kstore_proto::v1::{MetadataResponse, NodeInfo, NodeLoad, PartitionCopy};
+use kstore_proto::v1::{MetadataResponse, NodeInfo, NodeLoad, PartitionCopy, PartitionHolders};
 
 /// The gossip keys every node publishes.
 pub mod keys {
@@ -423,6 +423,39 @@ impl ClusterView {
         holders
     }
 
+    /// Returns where a node that holds no copy of `partition` may forward a read of it, best
+    /// first: the live holders other than `this_node` (the active first, then the least
+    /// lag). Suspect and dead holders are never chosen.
+    pub fn forward_targets(&self, partition: u32, this_node: &str) -> Vec<Holder<'_>> {
+        self.holders(partition)
+            .into_iter()
+            .filter(|h| {
+                h.routable() && h.node.node_id != this_node && !h.node.grpc_address.is_empty()
+            })
+            .collect()
+    }
+
+    /// Returns the holders of `partition`, best first, as the detail of a
+    /// PARTITION_NOT_HOSTED answer.
+    pub fn holders_proto(&self, partition: u32) -> PartitionHolders {
+        PartitionHolders {
+            partition,
+            holders: self
+                .holders(partition)
+                .into_iter()
+                .map(|h| kstore_proto::v1::Holder {
+                    node_id: h.node.node_id.clone(),
+                    grpc_address: h.node.grpc_address.clone(),
+                    role: h.copy.role as i32,
+                    lag: h.copy.lag,
+                    liveness: h.node.liveness as i32,
+                    incarnation: h.node.incarnation,
+                    version: h.node.version,
+                })
+                .collect(),
+        }
+    }
+
     /// Returns the node whose copy of `partition` is active and not dead. If two claim it
     /// (one is being fenced, or has not said yet that it gave the partition up), the one
     /// that saw the later group generation; then a live one; then the later incarnation.
@@ -651,6 +684,48 @@ mod tests {
         // Two claim partition 0's active copy in the same generation: the live one wins.
         assert_eq!(view.active(0).unwrap().node.node_id, "node-4");
         assert_eq!(view.active(1).unwrap().node.node_id, "node-2");
+    }
+
+    #[test]
+    fn reads_are_forwarded_to_live_holders_other_than_this_node_active_first() {
+        let view = view(&[
+            with_copies(
+                entry("node-1", 1, 7001, Detected::Live),
+                &[copy(0, Role::Standby, 3)],
+            ),
+            with_copies(
+                entry(
+                    "node-2",
+                    1,
+                    7002,
+                    Detected::SilentFor(Duration::from_secs(1)),
+                ),
+                &[copy(0, Role::Active, 0)],
+            ),
+            with_copies(
+                entry("node-3", 1, 7003, Detected::Live),
+                &[copy(0, Role::Standby, 1)],
+            ),
+        ]);
+        // The active is suspect: the least-lagging live standby first.
+        let targets: Vec<&str> = view
+            .forward_targets(0, "node-4")
+            .iter()
+            .map(|h| h.node.node_id.as_str())
+            .collect();
+        assert_eq!(targets, ["node-3", "node-1"]);
+        // Never back to the asking node.
+        assert!(
+            view.forward_targets(0, "node-3")
+                .iter()
+                .all(|h| h.node.node_id != "node-3")
+        );
+        assert!(view.forward_targets(1, "node-4").is_empty());
+        // The detail lists every holder, suspect ones too, best first.
+        let detail = view.holders_proto(0);
+        let order: Vec<&str> = detail.holders.iter().map(|h| h.node_id.as_str()).collect();
+        assert_eq!(order, ["node-3", "node-1", "node-2"]);
+        assert_eq!(detail.holders[2].liveness(), Liveness::Suspect);
     }
 
     #[test]

@@ -475,3 +475,144 @@ fn bad_gossip_is_dropped_and_counted_and_a_claimed_node_id_shows_as_conflicting(
         Ok(())
     })
 }
+
+#[test]
+fn reads_of_partitions_held_elsewhere_are_forwarded_once_or_answered_with_the_holders() -> Result<()>
+{
+    use kstore_proto::v1::{ErrorReason, MultiGetRequest, ReadOptions};
+    use kstore_server::grpc::error::partition_holders;
+    use kstore_server::grpc::forward::FORWARDED_FROM;
+    use tonic_types::StatusExt;
+
+    run_async(async {
+        let scenario = Scenario::new("cluster-forward", PARTITIONS).await?;
+        let generator = GeneratorConfig {
+            customers: 500,
+            seed: 5,
+            ..GeneratorConfig::default()
+        };
+        let count = 5_000u64;
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take(count as usize)
+            .collect();
+        scenario.produce(&generator, count)?;
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        let mut node3 = Node::start(&scenario, "node-3", "only").await?;
+        let three = ["node-1", "node-2", "node-3"];
+        scenario.wait_committed(Duration::from_secs(120), || Ok(()))?;
+        let layout = wait_for_agreement(
+            &mut [&mut node1, &mut node2, &mut node3],
+            &three,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let expected = expected_features(&events);
+        let held_by_1 = |p: u32| {
+            layout.actives[&p].contains(&"node-1".to_owned())
+                || layout.standbys[&p].contains("node-1")
+        };
+        let (customer, partition) = expected
+            .keys()
+            .map(|c| (c.clone(), partition_for_key(c.as_bytes(), PARTITIONS)))
+            .find(|(_, p)| !held_by_1(*p))
+            .context("a customer whose partition node-1 does not hold")?;
+        let get = |no_forward: bool| GetRequest {
+            store: "features".into(),
+            key: customer.as_bytes().to_vec(),
+            partition: None,
+            options: Some(ReadOptions {
+                min_input_offset: None,
+                no_forward,
+            }),
+        };
+
+        // Forwarded once, to the active; the answer names the node that answered.
+        let answer = node1.client.get(get(false)).await?.into_inner();
+        let read = answer.read.context("read metadata")?;
+        let active = &layout.actives[&partition][0];
+        ensure!(
+            read.node_id == *active && read.role() == Role::Active,
+            "forwarded answer: {read:?}"
+        );
+        let Some(get_response::Value::Message(any)) = answer.value else {
+            bail!("{customer} not found through node-1");
+        };
+        ensure!(CustomerFeatures::decode(any.value.as_slice())? == expected[&customer]);
+
+        // No forwarding: the holders, best (the active) first.
+        let status = node1.client.get(get(true)).await.unwrap_err();
+        ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+        ensure!(
+            status.get_details_error_info().map(|i| i.reason)
+                == Some(ErrorReason::PartitionNotHosted.as_str_name().to_owned())
+        );
+        let holders = partition_holders(&status).context("a PartitionHolders detail")?;
+        let named: Vec<(&str, Role)> = holders
+            .holders
+            .iter()
+            .map(|h| (h.node_id.as_str(), h.role()))
+            .collect();
+        let standby = layout.standbys[&partition].first().context("a standby")?;
+        ensure!(
+            holders.partition == partition
+                && named
+                    == [
+                        (active.as_str(), Role::Active),
+                        (standby.as_str(), Role::Standby)
+                    ],
+            "holders: {named:?}"
+        );
+        ensure!(holders.holders.iter().all(|h| !h.grpc_address.is_empty()));
+
+        // A forwarded read is never forwarded again: no loop, whatever the views say.
+        let mut marked = tonic::Request::new(get(false));
+        marked
+            .metadata_mut()
+            .insert(FORWARDED_FROM, "node-2".parse()?);
+        let status = node1.client.get(marked).await.unwrap_err();
+        ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+
+        // MultiGet through one node: every key answered, the unheld ones by forwarding.
+        let customers: Vec<&String> = expected.keys().collect();
+        let request = |no_forward: bool| MultiGetRequest {
+            store: "features".into(),
+            keys: customers.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            options: Some(ReadOptions {
+                min_input_offset: None,
+                no_forward,
+            }),
+        };
+        let answer = node1.client.multi_get(request(false)).await?.into_inner();
+        ensure!(answer.results.len() == customers.len() && answer.holders.is_empty());
+        for (result, customer) in answer.results.iter().zip(&customers) {
+            ensure!(result.error == 0, "{customer}: {:?}", result.error());
+            let got = result.result.as_ref().context("a result")?;
+            let Some(get_response::Value::Message(any)) = &got.value else {
+                bail!("{customer} not found in the MultiGet");
+            };
+            ensure!(CustomerFeatures::decode(any.value.as_slice())? == expected[*customer]);
+        }
+        let answer = node1.client.multi_get(request(true)).await?.into_inner();
+        let unheld: BTreeSet<u32> = (0..PARTITIONS).filter(|p| !held_by_1(*p)).collect();
+        for (result, customer) in answer.results.iter().zip(&customers) {
+            let p = partition_for_key(customer.as_bytes(), PARTITIONS);
+            let not_hosted = result.error() == ErrorReason::PartitionNotHosted;
+            ensure!(
+                not_hosted == unheld.contains(&p),
+                "{customer} (partition {p})"
+            );
+        }
+        let with_holders: BTreeSet<u32> = answer.holders.iter().map(|h| h.partition).collect();
+        ensure!(
+            with_holders == unheld,
+            "holders for {with_holders:?}, unheld {unheld:?}"
+        );
+
+        for node in [&mut node1, &mut node2, &mut node3] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit: {status}", node.id);
+        }
+        Ok(())
+    })
+}

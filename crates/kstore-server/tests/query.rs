@@ -159,6 +159,7 @@ fn a_read_bounded_by_the_produced_offset_includes_that_event() -> Result<()> {
         let mut request = tonic::Request::new(GetRequest {
             options: Some(ReadOptions {
                 min_input_offset: Some(delivery.offset),
+                no_forward: false,
             }),
             ..get(customer)
         });
@@ -182,6 +183,7 @@ fn a_read_bounded_by_the_produced_offset_includes_that_event() -> Result<()> {
         let mut request = tonic::Request::new(GetRequest {
             options: Some(ReadOptions {
                 min_input_offset: Some(delivery.offset + 1_000_000),
+                no_forward: false,
             }),
             ..get(customer)
         });

@@ -4,12 +4,16 @@
 use std::collections::HashMap;
 
 use kstore_proto::ERROR_DOMAIN;
-use kstore_proto::v1::ErrorReason;
+use kstore_proto::v1::{ErrorReason, PartitionHolders, Role};
+use prost::Message as _;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// The type URL of the PartitionHolders status detail.
+pub const PARTITION_HOLDERS_TYPE_URL: &str = "type.googleapis.com/kstore.v1.PartitionHolders";
+
 /// Why a read failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
     /// The key is empty.
@@ -55,11 +59,16 @@ pub enum ReadError {
         /// The limit.
         limit: usize,
     },
-    /// This node holds no copy of the partition.
-    #[error("this node holds no copy of partition {partition}")]
+    /// This node holds no copy of the partition, and did not forward the read.
+    #[error(
+        "this node holds no copy of partition {partition}; {}",
+        describe(holders)
+    )]
     PartitionNotHosted {
         /// The partition.
         partition: u32,
+        /// Who holds it, best first, as this node's view says.
+        holders: PartitionHolders,
     },
     /// The copy did not reach the requested input offset in time.
     #[error(
@@ -140,7 +149,9 @@ impl ReadError {
                 put("partition", expected.to_string());
                 put("given_partition", given.to_string());
             }
-            ReadError::PartitionNotHosted { partition } => put("partition", partition.to_string()),
+            ReadError::PartitionNotHosted { partition, .. } => {
+                put("partition", partition.to_string())
+            }
             ReadError::PositionNotReached {
                 partition,
                 wanted,
@@ -162,6 +173,30 @@ impl ReadError {
     }
 }
 
+/// Names the holders for a person: "held by node-2 (active, lag 0), node-3 (standby, lag 4)".
+fn describe(holders: &PartitionHolders) -> String {
+    if holders.holders.is_empty() {
+        return "no node is known to hold it".into();
+    }
+    let named: Vec<String> = holders
+        .holders
+        .iter()
+        .map(|h| {
+            let role = match h.role() {
+                Role::Active => "active",
+                Role::Standby => "standby",
+                Role::Restoring => "restoring",
+                Role::Unspecified => "unknown role",
+            };
+            format!(
+                "{} at {} ({role}, lag {})",
+                h.node_id, h.grpc_address, h.lag
+            )
+        })
+        .collect();
+    format!("held by {}", named.join(", "))
+}
+
 impl From<ReadError> for Status {
     fn from(error: ReadError) -> Self {
         let details = ErrorDetails::with_error_info(
@@ -169,8 +204,27 @@ impl From<ReadError> for Status {
             ERROR_DOMAIN,
             error.metadata(),
         );
-        Status::with_error_details(error.code(), error.to_string(), details)
+        let status = Status::with_error_details(error.code(), error.to_string(), details);
+        let ReadError::PartitionNotHosted { holders, .. } = &error else {
+            return status;
+        };
+        // Add the holders beside the ErrorInfo, as a detail of kstore's own type.
+        let mut rich = tonic_types::pb::Status::decode(status.details()).unwrap_or_default();
+        rich.details.push(prost_types::Any {
+            type_url: PARTITION_HOLDERS_TYPE_URL.into(),
+            value: holders.encode_to_vec(),
+        });
+        Status::with_details(status.code(), status.message(), rich.encode_to_vec().into())
     }
+}
+
+/// Returns the PartitionHolders detail of a status, if it has one.
+pub fn partition_holders(status: &Status) -> Option<PartitionHolders> {
+    let rich = tonic_types::pb::Status::decode(status.details()).ok()?;
+    rich.details
+        .iter()
+        .find(|any| any.type_url == PARTITION_HOLDERS_TYPE_URL)
+        .and_then(|any| PartitionHolders::decode(any.value.as_slice()).ok())
 }
 
 #[cfg(test)]
@@ -198,6 +252,39 @@ mod tests {
         assert_eq!(
             info.metadata.get("partition").map(String::as_str),
             Some("3")
+        );
+    }
+
+    #[test]
+    fn partition_not_hosted_carries_the_holders() {
+        let holders = PartitionHolders {
+            partition: 5,
+            holders: vec![kstore_proto::v1::Holder {
+                node_id: "node-2".into(),
+                grpc_address: "127.0.0.1:50052".into(),
+                role: Role::Active as i32,
+                lag: 0,
+                liveness: kstore_proto::v1::Liveness::Live as i32,
+                incarnation: 1,
+                version: 9,
+            }],
+        };
+        let status = Status::from(ReadError::PartitionNotHosted {
+            partition: 5,
+            holders: holders.clone(),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "PARTITION_NOT_HOSTED"
+        );
+        assert_eq!(partition_holders(&status), Some(holders));
+        assert!(
+            status
+                .message()
+                .contains("node-2 at 127.0.0.1:50052 (active, lag 0)"),
+            "{}",
+            status.message()
         );
     }
 }

@@ -1,7 +1,9 @@
-//! The node's gRPC server: Query, Admin, health and reflection on one port.
+//! The node's gRPC server: Query, Admin, health and reflection on one port; and forwarding
+//! of reads to the node that holds their partition.
 
 pub mod admin;
 pub mod error;
+pub mod forward;
 pub mod query;
 
 use std::future::Future;

@@ -6,6 +6,10 @@
 //! pool, so that a slow disk never holds an async worker. A read with a position bound
 //! waits for its copy to reach it, until the request's deadline.
 //!
+//! A read of a partition this node holds no copy of is forwarded once to the best holder in
+//! the cluster view (see [`super::forward`]), unless the caller asked for no forwarding or
+//! the read was forwarded already: then it fails with PARTITION_NOT_HOSTED and the holders.
+//!
 //! Metadata answers with the cluster-wide view that gossip keeps; WatchMetadata streams it,
 //! once now and again on every change.
 
@@ -18,7 +22,8 @@ use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::query_server::Query;
 use kstore_proto::v1::{
     ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
-    MultiGetRequest, MultiGetResponse, ReadMetadata, ReadOptions, Role, StoreInfo, get_response,
+    MultiGetRequest, MultiGetResponse, PartitionHolders, ReadMetadata, ReadOptions, Role,
+    StoreInfo, get_response,
 };
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -26,6 +31,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::error::ReadError;
+use super::forward::{self, FORWARDED_READS, Peers};
 use crate::config::NodeConfig;
 use crate::registry::{PartitionCopy, Registry};
 use crate::store::{MemoryRead, Position};
@@ -44,7 +50,19 @@ pub struct QueryService {
     config: Arc<NodeConfig>,
     view: watch::Receiver<Arc<ClusterView>>,
     value_type_url: Option<String>,
+    peers: Arc<Peers>,
 }
+
+/// How many holders a forwarded read tries, in the view's order, when one cannot be reached.
+const FORWARD_ATTEMPTS: usize = 2;
+
+/// Forwarded MultiGets in flight: each gives the indexes of its keys in the request, the
+/// holders to report if it failed, and the holder's answer.
+type ForwardedMultiGets = tokio::task::JoinSet<(
+    Vec<usize>,
+    Vec<PartitionHolders>,
+    Result<MultiGetResponse, String>,
+)>;
 
 impl QueryService {
     /// Returns the service; values are returned as `Any` of `value_type_url` if given, and
@@ -60,7 +78,79 @@ impl QueryService {
             config,
             view,
             value_type_url,
+            peers: Arc::new(Peers::default()),
         }
+    }
+
+    /// Returns who holds `partition`, as this node's view says.
+    fn holders(&self, partition: u32) -> PartitionHolders {
+        self.view.borrow().holders_proto(partition)
+    }
+
+    /// Forwards a read of `partition` to the best live holder in the view, then to the next
+    /// if that one cannot be reached; `call` makes the call. A holder's answer, error or
+    /// not, is the answer. Without a reachable holder: PARTITION_NOT_HOSTED.
+    async fn forward<T, R, F, Fut>(
+        &self,
+        method: &'static str,
+        partition: u32,
+        message: T,
+        deadline: Instant,
+        call: F,
+    ) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        F: Fn(
+            kstore_proto::v1::query_client::QueryClient<tonic::transport::Channel>,
+            Request<T>,
+        ) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let targets: Vec<String> = {
+            let view = self.view.borrow();
+            view.forward_targets(partition, self.registry.node_id())
+                .iter()
+                .take(FORWARD_ATTEMPTS)
+                .map(|h| h.node.grpc_address.clone())
+                .collect()
+        };
+        for address in targets {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let client = match self.peers.client(&address) {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::warn!(%error, "a holder's address in the view is unusable");
+                    continue;
+                }
+            };
+            let request = forward::forwarded(message.clone(), self.registry.node_id(), remaining);
+            match call(client, request).await {
+                Ok(response) => {
+                    metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "answered")
+                        .increment(1);
+                    return Ok(response);
+                }
+                // The holder is gone, or no longer holds the partition: try the next.
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tracing::debug!(%address, partition, %status, "forwarding failed");
+                }
+                Err(status) => {
+                    metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "error")
+                        .increment(1);
+                    return Err(status);
+                }
+            }
+        }
+        metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "no_holder")
+            .increment(1);
+        Err(ReadError::PartitionNotHosted {
+            partition,
+            holders: self.holders(partition),
+        }
+        .into())
     }
 
     /// Describes the store and the cluster view for Metadata and WatchMetadata.
@@ -127,7 +217,10 @@ impl QueryService {
     fn copy(&self, partition: u32) -> Result<Arc<PartitionCopy>, ReadError> {
         self.registry
             .get(partition as i32)
-            .ok_or(ReadError::PartitionNotHosted { partition })
+            .ok_or_else(|| ReadError::PartitionNotHosted {
+                partition,
+                holders: self.holders(partition),
+            })
     }
 
     /// Waits until the copy reflects input offset `min_input_offset`, or the deadline.
@@ -183,7 +276,7 @@ impl QueryService {
 
     async fn get_one(
         &self,
-        request: GetRequest,
+        request: &GetRequest,
         deadline: Instant,
     ) -> Result<GetResponse, (ReadError, Role)> {
         let none = |error| (error, Role::Unspecified);
@@ -199,7 +292,7 @@ impl QueryService {
             .map_err(|e| (e, role))?;
         // The position read first is a lower bound of what the value reflects.
         let position = copy.position();
-        let value = read_value(&copy, request.key)
+        let value = read_value(&copy, request.key.clone())
             .await
             .map_err(|message| (ReadError::Store { partition, message }, role))?;
         Ok(self.response(value, self.read_metadata(&copy, position)))
@@ -209,6 +302,7 @@ impl QueryService {
         &self,
         request: MultiGetRequest,
         deadline: Instant,
+        may_forward: bool,
     ) -> Result<MultiGetResponse, ReadError> {
         self.check_store(&request.store)?;
         if request.keys.len() > self.config.max_multiget_keys {
@@ -236,15 +330,11 @@ impl QueryService {
             })
             .collect();
         let mut reads = Vec::new();
+        let mut not_hosted: Vec<(u32, Vec<usize>)> = Vec::new();
         for (partition, indexes) in by_partition {
-            let copy = match self.copy(partition) {
-                Ok(copy) => copy,
-                Err(error) => {
-                    for index in indexes {
-                        results[index].error = error.reason() as i32;
-                    }
-                    continue;
-                }
+            let Some(copy) = self.registry.get(partition as i32) else {
+                not_hosted.push((partition, indexes));
+                continue;
             };
             if let Err(error) = Self::wait_for(&copy, request.options.as_ref(), deadline).await {
                 for index in indexes {
@@ -254,6 +344,21 @@ impl QueryService {
             }
             reads.push((copy.clone(), copy.position(), indexes));
         }
+
+        // Keys of partitions held elsewhere: one forwarded MultiGet per holder, running while
+        // the local partitions are read.
+        let mut holders = Vec::new();
+        let forwarded = if may_forward {
+            self.forward_multi_get(&request, not_hosted, deadline, &mut results, &mut holders)
+        } else {
+            for (partition, indexes) in not_hosted {
+                for index in indexes {
+                    results[index].error = ErrorReason::PartitionNotHosted as i32;
+                }
+                holders.push(self.holders(partition));
+            }
+            tokio::task::JoinSet::new()
+        };
 
         // One consistent read per partition: from memory on this worker where possible (one
         // snapshot), and one trip to the blocking pool (a RocksDB multi-get per partition)
@@ -308,7 +413,105 @@ impl QueryService {
                 }
             }
         }
-        Ok(MultiGetResponse { results })
+        self.collect_forwarded(forwarded, &mut results, &mut holders)
+            .await;
+        Ok(MultiGetResponse { results, holders })
+    }
+
+    /// Sends the keys of partitions this node holds no copy of to their best live holders,
+    /// one MultiGet per holder. Keys of partitions without one fail at once with
+    /// PARTITION_NOT_HOSTED, their holders added to `holders`.
+    fn forward_multi_get(
+        &self,
+        request: &MultiGetRequest,
+        not_hosted: Vec<(u32, Vec<usize>)>,
+        deadline: Instant,
+        results: &mut [KeyResult],
+        holders: &mut Vec<PartitionHolders>,
+    ) -> ForwardedMultiGets {
+        let view = self.view.borrow().clone();
+        let mut by_holder: BTreeMap<String, Vec<(u32, Vec<usize>)>> = BTreeMap::new();
+        for (partition, indexes) in not_hosted {
+            match view
+                .forward_targets(partition, self.registry.node_id())
+                .first()
+            {
+                Some(target) => by_holder
+                    .entry(target.node.grpc_address.clone())
+                    .or_default()
+                    .push((partition, indexes)),
+                None => {
+                    for index in indexes {
+                        results[index].error = ErrorReason::PartitionNotHosted as i32;
+                    }
+                    holders.push(view.holders_proto(partition));
+                }
+            }
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for (address, groups) in by_holder {
+            let indexes: Vec<usize> = groups.iter().flat_map(|(_, i)| i.iter().copied()).collect();
+            let sub = MultiGetRequest {
+                store: request.store.clone(),
+                keys: indexes.iter().map(|&i| request.keys[i].clone()).collect(),
+                options: request.options,
+            };
+            let client = self.peers.client(&address);
+            let node_id = self.registry.node_id().to_owned();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let partitions: Vec<u32> = groups.iter().map(|(p, _)| *p).collect();
+            let holders_if_failed: Vec<PartitionHolders> =
+                partitions.iter().map(|&p| view.holders_proto(p)).collect();
+            calls.spawn(async move {
+                let answer = match client {
+                    Ok(mut client) => client
+                        .multi_get(forward::forwarded(sub, &node_id, remaining))
+                        .await
+                        .map(Response::into_inner)
+                        .map_err(|status| status.to_string()),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = &answer {
+                    tracing::debug!(%address, error, "forwarding a MultiGet failed");
+                }
+                (indexes, holders_if_failed, answer)
+            });
+        }
+        calls
+    }
+
+    /// Puts the forwarded answers in place. A holder that failed as a whole fails its keys
+    /// with PARTITION_NOT_HOSTED.
+    async fn collect_forwarded(
+        &self,
+        mut calls: ForwardedMultiGets,
+        results: &mut [KeyResult],
+        holders: &mut Vec<PartitionHolders>,
+    ) {
+        while let Some(joined) = calls.join_next().await {
+            let Ok((indexes, holders_if_failed, answer)) = joined else {
+                continue;
+            };
+            match answer {
+                Ok(answer) if answer.results.len() == indexes.len() => {
+                    metrics::counter!(FORWARDED_READS, "method" => "multi_get", "outcome" => "answered")
+                        .increment(1);
+                    for (index, result) in indexes.into_iter().zip(answer.results) {
+                        results[index].result = result.result;
+                        results[index].error = result.error;
+                    }
+                    holders.extend(answer.holders);
+                }
+                _ => {
+                    metrics::counter!(FORWARDED_READS, "method" => "multi_get", "outcome" => "error")
+                        .increment(1);
+                    for index in indexes {
+                        results[index].error = ErrorReason::PartitionNotHosted as i32;
+                    }
+                    holders.extend(holders_if_failed);
+                }
+            }
+        }
     }
 
     /// Returns the deadline for waiting: the caller's (`grpc-timeout`) less a margin, or
@@ -327,6 +530,12 @@ impl QueryService {
         // A read never waits longer than a minute, whatever deadline it brings.
         now + wait.min(MAX_READ_WAIT)
     }
+}
+
+/// Whether a read may be forwarded: it was not forwarded already and did not ask for no
+/// forwarding.
+fn may_forward<T>(request: &Request<T>, options: Option<&ReadOptions>) -> bool {
+    !forward::was_forwarded(request) && !options.is_some_and(|o| o.no_forward)
 }
 
 /// Reads one key of a copy: from memory on the calling async worker (no I/O, so it cannot
@@ -380,7 +589,9 @@ impl Query for QueryService {
         let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);
-        match self.get_one(request.into_inner(), deadline).await {
+        let may_forward = may_forward(&request, request.get_ref().options.as_ref());
+        let request = request.into_inner();
+        match self.get_one(&request, deadline).await {
             Ok(response) => {
                 let role = response
                     .read
@@ -389,6 +600,23 @@ impl Query for QueryService {
                 let outcome = if response.found { "found" } else { "not_found" };
                 record_latency("get", started, role, outcome);
                 Ok(Response::new(response))
+            }
+            Err((ReadError::PartitionNotHosted { partition, .. }, _)) if may_forward => {
+                let answer = self
+                    .forward(
+                        "get",
+                        partition,
+                        request,
+                        deadline,
+                        |mut client, request| async move { client.get(request).await },
+                    )
+                    .await;
+                let outcome = match &answer {
+                    Ok(_) => "forwarded",
+                    Err(_) => "forward_failed",
+                };
+                record_latency("get", started, Role::Unspecified, outcome);
+                answer
             }
             Err((error, role)) => {
                 record_latency("get", started, role, error.reason().as_str_name());
@@ -404,7 +632,9 @@ impl Query for QueryService {
         let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);
-        let result = QueryService::multi_get(self, request.into_inner(), deadline).await;
+        let may_forward = may_forward(&request, request.get_ref().options.as_ref());
+        let result =
+            QueryService::multi_get(self, request.into_inner(), deadline, may_forward).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(error) => error.reason().as_str_name(),
