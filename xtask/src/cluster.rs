@@ -467,9 +467,7 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
     println!("  cargo xtask down");
     println!();
     println!(
-        "(a node that holds no copy of the key's partition answers UNAVAILABLE with the partition"
+        "(any node answers any key: a node that holds no copy of the key's partition forwards the"
     );
-    println!(
-        " in its error details: ask a node that `cargo xtask status` shows for that partition)"
-    );
+    println!(" read once to a node that does; the answer names the node that answered)");
 }

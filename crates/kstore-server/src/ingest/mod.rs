@@ -754,6 +754,12 @@ impl Engine {
     /// `rewind`, seeks the input back so that its records are read again.
     fn abort(&mut self, consumer: &BaseConsumer<IngestContext>, rewind: bool) {
         let Some(txn) = self.txn.take() else { return };
+        // librdkafka's abort waits until every outstanding record's delivery report has been
+        // served, and rdkafka serves them only when the producer is polled: without this the
+        // abort hangs for its whole timeout (as it did in a rebalance that failed a commit).
+        if let Err(error) = flush(&self.producer, KAFKA_TIMEOUT) {
+            tracing::warn!(%error, "records still in flight before aborting");
+        }
         if self.exactly_once()
             && let Err(error) = self.producer.abort_transaction(KAFKA_TIMEOUT)
         {

@@ -20,10 +20,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::ingest::INPUT_OFFSET_HEADER;
 use crate::registry::Registry;
@@ -269,8 +269,23 @@ impl Job {
     }
 }
 
+/// The changelog consumer's context: reaching a partition's end is how the updater knows a
+/// copy caught up, which standbys do all the time; librdkafka also reports it as an error,
+/// which is not logged.
+struct ChangelogContext;
+
+impl ClientContext for ChangelogContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(%error, reason, "changelog consumer error");
+        }
+    }
+}
+
+impl ConsumerContext for ChangelogContext {}
+
 struct Worker {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ChangelogContext>,
     /// Asks for end offsets read-uncommitted: the high watermark, past open transactions.
     end_offsets: BaseConsumer,
     topic: String,
@@ -282,14 +297,14 @@ impl Worker {
     fn new(client: &ClientConfig, topic: String, group_id: String) -> Result<Self, KafkaError> {
         // librdkafka assigns partitions only in a consumer with a group id. This consumer
         // never subscribes and never commits: it only names a group.
-        let consumer: BaseConsumer = client
+        let consumer: BaseConsumer<ChangelogContext> = client
             .clone()
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .create()?;
+            .create_with_context(ChangelogContext)?;
         let end_offsets: BaseConsumer = client
             .clone()
             .set("isolation.level", "read_uncommitted")
