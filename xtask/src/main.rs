@@ -4,11 +4,13 @@
 //! - `kafka start|stop|status|logs` runs the local Apache Kafka broker;
 //! - `test` runs everything CI runs: setup, fmt, clippy and every test against a real broker;
 //! - `up | status | down` runs a local cluster: broker, nodes and a steady producer;
-//! - `bench ingest` measures one node's sustained ingest rate.
+//! - `bench ingest | get | cluster` measure ingest rate, read latency, and standbys and
+//!   gossip.
 
 mod bench;
 mod binaries;
 mod cluster;
+mod cluster_bench;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -65,6 +67,9 @@ enum BenchKind {
     Ingest(bench::IngestBench),
     /// Get latency at a fixed rate (open loop), idle and while ingesting; MultiGet of 100 keys.
     Get(bench::GetBench),
+    /// The state updater's catch-up rate, standby lag under ingest, and how soon a killed
+    /// node is suspect and dead.
+    Cluster(cluster_bench::ClusterBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +121,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench {
             which: BenchKind::Get(bench),
         } => bench::get(&bench),
+        Task::Bench {
+            which: BenchKind::Cluster(bench),
+        } => cluster_bench::cluster(&bench),
     }
 }
 
