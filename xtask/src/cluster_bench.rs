@@ -7,7 +7,8 @@
 //! 2. Standby lag: with a third node and one standby per partition, `kstore produce` sends
 //!    `--ingest-rate` events/s for `--seconds`; every 100 ms the bench reads one key of every
 //!    partition from its standby's node and its active's node (each answer states the copy's
-//!    input position) and takes the input's end offsets right after: lag = end − position.
+//!    input position) and asks for that input partition's end offset right after (about a
+//!    millisecond later): lag = end − position, a slight overestimate.
 //! 3. Failure detection: `kill -9` of the third node; the time until each other node's view
 //!    says it is suspect, and dead.
 
@@ -25,6 +26,7 @@ use kstore_proto::v1::{GetRequest, MetadataRequest, ReadOptions};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
 use kstore_testkit::process::TestProcess;
+use rdkafka::consumer::Consumer as _;
 use tonic::transport::Channel;
 
 /// What `bench cluster` measures.
@@ -155,10 +157,15 @@ fn counter(address: &str, name: &str) -> Result<u64> {
         .unwrap_or(0.0) as u64)
 }
 
-/// Waits until every partition has one live active and one live standby, both caught up
-/// with the input (lag 0 in `node`'s view), and returns the view.
+/// Per partition, its holders and their roles.
+type Layout = Vec<Vec<(String, Role)>>;
+
+/// Waits until every partition has had one live active and one live standby, both caught
+/// up with the input (lag 0 in `node`'s view), on the same nodes for three seconds, and
+/// returns the view.
 async fn wait_settled(node: &mut Node, partitions: u32, nodes: usize) -> Result<ClusterView> {
     let deadline = Instant::now() + Duration::from_secs(600);
+    let mut stable_since: Option<(Instant, Layout)> = None;
     loop {
         let view = view(node).await?;
         let live = view
@@ -177,8 +184,21 @@ async fn wait_settled(node: &mut Node, partitions: u32, nodes: usize) -> Result<
                 };
                 count(Role::Active) == 1 && count(Role::Standby) == 1
             });
-        if settled {
-            return Ok(view);
+        let layout: Layout = (0..partitions)
+            .map(|p| {
+                view.holders(p)
+                    .iter()
+                    .map(|h| (h.node.node_id.clone(), h.copy.role))
+                    .collect()
+            })
+            .collect();
+        match &stable_since {
+            Some((since, same)) if settled && *same == layout => {
+                if since.elapsed() >= Duration::from_secs(3) {
+                    return Ok(view);
+                }
+            }
+            _ => stable_since = settled.then(|| (Instant::now(), layout)),
         }
         if Instant::now() > deadline {
             bail!("the cluster did not settle within 10 minutes");
@@ -337,6 +357,7 @@ async fn measure(
     )?;
     let mut standby_lags = Vec::new();
     let mut active_lags = Vec::new();
+    let watermarks: rdkafka::consumer::BaseConsumer = kafka.client_config().create()?;
     let mut nodes: Vec<&mut Node> = vec![&mut node1, &mut node2, &mut node3];
     let sampling = Instant::now();
     while producer.try_exit()?.is_none() {
@@ -344,7 +365,6 @@ async fn measure(
             sampling.elapsed() < Duration::from_secs(bench.seconds * 3 + 60),
             "the producer did not finish"
         );
-        let mut positions = Vec::new();
         for (partition, (active, standby, key)) in &probes {
             for (holder, lags) in [(standby, 0), (active, 1)] {
                 let node = nodes.iter_mut().find(|n| &n.id == holder).context("node")?;
@@ -359,19 +379,31 @@ async fn measure(
                             no_forward: true,
                         }),
                     })
-                    .await?
-                    .into_inner();
-                let read = answer.read.context("read metadata")?;
-                positions.push((*partition, lags, read.input_offset));
-            }
-        }
-        let end = kafka.end_offsets(input, bench.partitions)?;
-        for (partition, which, position) in positions {
-            let lag = (end[partition as usize] - position).max(0);
-            if which == 0 {
-                standby_lags.push(lag);
-            } else {
-                active_lags.push(lag);
+                    .await;
+                // A copy that moved (placement settling) is skipped in this sample.
+                let Ok(answer) = answer else { continue };
+                let read = answer.into_inner().read.context("read metadata")?;
+                ensure!(
+                    read.role()
+                        == if lags == 0 {
+                            Role::Standby
+                        } else {
+                            Role::Active
+                        },
+                    "{holder} answered as {:?} for partition {partition}",
+                    read.role()
+                );
+                let (_, end) = watermarks.fetch_watermarks(
+                    input,
+                    *partition as i32,
+                    Duration::from_secs(5),
+                )?;
+                let lag = (end - read.input_offset).max(0);
+                if lags == 0 {
+                    standby_lags.push(lag);
+                } else {
+                    active_lags.push(lag);
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

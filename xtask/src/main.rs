@@ -4,11 +4,13 @@
 //! - `kafka start|stop|status|logs` runs the local Apache Kafka broker;
 //! - `test` runs everything CI runs: setup, fmt, clippy and every test against a real broker;
 //! - `up | status | down` runs a local cluster: broker, nodes and a steady producer;
+//! - `chaos` injects faults into a cluster under load and reports what reads saw;
 //! - `bench ingest | get | cluster` measure ingest rate, read latency, and standbys and
 //!   gossip.
 
 mod bench;
 mod binaries;
+mod chaos;
 mod cluster;
 mod cluster_bench;
 mod setup;
@@ -54,6 +56,10 @@ enum Task {
     Status,
     /// Stops everything `up` started.
     Down,
+    /// Runs fault scenarios (kill -9, SIGSTOP, rolling restart, scale-out, scale-in) on a
+    /// 3-node cluster with events flowing and reads through every node; reports what the
+    /// reads saw and whether the final state is exact.
+    Chaos(chaos::Chaos),
     /// Runs a benchmark against the local broker.
     Bench {
         #[command(subcommand)]
@@ -114,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
             cluster::up(&up)
         }
         Task::Status => cluster::status(),
+        Task::Chaos(options) => chaos::run(&options),
         Task::Down => cluster::down(),
         Task::Bench {
             which: BenchKind::Ingest(bench),

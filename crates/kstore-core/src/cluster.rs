@@ -145,11 +145,12 @@ pub struct GossipValueError {
 }
 
 /// Returns the liveness of a node: live while its heartbeats arrive; suspect when they
-/// stopped less than `dead_after` ago; dead after that, or at once if it said it was leaving.
-pub fn liveness(detected: Detected, status: NodeStatus, dead_after: Duration) -> Liveness {
+/// stopped less than `dead_after` ago; dead after that. A node that said it was leaving is
+/// treated the same: it may be restarting, and its copies stay placed on it until it is
+/// dead, so a rolling restart moves nothing.
+pub fn liveness(detected: Detected, dead_after: Duration) -> Liveness {
     match detected {
         Detected::Live => Liveness::Live,
-        Detected::SilentFor(_) if status == NodeStatus::Leaving => Liveness::Dead,
         Detected::SilentFor(silent) if silent < dead_after => Liveness::Suspect,
         Detected::SilentFor(_) => Liveness::Dead,
     }
@@ -293,7 +294,7 @@ impl NodeEntry {
                 .unwrap_or_default(),
             group_generation,
             status,
-            liveness: liveness(entry.detected, status, dead_after),
+            liveness: liveness(entry.detected, dead_after),
             conflicting: false,
             load,
             copies,
@@ -336,11 +337,13 @@ impl Holder<'_> {
         self.node.liveness == Liveness::Live
     }
 
-    /// The order in which holders are worth asking: live before suspect before dead; the
-    /// active before other copies; then the least lag; then node id.
-    fn rank(&self) -> (Liveness, bool, i64, &str) {
+    /// The order in which holders are worth asking: live before suspect before dead; a node
+    /// that is shutting down after the others; the active before other copies; then the
+    /// least lag; then node id.
+    fn rank(&self) -> (Liveness, bool, bool, i64, &str) {
         (
             self.node.liveness,
+            self.node.status == NodeStatus::Leaving,
             self.copy.role != Role::Active,
             self.copy.lag,
             &self.node.node_id,
@@ -472,12 +475,14 @@ impl ClusterView {
             })
     }
 
-    /// Returns the node ids that standbys may be placed on: live and not leaving.
+    /// Returns the node ids that standbys may be placed on: every node not dead. A node that
+    /// is suspect (paused, restarting) keeps its standbys until it counts as dead, so that a
+    /// short absence moves no data.
     pub fn placement_members(&self) -> Vec<&str> {
         let mut members: Vec<&str> = self
             .nodes
             .iter()
-            .filter(|n| n.liveness == Liveness::Live && n.status != NodeStatus::Leaving)
+            .filter(|n| n.liveness != Liveness::Dead)
             .map(|n| n.node_id.as_str())
             .collect();
         members.dedup();
@@ -633,17 +638,9 @@ mod tests {
     #[test]
     fn liveness_follows_the_detector_and_dead_after() {
         let silent = |s| Detected::SilentFor(Duration::from_secs(s));
-        let running = NodeStatus::Running;
-        assert_eq!(
-            liveness(Detected::Live, running, DEAD_AFTER),
-            Liveness::Live
-        );
-        assert_eq!(liveness(silent(3), running, DEAD_AFTER), Liveness::Suspect);
-        assert_eq!(liveness(silent(10), running, DEAD_AFTER), Liveness::Dead);
-        assert_eq!(
-            liveness(silent(0), NodeStatus::Leaving, DEAD_AFTER),
-            Liveness::Dead
-        );
+        assert_eq!(liveness(Detected::Live, DEAD_AFTER), Liveness::Live);
+        assert_eq!(liveness(silent(3), DEAD_AFTER), Liveness::Suspect);
+        assert_eq!(liveness(silent(10), DEAD_AFTER), Liveness::Dead);
     }
 
     #[test]
@@ -786,14 +783,27 @@ mod tests {
     }
 
     #[test]
-    fn leaving_nodes_take_no_standbys_and_are_dead_once_silent() {
-        let mut leaving = entry("node-2", 1, 7002, Detected::Live);
+    fn a_leaving_or_suspect_node_keeps_its_standbys_until_dead_and_is_asked_last() {
+        let mut leaving = with_copies(
+            entry("node-2", 1, 7002, Detected::Live),
+            &[copy(0, Role::Active, 0)],
+        );
         leaving.values.insert(keys::STATUS.into(), "leaving".into());
-        let view = view(&[entry("node-1", 1, 7001, Detected::Live), leaving.clone()]);
+        let staying = with_copies(
+            entry("node-1", 1, 7001, Detected::Live),
+            &[copy(0, Role::Standby, 3)],
+        );
+        let view = view(&[staying.clone(), leaving.clone()]);
+        assert_eq!(view.placement_members(), ["node-1", "node-2"]);
+        // A live node that is shutting down is asked after the others.
+        assert_eq!(view.forward_targets(0, "node-3")[0].node.node_id, "node-1");
+        leaving.detected = Detected::SilentFor(Duration::from_secs(1));
+        let view = self::view(&[staying.clone(), leaving.clone()]);
+        assert_eq!(view.nodes[1].liveness, Liveness::Suspect);
+        assert_eq!(view.placement_members(), ["node-1", "node-2"]);
+        leaving.detected = Detected::SilentFor(DEAD_AFTER);
+        let view = self::view(&[staying, leaving]);
         assert_eq!(view.placement_members(), ["node-1"]);
-        leaving.detected = Detected::SilentFor(Duration::from_millis(1));
-        let (view, _) = ClusterView::from_gossip("test", &[leaving], DEAD_AFTER);
-        assert_eq!(view.nodes[0].liveness, Liveness::Dead);
     }
 
     /// The sizing: 256 partitions, 20 nodes, one standby. One node's gossip state

@@ -132,6 +132,13 @@ pub struct NodeConfig {
     /// How long the directory of a copy this node no longer holds is kept, so that a quick
     /// return starts warm, in milliseconds.
     pub standby_retention_ms: u64,
+    /// Whether SIGTERM drains the node (as Admin Drain does: its partitions move at once)
+    /// rather than stopping it as a static member that will be back within the session
+    /// timeout (a rolling restart, which moves nothing).
+    pub drain_on_shutdown: bool,
+    /// How long a drain waits for the other members to run the node's partitions before the
+    /// node stops anyway, in milliseconds.
+    pub drain_timeout_ms: u64,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -171,6 +178,8 @@ impl Default for NodeConfig {
             dead_after_ms: 10_000,
             num_standbys: 1,
             standby_retention_ms: 600_000,
+            drain_on_shutdown: false,
+            drain_timeout_ms: 120_000,
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }

@@ -7,7 +7,9 @@
 //! [`node::run`] with a [`processor::Processor`] of its own.
 
 pub mod config;
+pub mod drain;
 pub mod gossip;
+pub mod group;
 pub mod grpc;
 pub mod ingest;
 pub mod metrics;

@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::{NodeConfig, ProcessorKind};
+use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
@@ -138,13 +139,15 @@ pub fn run(
         },
     ))?;
     // Serving stops after ingest has handed its partitions over and gossip has said the
-    // node leaves, so reads keep answering while the node shuts down.
+    // node leaves, so reads keep answering while the node shuts down or drains.
     let stop_serving = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(Drain::new(shutdown.clone(), config.drain_on_shutdown));
     let server = runtime.spawn(grpc::serve(
         incoming,
         config.clone(),
         registry.clone(),
         gossip.view(),
+        drain.clone(),
         processor.value_type_url().map(str::to_owned),
         {
             let stop_serving = stop_serving.clone();
@@ -217,6 +220,11 @@ pub fn run(
     // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);
     let _ = placement.join();
+    if let Ok(owned) = &ingested
+        && drain.requested()
+    {
+        drain::hand_over(&config, owned, &gossip.view());
+    }
     runtime.block_on(gossip.leave(Duration::from_millis(config.publish_interval_ms)));
     stop_serving.store(true, Ordering::Relaxed);
     let served = runtime.block_on(server);

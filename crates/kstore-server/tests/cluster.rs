@@ -616,3 +616,154 @@ fn reads_of_partitions_held_elsewhere_are_forwarded_once_or_answered_with_the_ho
         Ok(())
     })
 }
+
+#[test]
+fn a_drained_node_hands_its_partitions_over_at_once_while_every_read_answers() -> Result<()> {
+    use kstore_proto::v1::DrainRequest;
+    use kstore_proto::v1::admin_client::AdminClient;
+
+    run_async(async {
+        let mut scenario = Scenario::new("cluster-drain", PARTITIONS).await?;
+        // Without leaving the group, a stopped static member's partitions would wait this
+        // long before moving.
+        let session_timeout = Duration::from_secs(60);
+        scenario.extra.push(format!(
+            "kafka.session.timeout.ms={}",
+            session_timeout.as_millis()
+        ));
+        let generator = GeneratorConfig {
+            customers: 300,
+            seed: 9,
+            ..GeneratorConfig::default()
+        };
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone()).take(6_000).collect();
+        scenario.produce(&generator, 3_000)?;
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        let mut node3 = Node::start(&scenario, "node-3", "only").await?;
+        wait_for_agreement(
+            &mut [&mut node1, &mut node2, &mut node3],
+            &["node-1", "node-2", "node-3"],
+            Duration::from_secs(120),
+        )
+        .await?;
+
+        // A reader asks the staying nodes for every customer, in turn, all the while.
+        let customers: Vec<String> = (0..300).map(OrderGenerator::customer_id).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let clients = [node1.client.clone(), node2.client.clone()];
+            let customers = customers.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut answered, mut failed) = (0u64, Vec::new());
+                let mut turn = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for customer in &customers {
+                        let mut client = clients[turn % 2].clone();
+                        turn += 1;
+                        let request = GetRequest {
+                            store: "features".into(),
+                            key: customer.as_bytes().to_vec(),
+                            partition: None,
+                            options: None,
+                        };
+                        match client.get(request).await {
+                            Ok(_) => answered += 1,
+                            Err(status) => failed.push(format!("{customer}: {status}")),
+                        }
+                    }
+                }
+                (answered, failed)
+            })
+        };
+
+        let mut admin = AdminClient::connect(format!(
+            "http://{}",
+            node3
+                .process
+                .logged_address("serving gRPC", Duration::from_secs(5))?
+        ))
+        .await?;
+        let drained = Instant::now();
+        let answer = admin.drain(DrainRequest {}).await?.into_inner();
+        ensure!(answer.node_id == "node-3" && !answer.active_partitions.is_empty());
+        let again = admin.drain(DrainRequest {}).await.unwrap_err();
+        ensure!(
+            again.code() == tonic::Code::FailedPrecondition,
+            "a second drain: {again:?}"
+        );
+        // Events keep coming while the node drains.
+        scenario.produce_from(&generator, 3_000, 3_000)?;
+        let status = node3.process.wait_exit(Duration::from_secs(180))?;
+        let took = drained.elapsed();
+        ensure!(
+            status.success(),
+            "node-3 exit: {status}\n{}",
+            node3.process.tail()
+        );
+        ensure!(
+            node3.process.output().contains("drained: every partition"),
+            "node-3 did not see its partitions run elsewhere:\n{}",
+            node3.process.tail()
+        );
+        ensure!(
+            took < session_timeout,
+            "the drain took {took:?}: its partitions waited for the session timeout"
+        );
+        eprintln!("node-3 drained in {took:?}");
+
+        scenario.wait_committed(Duration::from_secs(120), || Ok(()))?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (answered, failed) = reader.await?;
+        ensure!(
+            failed.is_empty(),
+            "{} of {} reads failed during the drain: {:?}",
+            failed.len(),
+            answered + failed.len() as u64,
+            &failed[..failed.len().min(5)]
+        );
+
+        // Every partition runs on the staying nodes, and the state is exact: each customer
+        // as its active copy (on whichever of them holds it) answers.
+        let expected = expected_features(&events);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for customer in &customers {
+            let mut last = Vec::new();
+            'customer: loop {
+                last.clear();
+                for node in [&mut node1, &mut node2] {
+                    let answer = node
+                        .client
+                        .get(GetRequest {
+                            store: "features".into(),
+                            key: customer.as_bytes().to_vec(),
+                            partition: None,
+                            options: None,
+                        })
+                        .await?
+                        .into_inner();
+                    let read = answer.read.clone().context("read metadata")?;
+                    let features = match &answer.value {
+                        Some(get_response::Value::Message(any)) => {
+                            Some(CustomerFeatures::decode(any.value.as_slice())?)
+                        }
+                        _ => None,
+                    };
+                    if read.role() == Role::Active && features.as_ref() == expected.get(customer) {
+                        ensure!(read.node_id != "node-3");
+                        break 'customer;
+                    }
+                    last.push(read);
+                }
+                ensure!(Instant::now() < deadline, "{customer}: {last:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for node in [&mut node1, &mut node2] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit: {status}", node.id);
+        }
+        Ok(())
+    })
+}

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod broker;
+pub mod chaos;
 mod fixture;
 pub mod process;
 

@@ -4,11 +4,14 @@
 use std::sync::Arc;
 
 use kstore_proto::v1::admin_server::Admin;
-use kstore_proto::v1::{PartitionStatusRequest, PartitionStatusResponse, StoreStatus};
+use kstore_proto::v1::{
+    DrainRequest, DrainResponse, PartitionStatusRequest, PartitionStatusResponse, Role, StoreStatus,
+};
 use tonic::{Request, Response, Status};
 
 use super::error::ReadError;
 use super::query::partition_copy;
+use crate::drain::Drain;
 use crate::registry::Registry;
 
 /// The Admin service of one node.
@@ -17,15 +20,22 @@ pub struct AdminService {
     registry: Arc<Registry>,
     store: String,
     token: Option<String>,
+    drain: Arc<Drain>,
 }
 
 impl AdminService {
-    /// Returns the service; with a token, every call must carry it.
-    pub fn new(registry: Arc<Registry>, store: String, token: Option<String>) -> Self {
+    /// Returns the service; with a token, every call must carry it. Drain turns `drain`.
+    pub fn new(
+        registry: Arc<Registry>,
+        store: String,
+        token: Option<String>,
+        drain: Arc<Drain>,
+    ) -> Self {
         AdminService {
             registry,
             store,
             token,
+            drain,
         }
     }
 
@@ -78,6 +88,27 @@ impl Admin for AdminService {
         .map_err(|error| Status::internal(error.to_string()))?;
         Ok(Response::new(PartitionStatusResponse { stores }))
     }
+
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        self.authorize(&request)?;
+        let active_partitions = self
+            .registry
+            .all()
+            .iter()
+            .filter(|c| matches!(c.role(), Role::Active | Role::Restoring))
+            .map(|c| c.partition as u32)
+            .collect();
+        if !self.drain.start() {
+            return Err(ReadError::DrainInProgress.into());
+        }
+        Ok(Response::new(DrainResponse {
+            node_id: self.registry.node_id().to_owned(),
+            active_partitions,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -97,10 +128,12 @@ mod tests {
     #[test]
     fn a_configured_token_is_required() {
         let registry = Arc::new(Registry::new("n1", 1));
+        let drain = Arc::new(Drain::new(Arc::default(), false));
         let admin = AdminService::new(
             registry.clone(),
             "features".into(),
             Some("0123456789abcdef".into()),
+            drain.clone(),
         );
         assert!(
             admin
@@ -116,7 +149,28 @@ mod tests {
             let status = admin.authorize(&request(wrong)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
         }
-        let open = AdminService::new(registry, "features".into(), None);
+        let open = AdminService::new(registry, "features".into(), None, drain);
         assert!(open.authorize(&request(None)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_second_drain_is_refused_while_one_runs() {
+        let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drain = Arc::new(Drain::new(shutdown.clone(), false));
+        let admin = AdminService::new(
+            Arc::new(Registry::new("n1", 1)),
+            "features".into(),
+            None,
+            drain.clone(),
+        );
+        let answer = admin.drain(Request::new(DrainRequest {})).await.unwrap();
+        assert_eq!(answer.into_inner().node_id, "n1");
+        assert!(drain.requested() && shutdown.load(std::sync::atomic::Ordering::Acquire));
+        let again = admin
+            .drain(Request::new(DrainRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+        assert!(again.message().contains("draining"), "{}", again.message());
     }
 }

@@ -96,6 +96,9 @@ pub enum ReadError {
     /// An admin call without the right token.
     #[error("admin calls need `authorization: Bearer <admin-token>`")]
     AdminTokenRequired,
+    /// A Drain while the node drains or shuts down already.
+    #[error("the node is draining or shutting down already")]
+    DrainInProgress,
 }
 
 impl ReadError {
@@ -112,6 +115,7 @@ impl ReadError {
             ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
             ReadError::Store { .. } => ErrorReason::StoreError,
             ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
+            ReadError::DrainInProgress => ErrorReason::DrainInProgress,
         }
     }
 
@@ -125,7 +129,9 @@ impl ReadError {
             | ReadError::WrongPartition { .. }
             | ReadError::TooManyKeys { .. } => Code::InvalidArgument,
             ReadError::PartitionNotHosted { .. } => Code::Unavailable,
-            ReadError::PositionNotReached { .. } => Code::FailedPrecondition,
+            ReadError::PositionNotReached { .. } | ReadError::DrainInProgress => {
+                Code::FailedPrecondition
+            }
             ReadError::Store { .. } => Code::Internal,
             ReadError::AdminTokenRequired => Code::Unauthenticated,
         }
@@ -167,7 +173,7 @@ impl ReadError {
             ReadError::KeyTooLarge { limit, .. } => put("limit", limit.to_string()),
             ReadError::TooManyKeys { limit, .. } => put("limit", limit.to_string()),
             ReadError::UnknownStore { served, .. } => put("store", served.clone()),
-            ReadError::EmptyKey | ReadError::AdminTokenRequired => {}
+            ReadError::EmptyKey | ReadError::AdminTokenRequired | ReadError::DrainInProgress => {}
         }
         metadata
     }

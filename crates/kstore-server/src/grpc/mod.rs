@@ -41,6 +41,7 @@ pub async fn serve(
     config: Arc<NodeConfig>,
     registry: Arc<Registry>,
     view: watch::Receiver<Arc<ClusterView>>,
+    drain: Arc<crate::drain::Drain>,
     value_type_url: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
@@ -55,6 +56,7 @@ pub async fn serve(
             registry.clone(),
             config.store.clone(),
             config.admin_token.clone(),
+            drain.clone(),
         ))
     });
 
@@ -116,6 +118,7 @@ mod tests {
             Arc::new(NodeConfig::default()),
             registry.clone(),
             view_rx,
+            Arc::new(crate::drain::Drain::new(Arc::default(), false)),
             None,
             async move {
                 let _ = stopped.await;

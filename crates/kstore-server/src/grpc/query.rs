@@ -56,6 +56,11 @@ pub struct QueryService {
 /// How many holders a forwarded read tries, in the view's order, when one cannot be reached.
 const FORWARD_ATTEMPTS: usize = 2;
 
+/// A restoring copy answers for itself unless a live copy elsewhere is at least this many
+/// input records fresher (then the read is forwarded there, and answered locally only if
+/// that fails).
+const RESTORING_FORWARD_MARGIN: i64 = 1_000;
+
 /// Forwarded MultiGets in flight: each gives the indexes of its keys in the request, the
 /// holders to report if it failed, and the holder's answer.
 type ForwardedMultiGets = tokio::task::JoinSet<(
@@ -80,6 +85,23 @@ impl QueryService {
             value_type_url,
             peers: Arc::new(Peers::default()),
         }
+    }
+
+    /// Whether a read of this key is better answered elsewhere: the local copy is still
+    /// restoring (a partition just assigned here, replaying its changelog) and a live copy
+    /// on another node is much fresher. Returns that partition.
+    fn fresher_elsewhere(&self, request: &GetRequest) -> Option<u32> {
+        let partition = self.partition_of(&request.key, request.partition).ok()?;
+        let copy = self.registry.get(partition as i32)?;
+        if copy.role() != Role::Restoring {
+            return None;
+        }
+        let view = self.view.borrow();
+        let best = view
+            .forward_targets(partition, self.registry.node_id())
+            .into_iter()
+            .next()?;
+        (best.copy.lag + RESTORING_FORWARD_MARGIN < copy.lag()).then_some(partition)
     }
 
     /// Returns who holds `partition`, as this node's view says.
@@ -114,11 +136,19 @@ impl QueryService {
                 .map(|h| h.node.grpc_address.clone())
                 .collect()
         };
-        for address in targets {
+        let attempts = targets.len();
+        for (attempt, address) in targets.into_iter().enumerate() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
+            // A holder that stalls (paused, or dying before the failure detector notices)
+            // must leave time to ask the next one.
+            let remaining = if attempt + 1 < attempts {
+                remaining / 2
+            } else {
+                remaining
+            };
             let client = match self.peers.client(&address) {
                 Ok(client) => client,
                 Err(error) => {
@@ -133,8 +163,15 @@ impl QueryService {
                         .increment(1);
                     return Ok(response);
                 }
-                // The holder is gone, or no longer holds the partition: try the next.
-                Err(status) if status.code() == tonic::Code::Unavailable => {
+                // The holder is gone, stalls, or no longer holds the partition: try the next.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) =>
+                {
                     tracing::debug!(%address, partition, %status, "forwarding failed");
                 }
                 Err(status) => {
@@ -591,6 +628,21 @@ impl Query for QueryService {
         let deadline = self.deadline(&request);
         let may_forward = may_forward(&request, request.get_ref().options.as_ref());
         let request = request.into_inner();
+        if may_forward && let Some(partition) = self.fresher_elsewhere(&request) {
+            let forwarded = self
+                .forward(
+                    "get",
+                    partition,
+                    request.clone(),
+                    deadline,
+                    |mut client, request| async move { client.get(request).await },
+                )
+                .await;
+            if let Ok(answer) = forwarded {
+                record_latency("get", started, Role::Unspecified, "forwarded");
+                return Ok(answer);
+            }
+        }
         match self.get_one(&request, deadline).await {
             Ok(response) => {
                 let role = response

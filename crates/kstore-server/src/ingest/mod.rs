@@ -901,8 +901,8 @@ where
 }
 
 /// Runs ingest on the calling thread until `shutdown` is set, then commits what is open and
-/// leaves the partitions (their copies stay open as standbys until the node exits).
-/// `restored` receives the state updater's restore results.
+/// leaves the partitions (their copies stay open as standbys until the node exits), and
+/// returns the partitions it owned. `restored` receives the state updater's restore results.
 pub fn run(
     config: Arc<NodeConfig>,
     partitions: u32,
@@ -911,7 +911,7 @@ pub fn run(
     restored: Receiver<UpdaterEvent>,
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
-) -> Result<(), IngestError> {
+) -> Result<Vec<i32>, IngestError> {
     lower_priority(config.ingest_niceness);
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka {
@@ -998,6 +998,8 @@ pub fn run(
     );
 
     let result = poll_loop(&consumer, &engine, &metrics, &shutdown);
+    let mut owned: Vec<i32> = lock(&engine).owned.keys().copied().collect();
+    owned.sort_unstable();
     let finished = match result {
         Ok(()) => lock(&engine).commit(&consumer),
         Err(error) => {
@@ -1015,7 +1017,7 @@ pub fn run(
     }
     engine.stores.clear();
     log_progress(&metrics);
-    finished
+    finished.map(|()| owned)
 }
 
 /// Lowers the calling thread's CPU priority to `niceness` before it creates the Kafka

@@ -270,7 +270,7 @@ pub fn expected_features(events: &[OrderEvent]) -> HashMap<String, CustomerFeatu
 }
 
 /// Runs a test body on a fresh runtime, bounded to ten minutes.
-pub fn run_async<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()> {
+pub fn run_async<T, F: std::future::Future<Output = Result<T>>>(future: F) -> Result<T> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async { tokio::time::timeout(Duration::from_secs(600), future).await? })
 }

@@ -1,0 +1,845 @@
+//! Chaos: a cluster of `kstore-node` processes with order events flowing at a fixed rate, a
+//! reader that asks every node in turn for a fixed set of customers, and one fault injected
+//! on a schedule: `kill -9`, SIGSTOP, a rolling restart, scale-out or scale-in (a drain).
+//! The report says what the reader saw (reads issued and answered, the longest time any one
+//! key went without an answer, read latency during the fault, the largest lag an answer
+//! stated) and whether every customer's final state equals a recomputation from the events
+//! sent.
+//!
+//! The reader behaves as any client that knows the nodes' addresses: each read tries one
+//! node, and the next if that one does not answer within [`ATTEMPT_TIMEOUT`] (a paused
+//! node accepts connections but never answers).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
+use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::admin_client::AdminClient;
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{CustomerFeatures, DrainRequest, GetRequest, MetadataRequest, get_response};
+use prost::Message as _;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::TestKafka;
+use crate::process::TestProcess;
+
+/// How long one attempt of a read waits for a node before it asks the next.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How long a read may take, all attempts included, before it counts as failed.
+pub const READ_BUDGET: Duration = Duration::from_secs(2);
+
+/// The fault a scenario injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// `kill -9` of one node; it stays dead.
+    Kill,
+    /// SIGSTOP of one node for a while, then SIGCONT.
+    Pause,
+    /// Every node in turn stops (SIGTERM) and starts again within the session timeout.
+    RollingRestart,
+    /// A fourth node joins.
+    ScaleOut,
+    /// One of four nodes is drained (Admin Drain) and stops.
+    ScaleIn,
+}
+
+impl Fault {
+    /// Every fault, in the order `--scenario all` runs them.
+    pub const ALL: [Fault; 5] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::RollingRestart,
+        Fault::ScaleOut,
+        Fault::ScaleIn,
+    ];
+
+    /// The scenario's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::RollingRestart => "rolling-restart",
+            Fault::ScaleOut => "scale-out",
+            Fault::ScaleIn => "scale-in",
+        }
+    }
+
+    /// Parses a scenario name.
+    pub fn parse(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// How a scenario runs.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// The `kstore-node` binary.
+    pub node_binary: PathBuf,
+    /// Where node state and logs go.
+    pub dir: PathBuf,
+    /// Partitions of the input topic.
+    pub partitions: u32,
+    /// Order events per second.
+    pub rate: u64,
+    /// Customers the events spread over (every one is checked at the end).
+    pub customers: u32,
+    /// Customers the reader asks for, in turn.
+    pub read_keys: u32,
+    /// Reads per second.
+    pub read_rate: u64,
+    /// Events and reads before the fault.
+    pub before_fault: Duration,
+    /// Events and reads after the fault is over.
+    pub after_fault: Duration,
+    /// How long a paused node stays paused.
+    pub pause: Duration,
+    /// The consumer group's session timeout.
+    pub session_timeout: Duration,
+}
+
+impl ChaosOptions {
+    /// The defaults of `cargo xtask chaos`: 12 partitions, 2,000 events/s over 2,000
+    /// customers, 1,000 reads/s over 200 of them.
+    pub fn new(node_binary: PathBuf, dir: PathBuf) -> Self {
+        ChaosOptions {
+            node_binary,
+            dir,
+            partitions: 12,
+            rate: 2_000,
+            customers: 2_000,
+            read_keys: 200,
+            read_rate: 1_000,
+            before_fault: Duration::from_secs(10),
+            after_fault: Duration::from_secs(15),
+            pause: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a scenario saw.
+#[derive(Debug, Clone)]
+pub struct ChaosReport {
+    /// The fault.
+    pub fault: Fault,
+    /// Reads the reader started.
+    pub reads_issued: u64,
+    /// Reads that got an answer within [`READ_BUDGET`].
+    pub reads_answered: u64,
+    /// A few failed reads and why.
+    pub failures: Vec<String>,
+    /// The longest time one key went without an answer, and the key.
+    pub longest_gap: (Duration, String),
+    /// Read latency p99 from the fault's start to 5 s after its end.
+    pub read_p99_during_fault: Duration,
+    /// Read latency p99 over the whole run.
+    pub read_p99: Duration,
+    /// The largest lag an answer stated.
+    pub max_lag: i64,
+    /// Events sent.
+    pub events: u64,
+    /// Whether every customer's final state equals the recomputed one.
+    pub state_exact: bool,
+    /// Customers whose state differs (the first few).
+    pub mismatches: Vec<String>,
+    /// Fault-specific measurements, such as the time from `kill -9` to routing away.
+    pub notes: Vec<(String, String)>,
+}
+
+/// One node of the chaos cluster.
+struct ChaosNode {
+    id: String,
+    process: Option<TestProcess>,
+    grpc: String,
+    gossip: String,
+    runs: u32,
+}
+
+/// The nodes, and the reader's view of where they serve.
+struct Cluster {
+    options: ChaosOptions,
+    bootstrap: String,
+    app: String,
+    input: String,
+    nodes: Vec<ChaosNode>,
+    targets: Arc<RwLock<Vec<(String, Channel)>>>,
+}
+
+impl Cluster {
+    fn settings(&self, id: &str) -> Vec<String> {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.id != id && !n.gossip.is_empty())
+            .map(|n| n.gossip.clone())
+            .collect();
+        vec![
+            format!("node-id={id}"),
+            format!("app-id={}", self.app),
+            format!("cluster-id={}", self.app),
+            format!("input-topic={}", self.input),
+            format!(
+                "state-dir={}",
+                self.options.dir.join(&self.app).join(id).display()
+            ),
+            "grpc-address=127.0.0.1:0".into(),
+            "metrics-address=".into(),
+            "gossip-address=127.0.0.1:0".into(),
+            format!("seeds={}", seeds.join(",")),
+            format!("kafka.bootstrap.servers={}", self.bootstrap),
+            format!(
+                "kafka.session.timeout.ms={}",
+                self.options.session_timeout.as_millis()
+            ),
+        ]
+    }
+
+    /// Starts (or restarts) node `id` and waits until it serves gRPC and gossips.
+    fn start(&mut self, id: &str) -> Result<()> {
+        let args: Vec<String> = self
+            .settings(id)
+            .into_iter()
+            .flat_map(|s| ["--set".to_owned(), s])
+            .collect();
+        let index = match self.nodes.iter().position(|n| n.id == id) {
+            Some(index) => index,
+            None => {
+                self.nodes.push(ChaosNode {
+                    id: id.into(),
+                    process: None,
+                    grpc: String::new(),
+                    gossip: String::new(),
+                    runs: 0,
+                });
+                self.nodes.len() - 1
+            }
+        };
+        let node = &mut self.nodes[index];
+        node.runs += 1;
+        let dir = self.options.dir.join(&self.app);
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join(format!("{id}-{}.log", node.runs));
+        let mut process = TestProcess::start(id, &self.options.node_binary, &args, &log)?;
+        node.grpc = process.logged_address("serving gRPC", Duration::from_secs(120))?;
+        node.gossip = process.logged_address("gossiping", Duration::from_secs(60))?;
+        node.process = Some(process);
+        let channel = Endpoint::from_shared(format!("http://{}", node.grpc))?
+            .connect_timeout(ATTEMPT_TIMEOUT)
+            .connect_lazy();
+        let mut targets = self.targets.write().unwrap_or_else(|e| e.into_inner());
+        targets.retain(|(target, _)| target != id);
+        targets.push((id.into(), channel));
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(())
+    }
+
+    fn node(&mut self, id: &str) -> Result<&mut ChaosNode> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id}"))
+    }
+
+    fn process(&mut self, id: &str) -> Result<&mut TestProcess> {
+        self.node(id)?
+            .process
+            .as_mut()
+            .with_context(|| format!("{id} is not running"))
+    }
+
+    /// Returns the view of the first running node that answers.
+    async fn view(&mut self) -> Result<ClusterView> {
+        let mut errors = Vec::new();
+        for node in &mut self.nodes {
+            let Some(process) = node.process.as_mut() else {
+                continue;
+            };
+            if let Some(status) = process.try_exit()? {
+                bail!("{} exited with {status}:\n{}", node.id, process.tail());
+            }
+            let answer = async {
+                let mut client = QueryClient::connect(format!("http://{}", node.grpc)).await?;
+                anyhow::Ok(client.metadata(MetadataRequest {}).await?.into_inner())
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT * 4, answer).await {
+                Ok(Ok(answer)) => return Ok(ClusterView::from_proto(&answer)),
+                Ok(Err(error)) => errors.push(format!("{}: {error}", node.id)),
+                Err(_) => errors.push(format!("{}: no answer", node.id)),
+            }
+        }
+        bail!("no node answers Metadata: {errors:?}")
+    }
+
+    /// Waits until the view shows every partition with one live active and one live
+    /// standby, all on `members`, and every member running.
+    async fn wait_complete(&mut self, members: &[&str], timeout: Duration) -> Result<ClusterView> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.view().await?;
+            if complete(&view, members, self.options.partitions) {
+                return Ok(view);
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not settle on {members:?} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut process) = node.process.take() {
+                let _ = process.terminate(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Whether every partition has one live active and one live standby on `members`, and
+/// every member is live and running.
+fn complete(view: &ClusterView, members: &[&str], partitions: u32) -> bool {
+    let running = members.iter().all(|m| {
+        view.nodes.iter().any(|n| {
+            n.node_id == *m && n.liveness == Liveness::Live && n.status == NodeStatus::Running
+        })
+    });
+    running
+        && (0..partitions).all(|p| {
+            let holders = view.holders(p);
+            let on_members = |role| {
+                holders
+                    .iter()
+                    .filter(|h| {
+                        h.copy.role == role
+                            && h.routable()
+                            && members.contains(&h.node.node_id.as_str())
+                    })
+                    .count()
+            };
+            on_members(Role::Active) == 1 && on_members(Role::Standby) >= 1
+        })
+}
+
+/// The actives of every partition, as node id → partitions.
+fn assignment(view: &ClusterView, partitions: u32) -> BTreeMap<String, Vec<u32>> {
+    let mut actives: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for p in 0..partitions {
+        if let Some(active) = view.active(p) {
+            actives
+                .entry(active.node.node_id.clone())
+                .or_default()
+                .push(p);
+        }
+    }
+    actives
+}
+
+/// One read as the reader saw it.
+struct ReadRecord {
+    key: usize,
+    started: Instant,
+    /// When it was answered, and the lag the answer stated.
+    answered: Option<(Instant, i64)>,
+    failure: Option<String>,
+}
+
+/// Reads keys through every node in turn, at a fixed rate, until stopped.
+async fn read_loop(
+    targets: Arc<RwLock<Vec<(String, Channel)>>>,
+    keys: Arc<Vec<String>>,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+    records: Arc<Mutex<Vec<ReadRecord>>>,
+) {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut next = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        let key = next % keys.len();
+        let first = next;
+        next += 1;
+        let targets: Vec<(String, Channel)> =
+            targets.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let keys = keys.clone();
+        let records = records.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let record = read_once(&targets, first, &keys[key], started).await;
+            let (answered, failure) = match record {
+                Ok(lag) => (Some((Instant::now(), lag)), None),
+                Err(error) => (None, Some(error)),
+            };
+            records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(ReadRecord {
+                    key,
+                    started,
+                    answered,
+                    failure,
+                });
+        });
+    }
+}
+
+/// One read: the node after the previous read's, then the next, until one answers.
+async fn read_once(
+    targets: &[(String, Channel)],
+    turn: usize,
+    key: &str,
+    started: Instant,
+) -> Result<i64, String> {
+    let mut errors = Vec::new();
+    for attempt in 0..targets.len() {
+        let remaining = READ_BUDGET.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            break;
+        }
+        let (node, channel) = &targets[(turn + attempt) % targets.len()];
+        let mut client = QueryClient::new(channel.clone());
+        let mut request = tonic::Request::new(GetRequest {
+            store: "features".into(),
+            key: key.as_bytes().to_vec(),
+            partition: None,
+            options: None,
+        });
+        let timeout = ATTEMPT_TIMEOUT.min(remaining);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.get(request)).await {
+            Ok(Ok(answer)) => return Ok(answer.into_inner().read.map_or(0, |r| r.lag)),
+            Ok(Err(status)) => {
+                errors.push(format!("{node}: {:?} {}", status.code(), status.message()))
+            }
+            Err(_) => errors.push(format!("{node}: no answer in {timeout:?}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Runs one scenario against the broker of `kafka`.
+pub async fn run(kafka: &TestKafka, options: &ChaosOptions, fault: Fault) -> Result<ChaosReport> {
+    let app = kafka.unique_name(&format!("chaos-{}", fault.name()));
+    let input = format!("{app}-orders");
+    kafka.create_topic(&input, options.partitions).await?;
+    let mut cluster = Cluster {
+        options: options.clone(),
+        bootstrap: kafka.bootstrap().into(),
+        app: app.clone(),
+        input: input.clone(),
+        nodes: Vec::new(),
+        targets: Arc::default(),
+    };
+    let result = scenario(kafka, &mut cluster, fault).await;
+    cluster.stop_all();
+    if let Err(error) = kafka.delete_topics_with_prefix(&format!("{app}-"), Some(&app)) {
+        tracing::warn!(%error, "deleting the scenario's topics");
+    }
+    result
+}
+
+async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Result<ChaosReport> {
+    let options = cluster.options.clone();
+    let initial = if fault == Fault::ScaleIn { 4 } else { 3 };
+    let ids: Vec<String> = (1..=initial).map(|i| format!("node-{i}")).collect();
+    for id in &ids {
+        cluster.start(id)?;
+    }
+    let members: Vec<&str> = ids.iter().map(String::as_str).collect();
+    cluster
+        .wait_complete(&members, Duration::from_secs(180))
+        .await?;
+
+    // Events flow for the whole run (as long as the slowest fault takes, and more).
+    let fault_budget = match fault {
+        Fault::Kill => options.session_timeout + Duration::from_secs(20),
+        Fault::Pause => options.pause + Duration::from_secs(5),
+        Fault::RollingRestart => Duration::from_secs(45),
+        Fault::ScaleOut | Fault::ScaleIn => Duration::from_secs(25),
+    };
+    let events =
+        options.rate * (options.before_fault + fault_budget + options.after_fault).as_secs();
+    let generator = GeneratorConfig {
+        customers: options.customers,
+        seed: 7,
+        ..GeneratorConfig::default()
+    };
+    let producer = {
+        let produce_options = ProduceOptions {
+            bootstrap: kafka.bootstrap().into(),
+            topic: cluster.input.clone(),
+            count: events,
+            skip: 0,
+            rate: options.rate,
+            generator: generator.clone(),
+            kafka: Vec::new(),
+        };
+        tokio::task::spawn_blocking(move || produce(&produce_options))
+    };
+
+    let keys: Arc<Vec<String>> = Arc::new(
+        (0..options.read_keys.min(options.customers))
+            .map(OrderGenerator::customer_id)
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let records = Arc::new(Mutex::new(Vec::new()));
+    let reader = tokio::spawn(read_loop(
+        cluster.targets.clone(),
+        keys.clone(),
+        options.read_rate,
+        stop.clone(),
+        records.clone(),
+    ));
+    let reading = Instant::now();
+
+    tokio::time::sleep(options.before_fault).await;
+    let fault_started = Instant::now();
+    let mut notes = Vec::new();
+    inject(cluster, fault, &mut notes).await?;
+    let fault_ended = Instant::now();
+    tokio::time::sleep(options.after_fault).await;
+    stop.store(true, Ordering::Relaxed);
+    let reading_ended = Instant::now();
+    reader.await?;
+    // Reads still in flight finish within their budget.
+    tokio::time::sleep(READ_BUDGET).await;
+
+    let summary = producer.await??;
+    ensure!(
+        summary.delivered == events,
+        "the producer delivered {} of {events} events",
+        summary.delivered
+    );
+    let events_sent: Vec<_> = OrderGenerator::new(generator)
+        .take(events as usize)
+        .collect();
+    let (state_exact, mismatches) = verify_state(kafka, cluster, &events_sent).await?;
+
+    let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut report = summarize(
+        fault,
+        &records,
+        &keys,
+        reading,
+        reading_ended,
+        (fault_started, fault_ended + Duration::from_secs(5)),
+    );
+    report.events = events;
+    report.state_exact = state_exact;
+    report.mismatches = mismatches;
+    report.notes = notes;
+    Ok(report)
+}
+
+/// Injects the fault and waits until the cluster has dealt with it.
+async fn inject(
+    cluster: &mut Cluster,
+    fault: Fault,
+    notes: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let options = cluster.options.clone();
+    match fault {
+        Fault::Kill => {
+            let before = cluster.view().await?;
+            let victim_partitions = assignment(&before, options.partitions)
+                .remove("node-2")
+                .unwrap_or_default();
+            cluster.process("node-2")?.kill9()?;
+            let killed = Instant::now();
+            cluster.node("node-2")?.process = None;
+            let mut routed_away = None;
+            loop {
+                let view = cluster.view().await?;
+                let live = view
+                    .nodes
+                    .iter()
+                    .any(|n| n.node_id == "node-2" && n.liveness == Liveness::Live);
+                if !live && routed_away.is_none() {
+                    routed_away = Some(killed.elapsed());
+                }
+                let processing = victim_partitions.iter().all(|p| {
+                    view.active(*p)
+                        .is_some_and(|a| a.node.node_id != "node-2" && a.routable())
+                });
+                if routed_away.is_some() && processing {
+                    notes.push((
+                        "kill -9 to routing away".into(),
+                        format!("{} ms", routed_away.unwrap_or_default().as_millis()),
+                    ));
+                    notes.push((
+                        "kill -9 to its partitions processing elsewhere".into(),
+                        format!("{} ms", killed.elapsed().as_millis()),
+                    ));
+                    return Ok(());
+                }
+                ensure!(
+                    killed.elapsed() < options.session_timeout + Duration::from_secs(120),
+                    "node-2's partitions did not move: {view:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Fault::Pause => {
+            let pid = cluster.process("node-2")?.pid();
+            signal(pid, "STOP")?;
+            let paused = Instant::now();
+            tokio::time::sleep(options.pause).await;
+            signal(pid, "CONT")?;
+            notes.push((
+                "paused".into(),
+                format!("{} ms", paused.elapsed().as_millis()),
+            ));
+            cluster
+                .wait_complete(&["node-1", "node-2", "node-3"], Duration::from_secs(120))
+                .await?;
+            Ok(())
+        }
+        Fault::RollingRestart => {
+            let members = ["node-1", "node-2", "node-3"];
+            let before = assignment(&cluster.view().await?, options.partitions);
+            let mut replayed_from_zero = 0;
+            for id in members {
+                let status = cluster.process(id)?.terminate(Duration::from_secs(60))?;
+                ensure!(status.success(), "{id} exit after SIGTERM: {status}");
+                cluster.start(id)?;
+                cluster
+                    .wait_complete(&members, Duration::from_secs(120))
+                    .await?;
+                replayed_from_zero += restores_from_zero(cluster.process(id)?);
+            }
+            let after = assignment(&cluster.view().await?, options.partitions);
+            notes.push((
+                "assignment kept".into(),
+                if after == before {
+                    "yes".into()
+                } else {
+                    format!("no: {before:?} became {after:?}")
+                },
+            ));
+            notes.push((
+                "partitions replayed from zero".into(),
+                replayed_from_zero.to_string(),
+            ));
+            ensure!(
+                after == before,
+                "the assignment moved: {before:?} became {after:?}"
+            );
+            ensure!(
+                replayed_from_zero == 0,
+                "{replayed_from_zero} partitions replayed from zero"
+            );
+            Ok(())
+        }
+        Fault::ScaleOut => {
+            let started = Instant::now();
+            cluster.start("node-4")?;
+            cluster
+                .wait_complete(
+                    &["node-1", "node-2", "node-3", "node-4"],
+                    Duration::from_secs(120),
+                )
+                .await?;
+            let view = cluster.view().await?;
+            let taken = assignment(&view, options.partitions)
+                .get("node-4")
+                .map_or(0, Vec::len);
+            notes.push((
+                "node-4 active for".into(),
+                format!(
+                    "{taken} partitions after {} ms",
+                    started.elapsed().as_millis()
+                ),
+            ));
+            Ok(())
+        }
+        Fault::ScaleIn => {
+            let grpc = cluster.node("node-4")?.grpc.clone();
+            let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
+            let drained = Instant::now();
+            admin.drain(DrainRequest {}).await?;
+            let status = cluster
+                .process("node-4")?
+                .wait_exit(Duration::from_secs(180))?;
+            ensure!(status.success(), "node-4 exit after its drain: {status}");
+            cluster.node("node-4")?.process = None;
+            notes.push((
+                "drain of node-4".into(),
+                format!("{} ms", drained.elapsed().as_millis()),
+            ));
+            cluster
+                .wait_complete(&["node-1", "node-2", "node-3"], Duration::from_secs(120))
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Counts the partitions a node's latest run restored from changelog offset 0 (a replay of
+/// everything) rather than from its local store.
+fn restores_from_zero(process: &TestProcess) -> usize {
+    process
+        .output()
+        .lines()
+        .filter(|l| l.contains("partition assigned; restoring its changelog tail"))
+        .filter(|l| l.contains("changelog_offset=0 "))
+        .count()
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
+/// Reads every customer's final state from the cluster once it has caught up, and compares
+/// it with a recomputation from the events sent.
+async fn verify_state(
+    kafka: &TestKafka,
+    cluster: &mut Cluster,
+    events: &[kstore_core::orders::OrderEvent],
+) -> Result<(bool, Vec<String>)> {
+    let options = cluster.options.clone();
+    let end = kafka.end_offsets(&cluster.input, options.partitions)?;
+    let mut expected: HashMap<String, CustomerFeatures> = HashMap::new();
+    for event in events {
+        kstore_server::processor::features::fold(
+            expected.entry(event.customer_id.clone()).or_default(),
+            event,
+        );
+    }
+    let targets = cluster
+        .targets
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut mismatches = Vec::new();
+    for customer in (0..options.customers).map(OrderGenerator::customer_id) {
+        let partition = partition_for_key(customer.as_bytes(), options.partitions) as usize;
+        loop {
+            // The partition's active, once it reflects every event sent (a node that holds
+            // a standby answers from it; another node's answer may be the active's).
+            let mut answer = None;
+            for (_, channel) in &targets {
+                let mut client = QueryClient::new(channel.clone());
+                let request = GetRequest {
+                    store: "features".into(),
+                    key: customer.as_bytes().to_vec(),
+                    partition: None,
+                    options: None,
+                };
+                let Ok(Ok(got)) =
+                    tokio::time::timeout(Duration::from_secs(2), client.get(request)).await
+                else {
+                    continue;
+                };
+                let got = got.into_inner();
+                if got
+                    .read
+                    .as_ref()
+                    .is_some_and(|r| r.role() == Role::Active && r.input_offset >= end[partition])
+                {
+                    answer = Some(got);
+                    break;
+                }
+            }
+            if answer.is_some() {
+                let features = match answer.and_then(|a| a.value) {
+                    Some(get_response::Value::Message(any)) => {
+                        Some(CustomerFeatures::decode(any.value.as_slice())?)
+                    }
+                    _ => None,
+                };
+                if features.as_ref() != expected.get(&customer) && mismatches.len() < 10 {
+                    mismatches.push(format!(
+                        "{customer}: {} orders stored, {} sent",
+                        features.map_or(0, |f| f.orders_total),
+                        expected.get(&customer).map_or(0, |f| f.orders_total)
+                    ));
+                }
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{customer}'s partition {partition} did not catch up to offset {}",
+                end[partition]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok((mismatches.is_empty(), mismatches))
+}
+
+fn summarize(
+    fault: Fault,
+    records: &[ReadRecord],
+    keys: &[String],
+    from: Instant,
+    to: Instant,
+    fault_window: (Instant, Instant),
+) -> ChaosReport {
+    let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant digits");
+    let mut during = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant digits");
+    let mut answers: Vec<Vec<Instant>> = vec![Vec::new(); keys.len()];
+    let mut failures = Vec::new();
+    let mut max_lag = 0;
+    let mut answered = 0;
+    for record in records {
+        match (record.answered, &record.failure) {
+            (Some((at, lag)), _) => {
+                answered += 1;
+                max_lag = max_lag.max(lag);
+                let micros = at.duration_since(record.started).as_micros() as u64;
+                let _ = latency.record(micros);
+                if record.started >= fault_window.0 && record.started <= fault_window.1 {
+                    let _ = during.record(micros);
+                }
+                answers[record.key].push(at);
+            }
+            (None, Some(failure)) if failures.len() < 5 => {
+                failures.push(format!("{}: {failure}", keys[record.key]));
+            }
+            _ => {}
+        }
+    }
+    let mut longest_gap = (Duration::ZERO, String::new());
+    for (key, times) in answers.iter_mut().enumerate() {
+        times.sort_unstable();
+        let mut previous = from;
+        for &at in times.iter().chain(std::iter::once(&to)) {
+            let gap = at.saturating_duration_since(previous);
+            if gap > longest_gap.0 {
+                longest_gap = (gap, keys[key].clone());
+            }
+            previous = at;
+        }
+    }
+    let p99 = |h: &hdrhistogram::Histogram<u64>| Duration::from_micros(h.value_at_quantile(0.99));
+    ChaosReport {
+        fault,
+        reads_issued: records.len() as u64,
+        reads_answered: answered,
+        failures,
+        longest_gap,
+        read_p99_during_fault: p99(&during),
+        read_p99: p99(&latency),
+        max_lag,
+        events: 0,
+        state_exact: false,
+        mismatches: Vec::new(),
+        notes: Vec::new(),
+    }
+}
