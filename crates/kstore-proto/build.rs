@@ -14,6 +14,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../../proto");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // The built-in processor's value prints as JSON (`kstore get --json`).
+    for message in [
+        "CustomerFeatures",
+        "WindowTotals",
+        "FeatureWindows",
+        "Bucket",
+        "SeenValue",
+    ] {
+        config.type_attribute(
+            format!(".kstore.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
+    }
     let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(descriptor_set)

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
+use kstore_core::cluster::ClusterView;
 use kstore_proto::v1::MetadataRequest;
 use kstore_proto::v1::query_client::QueryClient;
 use kstore_testkit::TestKafka;
@@ -230,110 +230,8 @@ fn write_status(out: &mut impl std::io::Write) -> Result<()> {
         writeln!(out, "no node answers Metadata: {}", errors.join("; "))?;
         return Ok(());
     };
-    writeln!(
-        out,
-        "cluster {} (view {} from {asked})",
-        view.cluster_id, view.version
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{:<8} {:<17} {:<17} {:<8} {:<9} {:>6} {:>9} {:>6}",
-        "node", "grpc", "gossip", "liveness", "status", "copies", "ingest/s", "reads"
-    )?;
-    for node in &view.nodes {
-        writeln!(
-            out,
-            "{:<8} {:<17} {:<17} {:<8} {:<9} {:>6} {:>9} {:>6}{}",
-            node.node_id,
-            node.grpc_address,
-            node.gossip_address,
-            liveness_name(node.liveness),
-            status_name(node.status),
-            node.copies.len(),
-            node.load.ingest_rate,
-            node.load.reads_in_flight,
-            if node.conflicting {
-                "  CONFLICTING NODE ID"
-            } else {
-                ""
-            }
-        )?;
-    }
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{:>9}  {:<24} standbys and restoring copies (lag)",
-        "partition", "active (input, lag)"
-    )?;
-    let partitions = view
-        .nodes
-        .iter()
-        .flat_map(|n| n.copies.iter().map(|c| c.partition + 1))
-        .max()
-        .unwrap_or(0);
-    for partition in 0..partitions {
-        let holders = view.holders(partition);
-        let active = holders
-            .iter()
-            .find(|h| h.copy.role == Role::Active)
-            .map(|h| {
-                format!(
-                    "{}{} ({}, {})",
-                    h.node.node_id,
-                    liveness_mark(h.node.liveness),
-                    h.copy.input_offset,
-                    h.copy.lag
-                )
-            })
-            .unwrap_or_else(|| "-".into());
-        let others: Vec<String> = holders
-            .iter()
-            .filter(|h| h.copy.role != Role::Active)
-            .map(|h| {
-                format!(
-                    "{}{}{} ({})",
-                    h.node.node_id,
-                    liveness_mark(h.node.liveness),
-                    if h.copy.role == Role::Restoring {
-                        " restoring"
-                    } else {
-                        ""
-                    },
-                    h.copy.lag
-                )
-            })
-            .collect();
-        writeln!(out, "{partition:>9}  {active:<24} {}", others.join(", "))?;
-    }
+    write!(out, "{}", kstore_cli::view::format_view(&view, &asked))?;
     Ok(())
-}
-
-fn liveness_name(liveness: Liveness) -> &'static str {
-    match liveness {
-        Liveness::Live => "live",
-        Liveness::Suspect => "SUSPECT",
-        Liveness::Dead => "DEAD",
-        Liveness::Unspecified => "-",
-    }
-}
-
-/// A mark after a node's name when it is not live.
-fn liveness_mark(liveness: Liveness) -> &'static str {
-    match liveness {
-        Liveness::Live => "",
-        Liveness::Suspect => "?",
-        Liveness::Dead | Liveness::Unspecified => "†",
-    }
-}
-
-fn status_name(status: NodeStatus) -> &'static str {
-    match status {
-        NodeStatus::Starting => "starting",
-        NodeStatus::Running => "running",
-        NodeStatus::Leaving => "leaving",
-        NodeStatus::Unspecified => "-",
-    }
 }
 
 pub fn down() -> Result<()> {

@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod orders;
 pub mod partitioner;
 pub mod placement;
+pub mod routing;

@@ -30,6 +30,9 @@ pub const PARTITION_MISMATCHES: &str = "kstore_partition_mismatches_total";
 pub const COMMITS: &str = "kstore_commits_total";
 /// Transactions aborted.
 pub const ABORTS: &str = "kstore_aborts_total";
+/// Records the consumer handed over again after they were folded (skipped, never folded
+/// twice).
+pub const REDELIVERED_RECORDS: &str = "kstore_redelivered_records_total";
 /// Changelog records the state updater applied to standby and restoring copies.
 pub const UPDATER_RECORDS: &str = "kstore_updater_records_total";
 /// Standby copies the state updater stopped updating because their store failed.
@@ -143,6 +146,7 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
         (PARTITION_MISMATCHES, &ingest.partition_mismatches),
         (COMMITS, &ingest.commits),
         (ABORTS, &ingest.aborts),
+        (REDELIVERED_RECORDS, &ingest.redelivered),
         (UPDATER_RECORDS, &updater.records),
         (UPDATER_FAILURES, &updater.failures),
     ];

@@ -8,137 +8,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{Scenario, expected_features, run_async};
+use common::{Layout, Node, Scenario, expected_features, run_async, wait_for_agreement};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
-use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::{
-    CustomerFeatures, GetRequest, Liveness, MetadataRequest, MetadataResponse, Role, get_response,
+    CustomerFeatures, GetRequest, Liveness, MetadataRequest, Role, get_response,
 };
-use kstore_testkit::process::TestProcess;
 use prost::Message as _;
-use tonic::transport::Channel;
 
 const PARTITIONS: u32 = 12;
-
-/// A running node and a Query client for it.
-struct Node {
-    id: String,
-    process: TestProcess,
-    client: QueryClient<Channel>,
-}
-
-impl Node {
-    async fn start(scenario: &Scenario, id: &str, run: &str) -> Result<Node> {
-        let mut process = scenario.start_node(id, run)?;
-        let uri = scenario.grpc_uri(&mut process)?;
-        scenario.wait_gossiping(&mut process)?;
-        let client = QueryClient::connect(uri).await?;
-        Ok(Node {
-            id: id.to_owned(),
-            process,
-            client,
-        })
-    }
-
-    async fn metadata(&mut self) -> Result<MetadataResponse> {
-        if let Some(status) = self.process.try_exit()? {
-            bail!("{} exited with {status}:\n{}", self.id, self.process.tail());
-        }
-        Ok(self.client.metadata(MetadataRequest {}).await?.into_inner())
-    }
-}
-
-/// Who holds each partition, as one node's view says: the live active's node, and the live
-/// standbys' nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Layout {
-    actives: BTreeMap<u32, Vec<String>>,
-    standbys: BTreeMap<u32, BTreeSet<String>>,
-}
-
-impl Layout {
-    fn of(metadata: &MetadataResponse) -> Layout {
-        let mut layout = Layout::default();
-        for node in metadata
-            .nodes
-            .iter()
-            .filter(|n| n.liveness() == Liveness::Live)
-        {
-            for copy in &node.copies {
-                match copy.role() {
-                    Role::Active => layout
-                        .actives
-                        .entry(copy.partition)
-                        .or_default()
-                        .push(node.node_id.clone()),
-                    Role::Standby => {
-                        layout
-                            .standbys
-                            .entry(copy.partition)
-                            .or_default()
-                            .insert(node.node_id.clone());
-                    }
-                    _ => {}
-                }
-            }
-        }
-        layout
-    }
-
-    /// Whether each partition has one active and `standbys` standbys on other nodes, all on
-    /// `members`.
-    fn complete(&self, members: &[&str], standbys: usize) -> bool {
-        (0..PARTITIONS).all(|p| {
-            let Some([active]) = self.actives.get(&p).map(Vec::as_slice) else {
-                return false;
-            };
-            let held = self.standbys.get(&p).cloned().unwrap_or_default();
-            held.len() == standbys
-                && !held.contains(active)
-                && members.contains(&active.as_str())
-                && held.iter().all(|n| members.contains(&n.as_str()))
-        })
-    }
-
-    fn standbys_per_node(&self) -> BTreeMap<&str, usize> {
-        let mut counts = BTreeMap::new();
-        for node in self.standbys.values().flatten() {
-            *counts.entry(node.as_str()).or_default() += 1;
-        }
-        counts
-    }
-}
-
-/// Waits until every node in `nodes` serves the same complete layout over `members`, in
-/// which every member holds a standby, and returns it.
-async fn wait_for_agreement(
-    nodes: &mut [&mut Node],
-    members: &[&str],
-    timeout: Duration,
-) -> Result<Layout> {
-    let deadline = Instant::now() + timeout;
-    let mut last = Vec::new();
-    loop {
-        last.clear();
-        for node in nodes.iter_mut() {
-            last.push((node.id.clone(), Layout::of(&node.metadata().await?)));
-        }
-        let first = &last[0].1;
-        let everyone_holds_a_standby = first.standbys_per_node().len() == members.len();
-        if first.complete(members, 1)
-            && everyone_holds_a_standby
-            && last.iter().all(|(_, layout)| layout == first)
-        {
-            return Ok(first.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("the nodes did not agree on a complete layout over {members:?}: {last:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Waits until `node`'s view says `about` is suspect or dead, and returns how long that took.
 async fn wait_until_not_live(node: &mut Node, about: &str, timeout: Duration) -> Result<Duration> {

@@ -2,9 +2,16 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
 use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_cli::view;
+use kstore_client::{Answer, Client, Hedge, ReadError, ReadOptions, ReadPolicy};
+use kstore_proto::v1::CustomerFeatures;
+use prost::Message as _;
+use serde_json::Value;
 
 #[derive(Debug, Parser)]
 #[command(name = "kstore", version, about = "The kstore command line")]
@@ -13,8 +20,88 @@ struct Cli {
     command: Command,
 }
 
+/// Where the cluster is and what to read.
+#[derive(Debug, Args)]
+struct Connect {
+    /// gRPC addresses of nodes to learn the cluster from, comma-separated.
+    #[arg(
+        long,
+        env = "KSTORE_SEEDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
+    seeds: Vec<String>,
+    /// The store.
+    #[arg(long, default_value = "features")]
+    store: String,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How reads are routed.
+#[derive(Debug, Args)]
+struct Routing {
+    /// Which copies may answer.
+    #[arg(long, value_enum, default_value_t = Policy::PreferActive)]
+    policy: Policy,
+    /// The most input records a copy other than the active may lag.
+    #[arg(long, default_value_t = 10_000)]
+    max_lag: i64,
+    /// Send the read to the next copy too if the first has not answered after this many
+    /// milliseconds (0: no hedging).
+    #[arg(long, default_value_t = 0)]
+    hedge_ms: u64,
+    /// How long a read may take, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Policy {
+    ActiveOnly,
+    PreferActive,
+    AnyReplica,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Reads one key: its value, who answered, and how fresh it is.
+    Get {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        routing: Routing,
+        /// The key (a customer id for the built-in processor).
+        key: String,
+        /// Read-your-writes: the answer must reflect this input offset of the key's
+        /// partition.
+        #[arg(long)]
+        min_input_offset: Option<i64>,
+        /// Also print the routing decision: partition, plan, hosts tried, who answered.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Reads many keys at once (one MultiGet per node that holds some of them).
+    Mget {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        routing: Routing,
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Shows the cluster: every node, and each partition's copies with their lag.
+    Metadata {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Shows the cluster view again whenever it changes, until interrupted.
+    Watch {
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Sends deterministic order events (JSON, keyed by customer id) to a topic.
     Produce {
         /// Kafka's bootstrap servers.
@@ -52,7 +139,47 @@ enum Command {
 
 fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
+    let read = |connect: &Connect, routing: Option<&Routing>, work| -> ExitCode {
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("kstore: starting the runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(async {
+            match connect_client(connect, routing).await {
+                Ok(client) => run_read(&client, connect, work).await,
+                Err(error) => {
+                    eprintln!("kstore: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        })
+    };
     match command {
+        Command::Get {
+            connect,
+            routing,
+            key,
+            min_input_offset,
+            explain,
+        } => read(
+            &connect,
+            Some(&routing),
+            Work::Get {
+                key,
+                min_input_offset,
+                explain,
+            },
+        ),
+        Command::Mget {
+            connect,
+            routing,
+            keys,
+        } => read(&connect, Some(&routing), Work::Mget { keys }),
+        Command::Metadata { connect } => read(&connect, None, Work::Metadata),
+        Command::Watch { connect } => read(&connect, None, Work::Watch),
         Command::Produce {
             bootstrap,
             topic,
@@ -103,4 +230,159 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// What a read command does once connected.
+enum Work {
+    Get {
+        key: String,
+        min_input_offset: Option<i64>,
+        explain: bool,
+    },
+    Mget {
+        keys: Vec<String>,
+    },
+    Metadata,
+    Watch,
+}
+
+async fn connect_client(connect: &Connect, routing: Option<&Routing>) -> Result<Client, String> {
+    let mut builder = Client::builder()
+        .seeds(connect.seeds.clone())
+        .store(connect.store.clone());
+    if let Some(routing) = routing {
+        let policy = match routing.policy {
+            Policy::ActiveOnly => ReadPolicy::ActiveOnly,
+            Policy::PreferActive => ReadPolicy::PreferActive {
+                max_lag: routing.max_lag,
+            },
+            Policy::AnyReplica => ReadPolicy::AnyReplica {
+                max_lag: routing.max_lag,
+            },
+        };
+        let hedge = match routing.hedge_ms {
+            0 => Hedge::Off,
+            ms => Hedge::After(Duration::from_millis(ms)),
+        };
+        builder = builder
+            .read_policy(policy)
+            .hedge(hedge)
+            .request_timeout(Duration::from_millis(routing.timeout_ms));
+    }
+    builder.build().await.map_err(|error| error.to_string())
+}
+
+async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
+    match work {
+        Work::Get {
+            key,
+            min_input_offset,
+            explain,
+        } => {
+            let options = ReadOptions {
+                min_input_offset,
+                ..ReadOptions::default()
+            };
+            match client.get_with(key.as_bytes(), &options).await {
+                Ok(answer) => {
+                    print_answer(&key, &answer, connect.json);
+                    if explain && !connect.json {
+                        print!("{}", view::format_route(&answer));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => read_failed(&key, &error),
+            }
+        }
+        Work::Mget { keys } => {
+            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+            let mut failed = false;
+            for (key, result) in keys.iter().zip(client.multi_get(&refs).await) {
+                match result {
+                    Ok(answer) => print_answer(key, &answer, connect.json),
+                    Err(error) => {
+                        failed = true;
+                        read_failed(key, &error);
+                    }
+                }
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Work::Metadata => {
+            let view = client.view();
+            if connect.json {
+                println!("{}", view::view_json(&view));
+            } else {
+                print!("{}", view::format_view(&view, "the client's view"));
+            }
+            ExitCode::SUCCESS
+        }
+        Work::Watch => {
+            let mut shown = None;
+            loop {
+                let view = client.view();
+                if shown != Some((view.version, view.nodes.clone())) {
+                    if connect.json {
+                        println!("{}", view::view_json(&view));
+                    } else {
+                        println!("{}", view::format_view(&view, "the client's view"));
+                    }
+                    shown = Some((view.version, view.nodes.clone()));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// The value as JSON: the built-in processor's features as an object, other values as a
+/// UTF-8 string if they are one, else their bytes.
+fn value_json(value: Option<&Vec<u8>>) -> Value {
+    let Some(bytes) = value else {
+        return Value::Null;
+    };
+    if let Ok(features) = CustomerFeatures::decode(bytes.as_slice())
+        && !features.customer_id.is_empty()
+    {
+        return serde_json::to_value(features).unwrap_or(Value::Null);
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Value::String(text.to_owned()),
+        Err(_) => Value::Array(bytes.iter().map(|b| Value::from(*b)).collect()),
+    }
+}
+
+fn print_answer(key: &str, answer: &Answer<Vec<u8>>, json: bool) {
+    let value = value_json(answer.value.as_ref());
+    if json {
+        println!("{}", view::answer_json(key, answer, value));
+        return;
+    }
+    let read = &answer.read;
+    println!(
+        "{key}: partition {}, answered by {} ({}, input offset {}, lag {})",
+        read.partition,
+        read.node_id,
+        view::role_name(read.role),
+        read.input_offset,
+        read.lag
+    );
+    match value {
+        Value::Null => println!("  not found"),
+        value => println!(
+            "  {}",
+            serde_json::to_string_pretty(&value)
+                .unwrap_or_default()
+                .replace('\n', "\n  ")
+        ),
+    }
+}
+
+fn read_failed(key: &str, error: &ReadError) -> ExitCode {
+    eprintln!("kstore: reading {key}: {error}");
+    ExitCode::FAILURE
 }

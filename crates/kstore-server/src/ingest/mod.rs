@@ -113,6 +113,8 @@ pub struct IngestMetrics {
     pub commits: AtomicU64,
     /// Transactions aborted, whose records are read again.
     pub aborts: AtomicU64,
+    /// Records the consumer handed over again although they were folded already (skipped).
+    pub redelivered: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -197,6 +199,10 @@ struct Engine {
     /// The stores of the partitions this node owns.
     stores: HashMap<i32, Arc<PartitionStore>>,
     owned: HashMap<i32, Ownership>,
+    /// Per active partition, the offset after the last record folded (or rewound to). The
+    /// consumer hands records over in order unless the node seeks; a record below this was
+    /// handed over again and is skipped, so that it can never be folded twice.
+    next_input: HashMap<i32, i64>,
     txn: Option<OpenTransaction>,
     /// Opens, hands over and retires the node's copies.
     copies: Arc<Copies>,
@@ -239,6 +245,7 @@ impl ConsumerContext for IngestContext {
         }
         for partition in &revoked {
             engine.owned.remove(partition);
+            engine.next_input.remove(partition);
             engine.stores.remove(partition);
             // The copy stays open and keeps answering reads as a standby, with its
             // staleness stated, until its partition runs elsewhere.
@@ -309,6 +316,7 @@ impl Engine {
             "partition assigned; restoring its changelog tail"
         );
         self.stores.insert(partition, store);
+        self.next_input.remove(&partition);
         self.owned.insert(
             partition,
             Ownership::Restoring {
@@ -398,6 +406,19 @@ impl Engine {
             }
             return Ok(());
         }
+        if let Some(&next) = self.next_input.get(&partition)
+            && offset < next
+        {
+            IngestMetrics::add(&self.metrics.redelivered, 1);
+            tracing::warn!(
+                partition,
+                offset,
+                next,
+                "the consumer handed over a record already folded; skipped"
+            );
+            return Ok(());
+        }
+        self.next_input.insert(partition, offset + 1);
         IngestMetrics::add(&self.metrics.records_in, 1);
         if self.txn.is_none() {
             if self.exactly_once() {
@@ -772,6 +793,15 @@ impl Engine {
         lock(&self.producer.context().changelog_next).clear();
         lock(&self.producer.context().failure).take();
         IngestMetrics::add(&self.metrics.aborts, 1);
+        for (partition, first) in &txn.first_offset {
+            // The aborted records are read again (or, without a rewind, by whoever owns the
+            // partition next).
+            if rewind {
+                self.next_input.insert(*partition, *first);
+            } else {
+                self.next_input.remove(partition);
+            }
+        }
         if rewind {
             for (partition, first) in txn.first_offset {
                 if !self.owned.contains_key(&partition) {
@@ -962,6 +992,7 @@ pub fn run(
         producer,
         stores: HashMap::new(),
         owned: HashMap::new(),
+        next_input: HashMap::new(),
         txn: None,
         copies,
         restored,
@@ -1101,6 +1132,7 @@ fn log_progress(metrics: &IngestMetrics) {
         partition_mismatches = get(&metrics.partition_mismatches),
         commits = get(&metrics.commits),
         aborts = get(&metrics.aborts),
+        redelivered = get(&metrics.redelivered),
         "ingest progress"
     );
 }

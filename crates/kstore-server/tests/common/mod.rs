@@ -3,22 +3,25 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use kstore_cli::generator::GeneratorConfig;
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_core::orders::OrderEvent;
 use kstore_proto::v1::CustomerFeatures;
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{Liveness, MetadataRequest, MetadataResponse, Role};
 use kstore_server::config::NodeConfig;
 use kstore_server::processor::features::fold;
 use kstore_server::store::{PartitionStore, SharedMemory};
 use kstore_testkit::TestKafka;
 use kstore_testkit::process::{TestProcess, wait_until};
 use prost::Message as _;
+use tonic::transport::Channel;
 
 /// One test's topics, state directory and node settings.
 pub struct Scenario {
@@ -273,4 +276,126 @@ pub fn expected_features(events: &[OrderEvent]) -> HashMap<String, CustomerFeatu
 pub fn run_async<T, F: std::future::Future<Output = Result<T>>>(future: F) -> Result<T> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async { tokio::time::timeout(Duration::from_secs(600), future).await? })
+}
+
+/// A running node and a Query client for it.
+pub struct Node {
+    pub id: String,
+    pub process: TestProcess,
+    pub client: QueryClient<Channel>,
+}
+
+impl Node {
+    pub async fn start(scenario: &Scenario, id: &str, run: &str) -> Result<Node> {
+        let mut process = scenario.start_node(id, run)?;
+        let uri = scenario.grpc_uri(&mut process)?;
+        scenario.wait_gossiping(&mut process)?;
+        let client = QueryClient::connect(uri).await?;
+        Ok(Node {
+            id: id.to_owned(),
+            process,
+            client,
+        })
+    }
+
+    pub async fn metadata(&mut self) -> Result<MetadataResponse> {
+        if let Some(status) = self.process.try_exit()? {
+            bail!("{} exited with {status}:\n{}", self.id, self.process.tail());
+        }
+        Ok(self.client.metadata(MetadataRequest {}).await?.into_inner())
+    }
+}
+
+/// Who holds each partition, as one node's view says: the live active's node, and the live
+/// standbys' nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Layout {
+    pub partitions: u32,
+    pub actives: BTreeMap<u32, Vec<String>>,
+    pub standbys: BTreeMap<u32, BTreeSet<String>>,
+}
+
+impl Layout {
+    pub fn of(metadata: &MetadataResponse) -> Layout {
+        let mut layout = Layout {
+            partitions: metadata.stores.first().map_or(0, |s| s.partitions),
+            ..Layout::default()
+        };
+        for node in metadata
+            .nodes
+            .iter()
+            .filter(|n| n.liveness() == Liveness::Live)
+        {
+            for copy in &node.copies {
+                match copy.role() {
+                    Role::Active => layout
+                        .actives
+                        .entry(copy.partition)
+                        .or_default()
+                        .push(node.node_id.clone()),
+                    Role::Standby => {
+                        layout
+                            .standbys
+                            .entry(copy.partition)
+                            .or_default()
+                            .insert(node.node_id.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        layout
+    }
+
+    /// Whether each partition has one active and `standbys` standbys on other nodes, all on
+    /// `members`.
+    pub fn complete(&self, members: &[&str], standbys: usize) -> bool {
+        (0..self.partitions).all(|p| {
+            let Some([active]) = self.actives.get(&p).map(Vec::as_slice) else {
+                return false;
+            };
+            let held = self.standbys.get(&p).cloned().unwrap_or_default();
+            held.len() == standbys
+                && !held.contains(active)
+                && members.contains(&active.as_str())
+                && held.iter().all(|n| members.contains(&n.as_str()))
+        })
+    }
+
+    pub fn standbys_per_node(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for node in self.standbys.values().flatten() {
+            *counts.entry(node.as_str()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Waits until every node in `nodes` serves the same complete layout over `members`, in
+/// which every member holds a standby, and returns it.
+pub async fn wait_for_agreement(
+    nodes: &mut [&mut Node],
+    members: &[&str],
+    timeout: Duration,
+) -> Result<Layout> {
+    let deadline = Instant::now() + timeout;
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        for node in nodes.iter_mut() {
+            last.push((node.id.clone(), Layout::of(&node.metadata().await?)));
+        }
+        let first = &last[0].1;
+        let everyone_holds_a_standby = first.standbys_per_node().len() == members.len();
+        if first.complete(members, 1)
+            && everyone_holds_a_standby
+            && last.iter().all(|(_, layout)| layout == first)
+        {
+            return Ok(first.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("the nodes did not agree on a complete layout over {members:?}: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

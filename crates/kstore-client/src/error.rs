@@ -1,0 +1,201 @@
+//! The client's errors: what went wrong, for which partition, with every host tried and
+//! why each attempt failed.
+
+use std::time::Duration;
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No seed address was given.
+    #[error("no seed addresses: give at least one node's gRPC address")]
+    NoSeeds,
+    /// A seed is not an address.
+    #[error("seed {seed:?} is not a usable address: {reason}")]
+    BadSeed {
+        /// The seed.
+        seed: String,
+        /// Why.
+        reason: String,
+    },
+    /// No seed answered Metadata.
+    #[error("no seed answered: {}", describe_tried(.tried))]
+    Unreachable {
+        /// Each seed tried and why it failed.
+        tried: Vec<(String, String)>,
+    },
+    /// The seeds belong to another cluster than the one asked for.
+    #[error("{seed} belongs to cluster {found:?}, not {expected:?}")]
+    WrongCluster {
+        /// The seed.
+        seed: String,
+        /// The cluster asked for.
+        expected: String,
+        /// The seed's cluster.
+        found: String,
+    },
+    /// The cluster serves no store of that name.
+    #[error("the cluster serves no store {store:?}; it serves {served:?}")]
+    UnknownStore {
+        /// The store asked for.
+        store: String,
+        /// The stores the cluster serves.
+        served: Vec<String>,
+    },
+}
+
+fn describe_tried(tried: &[(String, String)]) -> String {
+    tried
+        .iter()
+        .map(|(seed, why)| format!("{seed}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why one attempt of a read failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttemptError {
+    /// The node could not be reached (connection refused or reset, no route).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The node holds no copy of the partition (the client's view was stale).
+    #[error("the node holds no copy of the partition")]
+    NotHosted,
+    /// The node did not answer before the read's deadline.
+    #[error("no answer before the deadline")]
+    TimedOut,
+    /// A hedge to another node answered first, so this attempt was cancelled.
+    #[error("cancelled: another attempt answered first")]
+    Cancelled,
+    /// The node answered with another error.
+    #[error("{code:?} {reason}: {message}")]
+    Status {
+        /// The gRPC code.
+        code: tonic::Code,
+        /// kstore's error reason (`ErrorInfo.reason`), if any.
+        reason: String,
+        /// The message.
+        message: String,
+    },
+}
+
+/// One attempt of a read: which node was asked, and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The node asked.
+    pub node_id: String,
+    /// Its gRPC address.
+    pub address: String,
+    /// Whether it was a hedge (sent while an earlier attempt was still waiting).
+    pub hedge: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// `None` if it answered.
+    pub error: Option<AttemptError>,
+}
+
+/// Why a read failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The key is empty (checked before any network call).
+    #[error("the key is empty")]
+    EmptyKey,
+    /// The key is longer than the nodes accept (checked before any network call).
+    #[error("the key has {len} bytes; the limit is {limit}")]
+    KeyTooLarge {
+        /// The key's length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No live copy of the partition qualifies under the read policy.
+    #[error("no live copy of partition {partition} qualifies under {policy}")]
+    NoCopy {
+        /// The partition.
+        partition: u32,
+        /// The policy, described.
+        policy: String,
+    },
+    /// Every copy asked failed.
+    #[error("every copy of partition {partition} failed: {}", describe_attempts(.attempts))]
+    Failed {
+        /// The partition.
+        partition: u32,
+        /// Each attempt and why it failed.
+        attempts: Vec<Attempt>,
+    },
+    /// No copy answered within the request timeout.
+    #[error("no answer for partition {partition} within {timeout:?}: {}", describe_attempts(.attempts))]
+    TimedOut {
+        /// The partition.
+        partition: u32,
+        /// The timeout.
+        timeout: Duration,
+        /// Each attempt so far.
+        attempts: Vec<Attempt>,
+    },
+    /// A node refused the read for a reason another node would give too (a bad request, or
+    /// a position bound not reached before the deadline).
+    #[error("partition {partition}: {error}")]
+    Rejected {
+        /// The partition.
+        partition: u32,
+        /// The node's answer.
+        error: AttemptError,
+        /// Each attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// The value is not the protobuf message asked for.
+    #[error("the value of partition {partition}'s key does not decode as {type_name}: {reason}")]
+    Decode {
+        /// The partition.
+        partition: u32,
+        /// The type asked for.
+        type_name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn describe_attempts(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return "no copy was asked".into();
+    }
+    attempts
+        .iter()
+        .map(|a| match &a.error {
+            Some(error) => format!("{} ({}): {error}", a.node_id, a.address),
+            None => format!("{} ({}): answered", a.node_id, a.address),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ReadError {
+    /// Returns the partition the read was for, if it got that far.
+    pub fn partition(&self) -> Option<u32> {
+        match self {
+            ReadError::EmptyKey | ReadError::KeyTooLarge { .. } => None,
+            ReadError::NoCopy { partition, .. }
+            | ReadError::Failed { partition, .. }
+            | ReadError::TimedOut { partition, .. }
+            | ReadError::Rejected { partition, .. }
+            | ReadError::Decode { partition, .. } => Some(*partition),
+        }
+    }
+
+    /// Returns the attempts made, best first.
+    pub fn attempts(&self) -> &[Attempt] {
+        match self {
+            ReadError::Failed { attempts, .. }
+            | ReadError::TimedOut { attempts, .. }
+            | ReadError::Rejected { attempts, .. } => attempts,
+            ReadError::EmptyKey
+            | ReadError::KeyTooLarge { .. }
+            | ReadError::NoCopy { .. }
+            | ReadError::Decode { .. } => &[],
+        }
+    }
+}
