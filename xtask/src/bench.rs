@@ -202,7 +202,7 @@ fn check_alive(node: &mut TestProcess, deadline: Instant) -> Result<()> {
 
 /// Starts one node for a benchmark: its state in `dir`, ephemeral gRPC and gossip ports
 /// (logged as `serving gRPC address=…`), no metrics port, a cluster of its own.
-fn start_bench_node(
+pub(crate) fn start_bench_node(
     node_binary: &Path,
     kafka: &TestKafka,
     app: &str,

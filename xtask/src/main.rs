@@ -11,6 +11,7 @@
 mod bench;
 mod binaries;
 mod chaos;
+mod client_bench;
 mod cluster;
 mod cluster_bench;
 mod setup;
@@ -76,6 +77,8 @@ enum BenchKind {
     /// The state updater's catch-up rate, standby lag under ingest, and how soon a killed
     /// node is suspect and dead.
     Cluster(cluster_bench::ClusterBench),
+    /// What the smart client adds to a read, against a raw tonic call to the right node.
+    Client(client_bench::ClientBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +134,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench {
             which: BenchKind::Cluster(bench),
         } => cluster_bench::cluster(&bench),
+        Task::Bench {
+            which: BenchKind::Client(bench),
+        } => client_bench::client(&bench),
     }
 }
 
