@@ -475,6 +475,24 @@ impl ClusterView {
             })
     }
 
+    /// Returns the node that should take the backups of `partition`, so that actives are not
+    /// loaded: the least-lagging live standby (a copy that is running, not leaving), else the
+    /// live active. `None` when no live node holds a usable copy.
+    pub fn backup_source(&self, partition: u32) -> Option<&str> {
+        let usable = |h: &Holder<'_>| h.routable() && h.node.status != NodeStatus::Leaving;
+        let holders = self.holders(partition);
+        holders
+            .iter()
+            .filter(|h| usable(h) && h.copy.role == Role::Standby)
+            .min_by_key(|h| (h.copy.lag, &h.node.node_id))
+            .or_else(|| {
+                holders
+                    .iter()
+                    .find(|h| usable(h) && h.copy.role == Role::Active)
+            })
+            .map(|h| h.node.node_id.as_str())
+    }
+
     /// Returns the node ids that standbys may be placed on: every node not dead. A node that
     /// is suspect (paused, restarting) keeps its standbys until it counts as dead, so that a
     /// short absence moves no data.
@@ -641,6 +659,36 @@ mod tests {
         assert_eq!(liveness(Detected::Live, DEAD_AFTER), Liveness::Live);
         assert_eq!(liveness(silent(3), DEAD_AFTER), Liveness::Suspect);
         assert_eq!(liveness(silent(10), DEAD_AFTER), Liveness::Dead);
+    }
+
+    #[test]
+    fn backups_come_from_the_least_lagging_live_standby_else_the_active() {
+        let suspect = Detected::SilentFor(Duration::from_secs(2));
+        let view = view(&[
+            with_copies(
+                entry("node-1", 1, 7001, Detected::Live),
+                &[copy(0, Role::Active, 0), copy(1, Role::Active, 0)],
+            ),
+            with_copies(
+                entry("node-2", 1, 7002, Detected::Live),
+                &[copy(0, Role::Standby, 40), copy(2, Role::Restoring, 0)],
+            ),
+            with_copies(
+                entry("node-3", 1, 7003, Detected::Live),
+                &[copy(0, Role::Standby, 7)],
+            ),
+            with_copies(
+                entry("node-4", 1, 7004, suspect),
+                &[copy(0, Role::Standby, 0), copy(1, Role::Standby, 0)],
+            ),
+        ]);
+        // The standby with the least lag, though another is closer to its active.
+        assert_eq!(view.backup_source(0), Some("node-3"));
+        // Its only standby is suspect: the active takes the backup.
+        assert_eq!(view.backup_source(1), Some("node-1"));
+        // A restoring copy is no source, and nobody holds partition 3.
+        assert_eq!(view.backup_source(2), None);
+        assert_eq!(view.backup_source(3), None);
     }
 
     #[test]

@@ -60,6 +60,41 @@ impl Default for MemoryConfig {
     }
 }
 
+/// Backups of the node's stores (see the `backup` module).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct BackupConfig {
+    /// The backup location: a local or mounted directory that every node of the cluster
+    /// can reach (so any node can restore any partition). Empty turns backups off.
+    pub dir: PathBuf,
+    /// How often the node backs up each partition it is the backup source of, in
+    /// milliseconds; 0 backs up only on demand (Admin `CreateBackup`).
+    pub interval_ms: u64,
+    /// How many backups of each partition are kept, newest first.
+    pub keep_count: usize,
+    /// Backups older than this are deleted, in milliseconds, except each partition's
+    /// newest one.
+    pub max_age_ms: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            dir: PathBuf::new(),
+            interval_ms: 3_600_000,
+            keep_count: 24,
+            max_age_ms: 7 * 24 * 3_600_000,
+        }
+    }
+}
+
+impl BackupConfig {
+    /// Whether a backup location is set.
+    pub fn enabled(&self) -> bool {
+        !self.dir.as_os_str().is_empty()
+    }
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -139,6 +174,12 @@ pub struct NodeConfig {
     /// How long a drain waits for the other members to run the node's partitions before the
     /// node stops anyway, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// Whether a copy found on disk at start is read whole to check every block's checksum
+    /// before it is used; a damaged copy is moved aside and recovered (from the newest good
+    /// backup, then its changelog). Costs one sequential read of the copy.
+    pub verify_checksums_on_open: bool,
+    /// Backups of the stores.
+    pub backup: BackupConfig,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -180,6 +221,8 @@ impl Default for NodeConfig {
             standby_retention_ms: 600_000,
             drain_on_shutdown: false,
             drain_timeout_ms: 120_000,
+            verify_checksums_on_open: true,
+            backup: BackupConfig::default(),
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }
@@ -395,6 +438,15 @@ impl NodeConfig {
         }
         if self.dead_after_ms < 1_000 {
             return invalid("dead-after-ms", "must be at least 1000");
+        }
+        if self.backup.keep_count == 0 {
+            return invalid("backup.keep-count", "must be at least 1");
+        }
+        if self.backup.interval_ms != 0 && self.backup.interval_ms < 1_000 {
+            return invalid(
+                "backup.interval-ms",
+                "must be 0 (on demand only) or at least 1000",
+            );
         }
         if self.num_standbys > 8 {
             return invalid("num-standbys", "must be at most 8");

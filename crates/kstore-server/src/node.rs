@@ -10,6 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tonic::transport::server::TcpIncoming;
 
+use crate::backup::{self, Backups};
 use crate::config::{NodeConfig, ProcessorKind};
 use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
@@ -142,12 +143,20 @@ pub fn run(
     // node leaves, so reads keep answering while the node shuts down or drains.
     let stop_serving = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(Drain::new(shutdown.clone(), config.drain_on_shutdown));
+    let memory = SharedMemory::new(&config.memory);
+    let backups = Backups::from_config(&config, topology.partitions, memory.clone());
+    if let Some(backups) = &backups {
+        tracing::info!(location = %backups.location(), "backups go to a local directory");
+    }
     let server = runtime.spawn(grpc::serve(
         incoming,
         config.clone(),
         registry.clone(),
         gossip.view(),
-        drain.clone(),
+        grpc::Operations {
+            drain: drain.clone(),
+            backups: backups.clone(),
+        },
         processor.value_type_url().map(str::to_owned),
         {
             let stop_serving = stop_serving.clone();
@@ -174,8 +183,9 @@ pub fn run(
     let copies = Arc::new(Copies::new(
         config.clone(),
         registry.clone(),
-        SharedMemory::new(&config.memory),
+        memory,
         updater_thread.updater(),
+        backups.clone(),
     ));
     let placement = placement::spawn(
         copies.clone(),
@@ -184,6 +194,16 @@ pub fn run(
         gossip.view(),
         shutdown.clone(),
     )?;
+
+    let backup_schedule = match &backups {
+        Some(backups) => backup::spawn_schedule(
+            backups.clone(),
+            registry.clone(),
+            gossip.view(),
+            shutdown.clone(),
+        )?,
+        None => None,
+    };
 
     let tracker = {
         let (client, config, registry, metrics, updater_metrics, shutdown) = (
@@ -220,6 +240,9 @@ pub fn run(
     // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);
     let _ = placement.join();
+    if let Some(schedule) = backup_schedule {
+        let _ = schedule.join();
+    }
     if let Ok(owned) = &ingested
         && drain.requested()
     {

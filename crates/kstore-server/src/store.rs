@@ -60,6 +60,15 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether RocksDB found the store's files damaged (a checksum that does not match, a
+    /// file cut short or missing): the copy must be recovered, not retried.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, StoreError::Rocks { source, .. }
+            if source.kind() == rocksdb::ErrorKind::Corruption)
+    }
+}
+
 /// The memory that every store of a node shares.
 #[derive(Clone)]
 pub struct SharedMemory {
@@ -295,6 +304,44 @@ impl PartitionStore {
         ];
         self.db
             .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
+            .map_err(self.rocks())
+    }
+
+    /// Reads every block of every file of the store and checks its checksum, without
+    /// filling the block cache. Fails with a corruption error ([`StoreError::is_corruption`])
+    /// at the first damaged block.
+    pub fn verify_checksums(&self) -> Result<(), StoreError> {
+        for family in [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_CF] {
+            let handle = self
+                .db
+                .cf_handle(family)
+                .expect("both column families are created on open");
+            let mut options = rocksdb::ReadOptions::default();
+            options.set_verify_checksums(true);
+            options.fill_cache(false);
+            options.set_readahead_size(2 << 20);
+            let mut iterator = self.db.raw_iterator_cf_opt(&handle, options);
+            iterator.seek_to_first();
+            while iterator.valid() {
+                iterator.next();
+            }
+            iterator.status().map_err(self.rocks())?;
+        }
+        Ok(())
+    }
+
+    /// Makes a consistent snapshot of the store in `dir` (which must not exist yet), hard
+    /// linking its files where the file system allows.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|checkpoint| checkpoint.create_checkpoint(dir))
+            .map_err(self.rocks())
+    }
+
+    /// Adds an incremental backup of the store to `engine`, flushing its memtables first.
+    pub fn back_up(&self, engine: &mut rocksdb::backup::BackupEngine) -> Result<(), StoreError> {
+        engine
+            .create_new_backup_flush(&self.db, true)
             .map_err(self.rocks())
     }
 

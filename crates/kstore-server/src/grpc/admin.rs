@@ -3,14 +3,20 @@
 
 use std::sync::Arc;
 
+use kstore_core::cluster::ClusterView;
 use kstore_proto::v1::admin_server::Admin;
 use kstore_proto::v1::{
-    DrainRequest, DrainResponse, PartitionStatusRequest, PartitionStatusResponse, Role, StoreStatus,
+    BackupInfo, BackupVerification, CreateBackupRequest, CreateBackupResponse, DrainRequest,
+    DrainResponse, FailedPartition, ListBackupsRequest, ListBackupsResponse,
+    PartitionStatusRequest, PartitionStatusResponse, Role, SkippedPartition, StoreStatus,
+    VerifyBackupRequest, VerifyBackupResponse,
 };
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::error::ReadError;
 use super::query::partition_copy;
+use crate::backup::{Backups, CatalogEntry};
 use crate::drain::Drain;
 use crate::registry::Registry;
 
@@ -21,6 +27,8 @@ pub struct AdminService {
     store: String,
     token: Option<String>,
     drain: Arc<Drain>,
+    backups: Option<Arc<Backups>>,
+    view: watch::Receiver<Arc<ClusterView>>,
 }
 
 impl AdminService {
@@ -36,7 +44,47 @@ impl AdminService {
             store,
             token,
             drain,
+            backups: None,
+            view: watch::channel(Arc::new(ClusterView::default())).1,
         }
+    }
+
+    /// Serves the backup calls with `backups` (none: they fail with
+    /// BACKUPS_NOT_CONFIGURED), choosing what to back up by `view`.
+    pub fn with_backups(
+        mut self,
+        backups: Option<Arc<Backups>>,
+        view: watch::Receiver<Arc<ClusterView>>,
+    ) -> Self {
+        self.backups = backups;
+        self.view = view;
+        self
+    }
+
+    fn backups(&self) -> Result<Arc<Backups>, Status> {
+        self.backups
+            .clone()
+            .ok_or_else(|| ReadError::BackupsNotConfigured.into())
+    }
+
+    /// The catalog entries of `partitions` (all if empty), oldest first per partition.
+    fn catalog(backups: &Backups, partitions: &[u32]) -> Result<Vec<CatalogEntry>, Status> {
+        let all: Vec<u32>;
+        let partitions = if partitions.is_empty() {
+            all = (0..backups.partitions()).collect();
+            &all
+        } else {
+            partitions
+        };
+        let mut entries = Vec::new();
+        for &partition in partitions {
+            let (mut listed, problems) = backups.list(partition).map_err(backup_failed)?;
+            for problem in problems {
+                tracing::warn!(partition, %problem, "a catalog entry cannot be read");
+            }
+            entries.append(&mut listed);
+        }
+        Ok(entries)
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -61,6 +109,42 @@ impl AdminService {
         } else {
             Err(ReadError::AdminTokenRequired.into())
         }
+    }
+}
+
+fn backup_failed(error: impl std::fmt::Display) -> Status {
+    ReadError::BackupFailed {
+        message: error.to_string(),
+    }
+    .into()
+}
+
+fn join_failed(error: tokio::task::JoinError) -> Status {
+    Status::internal(error.to_string())
+}
+
+/// A catalog entry as the Admin service answers it.
+pub fn backup_info(entry: &CatalogEntry) -> BackupInfo {
+    let source_role = match entry.source_role.as_str() {
+        "active" => Role::Active,
+        "standby" => Role::Standby,
+        "restoring" => Role::Restoring,
+        _ => Role::Unspecified,
+    };
+    BackupInfo {
+        backup_id: entry.backup_id,
+        app: entry.app.clone(),
+        store: entry.store.clone(),
+        partition: entry.partition,
+        partition_count: entry.partition_count,
+        changelog_offset: entry.changelog_next,
+        input_offset: entry.input_next,
+        node_id: entry.node_id.clone(),
+        source_role: source_role as i32,
+        created_at_ms: entry.created_at_ms,
+        size_bytes: entry.size_bytes,
+        added_bytes: entry.added_bytes,
+        file_count: entry.files.len() as u32,
     }
 }
 
@@ -108,6 +192,102 @@ impl Admin for AdminService {
             node_id: self.registry.node_id().to_owned(),
             active_partitions,
         }))
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<CreateBackupRequest>,
+    ) -> Result<Response<CreateBackupResponse>, Status> {
+        self.authorize(&request)?;
+        let backups = self.backups()?;
+        let registry = self.registry.clone();
+        let view = self.view.borrow().clone();
+        let wanted = request.into_inner().partitions;
+        let round = tokio::task::spawn_blocking({
+            let backups = backups.clone();
+            move || backups.back_up_local(&registry, &view, &wanted)
+        })
+        .await
+        .map_err(join_failed)?;
+        Ok(Response::new(CreateBackupResponse {
+            backups: round.created.iter().map(backup_info).collect(),
+            skipped: round
+                .skipped
+                .into_iter()
+                .map(|(partition, reason)| SkippedPartition { partition, reason })
+                .collect(),
+            failed: round
+                .failed
+                .into_iter()
+                .map(|(partition, error)| FailedPartition {
+                    partition,
+                    error: error.to_string(),
+                })
+                .collect(),
+            location: backups.location(),
+        }))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<ListBackupsRequest>,
+    ) -> Result<Response<ListBackupsResponse>, Status> {
+        self.authorize(&request)?;
+        let backups = self.backups()?;
+        let partitions = request.into_inner().partitions;
+        let entries = tokio::task::spawn_blocking({
+            let backups = backups.clone();
+            move || Self::catalog(&backups, &partitions)
+        })
+        .await
+        .map_err(join_failed)??;
+        Ok(Response::new(ListBackupsResponse {
+            backups: entries.iter().map(backup_info).collect(),
+            location: backups.location(),
+        }))
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<VerifyBackupRequest>,
+    ) -> Result<Response<VerifyBackupResponse>, Status> {
+        self.authorize(&request)?;
+        let backups = self.backups()?;
+        let VerifyBackupRequest {
+            partitions,
+            backup_id,
+        } = request.into_inner();
+        if backup_id != 0 && partitions.len() != 1 {
+            return Err(Status::invalid_argument(
+                "a backup id names a backup of one partition: name exactly one partition",
+            ));
+        }
+        let results = tokio::task::spawn_blocking(move || {
+            let mut results = Vec::new();
+            for entry in Self::catalog(&backups, &partitions)? {
+                if backup_id != 0 && entry.backup_id != backup_id {
+                    continue;
+                }
+                let verification = backups.verify(&entry).map_err(backup_failed)?;
+                results.push(BackupVerification {
+                    backup: Some(backup_info(&entry)),
+                    ok: verification.ok(),
+                    files_checked: verification.files_checked,
+                    bytes_checked: verification.bytes_checked,
+                    problems: verification.problems,
+                });
+            }
+            if backup_id != 0 && results.is_empty() {
+                return Err(Status::not_found(format!(
+                    "no backup {backup_id} of partition {}",
+                    partitions[0]
+                )));
+            }
+            Ok(results)
+        })
+        .await
+        .map_err(join_failed)??;
+        Ok(Response::new(VerifyBackupResponse { results }))
     }
 }
 

@@ -99,6 +99,15 @@ pub enum ReadError {
     /// A Drain while the node drains or shuts down already.
     #[error("the node is draining or shutting down already")]
     DrainInProgress,
+    /// A backup call to a node without a backup location.
+    #[error("this node has no backup location; set `backup.dir`")]
+    BackupsNotConfigured,
+    /// A backup could not be made, listed or read.
+    #[error("{message}")]
+    BackupFailed {
+        /// What failed.
+        message: String,
+    },
 }
 
 impl ReadError {
@@ -116,6 +125,8 @@ impl ReadError {
             ReadError::Store { .. } => ErrorReason::StoreError,
             ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
             ReadError::DrainInProgress => ErrorReason::DrainInProgress,
+            ReadError::BackupsNotConfigured => ErrorReason::BackupsNotConfigured,
+            ReadError::BackupFailed { .. } => ErrorReason::BackupFailed,
         }
     }
 
@@ -129,10 +140,10 @@ impl ReadError {
             | ReadError::WrongPartition { .. }
             | ReadError::TooManyKeys { .. } => Code::InvalidArgument,
             ReadError::PartitionNotHosted { .. } => Code::Unavailable,
-            ReadError::PositionNotReached { .. } | ReadError::DrainInProgress => {
-                Code::FailedPrecondition
-            }
-            ReadError::Store { .. } => Code::Internal,
+            ReadError::PositionNotReached { .. }
+            | ReadError::DrainInProgress
+            | ReadError::BackupsNotConfigured => Code::FailedPrecondition,
+            ReadError::Store { .. } | ReadError::BackupFailed { .. } => Code::Internal,
             ReadError::AdminTokenRequired => Code::Unauthenticated,
         }
     }
@@ -173,7 +184,11 @@ impl ReadError {
             ReadError::KeyTooLarge { limit, .. } => put("limit", limit.to_string()),
             ReadError::TooManyKeys { limit, .. } => put("limit", limit.to_string()),
             ReadError::UnknownStore { served, .. } => put("store", served.clone()),
-            ReadError::EmptyKey | ReadError::AdminTokenRequired | ReadError::DrainInProgress => {}
+            ReadError::EmptyKey
+            | ReadError::AdminTokenRequired
+            | ReadError::DrainInProgress
+            | ReadError::BackupsNotConfigured
+            | ReadError::BackupFailed { .. } => {}
         }
         metadata
     }

@@ -34,6 +34,15 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// What the Admin service acts on beyond the local copies.
+#[derive(Debug, Clone)]
+pub struct Operations {
+    /// The node's drain.
+    pub drain: Arc<crate::drain::Drain>,
+    /// The node's backups, if a backup location is configured.
+    pub backups: Option<Arc<crate::backup::Backups>>,
+}
+
 /// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
 /// `shutdown` completes. Health says NOT_SERVING until the node's stores are open.
 pub async fn serve(
@@ -41,23 +50,26 @@ pub async fn serve(
     config: Arc<NodeConfig>,
     registry: Arc<Registry>,
     view: watch::Receiver<Arc<ClusterView>>,
-    drain: Arc<crate::drain::Drain>,
+    operations: Operations,
     value_type_url: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
     let query = QueryServer::new(QueryService::new(
         registry.clone(),
         config.clone(),
-        view,
+        view.clone(),
         value_type_url,
     ));
     let admin = config.admin_enabled.then(|| {
-        AdminServer::new(AdminService::new(
-            registry.clone(),
-            config.store.clone(),
-            config.admin_token.clone(),
-            drain.clone(),
-        ))
+        AdminServer::new(
+            AdminService::new(
+                registry.clone(),
+                config.store.clone(),
+                config.admin_token.clone(),
+                operations.drain.clone(),
+            )
+            .with_backups(operations.backups.clone(), view),
+        )
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -118,7 +130,10 @@ mod tests {
             Arc::new(NodeConfig::default()),
             registry.clone(),
             view_rx,
-            Arc::new(crate::drain::Drain::new(Arc::default(), false)),
+            Operations {
+                drain: Arc::new(crate::drain::Drain::new(Arc::default(), false)),
+                backups: None,
+            },
             None,
             async move {
                 let _ = stopped.await;

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kstore_proto::v1::Role;
 
+use crate::backup::Backups;
 use crate::config::NodeConfig;
 use crate::registry::Registry;
 use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
@@ -34,6 +35,9 @@ pub const COPIES_OPENED: &str = "kstore_copies_opened_total";
 pub const COPIES_RETIRED: &str = "kstore_copies_retired_total";
 /// Retired copies' directories deleted after the retention period.
 pub const COPIES_DELETED: &str = "kstore_copies_deleted_total";
+/// Damaged copies found (a checksum or file RocksDB rejects), moved aside and recovered; by
+/// `source`: `backup` (then the changelog's tail) or `changelog` (all of it).
+pub const COPIES_RECOVERED: &str = "kstore_copies_recovered_total";
 
 /// Every local copy's lifecycle.
 #[derive(Debug)]
@@ -42,6 +46,7 @@ pub struct Copies {
     registry: Arc<Registry>,
     memory: SharedMemory,
     updater: StateUpdater,
+    backups: Option<Arc<Backups>>,
     /// Stores that may still be open (a read or the updater may hold one after it was
     /// retired): opening such a partition again reuses the instance, since RocksDB allows
     /// one per directory. Guarded with the lifecycle: every change of a copy holds it.
@@ -55,12 +60,14 @@ impl Copies {
         registry: Arc<Registry>,
         memory: SharedMemory,
         updater: StateUpdater,
+        backups: Option<Arc<Backups>>,
     ) -> Self {
         Copies {
             config,
             registry,
             memory,
             updater,
+            backups,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -95,13 +102,86 @@ impl Copies {
             message: error.to_string(),
         })?;
         let warm = dir.join("CURRENT").exists();
-        let store = PartitionStore::open(&dir, &self.memory)?;
+        let opened = PartitionStore::open(&dir, &self.memory).and_then(|store| {
+            if warm && self.config.verify_checksums_on_open {
+                store.verify_checksums()?;
+            }
+            Ok(store)
+        });
+        let store = match opened {
+            Ok(store) => store,
+            Err(error) if error.is_corruption() => self.recover(partition, &dir, &error)?,
+            Err(error) => return Err(error),
+        };
         // Opened again: no longer retired.
         let _ = std::fs::remove_file(dir.join(RETIRED_MARKER));
         open.insert(partition, Arc::downgrade(&store));
         metrics::counter!(COPIES_OPENED).increment(1);
         tracing::info!(partition, warm, "opened a local copy");
         Ok(store)
+    }
+
+    /// The copy in `dir` is damaged: moves it aside (never deletes it), restores the newest
+    /// good backup into its place if there is one, and opens that (or an empty store). The
+    /// state updater then replays the changelog from the copy's position, as for any copy;
+    /// meanwhile other nodes' copies serve the partition's keys.
+    fn recover(
+        &self,
+        partition: i32,
+        dir: &Path,
+        damage: &StoreError,
+    ) -> Result<Arc<PartitionStore>, StoreError> {
+        let io_error = |error: std::io::Error| StoreError::Io {
+            path: dir.display().to_string(),
+            message: error.to_string(),
+        };
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let aside = dir.with_file_name(format!("{partition}.damaged-{millis}"));
+        tracing::error!(
+            partition,
+            %damage,
+            moved_to = %aside.display(),
+            "a local copy is damaged; moving it aside and recovering it"
+        );
+        std::fs::rename(dir, &aside).map_err(io_error)?;
+        let restored = match &self.backups {
+            None => None,
+            Some(backups) => match backups.restore_newest_good(partition as u32, dir) {
+                Ok(restored) => restored,
+                Err(error) => {
+                    tracing::error!(partition, %error,
+                        "restoring a backup failed; rebuilding from the changelog alone");
+                    if dir.exists() {
+                        std::fs::remove_dir_all(dir).map_err(io_error)?;
+                    }
+                    None
+                }
+            },
+        };
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+        let source = match &restored {
+            Some(entry) => {
+                tracing::info!(
+                    partition,
+                    backup_id = entry.backup_id,
+                    changelog_offset = entry.changelog_next,
+                    "recovering from a backup and the changelog after it"
+                );
+                "backup"
+            }
+            None => {
+                tracing::info!(
+                    partition,
+                    "no good backup; recovering from the whole changelog"
+                );
+                "changelog"
+            }
+        };
+        metrics::counter!(COPIES_RECOVERED, "source" => source).increment(1);
+        PartitionStore::open(dir, &self.memory)
     }
 
     /// Ingest was assigned the partition: its copy (a standby's, a retired one's, or a new
