@@ -1,0 +1,275 @@
+//! Backups against a real broker: Admin CreateBackup, ListBackups and VerifyBackup on a
+//! running node, and a node that finds damaged copies at start recovering them by itself,
+//! from the newest good backup plus the changelog's tail, or from the changelog alone when
+//! every backup of the partition is damaged, with the damaged copies kept aside.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::{Scenario, expected_features, run_async};
+use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
+use kstore_core::orders::OrderEvent;
+use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::admin_client::AdminClient;
+use kstore_proto::v1::{CreateBackupRequest, ListBackupsRequest, Role, VerifyBackupRequest};
+
+const PARTITIONS: u32 = 4;
+
+/// The largest SST file in a store's directory.
+fn largest_sst(dir: &Path) -> Result<PathBuf> {
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .map(|p| Ok((std::fs::metadata(&p)?.len(), p)))
+        .collect::<Result<_>>()?;
+    files.sort();
+    files
+        .pop()
+        .map(|(_, path)| path)
+        .with_context(|| format!("no SST file in {}", dir.display()))
+}
+
+/// Flips one byte in the middle of a file, as a failing disk would.
+fn flip_a_byte(path: &Path) -> Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// The directories a node moved aside as damaged, for one partition.
+fn damaged_copies(store_root: &Path, partition: u32) -> Result<Vec<PathBuf>> {
+    let prefix = format!("{partition}.damaged-");
+    Ok(std::fs::read_dir(store_root)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect())
+}
+
+/// `records=` of the node's "restore finished" log lines, per partition.
+fn restored_records(log: &str) -> BTreeMap<u32, u64> {
+    let mut restored = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("restore finished")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let (Some(partition), Some(records)) = (field("partition="), field("records=")) {
+            *restored.entry(partition as u32).or_default() += records;
+        }
+    }
+    restored
+}
+
+#[test]
+fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("backup-recovery", PARTITIONS).await?;
+        let backup_dir = scenario.dir.path().join("backups");
+        scenario
+            .extra
+            .push(format!("backup.dir={}", backup_dir.display()));
+        // Backups only on demand, so the test knows which ones exist.
+        scenario.extra.push("backup.interval-ms=0".into());
+        let generator = GeneratorConfig {
+            customers: 2_000,
+            seed: 11,
+            ..GeneratorConfig::default()
+        };
+        let (before, after, last) = (20_000u64, 10_000u64, 2_000u64);
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take((before + after + last) as usize)
+            .collect();
+        scenario.produce(&generator, before)?;
+
+        let mut node = scenario.start_node("node-1", "first")?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
+        let mut admin = AdminClient::connect(uri).await?;
+
+        // One backup of every partition, from the only copy there is: the active.
+        let created = admin
+            .create_backup(CreateBackupRequest { partitions: vec![] })
+            .await?
+            .into_inner();
+        ensure!(
+            created.failed.is_empty(),
+            "failed backups: {:?}",
+            created.failed
+        );
+        let end = scenario.kafka.end_offsets(&scenario.input, PARTITIONS)?;
+        let mut backed_up: Vec<u32> = created.backups.iter().map(|b| b.partition).collect();
+        backed_up.sort();
+        ensure!(backed_up == [0, 1, 2, 3], "backed up {backed_up:?}");
+        for backup in &created.backups {
+            ensure!(
+                backup.input_offset == end[backup.partition as usize]
+                    && backup.source_role() == Role::Active
+                    && backup.partition_count == PARTITIONS
+                    && backup.node_id == "node-1"
+                    && backup.size_bytes > 0
+                    && backup.file_count > 0,
+                "backup {backup:?} does not match input end {end:?}"
+            );
+        }
+        let listed = admin
+            .list_backups(ListBackupsRequest { partitions: vec![] })
+            .await?
+            .into_inner();
+        ensure!(
+            listed.backups.len() == 4,
+            "listed {} backups",
+            listed.backups.len()
+        );
+        let verified = admin
+            .verify_backup(VerifyBackupRequest {
+                partitions: vec![],
+                backup_id: 0,
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            verified.results.len() == 4 && verified.results.iter().all(|r| r.ok),
+            "verification: {:?}",
+            verified.results
+        );
+
+        // More events after the backup, then the node stops.
+        scenario.produce_from(&generator, before, after)?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        // The disk damages partition 0's copy; partition 1's copy and every file of its
+        // backup too.
+        let config = scenario.config("node-1")?;
+        flip_a_byte(&largest_sst(&config.store_dir(0))?)?;
+        flip_a_byte(&largest_sst(&config.store_dir(1))?)?;
+        let set_1 = backup_dir
+            .join(&scenario.app)
+            .join(&config.store)
+            .join("1")
+            .join("shared_checksum");
+        for file in std::fs::read_dir(&set_1)?.flatten() {
+            flip_a_byte(&file.path())?;
+        }
+        let mut node = scenario.start_node("node-1", "second")?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        scenario.produce_from(&generator, before + after, last)?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
+        let mut admin = AdminClient::connect(uri).await?;
+        let verified = admin
+            .verify_backup(VerifyBackupRequest {
+                partitions: vec![1],
+                backup_id: 0,
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            verified.results.len() == 1 && !verified.results[0].ok,
+            "partition 1's damaged backup verified as {:?}",
+            verified.results
+        );
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        // Both damaged copies were kept aside, the other two were left alone.
+        let store_root = config.store_dir(0).parent().unwrap().to_path_buf();
+        for partition in 0..PARTITIONS {
+            let aside = damaged_copies(&store_root, partition)?;
+            let want = usize::from(partition < 2);
+            ensure!(
+                aside.len() == want,
+                "partition {partition}: damaged copies kept {aside:?}"
+            );
+        }
+        let log = node.output();
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("recovering from a backup") && l.contains("partition=0")),
+            "partition 0 did not recover from its backup:\n{log}"
+        );
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("no good backup") && l.contains("partition=1")),
+            "partition 1 did not fall back to its changelog:\n{log}"
+        );
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("a backup is damaged") && l.contains("partition=1")),
+            "partition 1's damaged backup was not reported:\n{log}"
+        );
+
+        // Partition 0 replayed only the changelog after its backup (one record per input
+        // record produced since); partition 1 replayed its whole changelog.
+        let restored = restored_records(&log);
+        let input_of = |partition: u32, range: std::ops::Range<u64>| {
+            events[range.start as usize..range.end as usize]
+                .iter()
+                .filter(|e| partition_for_key(e.customer_id.as_bytes(), PARTITIONS) == partition)
+                .count() as u64
+        };
+        let tail_0 = input_of(0, before..before + after);
+        let whole_1 = input_of(1, 0..before + after);
+        ensure!(
+            restored.get(&0) == Some(&tail_0) && restored.get(&1) == Some(&whole_1),
+            "replayed {restored:?}; partition 0's tail had {tail_0} input records, \
+             partition 1's whole input {whole_1}"
+        );
+
+        // Every customer's state is exact.
+        let stores = scenario.read_stores(&["node-1"])?;
+        let expected = expected_features(&events);
+        let mut stored = 0;
+        for (partition, values) in &stores {
+            for (customer, features) in values {
+                stored += 1;
+                ensure!(
+                    partition_for_key(customer.as_bytes(), PARTITIONS) as i32 == *partition,
+                    "{customer} is stored in partition {partition}"
+                );
+                ensure!(
+                    Some(features) == expected.get(customer),
+                    "{customer}: stored {features:?}, expected {:?}",
+                    expected.get(customer)
+                );
+            }
+        }
+        ensure!(
+            stored == expected.len(),
+            "stored {stored} customers of {}",
+            expected.len()
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn backup_calls_on_a_node_without_a_location_say_how_to_configure_one() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("backup-off", 1).await?;
+        let mut node = scenario.start_node("node-1", "only")?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        let mut admin = AdminClient::connect(uri).await?;
+        let error = admin
+            .create_backup(CreateBackupRequest { partitions: vec![] })
+            .await
+            .unwrap_err();
+        ensure!(
+            error.code() == tonic::Code::FailedPrecondition
+                && error.message().contains("backup.dir"),
+            "{error:?}"
+        );
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        Ok(())
+    })
+}
