@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{Scenario, expected_features, run_async};
+use kstore_cli::backup::AdminTarget;
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
@@ -93,13 +94,27 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
         let mut node = scenario.start_node("node-1", "first")?;
         let uri = scenario.grpc_uri(&mut node)?;
         scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
-        let mut admin = AdminClient::connect(uri).await?;
+        let mut admin = AdminClient::connect(uri.clone()).await?;
 
-        // One backup of every partition, from the only copy there is: the active.
-        let created = admin
-            .create_backup(CreateBackupRequest { partitions: vec![] })
-            .await?
-            .into_inner();
+        // One backup of every partition, from the only copy there is: the active. As
+        // `kstore backup create` does: every live node in the view is asked.
+        let target = AdminTarget {
+            seeds: vec![uri.trim_start_matches("http://").to_owned()],
+            token: None,
+            timeout: Duration::from_secs(120),
+        };
+        let summary = kstore_cli::backup::create(&target, &[]).await?;
+        ensure!(
+            summary.missing.is_empty() && summary.answers.len() == 1,
+            "backup answers {:?}, missing {:?}",
+            summary.answers,
+            summary.missing
+        );
+        let created = summary.answers[0]
+            .1
+            .clone()
+            .map_err(anyhow::Error::msg)
+            .context("node-1's backups")?;
         ensure!(
             created.failed.is_empty(),
             "failed backups: {:?}",

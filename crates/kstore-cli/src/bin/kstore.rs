@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kstore_cli::backup;
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_cli::view;
@@ -102,6 +103,11 @@ enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Backs up, lists and verifies the stores' backups (Admin calls).
+    Backup {
+        #[command(subcommand)]
+        action: BackupAction,
+    },
     /// Sends deterministic order events (JSON, keyed by customer id) to a topic.
     Produce {
         /// Kafka's bootstrap servers.
@@ -134,6 +140,54 @@ enum Command {
         /// Event time advance per event, in ms.
         #[arg(long, default_value_t = 3_000)]
         step_ms: i64,
+    },
+}
+
+/// Where the Admin calls go.
+#[derive(Debug, Args)]
+struct AdminConnect {
+    /// gRPC addresses of nodes, comma-separated; the first that answers is used.
+    #[arg(
+        long,
+        env = "KSTORE_SEEDS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
+    seeds: Vec<String>,
+    /// The nodes' admin token, if they require one.
+    #[arg(long, env = "KSTORE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Only these partitions, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    partitions: Vec<u32>,
+    /// How long one call may take, in seconds (a backup of a large store takes a while).
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupAction {
+    /// Backs up every partition now, each once: every live node backs up the partitions it
+    /// is the backup source of (the least-lagging live standby, else the active).
+    Create {
+        #[command(flatten)]
+        connect: AdminConnect,
+    },
+    /// Lists the backups in the catalog, oldest first per partition.
+    List {
+        #[command(flatten)]
+        connect: AdminConnect,
+    },
+    /// Re-reads every file of the backups and checks its checksum; fails if any is damaged.
+    Verify {
+        #[command(flatten)]
+        connect: AdminConnect,
+        /// One backup (with exactly one --partitions), instead of all.
+        #[arg(long, default_value_t = 0)]
+        backup_id: u32,
     },
 }
 
@@ -180,6 +234,13 @@ fn main() -> ExitCode {
         } => read(&connect, Some(&routing), Work::Mget { keys }),
         Command::Metadata { connect } => read(&connect, None, Work::Metadata),
         Command::Watch { connect } => read(&connect, None, Work::Watch),
+        Command::Backup { action } => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(run_backup(action)),
+            Err(error) => {
+                eprintln!("kstore: starting the runtime: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Produce {
             bootstrap,
             topic,
@@ -385,4 +446,152 @@ fn print_answer(key: &str, answer: &Answer<Vec<u8>>, json: bool) {
 fn read_failed(key: &str, error: &ReadError) -> ExitCode {
     eprintln!("kstore: reading {key}: {error}");
     ExitCode::FAILURE
+}
+
+async fn run_backup(action: BackupAction) -> ExitCode {
+    let connect = match &action {
+        BackupAction::Create { connect }
+        | BackupAction::List { connect }
+        | BackupAction::Verify { connect, .. } => connect,
+    };
+    let target = backup::AdminTarget {
+        seeds: connect.seeds.clone(),
+        token: connect.admin_token.clone(),
+        timeout: Duration::from_secs(connect.timeout_s),
+    };
+    let (json, partitions) = (connect.json, connect.partitions.clone());
+    let outcome = match action {
+        BackupAction::Create { .. } => backup_create(&target, &partitions, json).await,
+        BackupAction::List { .. } => backup_list(&target, &partitions, json).await,
+        BackupAction::Verify { backup_id, .. } => {
+            backup_verify(&target, &partitions, backup_id, json).await
+        }
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("kstore backup: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backup_json(info: &kstore_proto::v1::BackupInfo) -> Value {
+    serde_json::json!({
+        "partition": info.partition,
+        "backup_id": info.backup_id,
+        "app": info.app,
+        "store": info.store,
+        "partition_count": info.partition_count,
+        "changelog_offset": info.changelog_offset,
+        "input_offset": info.input_offset,
+        "node_id": info.node_id,
+        "source_role": view::role_name(info.source_role()),
+        "created_at_ms": info.created_at_ms,
+        "size_bytes": info.size_bytes,
+        "added_bytes": info.added_bytes,
+        "file_count": info.file_count,
+    })
+}
+
+async fn backup_create(
+    target: &backup::AdminTarget,
+    partitions: &[u32],
+    json: bool,
+) -> anyhow::Result<bool> {
+    let summary = backup::create(target, partitions).await?;
+    let mut ok = summary.missing.is_empty();
+    if !json {
+        println!("{}", backup::backup_header());
+    }
+    for (node_id, answer) in &summary.answers {
+        match answer {
+            Ok(answer) => {
+                for info in &answer.backups {
+                    if json {
+                        println!("{}", backup_json(info));
+                    } else {
+                        println!("{}", backup::format_backup(info));
+                    }
+                }
+                for failed in &answer.failed {
+                    ok = false;
+                    eprintln!(
+                        "kstore backup: {node_id} could not back up partition {}: {}",
+                        failed.partition, failed.error
+                    );
+                }
+            }
+            Err(error) => {
+                ok = false;
+                eprintln!("kstore backup: asking {node_id}: {error}");
+            }
+        }
+    }
+    if !summary.missing.is_empty() {
+        eprintln!(
+            "kstore backup: no node backed up partitions {:?} (no live copy, or a restoring one)",
+            summary.missing
+        );
+    }
+    Ok(ok)
+}
+
+async fn backup_list(
+    target: &backup::AdminTarget,
+    partitions: &[u32],
+    json: bool,
+) -> anyhow::Result<bool> {
+    let (location, backups) = backup::list(target, partitions).await?;
+    if json {
+        for info in &backups {
+            println!("{}", backup_json(info));
+        }
+        return Ok(true);
+    }
+    println!("backups at {location}: {}", backups.len());
+    println!("{}", backup::backup_header());
+    for info in &backups {
+        println!("{}", backup::format_backup(info));
+    }
+    Ok(true)
+}
+
+async fn backup_verify(
+    target: &backup::AdminTarget,
+    partitions: &[u32],
+    backup_id: u32,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let answer = backup::verify(target, partitions, backup_id).await?;
+    let mut ok = true;
+    for result in &answer.results {
+        ok &= result.ok;
+        let info = result.backup.clone().unwrap_or_default();
+        if json {
+            let mut value = backup_json(&info);
+            value["ok"] = Value::from(result.ok);
+            value["files_checked"] = Value::from(result.files_checked);
+            value["bytes_checked"] = Value::from(result.bytes_checked);
+            value["problems"] = Value::from(result.problems.clone());
+            println!("{value}");
+            continue;
+        }
+        println!(
+            "partition {} backup {}: {} ({} files, {})",
+            info.partition,
+            info.backup_id,
+            if result.ok { "ok" } else { "DAMAGED" },
+            result.files_checked,
+            backup::format_bytes(result.bytes_checked)
+        );
+        for problem in &result.problems {
+            println!("  {problem}");
+        }
+    }
+    if answer.results.is_empty() {
+        eprintln!("kstore backup: no backups to verify");
+    }
+    Ok(ok)
 }
