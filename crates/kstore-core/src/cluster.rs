@@ -493,6 +493,25 @@ impl ClusterView {
             .map(|h| h.node.node_id.as_str())
     }
 
+    /// Returns the nodes that can send a snapshot of `partition` to `this_node`, best first:
+    /// live, not leaving, holding a running copy (active or standby, not restoring); the
+    /// least lag first, a standby before the active at equal lag (to spare the active).
+    pub fn snapshot_sources(&self, partition: u32, this_node: &str) -> Vec<Holder<'_>> {
+        let mut sources: Vec<Holder<'_>> = self
+            .holders(partition)
+            .into_iter()
+            .filter(|h| {
+                h.routable()
+                    && h.node.status != NodeStatus::Leaving
+                    && h.node.node_id != this_node
+                    && !h.node.grpc_address.is_empty()
+                    && matches!(h.copy.role, Role::Active | Role::Standby)
+            })
+            .collect();
+        sources.sort_by_key(|h| (h.copy.lag.max(0), h.copy.role == Role::Active));
+        sources
+    }
+
     /// Returns the node ids that standbys may be placed on: every node not dead. A node that
     /// is suspect (paused, restarting) keeps its standbys until it counts as dead, so that a
     /// short absence moves no data.
@@ -689,6 +708,46 @@ mod tests {
         // A restoring copy is no source, and nobody holds partition 3.
         assert_eq!(view.backup_source(2), None);
         assert_eq!(view.backup_source(3), None);
+    }
+
+    #[test]
+    fn snapshots_come_from_running_live_copies_least_lag_first() {
+        let view = view(&[
+            with_copies(
+                entry("node-1", 1, 7001, Detected::Live),
+                &[copy(0, Role::Active, 0)],
+            ),
+            with_copies(
+                entry("node-2", 1, 7002, Detected::Live),
+                &[copy(0, Role::Standby, 0)],
+            ),
+            with_copies(
+                entry("node-3", 1, 7003, Detected::Live),
+                &[copy(0, Role::Standby, 30)],
+            ),
+            with_copies(
+                entry("node-4", 1, 7004, Detected::Live),
+                &[copy(0, Role::Restoring, 0)],
+            ),
+            with_copies(
+                entry(
+                    "node-5",
+                    1,
+                    7005,
+                    Detected::SilentFor(Duration::from_secs(2)),
+                ),
+                &[copy(0, Role::Standby, 0)],
+            ),
+        ]);
+        let order = |this: &str| -> Vec<String> {
+            view.snapshot_sources(0, this)
+                .iter()
+                .map(|h| h.node.node_id.clone())
+                .collect()
+        };
+        assert_eq!(order("node-9"), ["node-2", "node-1", "node-3"]);
+        assert_eq!(order("node-2"), ["node-1", "node-3"]);
+        assert!(view.snapshot_sources(1, "node-9").is_empty());
     }
 
     #[test]

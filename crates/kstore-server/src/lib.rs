@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod processor;
 pub mod registry;
+pub mod snapshot;
 pub mod standby;
 pub mod store;
 pub mod topics;

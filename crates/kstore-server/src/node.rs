@@ -19,8 +19,9 @@ use crate::ingest::{self, IngestError, IngestMetrics};
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::registry::Registry;
+use crate::snapshot::{PeerService, SnapshotFetcher};
 use crate::standby::updater::{self, UpdaterMetrics};
-use crate::standby::{Copies, placement};
+use crate::standby::{Bootstrap, Copies, placement};
 use crate::store::SharedMemory;
 use crate::topics::{self, TopicError};
 
@@ -145,6 +146,12 @@ pub fn run(
     let drain = Arc::new(Drain::new(shutdown.clone(), config.drain_on_shutdown));
     let memory = SharedMemory::new(&config.memory);
     let backups = Backups::from_config(&config, topology.partitions, memory.clone());
+    // Where the stores' directories are; checkpoints for snapshots are made beside them.
+    let stores_root = config
+        .store_dir(0)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| config.state_dir.clone());
     if let Some(backups) = &backups {
         tracing::info!(location = %backups.location(), "backups go to a local directory");
     }
@@ -156,6 +163,13 @@ pub fn run(
         grpc::Operations {
             drain: drain.clone(),
             backups: backups.clone(),
+            peer: Some(PeerService::new(
+                registry.clone(),
+                config.store.clone(),
+                stores_root.clone(),
+                memory.clone(),
+                config.admin_token.clone(),
+            )),
         },
         processor.value_type_url().map(str::to_owned),
         {
@@ -183,9 +197,19 @@ pub fn run(
     let copies = Arc::new(Copies::new(
         config.clone(),
         registry.clone(),
-        memory,
+        memory.clone(),
         updater_thread.updater(),
-        backups.clone(),
+        Bootstrap {
+            peers: Some(SnapshotFetcher::new(
+                runtime.handle().clone(),
+                gossip.view(),
+                config.node_id.clone(),
+                config.store.clone(),
+                config.admin_token.clone(),
+                memory,
+            )),
+            backups: backups.clone(),
+        },
     ));
     let placement = placement::spawn(
         copies.clone(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{Scenario, expected_features, run_async};
+use common::{Node, Scenario, expected_features, run_async, wait_for_agreement};
 use kstore_cli::backup::AdminTarget;
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
@@ -214,7 +214,8 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
         );
         ensure!(
             log.lines()
-                .any(|l| l.contains("no good backup") && l.contains("partition=1")),
+                .any(|l| l.contains("recovering from the whole changelog")
+                    && l.contains("partition=1")),
             "partition 1 did not fall back to its changelog:\n{log}"
         );
         ensure!(
@@ -241,28 +242,117 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
         );
 
         // Every customer's state is exact.
-        let stores = scenario.read_stores(&["node-1"])?;
-        let expected = expected_features(&events);
-        let mut stored = 0;
-        for (partition, values) in &stores {
-            for (customer, features) in values {
-                stored += 1;
-                ensure!(
-                    partition_for_key(customer.as_bytes(), PARTITIONS) as i32 == *partition,
-                    "{customer} is stored in partition {partition}"
-                );
-                ensure!(
-                    Some(features) == expected.get(customer),
-                    "{customer}: stored {features:?}, expected {:?}",
-                    expected.get(customer)
-                );
+        assert_exact(&scenario, &["node-1"], &events)?;
+        Ok(())
+    })
+}
+
+/// Checks every stored customer of `nodes`' stopped stores against the recomputed state.
+fn assert_exact(scenario: &Scenario, nodes: &[&str], events: &[OrderEvent]) -> Result<()> {
+    let stores = scenario.read_stores(nodes)?;
+    let expected = expected_features(events);
+    let mut stored = 0;
+    for (partition, values) in &stores {
+        for (customer, features) in values {
+            stored += 1;
+            ensure!(
+                partition_for_key(customer.as_bytes(), scenario.partitions) as i32 == *partition,
+                "{customer} is stored in partition {partition}"
+            );
+            ensure!(
+                Some(features) == expected.get(customer),
+                "{customer}: stored {features:?}, expected {:?}",
+                expected.get(customer)
+            );
+        }
+    }
+    ensure!(
+        stored == expected.len(),
+        "stored {stored} customers of {}",
+        expected.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_new_node_bootstraps_its_copies_from_peer_snapshots() -> Result<()> {
+    run_async(async {
+        let scenario = Scenario::new("peer-snapshot", PARTITIONS).await?;
+        let generator = GeneratorConfig {
+            customers: 2_000,
+            seed: 12,
+            ..GeneratorConfig::default()
+        };
+        let (before, after) = (20_000u64, 5_000u64);
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take((before + after) as usize)
+            .collect();
+        scenario.produce(&generator, before)?;
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
+
+        // node-2 joins: it takes over some actives and a standby of the rest, every one
+        // new to it.
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        wait_for_agreement(
+            &mut [&mut node1, &mut node2],
+            &["node-1", "node-2"],
+            Duration::from_secs(120),
+        )
+        .await?;
+        scenario.produce_from(&generator, before, after)?;
+        scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
+        // node-2's copies all reach the input's end.
+        let end = scenario.kafka.end_offsets(&scenario.input, PARTITIONS)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let metadata = node2.metadata().await?;
+            let caught_up = metadata
+                .nodes
+                .iter()
+                .find(|n| n.node_id == "node-2")
+                .is_some_and(|me| {
+                    (0..PARTITIONS).all(|p| {
+                        me.copies
+                            .iter()
+                            .any(|c| c.partition == p && c.input_offset == end[p as usize])
+                    })
+                });
+            if caught_up {
+                break;
             }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "node-2's copies did not reach the input's end {end:?}: {metadata:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for node in [&mut node2, &mut node1] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit after SIGTERM: {status}", node.id);
+        }
+
+        // Every copy node-2 opened came from node-1's snapshot, none from the whole changelog.
+        let log = node2.process.output();
+        for partition in 0..PARTITIONS {
+            let line = log
+                .lines()
+                .find(|l| {
+                    l.contains("bootstrapped a copy from a peer's snapshot")
+                        && l.contains(&format!("partition={partition} "))
+                })
+                .with_context(|| format!("partition {partition} was not bootstrapped:\n{log}"))?;
+            ensure!(
+                line.contains("peer=node-1") && !line.contains("changelog_offset=0 "),
+                "{line}"
+            );
         }
         ensure!(
-            stored == expected.len(),
-            "stored {stored} customers of {}",
-            expected.len()
+            !log.contains("recovering from the whole changelog"),
+            "a copy replayed its whole changelog:\n{log}"
         );
+        assert_exact(&scenario, &["node-2"], &events)?;
+        assert_exact(&scenario, &["node-1"], &events)?;
         Ok(())
     })
 }

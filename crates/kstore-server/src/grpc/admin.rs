@@ -88,27 +88,32 @@ impl AdminService {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Compare without an early exit, so timing does not reveal a prefix.
-        let matches = presented.is_some_and(|p| {
-            p.len() == token.len()
-                && p.bytes()
-                    .zip(token.bytes())
-                    .fold(0, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        });
-        if matches {
-            Ok(())
-        } else {
-            Err(ReadError::AdminTokenRequired.into())
-        }
+        authorize(self.token.as_deref(), request)
+    }
+}
+
+/// Checks that a call carries `authorization: Bearer <token>` when a token is configured.
+pub fn authorize<T>(token: Option<&str>, request: &Request<T>) -> Result<(), Status> {
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare without an early exit, so timing does not reveal a prefix.
+    let matches = presented.is_some_and(|p| {
+        p.len() == token.len()
+            && p.bytes()
+                .zip(token.bytes())
+                .fold(0, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ReadError::AdminTokenRequired.into())
     }
 }
 

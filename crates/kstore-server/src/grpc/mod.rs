@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use kstore_proto::v1::admin_server::AdminServer;
+use kstore_proto::v1::peer_server::PeerServer;
 use kstore_proto::v1::query_server::QueryServer;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -41,6 +42,8 @@ pub struct Operations {
     pub drain: Arc<crate::drain::Drain>,
     /// The node's backups, if a backup location is configured.
     pub backups: Option<Arc<crate::backup::Backups>>,
+    /// The Peer service (snapshots for other nodes).
+    pub peer: Option<crate::snapshot::PeerService>,
 }
 
 /// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
@@ -103,6 +106,11 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(query)
         .add_optional_service(admin)
+        .add_optional_service(
+            operations
+                .peer
+                .map(|peer| PeerServer::new(peer).max_encoding_message_size(4 << 20)),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
@@ -133,6 +141,7 @@ mod tests {
             Operations {
                 drain: Arc::new(crate::drain::Drain::new(Arc::default(), false)),
                 backups: None,
+                peer: None,
             },
             None,
             async move {

@@ -22,6 +22,7 @@ use kstore_proto::v1::Role;
 use crate::backup::Backups;
 use crate::config::NodeConfig;
 use crate::registry::Registry;
+use crate::snapshot::SnapshotFetcher;
 use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
 use updater::{Follow, StateUpdater};
 
@@ -39,6 +40,20 @@ pub const COPIES_DELETED: &str = "kstore_copies_deleted_total";
 /// `source`: `backup` (then the changelog's tail) or `changelog` (all of it).
 pub const COPIES_RECOVERED: &str = "kstore_copies_recovered_total";
 
+/// Where a copy that is new here, or damaged, gets its state from before the changelog
+/// supplies the rest: a peer's snapshot, then the newest good backup.
+#[derive(Debug, Default)]
+pub struct Bootstrap {
+    /// Snapshots from the other nodes' copies.
+    pub peers: Option<SnapshotFetcher>,
+    /// The backups, if a location is configured.
+    pub backups: Option<Arc<Backups>>,
+}
+
+/// Copies bootstrapped, by `source`: `peer` (a snapshot), `backup` or `changelog` (no
+/// snapshot or backup could be had: the changelog from its start).
+pub const COPIES_BOOTSTRAPPED: &str = "kstore_copies_bootstrapped_total";
+
 /// Every local copy's lifecycle.
 #[derive(Debug)]
 pub struct Copies {
@@ -46,7 +61,7 @@ pub struct Copies {
     registry: Arc<Registry>,
     memory: SharedMemory,
     updater: StateUpdater,
-    backups: Option<Arc<Backups>>,
+    bootstrap: Bootstrap,
     /// Stores that may still be open (a read or the updater may hold one after it was
     /// retired): opening such a partition again reuses the instance, since RocksDB allows
     /// one per directory. Guarded with the lifecycle: every change of a copy holds it.
@@ -60,14 +75,14 @@ impl Copies {
         registry: Arc<Registry>,
         memory: SharedMemory,
         updater: StateUpdater,
-        backups: Option<Arc<Backups>>,
+        bootstrap: Bootstrap,
     ) -> Self {
         Copies {
             config,
             registry,
             memory,
             updater,
-            backups,
+            bootstrap,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -102,6 +117,9 @@ impl Copies {
             message: error.to_string(),
         })?;
         let warm = dir.join("CURRENT").exists();
+        if !warm {
+            self.bootstrap(partition, &dir, "new here");
+        }
         let opened = PartitionStore::open(&dir, &self.memory).and_then(|store| {
             if warm && self.config.verify_checksums_on_open {
                 store.verify_checksums()?;
@@ -147,41 +165,62 @@ impl Copies {
             "a local copy is damaged; moving it aside and recovering it"
         );
         std::fs::rename(dir, &aside).map_err(io_error)?;
-        let restored = match &self.backups {
-            None => None,
-            Some(backups) => match backups.restore_newest_good(partition as u32, dir) {
-                Ok(restored) => restored,
-                Err(error) => {
-                    tracing::error!(partition, %error,
-                        "restoring a backup failed; rebuilding from the changelog alone");
-                    if dir.exists() {
-                        std::fs::remove_dir_all(dir).map_err(io_error)?;
-                    }
-                    None
-                }
-            },
-        };
+        let source = self.bootstrap(partition, dir, "damaged");
         std::fs::create_dir_all(dir).map_err(io_error)?;
-        let source = match &restored {
-            Some(entry) => {
-                tracing::info!(
-                    partition,
-                    backup_id = entry.backup_id,
-                    changelog_offset = entry.changelog_next,
-                    "recovering from a backup and the changelog after it"
-                );
-                "backup"
-            }
-            None => {
-                tracing::info!(
-                    partition,
-                    "no good backup; recovering from the whole changelog"
-                );
-                "changelog"
-            }
-        };
         metrics::counter!(COPIES_RECOVERED, "source" => source).increment(1);
         PartitionStore::open(dir, &self.memory)
+    }
+
+    /// Fills `dir` (missing or empty) for a copy of `partition` that is `why` (new here, or
+    /// damaged): from a peer's snapshot, else the newest good backup, else nothing (the
+    /// changelog from its start). Returns the source. Each failure is logged and the next
+    /// source tried.
+    fn bootstrap(&self, partition: i32, dir: &Path, why: &str) -> &'static str {
+        let started = std::time::Instant::now();
+        let source = if let Some((peer, manifest)) = self
+            .bootstrap
+            .peers
+            .as_ref()
+            .and_then(|peers| peers.bootstrap(partition as u32, dir))
+        {
+            tracing::info!(partition, why, %peer, changelog_offset = manifest.changelog_offset,
+                "recovering from a peer's snapshot and the changelog after it");
+            "peer"
+        } else if let Some(entry) = self.bootstrap.backups.as_ref().and_then(|backups| {
+            backups
+                .restore_newest_good(partition as u32, dir)
+                .unwrap_or_else(|error| {
+                    tracing::error!(partition, %error, "restoring a backup failed");
+                    let _ = std::fs::remove_dir_all(dir);
+                    None
+                })
+        }) {
+            tracing::info!(
+                partition,
+                why,
+                backup_id = entry.backup_id,
+                changelog_offset = entry.changelog_next,
+                "recovering from a backup and the changelog after it"
+            );
+            "backup"
+        } else {
+            tracing::info!(
+                partition,
+                why,
+                "no snapshot or good backup; recovering from the whole changelog"
+            );
+            "changelog"
+        };
+        metrics::counter!(COPIES_BOOTSTRAPPED, "source" => source).increment(1);
+        if source != "changelog" {
+            tracing::info!(
+                partition,
+                source,
+                took_ms = started.elapsed().as_millis() as u64,
+                "copy bootstrapped"
+            );
+        }
+        source
     }
 
     /// Ingest was assigned the partition: its copy (a standby's, a retired one's, or a new
