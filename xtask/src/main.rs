@@ -14,6 +14,7 @@ mod chaos;
 mod client_bench;
 mod cluster;
 mod cluster_bench;
+mod restore_bench;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -79,6 +80,9 @@ enum BenchKind {
     Cluster(cluster_bench::ClusterBench),
     /// What the smart client adds to a read, against a raw tonic call to the right node.
     Client(client_bench::ClientBench),
+    /// How fast a partition comes back: raw copy, changelog replay, backup, peer snapshot;
+    /// and what a backup and an incremental backup cost.
+    Restore(restore_bench::RestoreBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +141,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench {
             which: BenchKind::Client(bench),
         } => client_bench::client(&bench),
+        Task::Bench {
+            which: BenchKind::Restore(bench),
+        } => restore_bench::restore(&bench),
     }
 }
 

@@ -308,6 +308,9 @@ impl Engine {
     fn start_restore(&mut self, partition: i32) -> Result<(), IngestError> {
         self.restore_generation += 1;
         let generation = self.restore_generation;
+        // From here: a copy new to this node is bootstrapped (peer snapshot, backup) inside
+        // `assign`, and that time counts toward the partition's activation.
+        let assigned = Instant::now();
         let (store, position) = self.copies.assign(partition, generation)?;
         tracing::info!(
             partition,
@@ -321,7 +324,7 @@ impl Engine {
             partition,
             Ownership::Restoring {
                 generation,
-                assigned: Instant::now(),
+                assigned,
             },
         );
         Ok(())
