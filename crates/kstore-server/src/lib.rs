@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod point_in_time;
 pub mod processor;
 pub mod registry;
 pub mod snapshot;

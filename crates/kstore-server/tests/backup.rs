@@ -15,8 +15,14 @@ use kstore_cli::backup::AdminTarget;
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::CustomerFeatures;
 use kstore_proto::v1::admin_client::AdminClient;
 use kstore_proto::v1::{CreateBackupRequest, ListBackupsRequest, Role, VerifyBackupRequest};
+use kstore_server::point_in_time::{self, RestorePoint};
+use kstore_server::processor::features::FeaturesProcessor;
+use kstore_server::processor::{InputRecord, Outcome, ProcessError, Processor, Update};
+use prost::Message as _;
+use rdkafka::Message as _;
 
 const PARTITIONS: u32 = 4;
 
@@ -353,6 +359,165 @@ fn a_new_node_bootstraps_its_copies_from_peer_snapshots() -> Result<()> {
         );
         assert_exact(&scenario, &["node-2"], &events)?;
         assert_exact(&scenario, &["node-1"], &events)?;
+        Ok(())
+    })
+}
+
+/// A processor with a logic bug: it folds like the built-in one, then forgets every
+/// feature but the customer id.
+struct ForgetfulProcessor(FeaturesProcessor);
+
+impl Processor for ForgetfulProcessor {
+    fn process(
+        &mut self,
+        record: &InputRecord<'_>,
+        current: Option<&[u8]>,
+    ) -> Result<Outcome, ProcessError> {
+        let mut outcome = self.0.process(record, current)?;
+        if let Update::Put(value) = &mut outcome.update {
+            let features = CustomerFeatures::decode(value.as_slice()).unwrap_or_default();
+            *value = CustomerFeatures {
+                customer_id: features.customer_id,
+                ..CustomerFeatures::default()
+            }
+            .encode_to_vec();
+        }
+        Ok(outcome)
+    }
+}
+
+/// Folds a changelog as a copy rebuilt from it would: the last value per key wins, a
+/// tombstone deletes.
+fn fold_changelog(scenario: &Scenario) -> Result<BTreeMap<String, CustomerFeatures>> {
+    let changelog = format!("{}-features-changelog", scenario.app);
+    let mut state = BTreeMap::new();
+    for message in scenario.kafka.read_all(&changelog, scenario.partitions)? {
+        let key = message.key().unwrap_or_default();
+        if key.first() == Some(&0) {
+            continue;
+        }
+        let key = String::from_utf8(key.to_vec())?;
+        match message.payload() {
+            Some(value) => {
+                state.insert(key, CustomerFeatures::decode(value)?);
+            }
+            None => {
+                state.remove(&key);
+            }
+        }
+    }
+    Ok(state)
+}
+
+#[test]
+fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("point-in-time", PARTITIONS).await?;
+        let backup_dir = scenario.dir.path().join("backups");
+        scenario
+            .extra
+            .push(format!("backup.dir={}", backup_dir.display()));
+        scenario.extra.push("backup.interval-ms=0".into());
+        let generator = GeneratorConfig {
+            customers: 1_000,
+            seed: 13,
+            ..GeneratorConfig::default()
+        };
+        let (good, buggy, later) = (10_000u64, 5_000u64, 2_000u64);
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take((good + buggy + later) as usize)
+            .collect();
+
+        // The right processor, then a backup of every partition.
+        scenario.produce(&generator, good)?;
+        let mut node = scenario.start_node("node-1", "before")?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
+        let target = AdminTarget {
+            seeds: vec![uri.trim_start_matches("http://").to_owned()],
+            token: None,
+            timeout: Duration::from_secs(120),
+        };
+        let summary = kstore_cli::backup::create(&target, &[]).await?;
+        ensure!(
+            summary.missing.is_empty(),
+            "not backed up: {:?}",
+            summary.missing
+        );
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        let before_the_bug = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+
+        // A release with a logic bug runs for a while.
+        scenario.produce_from(&generator, good, buggy)?;
+        let config = scenario.config("node-1")?;
+        let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let buggy_node = std::thread::spawn({
+            let (config, stop) = (config.clone(), shutdown.clone());
+            move || {
+                let processor = ForgetfulProcessor(FeaturesProcessor::new(config.alerts_topic()));
+                kstore_server::node::run(config, Box::new(processor), stop)
+            }
+        });
+        scenario.wait_committed(Duration::from_secs(180), || {
+            ensure!(!buggy_node.is_finished(), "the buggy node stopped early");
+            Ok(())
+        })?;
+        shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+        buggy_node
+            .join()
+            .map_err(|_| anyhow::anyhow!("the buggy node panicked"))??;
+        ensure!(
+            fold_changelog(&scenario)?
+                != expected_features(&events[..(good + buggy) as usize])
+                    .into_iter()
+                    .collect(),
+            "the bug left no trace in the changelog"
+        );
+
+        // The plan: every partition back to its backup, the buggy stretch reprocessed.
+        let point = RestorePoint::Time(before_the_bug);
+        let plans = point_in_time::plan(&config, point, &[])?;
+        ensure!(plans.len() == PARTITIONS as usize, "{plans:?}");
+        let reprocess: i64 = plans.iter().map(|p| p.events_to_reprocess()).sum();
+        ensure!(
+            reprocess == buggy as i64,
+            "{reprocess} events to reprocess, not {buggy}"
+        );
+        // The stopped static member still holds its place in the group for a while: the
+        // restore waits for it to go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while let Err(error) = point_in_time::check_group_empty(&config) {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the group did not empty: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let scratch = scenario.dir.path().join("restore-scratch");
+        let written =
+            point_in_time::execute(&config, &plans, &scratch, |step| eprintln!("{step}"))?;
+        let corrections: u64 = written.iter().map(|(_, n)| n).sum();
+        ensure!(corrections > 0, "no corrections written");
+
+        // The fixed release reprocesses, and more events follow.
+        let mut node = scenario.start_node("node-1", "after")?;
+        scenario.produce_from(&generator, good + buggy, later)?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        // The state equals a run that never had the bug: in the stores, and in what a copy
+        // rebuilt from the changelog would hold.
+        assert_exact(&scenario, &["node-1"], &events)?;
+        let expected: BTreeMap<String, CustomerFeatures> =
+            expected_features(&events).into_iter().collect();
+        ensure!(
+            fold_changelog(&scenario)? == expected,
+            "the changelog does not fold to the right state"
+        );
         Ok(())
     })
 }

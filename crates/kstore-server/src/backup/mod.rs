@@ -405,7 +405,7 @@ impl Backups {
     }
 
     /// Why a catalog entry must not be restored here, if it must not.
-    fn foreign(&self, entry: &CatalogEntry, partition: u32) -> Option<String> {
+    pub fn foreign(&self, entry: &CatalogEntry, partition: u32) -> Option<String> {
         if entry.app != self.app || entry.store != self.store {
             return Some(format!(
                 "it belongs to app {:?} store {:?}, not {:?} {:?}",

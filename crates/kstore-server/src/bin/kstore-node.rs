@@ -15,12 +15,100 @@ use kstore_server::node;
 #[command(name = "kstore-node", version)]
 struct Args {
     /// The TOML config file (see deploy/kstore-node.toml).
-    #[arg(long, short, env = "KSTORE_CONFIG")]
+    #[arg(long, short, env = "KSTORE_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Overrides one config key, e.g. `--set node-id=node-2` or
     /// `--set kafka.bootstrap.servers=127.0.0.1:9092`. Repeatable; wins over file and env.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     overrides: Vec<String>,
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum NodeCommand {
+    /// Point-in-time restore of the app's store (after a processor wrote wrong values):
+    /// every chosen partition goes back to its newest backup from at or before `--to`, and
+    /// the group's input offsets are rewound to the offsets those backups recorded, so that
+    /// the nodes, started again with a fixed processor, reprocess from there. The changelog
+    /// gets a correction for every key written since, so that standbys and every later
+    /// restore agree. Every node of the app must be stopped. Uses the node's config (topics,
+    /// backup.dir, Kafka).
+    Restore {
+        /// A UTC time (`2026-11-28T03:00:00Z`) or milliseconds since the epoch.
+        #[arg(long, required_unless_present = "backup_id")]
+        to: Option<String>,
+        /// One backup by id, instead of a time (with exactly one partition).
+        #[arg(long, conflicts_with = "to")]
+        backup_id: Option<u32>,
+        /// Only these partitions, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<u32>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn restore(
+    config: &NodeConfig,
+    to: Option<&str>,
+    backup_id: Option<u32>,
+    partitions: &[u32],
+    dry_run: bool,
+) -> ExitCode {
+    use kstore_server::point_in_time::{self, RestorePoint};
+    let point = match (to, backup_id) {
+        (_, Some(id)) => RestorePoint::Backup(id),
+        (Some(text), None) => match point_in_time::parse_time(text) {
+            Ok(at) => RestorePoint::Time(at),
+            Err(error) => {
+                eprintln!("kstore-node restore: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => unreachable!("clap requires --to or --backup-id"),
+    };
+    let plans = match point_in_time::plan(config, point, partitions) {
+        Ok(plans) => plans,
+        Err(error) => {
+            eprintln!("kstore-node restore: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:>9} {:>7} {:>15} {:>14} {:>14} {:>14} {:>12}",
+        "partition", "backup", "made at (ms)", "changelog", "superseded", "input from", "reprocess"
+    );
+    for plan in &plans {
+        println!(
+            "{:>9} {:>7} {:>15} {:>14} {:>14} {:>14} {:>12}",
+            plan.partition,
+            plan.backup.backup_id,
+            plan.backup.created_at_ms,
+            plan.backup.changelog_next,
+            (plan.changelog_end - plan.backup.changelog_next).max(0),
+            plan.backup.input_next,
+            plan.events_to_reprocess()
+        );
+    }
+    let total: i64 = plans.iter().map(|p| p.events_to_reprocess()).sum();
+    println!("events to reprocess: {total}");
+    if dry_run {
+        println!("dry run: nothing changed");
+        return ExitCode::SUCCESS;
+    }
+    let scratch = config.state_dir.join(".point-in-time-restore");
+    match point_in_time::execute(config, &plans, &scratch, |step| println!("{step}")) {
+        Ok(_) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kstore-node restore: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -46,6 +134,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+
+    if let Some(NodeCommand::Restore {
+        to,
+        backup_id,
+        partitions,
+        dry_run,
+    }) = &args.command
+    {
+        return restore(&config, to.as_deref(), *backup_id, partitions, *dry_run);
+    }
 
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

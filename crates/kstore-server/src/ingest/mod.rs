@@ -35,6 +35,9 @@ use crate::store::{PartitionStore, StoreError};
 
 /// The header of a changelog record that holds the input offset that produced it.
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
+/// The header of a changelog record written by a point-in-time restore: a copy that applies
+/// it reflects the input before this offset, whatever it reflected before.
+pub const INPUT_REWIND_HEADER: &str = "kstore.input-rewind";
 /// Dead-letter headers: why, and where the record came from.
 pub const DLQ_ERROR_HEADER: &str = "kstore.error";
 /// The topic the dead letter was read from.

@@ -25,7 +25,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::ingest::INPUT_OFFSET_HEADER;
+use crate::ingest::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
 use crate::registry::Registry;
 use crate::store::{PartitionStore, Position};
 
@@ -459,11 +459,7 @@ impl Worker {
         let key = message.key().unwrap_or_default().to_vec();
         job.batch.insert(key, message.payload().map(<[u8]>::to_vec));
         job.batch_started.get_or_insert_with(Instant::now);
-        advance(
-            &mut job.position,
-            message.offset(),
-            input_offset_of(message),
-        );
+        advance(&mut job.position, message.offset(), input_mark_of(message));
         // New records after the end was reached: the end is further on now.
         job.at_stable_end = false;
         job.records += 1;
@@ -654,22 +650,41 @@ fn report_failure(partition: i32, follow: Follow, reason: String, events: &Sende
 }
 
 /// Returns the input offset that a changelog record carries in its header.
-pub(crate) fn input_offset_of(message: &BorrowedMessage<'_>) -> Option<i64> {
+pub(crate) fn input_mark_of(message: &BorrowedMessage<'_>) -> Option<InputMark> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == INPUT_OFFSET_HEADER)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
+    let number = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+    };
+    number(INPUT_REWIND_HEADER)
+        .map(InputMark::RewoundTo)
+        .or_else(|| number(INPUT_OFFSET_HEADER).map(InputMark::ProducedBy))
 }
 
-/// The position a store reaches after applying a changelog record at `offset` that came
-/// from input offset `input_offset`.
-pub(crate) fn advance(position: &mut Position, offset: i64, input_offset: Option<i64>) {
+/// What a changelog record says about the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InputMark {
+    /// The input record at this offset produced it.
+    ProducedBy(i64),
+    /// A point-in-time restore wrote it: from here on the copy reflects the input before
+    /// this offset (which the group reprocesses from).
+    RewoundTo(i64),
+}
+
+/// The position a store reaches after applying a changelog record at `offset` that carries
+/// `mark`.
+pub(crate) fn advance(position: &mut Position, offset: i64, mark: Option<InputMark>) {
     position.changelog_next = position.changelog_next.max(offset + 1);
-    if let Some(input) = input_offset {
-        position.input_next = position.input_next.max(input + 1);
+    match mark {
+        Some(InputMark::ProducedBy(input)) => {
+            position.input_next = position.input_next.max(input + 1);
+        }
+        Some(InputMark::RewoundTo(input)) => position.input_next = input,
+        None => {}
     }
 }
