@@ -108,6 +108,15 @@ enum Command {
         #[command(subcommand)]
         action: BackupAction,
     },
+    /// Point-in-time restore: runs `kstore-node restore` (beside this binary, or on the
+    /// PATH) with these arguments, since it needs the node's config and RocksDB. For
+    /// example: `kstore restore -c node.toml --to 2026-11-28T03:00:00Z --dry-run`.
+    #[command(disable_help_flag = true)]
+    Restore {
+        /// Arguments for `kstore-node restore` (`--help` shows them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Sends deterministic order events (JSON, keyed by customer id) to a topic.
     Produce {
         /// Kafka's bootstrap servers.
@@ -234,6 +243,29 @@ fn main() -> ExitCode {
         } => read(&connect, Some(&routing), Work::Mget { keys }),
         Command::Metadata { connect } => read(&connect, None, Work::Metadata),
         Command::Watch { connect } => read(&connect, None, Work::Watch),
+        Command::Restore { args } => {
+            let beside = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.join("kstore-node")))
+                .filter(|path| path.exists());
+            let program = beside.unwrap_or_else(|| "kstore-node".into());
+            match std::process::Command::new(&program)
+                .arg("restore")
+                .args(&args)
+                .status()
+            {
+                Ok(status) if status.success() => ExitCode::SUCCESS,
+                Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8),
+                Err(error) => {
+                    eprintln!(
+                        "kstore restore: cannot run {}: {error} (build it with `cargo build -p \
+                         kstore-server`)",
+                        program.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Backup { action } => match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime.block_on(run_backup(action)),
             Err(error) => {
