@@ -267,6 +267,25 @@ pub struct GetBench {
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// Measure a running cluster instead (nodes this bench did not start): gRPC addresses
+    /// of some of its nodes, comma-separated. Reads go through kstore-client, as a caller's
+    /// would; `--customers` must match the keys the cluster holds.
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// With `--seeds`: the client's read policy.
+    #[arg(long, value_enum, default_value_t = BenchPolicy::PreferActive)]
+    pub policy: BenchPolicy,
+    /// With `--seeds`: hedge a read after this many milliseconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub hedge_ms: u64,
+}
+
+/// The read policies `bench get --seeds` can use.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchPolicy {
+    ActiveOnly,
+    PreferActive,
+    AnyReplica,
 }
 
 /// One latency run's result.
@@ -290,7 +309,11 @@ struct Latencies {
 const SETTLE: Duration = Duration::from_secs(15);
 
 /// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
+/// With `--seeds`, measures a running cluster through the smart client instead.
 pub fn get(bench: &GetBench) -> Result<()> {
+    if !bench.seeds.is_empty() {
+        return get_through_client(bench);
+    }
     let binaries = crate::binaries::build()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
@@ -352,7 +375,8 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "http://{}",
         node.logged_address("serving gRPC", Duration::from_secs(10))?
     );
-    let channel = runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?;
+    let channel =
+        ReadTarget::Node(runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?);
 
     // Let the preload's compactions (RocksDB's and the broker's) finish, then warm the
     // connection and the block cache with a short unrecorded run.
@@ -597,13 +621,21 @@ fn renice_broker(broker: &Broker, nice: i32) -> Result<()> {
     Ok(())
 }
 
+/// Where `bench get` sends its reads: one node over a raw channel, or a cluster through
+/// the smart client.
+#[derive(Clone)]
+enum ReadTarget {
+    Node(tonic::transport::Channel),
+    Client(std::sync::Arc<kstore_client::Client>),
+}
+
 /// Sends requests on a fixed schedule (open loop): a pacing thread sleeps until each
 /// request's scheduled time and starts it on the runtime without waiting for earlier
 /// answers. Response time is measured from the scheduled time, service time from the actual
 /// start, and how late starts were against the schedule is recorded too (start lag).
 async fn open_loop(
     phase: &str,
-    channel: &tonic::transport::Channel,
+    target: &ReadTarget,
     bench: &GetBench,
     keys_per_request: usize,
 ) -> Result<Latencies> {
@@ -634,7 +666,7 @@ async fn open_loop(
                         std::thread::sleep(wait);
                     }
                     let _ = start_lag.record((scheduled.elapsed().as_micros() as u64).max(1));
-                    let mut client = QueryClient::new(channel.clone());
+                    let target = target.clone();
                     let histograms = histograms.clone();
                     let errors = errors.clone();
                     let customers = bench.customers;
@@ -646,24 +678,39 @@ async fn open_loop(
                         };
                         let began = Instant::now();
                         // Found or not, an answer is a success; only failed calls are errors.
-                        let ok = if keys_per_request == 1 {
-                            let request = GetRequest {
-                                store: "features".into(),
-                                key: key(i),
-                                partition: None,
-                                options: None,
-                            };
-                            client.get(request).await.is_ok()
+                        let keys: Vec<Vec<u8>> = if keys_per_request == 1 {
+                            vec![key(i)]
                         } else {
-                            let keys = (0..keys_per_request as u64)
+                            (0..keys_per_request as u64)
                                 .map(|k| key(i * 1000 + k))
-                                .collect();
-                            let request = MultiGetRequest {
-                                store: "features".into(),
-                                keys,
-                                options: None,
-                            };
-                            client.multi_get(request).await.is_ok()
+                                .collect()
+                        };
+                        let ok = match (&target, keys_per_request) {
+                            (ReadTarget::Node(channel), 1) => {
+                                let request = GetRequest {
+                                    store: "features".into(),
+                                    key: keys[0].clone(),
+                                    partition: None,
+                                    options: None,
+                                };
+                                QueryClient::new(channel.clone()).get(request).await.is_ok()
+                            }
+                            (ReadTarget::Node(channel), _) => {
+                                let request = MultiGetRequest {
+                                    store: "features".into(),
+                                    keys,
+                                    options: None,
+                                };
+                                QueryClient::new(channel.clone())
+                                    .multi_get(request)
+                                    .await
+                                    .is_ok()
+                            }
+                            (ReadTarget::Client(client), 1) => client.get(&keys[0]).await.is_ok(),
+                            (ReadTarget::Client(client), _) => {
+                                let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                                client.multi_get(&refs).await.iter().all(Result::is_ok)
+                            }
                         };
                         let (response, service) = (scheduled.elapsed(), began.elapsed());
                         if ok {
@@ -740,4 +787,96 @@ mod tests {
         let fast = vec![(0.001, 110), (0.002, 110), (f64::INFINITY, 110)];
         assert_eq!(server_p99_ms(&before, &fast), Some(1.0));
     }
+}
+
+/// `bench get --seeds`: Get and MultiGet latency of a running cluster through kstore-client,
+/// at a fixed rate (open loop), with the client's routing counters.
+fn get_through_client(bench: &GetBench) -> Result<()> {
+    use kstore_client::{Client, Hedge, ReadPolicy};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let max_lag = 10_000;
+    let policy = match bench.policy {
+        BenchPolicy::ActiveOnly => ReadPolicy::ActiveOnly,
+        BenchPolicy::PreferActive => ReadPolicy::PreferActive { max_lag },
+        BenchPolicy::AnyReplica => ReadPolicy::AnyReplica { max_lag },
+    };
+    let hedge = match bench.hedge_ms {
+        0 => Hedge::Off,
+        ms => Hedge::After(Duration::from_millis(ms)),
+    };
+    let client = runtime.block_on(
+        Client::builder()
+            .seeds(bench.seeds.clone())
+            .read_policy(policy)
+            .hedge(hedge)
+            .build(),
+    )?;
+    let view = client.view();
+    eprintln!(
+        "bench: {} nodes in the cluster's view; warming up",
+        view.nodes.len()
+    );
+    let target = ReadTarget::Client(std::sync::Arc::new(client));
+    let warm_up = GetBench {
+        seconds: 3,
+        ..bench.clone()
+    };
+    runtime.block_on(open_loop("warm-up", &target, &warm_up, 1))?;
+    let ReadTarget::Client(client) = &target else {
+        unreachable!("built as a client above")
+    };
+    let before = client.stats();
+    eprintln!("bench: Get at {}/s for {}s", bench.rate, bench.seconds);
+    let get = runtime.block_on(open_loop("Get", &target, bench, 1))?;
+    let after_get = client.stats();
+    let multi = GetBench {
+        rate: (bench.rate / 10).max(1),
+        ..bench.clone()
+    };
+    eprintln!("bench: MultiGet of 100 keys at {}/s", multi.rate);
+    let multi_get = runtime.block_on(open_loop("MultiGet 100", &target, &multi, 100))?;
+
+    println!();
+    println!(
+        "reads through kstore-client ({:?}, hedge {} ms) against {} nodes of a running cluster, \
+         {} customers",
+        bench.policy,
+        bench.hedge_ms,
+        view.nodes.len(),
+        bench.customers
+    );
+    println!(
+        "{:<14} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8} {:>6}",
+        "phase", "req/s", "sent", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    for r in [&get, &multi_get] {
+        let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{:<14} {:>7.0} {:>7} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>6}",
+            r.phase,
+            r.sent as f64 / r.seconds,
+            r.sent,
+            ms(&r.response, 0.5),
+            ms(&r.response, 0.99),
+            ms(&r.response, 0.999),
+            r.response.max() as f64 / 1000.0,
+            r.errors
+        );
+    }
+    let reads = after_get.reads - before.reads;
+    println!(
+        "Get routing: {reads} reads, {:.2}% answered by the first host, {} by a fallback, \
+         {} hedges sent ({} won), {} misroutes corrected, {} metadata refreshes",
+        100.0 * (after_get.first_hop_answers - before.first_hop_answers) as f64
+            / reads.max(1) as f64,
+        after_get.fallback_answers - before.fallback_answers,
+        after_get.hedges_sent - before.hedges_sent,
+        after_get.hedges_won - before.hedges_won,
+        after_get.misroutes_corrected - before.misroutes_corrected,
+        after_get.metadata_refreshes - before.metadata_refreshes
+    );
+    Ok(())
 }
