@@ -178,6 +178,10 @@ pub struct NodeConfig {
     /// before it is used; a damaged copy is moved aside and recovered (from the newest good
     /// backup, then its changelog). Costs one sequential read of the copy.
     pub verify_checksums_on_open: bool,
+    /// How often every open copy is read whole to check its checksums, in milliseconds; 0
+    /// turns the background check off. A damaged standby is moved aside and rebuilt at once;
+    /// a damaged active is reported (restarting the node rebuilds it).
+    pub verify_interval_ms: u64,
     /// Backups of the stores.
     pub backup: BackupConfig,
     /// Memory shared by the stores.
@@ -222,6 +226,7 @@ impl Default for NodeConfig {
             drain_on_shutdown: false,
             drain_timeout_ms: 120_000,
             verify_checksums_on_open: true,
+            verify_interval_ms: 86_400_000,
             backup: BackupConfig::default(),
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
@@ -438,6 +443,9 @@ impl NodeConfig {
         }
         if self.dead_after_ms < 1_000 {
             return invalid("dead-after-ms", "must be at least 1000");
+        }
+        if self.verify_interval_ms != 0 && self.verify_interval_ms < 1_000 {
+            return invalid("verify-interval-ms", "must be 0 (off) or at least 1000");
         }
         if self.backup.keep_count == 0 {
             return invalid("backup.keep-count", "must be at least 1");

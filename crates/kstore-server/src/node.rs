@@ -219,6 +219,24 @@ pub fn run(
         shutdown.clone(),
     )?;
 
+    let scrub = (config.verify_interval_ms > 0)
+        .then(|| {
+            let (copies, shutdown) = (copies.clone(), shutdown.clone());
+            let interval = Duration::from_millis(config.verify_interval_ms);
+            std::thread::Builder::new()
+                .name("kstore-verify".into())
+                .spawn(move || {
+                    let mut next = std::time::Instant::now() + interval;
+                    while !shutdown.load(Ordering::Relaxed) {
+                        if std::time::Instant::now() >= next {
+                            copies.scrub(&shutdown);
+                            next = std::time::Instant::now() + interval;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                })
+        })
+        .transpose()?;
     let backup_schedule = match &backups {
         Some(backups) => backup::spawn_schedule(
             backups.clone(),
@@ -264,6 +282,9 @@ pub fn run(
     // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);
     let _ = placement.join();
+    if let Some(scrub) = scrub {
+        let _ = scrub.join();
+    }
     if let Some(schedule) = backup_schedule {
         let _ = schedule.join();
     }

@@ -253,6 +253,37 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
     })
 }
 
+/// Waits until `node`'s copies of every partition reflect the input's end.
+async fn wait_copies_at_end(scenario: &Scenario, node: &mut Node) -> Result<()> {
+    let end = scenario
+        .kafka
+        .end_offsets(&scenario.input, scenario.partitions)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let metadata = node.metadata().await?;
+        let caught_up = metadata
+            .nodes
+            .iter()
+            .find(|n| n.node_id == node.id)
+            .is_some_and(|me| {
+                (0..scenario.partitions).all(|p| {
+                    me.copies
+                        .iter()
+                        .any(|c| c.partition == p && c.input_offset == end[p as usize])
+                })
+            });
+        if caught_up {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{}'s copies did not reach the input's end {end:?}: {metadata:?}",
+            node.id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Checks every stored customer of `nodes`' stopped stores against the recomputed state.
 fn assert_exact(scenario: &Scenario, nodes: &[&str], events: &[OrderEvent]) -> Result<()> {
     let stores = scenario.read_stores(nodes)?;
@@ -309,30 +340,7 @@ fn a_new_node_bootstraps_its_copies_from_peer_snapshots() -> Result<()> {
         scenario.produce_from(&generator, before, after)?;
         scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
         // node-2's copies all reach the input's end.
-        let end = scenario.kafka.end_offsets(&scenario.input, PARTITIONS)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let metadata = node2.metadata().await?;
-            let caught_up = metadata
-                .nodes
-                .iter()
-                .find(|n| n.node_id == "node-2")
-                .is_some_and(|me| {
-                    (0..PARTITIONS).all(|p| {
-                        me.copies
-                            .iter()
-                            .any(|c| c.partition == p && c.input_offset == end[p as usize])
-                    })
-                });
-            if caught_up {
-                break;
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "node-2's copies did not reach the input's end {end:?}: {metadata:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_copies_at_end(&scenario, &mut node2).await?;
         for node in [&mut node2, &mut node1] {
             let status = node.process.terminate(Duration::from_secs(60))?;
             ensure!(status.success(), "{} exit after SIGTERM: {status}", node.id);
@@ -518,6 +526,97 @@ fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
             fold_changelog(&scenario)? == expected,
             "the changelog does not fold to the right state"
         );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_standby_damaged_while_the_node_runs_is_rebuilt_from_its_peer() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("verify-running", PARTITIONS).await?;
+        let backup_dir = scenario.dir.path().join("backups");
+        scenario
+            .extra
+            .push(format!("backup.dir={}", backup_dir.display()));
+        scenario.extra.push("backup.interval-ms=0".into());
+        scenario.extra.push("verify-interval-ms=1000".into());
+        let generator = GeneratorConfig {
+            customers: 2_000,
+            seed: 14,
+            ..GeneratorConfig::default()
+        };
+        let (before, after) = (20_000u64, 2_000u64);
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take((before + after) as usize)
+            .collect();
+        scenario.produce(&generator, before)?;
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        let layout = wait_for_agreement(
+            &mut [&mut node1, &mut node2],
+            &["node-1", "node-2"],
+            Duration::from_secs(120),
+        )
+        .await?;
+        wait_copies_at_end(&scenario, &mut node2).await?;
+        // Backups flush the standbys' memtables, so their data is in SST files on disk.
+        let grpc = scenario.grpc_uri(&mut node2.process)?;
+        let target = AdminTarget {
+            seeds: vec![grpc.trim_start_matches("http://").to_owned()],
+            token: None,
+            timeout: Duration::from_secs(120),
+        };
+        kstore_cli::backup::create(&target, &[]).await?;
+
+        // The disk under one of node-2's standbys flips a byte.
+        let partition = *layout
+            .standbys
+            .iter()
+            .find(|(_, holders)| holders.contains("node-2"))
+            .map(|(p, _)| p)
+            .context("node-2 holds no standby")?;
+        let config = scenario.config("node-2")?;
+        let dir = config.store_dir(partition as i32);
+        flip_a_byte(&largest_sst(&dir)?)?;
+
+        // The background check finds it; the standby is rebuilt from node-1's copy.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let rebuilt = |log: &str| {
+            log.lines().any(|l| {
+                l.contains("recovering from a peer's snapshot")
+                    && l.contains(&format!("partition={partition} "))
+                    && l.contains("damaged")
+            })
+        };
+        while !rebuilt(&node2.process.output()) {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "node-2 did not rebuild its damaged standby of partition {partition}:\n{}",
+                node2.process.output()
+            );
+            node2.metadata().await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        scenario.produce_from(&generator, before, after)?;
+        scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
+        wait_copies_at_end(&scenario, &mut node2).await?;
+        for node in [&mut node2, &mut node1] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit after SIGTERM: {status}", node.id);
+        }
+        let store_root = dir.parent().unwrap().to_path_buf();
+        let aside = damaged_copies(&store_root, partition)?;
+        let log = node2.process.output();
+        let told: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("damaged") || l.contains("snapshot"))
+            .collect();
+        ensure!(
+            aside.len() == 1,
+            "damaged copies kept: {aside:?}\n{}",
+            told.join("\n")
+        );
+        assert_exact(&scenario, &["node-2"], &events)?;
         Ok(())
     })
 }

@@ -50,6 +50,9 @@ pub struct Bootstrap {
     pub backups: Option<Arc<Backups>>,
 }
 
+/// Damaged copies found by the background check, by `role`.
+pub const COPIES_DAMAGED: &str = "kstore_copies_damaged_total";
+
 /// Copies bootstrapped, by `source`: `peer` (a snapshot), `backup` or `changelog` (no
 /// snapshot or backup could be had: the changelog from its start).
 pub const COPIES_BOOTSTRAPPED: &str = "kstore_copies_bootstrapped_total";
@@ -169,6 +172,93 @@ impl Copies {
         std::fs::create_dir_all(dir).map_err(io_error)?;
         metrics::counter!(COPIES_RECOVERED, "source" => source).increment(1);
         PartitionStore::open(dir, &self.memory)
+    }
+
+    /// Reads every block of every open copy and checks its checksum (the block cache is left
+    /// as it is). A damaged standby is replaced at once: moved aside and rebuilt (from a peer,
+    /// a backup or its changelog). A damaged active keeps serving and is reported, since
+    /// ingest writes to it; the node's next start rebuilds it.
+    pub fn scrub(&self, shutdown: &std::sync::atomic::AtomicBool) {
+        let partitions: Vec<i32> = self.registry.all().iter().map(|c| c.partition).collect();
+        for partition in partitions {
+            if shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            // Only the check holds the copy: a damaged store must be let go of to be replaced.
+            let checked = match self.registry.get(partition) {
+                Some(copy) => copy.store.verify_checksums(),
+                None => continue,
+            };
+            match checked {
+                Ok(()) => {}
+                Err(damage) if damage.is_corruption() => self.replace_damaged(partition, &damage),
+                Err(error) => tracing::warn!(partition, %error, "cannot check a copy"),
+            }
+        }
+    }
+
+    fn replace_damaged(&self, partition: i32, damage: &StoreError) {
+        let mut open = self.lifecycle();
+        let Some(copy) = self.registry.get(partition) else {
+            return;
+        };
+        let role = copy.role();
+        metrics::counter!(COPIES_DAMAGED, "role" => crate::backup::role_name(role)).increment(1);
+        if role != Role::Standby {
+            tracing::error!(
+                partition,
+                %damage,
+                role = crate::backup::role_name(role),
+                "an open copy is damaged; it keeps serving until the node restarts, which \
+                 moves it aside and rebuilds it"
+            );
+            return;
+        }
+        self.updater.stop(partition);
+        self.registry.remove(partition);
+        open.remove(&partition);
+        // The damaged store must be closed before its directory moves: RocksDB keeps writing
+        // to the path it opened, which would be the new copy's. The updater lets go of it
+        // on its next turn, reads in flight when they finish.
+        let damaged = copy.store.clone();
+        drop(copy);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&damaged) > 1 {
+            if std::time::Instant::now() > deadline {
+                tracing::error!(
+                    partition,
+                    "a damaged standby is still in use after 30 s; it keeps serving, and the \
+                     next check tries again"
+                );
+                let position = damaged.position().unwrap_or_default();
+                open.insert(partition, Arc::downgrade(&damaged));
+                self.registry
+                    .track(partition, damaged.clone(), Role::Standby, position);
+                self.updater.follow(partition, damaged, Follow::Standby);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(damaged);
+        let dir = self.config.store_dir(partition);
+        let store = match self.recover(partition, &dir, damage) {
+            Ok(store) => store,
+            Err(error) => {
+                tracing::error!(partition, %error, "rebuilding a damaged standby failed");
+                return;
+            }
+        };
+        let position = match store.position() {
+            Ok(position) => position,
+            Err(error) => {
+                tracing::error!(partition, %error, "rebuilding a damaged standby failed");
+                return;
+            }
+        };
+        open.insert(partition, Arc::downgrade(&store));
+        self.registry
+            .track(partition, store.clone(), Role::Standby, position);
+        self.updater.follow(partition, store, Follow::Standby);
     }
 
     /// Fills `dir` (missing or empty) for a copy of `partition` that is `why` (new here, or
