@@ -125,6 +125,10 @@ pub fn up(up: &Up) -> Result<()> {
             format!("gossip-address={gossip}"),
             format!("seeds={}", seeds.join(",")),
             format!("num-standbys={}", up.standbys),
+            // Backups of every partition every 10 minutes, into the cluster's directory
+            // (`kstore backup list` shows them).
+            format!("backup.dir={}", dir.join("backups").display()),
+            "backup.interval-ms=600000".to_owned(),
             format!("kafka.bootstrap.servers={}", broker.bootstrap()),
         ] {
             command.arg("--set").arg(setting);
