@@ -20,11 +20,11 @@ use kstore_testkit::process::{TestProcess, wait_until};
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreBench {
     /// Customers (keys) in the partition's store.
-    /// About 120 bytes each on disk: the default fills the store past 1 GiB.
-    #[arg(long, default_value_t = 9_000_000)]
+    /// About 90 bytes each on disk once compacted: the default fills the store past 1 GiB.
+    #[arg(long, default_value_t = 12_000_000)]
     pub customers: u32,
     /// Events produced to fill the store (spread over the customers at random).
-    #[arg(long, default_value_t = 12_000_000)]
+    #[arg(long, default_value_t = 16_000_000)]
     pub events: u64,
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
