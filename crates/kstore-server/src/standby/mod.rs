@@ -37,8 +37,13 @@ pub const COPIES_RETIRED: &str = "kstore_copies_retired_total";
 /// Retired copies' directories deleted after the retention period.
 pub const COPIES_DELETED: &str = "kstore_copies_deleted_total";
 /// Damaged copies found (a checksum or file RocksDB rejects), moved aside and recovered; by
-/// `source`: `backup` (then the changelog's tail) or `changelog` (all of it).
+/// `source`: `peer` or `backup` (then the changelog's tail), or `changelog` (all of it).
 pub const COPIES_RECOVERED: &str = "kstore_copies_recovered_total";
+/// Damaged copies found by the background check, by `role`.
+pub const COPIES_DAMAGED: &str = "kstore_copies_damaged_total";
+/// Copies new here or damaged, filled by `source`: `peer` (a snapshot), `backup` or
+/// `changelog` (no snapshot or backup could be had: the changelog from its start).
+pub const COPIES_BOOTSTRAPPED: &str = "kstore_copies_bootstrapped_total";
 
 /// Where a copy that is new here, or damaged, gets its state from before the changelog
 /// supplies the rest: a peer's snapshot, then the newest good backup.
@@ -49,13 +54,6 @@ pub struct Bootstrap {
     /// The backups, if a location is configured.
     pub backups: Option<Arc<Backups>>,
 }
-
-/// Damaged copies found by the background check, by `role`.
-pub const COPIES_DAMAGED: &str = "kstore_copies_damaged_total";
-
-/// Copies bootstrapped, by `source`: `peer` (a snapshot), `backup` or `changelog` (no
-/// snapshot or backup could be had: the changelog from its start).
-pub const COPIES_BOOTSTRAPPED: &str = "kstore_copies_bootstrapped_total";
 
 /// Every local copy's lifecycle.
 #[derive(Debug)]
@@ -123,8 +121,11 @@ impl Copies {
         if !warm {
             self.bootstrap(partition, &dir, "new here");
         }
+        // A copy found on disk is checked once per process, when it is first opened; later
+        // the background check covers it.
+        let found_at_start = warm && !open.contains_key(&partition);
         let opened = PartitionStore::open(&dir, &self.memory).and_then(|store| {
-            if warm && self.config.verify_checksums_on_open {
+            if found_at_start && self.config.verify_checksums_on_open {
                 store.verify_checksums()?;
             }
             Ok(store)
@@ -142,10 +143,10 @@ impl Copies {
         Ok(store)
     }
 
-    /// The copy in `dir` is damaged: moves it aside (never deletes it), restores the newest
-    /// good backup into its place if there is one, and opens that (or an empty store). The
-    /// state updater then replays the changelog from the copy's position, as for any copy;
-    /// meanwhile other nodes' copies serve the partition's keys.
+    /// The copy in `dir` is damaged (and closed): moves it aside (never deletes it), fills
+    /// its place from a peer's snapshot or the newest good backup if it can, and opens that
+    /// (or an empty store). The state updater then replays the changelog from the copy's
+    /// position, as for any copy; meanwhile other nodes' copies serve the partition's keys.
     fn recover(
         &self,
         partition: i32,
