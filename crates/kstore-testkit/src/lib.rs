@@ -1,5 +1,6 @@
 //! Test fixtures for kstore: a real Apache Kafka broker, unique topic and group names, topic
-//! creation, and producers that partition keys the way Java producers do.
+//! creation, producers that partition keys the way Java producers do, and the Kafka Streams
+//! baseline.
 //!
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
@@ -10,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod baseline;
 pub mod broker;
 pub mod chaos;
 mod fixture;
