@@ -293,7 +293,10 @@ final class QueryService extends QueryGrpc.QueryImplBase {
         throw notHosted(
                 partition,
                 owner,
-                "no holder answered" + (last == null ? "" : " (" + last.getStatus() + ")"));
+                "no holder answered"
+                        + (last == null
+                                ? ""
+                                : " (" + last.getStatus().getCode() + ": " + last.getStatus().getDescription() + ")"));
     }
 
     private ManagedChannel channel(HostInfo host) {
