@@ -192,8 +192,15 @@ async fn compare(jar: &Path) -> Result<()> {
     let keys = expected.keys();
     for key in &keys {
         let partition = partition_for_key(key, PARTITIONS);
-        let from_kstore = get_caught_up(&mut kstore_client, key, end[partition as usize]).await?;
-        let from_baseline = get(&mut baseline_client, key).await?;
+        // kstore applies a transaction to its store right after the commit the wait above
+        // saw: its answer states how much of the input it reflects. The baseline's state
+        // includes every record it processed, committed or not.
+        let end = end[partition as usize];
+        let from_kstore = get_when(&mut kstore_client, "kstore", key, |r| {
+            r.read.as_ref().is_some_and(|read| read.input_offset >= end)
+        })
+        .await?;
+        let from_baseline = get_when(&mut baseline_client, "the baseline", key, |_| true).await?;
         let want = expected.features.get(key);
         let kstore_value = value_of(&from_kstore, "kstore", key)?;
         let baseline_value = value_of(&from_baseline, "the baseline", key)?;
@@ -881,36 +888,38 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-async fn get(client: &mut QueryClient<Channel>, key: &[u8]) -> Result<GetResponse> {
-    Ok(client
-        .get(GetRequest {
-            store: "features".into(),
-            key: key.to_vec(),
-            partition: None,
-            options: None,
-        })
-        .await
-        .with_context(|| format!("Get {:?}", String::from_utf8_lossy(key)))?
-        .into_inner())
-}
-
-/// Reads a key from kstore once its answer reflects the partition's input up to `end`: the
-/// group's commit comes just before the node applies the transaction to its store.
-async fn get_caught_up(
+/// Reads a key until the answer satisfies `ready`, retrying while the system answers
+/// UNAVAILABLE (a partition that is moving or restoring), for up to 30 s.
+async fn get_when(
     client: &mut QueryClient<Channel>,
+    system: &str,
     key: &[u8],
-    end: i64,
+    ready: impl Fn(&GetResponse) -> bool,
 ) -> Result<GetResponse> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let response = get(client, key).await?;
-        let input_offset = response.read.as_ref().map_or(-1, |r| r.input_offset);
-        if input_offset >= end {
-            return Ok(response);
-        }
+        let answer = client
+            .get(GetRequest {
+                store: "features".into(),
+                key: key.to_vec(),
+                partition: None,
+                options: None,
+            })
+            .await;
+        let last = match answer {
+            Ok(response) => {
+                let response = response.into_inner();
+                if ready(&response) {
+                    return Ok(response);
+                }
+                format!("{:?}", response.read)
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => status.to_string(),
+            Err(status) => bail!("{system}: Get {:?}: {status}", String::from_utf8_lossy(key)),
+        };
         if Instant::now() > deadline {
             bail!(
-                "kstore's answer for {:?} reflects input up to {input_offset}, not {end}",
+                "{system}: Get {:?} was not answered as expected within 30 s; the last answer: {last}",
                 String::from_utf8_lossy(key)
             );
         }
