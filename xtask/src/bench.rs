@@ -230,7 +230,7 @@ pub(crate) fn start_bench_node(
 }
 
 /// Returns VmRSS and VmHWM (peak) in KiB.
-fn rss(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn rss(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
         status
@@ -289,20 +289,23 @@ pub enum BenchPolicy {
 }
 
 /// One latency run's result.
-struct Latencies {
-    phase: String,
+pub(crate) struct Latencies {
+    pub(crate) phase: String,
     /// Microseconds from each request's scheduled start to its answer (open-loop response
     /// time: a generator or client that falls behind shows here too).
-    response: hdrhistogram::Histogram<u64>,
+    pub(crate) response: hdrhistogram::Histogram<u64>,
     /// Microseconds from each request's actual start to its answer.
     service: hdrhistogram::Histogram<u64>,
     /// How late requests started against the schedule, p99.
     start_lag_p99_ms: f64,
     /// The node's own p99 for Get (a histogram bucket bound), if measured.
     server_p99_ms: Option<f64>,
-    errors: u64,
-    sent: u64,
-    seconds: f64,
+    pub(crate) errors: u64,
+    pub(crate) sent: u64,
+    pub(crate) seconds: f64,
+    /// (seconds from the phase's start to the request's scheduled start, response time in
+    /// microseconds) of every answered request, for latency-over-time charts.
+    pub(crate) timeline: Vec<(f64, u64)>,
 }
 
 /// How long `bench get` waits after loading before it measures.
@@ -375,8 +378,9 @@ pub fn get(bench: &GetBench) -> Result<()> {
         "http://{}",
         node.logged_address("serving gRPC", Duration::from_secs(10))?
     );
-    let channel =
-        ReadTarget::Node(runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?);
+    let channel = ReadTarget::Nodes(vec![
+        runtime.block_on(tonic::transport::Channel::from_shared(uri)?.connect())?,
+    ]);
 
     // Let the preload's compactions (RocksDB's and the broker's) finish, then warm the
     // connection and the block cache with a short unrecorded run.
@@ -624,8 +628,9 @@ fn renice_broker(broker: &Broker, nice: i32) -> Result<()> {
 /// Where `bench get` sends its reads: one node over a raw channel, or a cluster through
 /// the smart client.
 #[derive(Clone)]
-enum ReadTarget {
-    Node(tonic::transport::Channel),
+pub(crate) enum ReadTarget {
+    /// Raw Gets over these channels, one node after the other.
+    Nodes(Vec<tonic::transport::Channel>),
     Client(std::sync::Arc<kstore_client::Client>),
 }
 
@@ -633,7 +638,7 @@ enum ReadTarget {
 /// request's scheduled time and starts it on the runtime without waiting for earlier
 /// answers. Response time is measured from the scheduled time, service time from the actual
 /// start, and how late starts were against the schedule is recorded too (start lag).
-async fn open_loop(
+pub(crate) async fn open_loop(
     phase: &str,
     target: &ReadTarget,
     bench: &GetBench,
@@ -644,8 +649,8 @@ async fn open_loop(
     use std::sync::{Arc, Mutex};
 
     let new_histogram = || hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
-    // (response time, service time)
-    let histograms = Arc::new(Mutex::new((new_histogram()?, new_histogram()?)));
+    // (response time, service time, timeline)
+    let histograms = Arc::new(Mutex::new((new_histogram()?, new_histogram()?, Vec::new())));
     let mut start_lag = new_histogram()?;
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let total = bench.rate * bench.seconds;
@@ -686,7 +691,8 @@ async fn open_loop(
                                 .collect()
                         };
                         let ok = match (&target, keys_per_request) {
-                            (ReadTarget::Node(channel), 1) => {
+                            (ReadTarget::Nodes(channels), 1) => {
+                                let channel = &channels[i as usize % channels.len()];
                                 let request = GetRequest {
                                     store: "features".into(),
                                     key: keys[0].clone(),
@@ -695,7 +701,8 @@ async fn open_loop(
                                 };
                                 QueryClient::new(channel.clone()).get(request).await.is_ok()
                             }
-                            (ReadTarget::Node(channel), _) => {
+                            (ReadTarget::Nodes(channels), _) => {
+                                let channel = &channels[i as usize % channels.len()];
                                 let request = MultiGetRequest {
                                     store: "features".into(),
                                     keys,
@@ -719,6 +726,10 @@ async fn open_loop(
                                 .unwrap_or_else(std::sync::PoisonError::into_inner);
                             let _ = histograms.0.record((response.as_micros() as u64).max(1));
                             let _ = histograms.1.record((service.as_micros() as u64).max(1));
+                            histograms.2.push((
+                                scheduled.duration_since(start).as_secs_f64(),
+                                response.as_micros() as u64,
+                            ));
                         } else {
                             errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
@@ -733,10 +744,11 @@ async fn open_loop(
         task.await?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let (response, service) = histograms
+    let (response, service, mut timeline) = histograms
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
+    timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(Latencies {
         phase: phase.into(),
         response,
@@ -746,6 +758,7 @@ async fn open_loop(
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
         sent: total,
         seconds,
+        timeline,
     })
 }
 

@@ -14,6 +14,7 @@ mod chaos;
 mod client_bench;
 mod cluster;
 mod cluster_bench;
+mod compare_bench;
 mod restore_bench;
 mod setup;
 
@@ -83,6 +84,9 @@ enum BenchKind {
     /// How fast a partition comes back: raw copy, changelog replay, backup, peer snapshot;
     /// and what a backup and an incremental backup cost.
     Restore(restore_bench::RestoreBench),
+    /// kstore beside the Kafka Streams baseline in one run: exactly-once ingest, Get
+    /// latency idle and under ingest, failed reads, RSS, state size; a report and charts.
+    Compare(compare_bench::CompareBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +148,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench {
             which: BenchKind::Restore(bench),
         } => restore_bench::restore(&bench),
+        Task::Bench {
+            which: BenchKind::Compare(bench),
+        } => compare_bench::compare(&bench),
     }
 }
 
