@@ -787,21 +787,6 @@ fn run_pacer_real_time() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_p99_comes_from_bucket_deltas() {
-        let before = vec![(0.001, 10), (0.002, 10), (f64::INFINITY, 10)];
-        // 100 more calls: 98 under 1 ms, 1 under 2 ms, 1 above.
-        let after = vec![(0.001, 108), (0.002, 109), (f64::INFINITY, 110)];
-        assert_eq!(server_p99_ms(&before, &after), Some(2.0));
-        let fast = vec![(0.001, 110), (0.002, 110), (f64::INFINITY, 110)];
-        assert_eq!(server_p99_ms(&before, &fast), Some(1.0));
-    }
-}
-
 /// `bench get --seeds`: Get and MultiGet latency of a running cluster through kstore-client,
 /// at a fixed rate (open loop), with the client's routing counters.
 fn get_through_client(bench: &GetBench) -> Result<()> {
@@ -892,4 +877,19 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
         after_get.metadata_refreshes - before.metadata_refreshes
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_p99_comes_from_bucket_deltas() {
+        let before = vec![(0.001, 10), (0.002, 10), (f64::INFINITY, 10)];
+        // 100 more calls: 98 under 1 ms, 1 under 2 ms, 1 above.
+        let after = vec![(0.001, 108), (0.002, 109), (f64::INFINITY, 110)];
+        assert_eq!(server_p99_ms(&before, &after), Some(2.0));
+        let fast = vec![(0.001, 110), (0.002, 110), (f64::INFINITY, 110)];
+        assert_eq!(server_p99_ms(&before, &fast), Some(1.0));
+    }
 }

@@ -32,13 +32,20 @@ pub fn jar_path() -> PathBuf {
     project_dir().join("target/kafka-streams-baseline.jar")
 }
 
+/// The checkout the test or xtask runs in, found at run time: the nearest ancestor of the
+/// running package's directory (cargo sets `CARGO_MANIFEST_DIR` for `cargo test` and
+/// `cargo run`), or of the working directory, that holds the baseline's project. Not built
+/// in with `env!`: checkouts that share a target directory share compiled path crates.
 fn workspace_dir() -> PathBuf {
-    // crates/kstore-testkit → the workspace.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_else(|| PathBuf::from("."));
+    start
         .ancestors()
-        .nth(2)
+        .find(|dir| dir.join("bench/kafka-streams-baseline/pom.xml").is_file())
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+        .unwrap_or(start)
 }
 
 /// Builds the jar with `mvn -q -B package` unless it is newer than every source file (the
