@@ -121,20 +121,20 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
         features.first_seen_ms = features.first_seen_ms.min(t);
         features.last_seen_ms = features.last_seen_ms.max(t);
     }
-    features.orders_total += 1;
-    features.amount_total_cents += event.amount_cents;
+    features.orders_total = features.orders_total.wrapping_add(1);
+    features.amount_total_cents = features.amount_total_cents.wrapping_add(event.amount_cents);
     let now = features.last_seen_ms;
 
     let windows = features.windows.get_or_insert_with(FeatureWindows::default);
     let free = u64::from(event.free_delivery);
-    if bucket(t, HOUR_MS) > bucket(now, HOUR_MS) - HOURS_IN_7D {
+    if bucket(t, HOUR_MS) > bucket(now, HOUR_MS).wrapping_sub(HOURS_IN_7D) {
         add_to_bucket(
             &mut windows.hour_buckets,
             bucket(t, HOUR_MS),
             event.amount_cents,
             free,
         );
-        if bucket(t, MINUTE_MS) > bucket(now, MINUTE_MS) - MINUTES_IN_1H {
+        if bucket(t, MINUTE_MS) > bucket(now, MINUTE_MS).wrapping_sub(MINUTES_IN_1H) {
             add_to_bucket(
                 &mut windows.minute_buckets,
                 bucket(t, MINUTE_MS),
@@ -143,16 +143,16 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
             );
         }
     } else {
-        features.late_events += 1;
+        features.late_events = features.late_events.wrapping_add(1);
     }
     windows
         .minute_buckets
-        .retain(|b| b.index > bucket(now, MINUTE_MS) - MINUTES_IN_1H);
+        .retain(|b| b.index > bucket(now, MINUTE_MS).wrapping_sub(MINUTES_IN_1H));
     windows
         .hour_buckets
-        .retain(|b| b.index > bucket(now, HOUR_MS) - HOURS_IN_7D);
+        .retain(|b| b.index > bucket(now, HOUR_MS).wrapping_sub(HOURS_IN_7D));
 
-    let horizon = now - DISTINCT_HORIZON_MS;
+    let horizon = now.wrapping_sub(DISTINCT_HORIZON_MS);
     remember(&mut windows.addresses, &event.delivery_address, t, horizon);
     remember(
         &mut windows.instruments,
@@ -160,7 +160,7 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
         t,
         horizon,
     );
-    let free_horizon = now - DAY_MS;
+    let free_horizon = now.wrapping_sub(DAY_MS);
     if event.free_delivery {
         remember(
             &mut windows.free_delivery_addresses,
@@ -172,7 +172,7 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
         forget_before(&mut windows.free_delivery_addresses, free_horizon);
     }
 
-    let hours_24h = |b: &&Bucket| b.index > bucket(now, HOUR_MS) - HOURS_IN_24H;
+    let hours_24h = |b: &&Bucket| b.index > bucket(now, HOUR_MS).wrapping_sub(HOURS_IN_24H);
     features.last_1h = Some(totals(windows.minute_buckets.iter()));
     features.last_24h = Some(totals(windows.hour_buckets.iter().filter(hours_24h)));
     features.last_7d = Some(totals(windows.hour_buckets.iter()));
@@ -182,9 +182,9 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
         .filter(hours_24h)
         .map(|b| b.free_delivery_orders)
         .sum();
-    features.distinct_addresses_24h = seen_after(&windows.addresses, now - DAY_MS);
+    features.distinct_addresses_24h = seen_after(&windows.addresses, now.wrapping_sub(DAY_MS));
     features.distinct_addresses_30d = seen_after(&windows.addresses, horizon);
-    features.distinct_instruments_24h = seen_after(&windows.instruments, now - DAY_MS);
+    features.distinct_instruments_24h = seen_after(&windows.instruments, now.wrapping_sub(DAY_MS));
     features.distinct_instruments_30d = seen_after(&windows.instruments, horizon);
     features.free_delivery_addresses_24h =
         seen_after(&windows.free_delivery_addresses, free_horizon);
@@ -211,15 +211,15 @@ fn add_to_bucket(buckets: &mut Vec<Bucket>, index: i64, amount_cents: i64, free:
         }
     };
     let bucket = &mut buckets[position];
-    bucket.orders += 1;
-    bucket.amount_cents += amount_cents;
-    bucket.free_delivery_orders += free;
+    bucket.orders = bucket.orders.wrapping_add(1);
+    bucket.amount_cents = bucket.amount_cents.wrapping_add(amount_cents);
+    bucket.free_delivery_orders = bucket.free_delivery_orders.wrapping_add(free);
 }
 
 fn totals<'a>(buckets: impl Iterator<Item = &'a Bucket>) -> WindowTotals {
     buckets.fold(WindowTotals::default(), |mut totals, b| {
-        totals.orders += b.orders;
-        totals.amount_cents += b.amount_cents;
+        totals.orders = totals.orders.wrapping_add(b.orders);
+        totals.amount_cents = totals.amount_cents.wrapping_add(b.amount_cents);
         totals
     })
 }
@@ -421,5 +421,25 @@ mod tests {
             processor.process(&record(other), None),
             Err(ProcessError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn extreme_amounts_and_times_wrap_instead_of_stopping_the_partition() {
+        // Any i64 decodes from JSON; a panic here would stop the partition on every retry.
+        let f = fold_all(&[
+            order(1, i64::MIN, i64::MAX, "a", false),
+            order(2, i64::MIN + 1, i64::MAX, "b", true),
+            order(3, i64::MAX, i64::MIN, "c", false),
+            order(4, i64::MAX, -1, "d", true),
+        ]);
+        assert_eq!(f.orders_total, 4);
+        assert_eq!(
+            f.amount_total_cents,
+            i64::MAX
+                .wrapping_add(i64::MAX)
+                .wrapping_add(i64::MIN)
+                .wrapping_add(-1)
+        );
+        assert_eq!(f.last_seen_ms, i64::MAX);
     }
 }
