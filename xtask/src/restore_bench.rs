@@ -159,7 +159,7 @@ fn wait_logged(node: &mut TestProcess, what: &str, name: &str, timeout: Duration
 fn wait_committed(kafka: &TestKafka, app: &str, input: &str, node: &mut TestProcess) -> Result<()> {
     let end = kafka.end_offsets(input, 1)?;
     wait_until(
-        Duration::from_secs(1_800),
+        Duration::from_secs(3_600),
         "every input record to be committed",
         || {
             if let Some(status) = node.try_exit()? {
