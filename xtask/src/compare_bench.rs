@@ -615,85 +615,60 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
         bail!("expected two systems' results");
     };
     // (row, kstore, Kafka Streams, unit, higher is better)
-    let rows: Vec<(&str, f64, f64, &str, bool)> = vec![
+    let mut rows: Vec<(String, f64, f64, &str, bool)> = vec![(
+        "exactly-once ingest".into(),
+        k.ingest_events_per_second,
+        s.ingest_events_per_second,
+        "events/s",
+        true,
+    )];
+    for (phase, of) in [
         (
-            "exactly-once ingest",
-            k.ingest_events_per_second,
-            s.ingest_events_per_second,
-            "events/s",
-            true,
+            "idle",
+            (|r: &SystemResult| &r.idle) as fn(&SystemResult) -> &Latencies,
         ),
+        ("under ingest", |r: &SystemResult| &r.under_ingest),
+    ] {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            rows.push((
+                format!("Get {name}, {phase}"),
+                ms(&of(k).response, q),
+                ms(&of(s).response, q),
+                "ms",
+                false,
+            ));
+        }
+    }
+    rows.extend([
         (
-            "Get p50, idle",
-            ms(&k.idle.response, 0.5),
-            ms(&s.idle.response, 0.5),
-            "ms",
-            false,
-        ),
-        (
-            "Get p99, idle",
-            ms(&k.idle.response, 0.99),
-            ms(&s.idle.response, 0.99),
-            "ms",
-            false,
-        ),
-        (
-            "Get p99.9, idle",
-            ms(&k.idle.response, 0.999),
-            ms(&s.idle.response, 0.999),
-            "ms",
-            false,
-        ),
-        (
-            "Get p50, under ingest",
-            ms(&k.under_ingest.response, 0.5),
-            ms(&s.under_ingest.response, 0.5),
-            "ms",
-            false,
-        ),
-        (
-            "Get p99, under ingest",
-            ms(&k.under_ingest.response, 0.99),
-            ms(&s.under_ingest.response, 0.99),
-            "ms",
-            false,
-        ),
-        (
-            "Get p99.9, under ingest",
-            ms(&k.under_ingest.response, 0.999),
-            ms(&s.under_ingest.response, 0.999),
-            "ms",
-            false,
-        ),
-        (
-            "failed reads",
+            "failed reads".into(),
             (k.idle.errors + k.under_ingest.errors) as f64,
             (s.idle.errors + s.under_ingest.errors) as f64,
             "",
             false,
         ),
         (
-            "peak RSS",
+            "peak RSS".into(),
             mib(k.peak_rss_bytes),
             mib(s.peak_rss_bytes),
             "MiB",
             false,
         ),
         (
-            "steady RSS",
+            "steady RSS".into(),
             mib(k.steady_rss_bytes),
             mib(s.steady_rss_bytes),
             "MiB",
             false,
         ),
         (
-            "state on disk",
+            "state on disk".into(),
             mib(k.state_bytes),
             mib(s.state_bytes),
             "MiB",
             false,
         ),
-    ];
+    ]);
     let mut table = String::new();
     table.push_str(&format!(
         "{} node(s) each, {} partitions, {} events over {} customers (1 in {MALFORMED_EVERY} \

@@ -22,12 +22,12 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::backup::{Backups, CatalogEntry};
 use crate::config::NodeConfig;
-use crate::ingest::INPUT_REWIND_HEADER;
+use crate::ingest::{INPUT_REWIND_HEADER, send};
 use crate::store::{PartitionStore, SharedMemory};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -267,7 +267,7 @@ pub fn execute(
     let memory = SharedMemory::new(&config.memory);
     let backups = Backups::from_config(config, count, memory.clone())
         .ok_or_else(|| PointInTimeError::Refused("no backup location: set `backup.dir`".into()))?;
-    let producer: ThreadedProducer<DefaultProducerContext> = client
+    let producer: BaseProducer = client
         .clone()
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -295,49 +295,28 @@ pub fn execute(
         ));
         let keys = keys_after(&client, &changelog, partition, plan.backup.changelog_next)?;
         let rewind = plan.backup.input_next.to_string();
-        for key in &keys {
-            let value = restored.get(key)?;
+        // Then one more record, so that even a partition with nothing to correct tells every
+        // copy where the input stands now.
+        let marker = restored_marker_key();
+        let corrections = keys
+            .iter()
+            .map(|key| Ok::<_, PointInTimeError>((key.as_slice(), restored.get(key)?)))
+            .chain(std::iter::once(Ok((marker.as_slice(), None))));
+        for correction in corrections {
+            let (key, value): (&[u8], Option<Vec<u8>>) = correction?;
             let headers = OwnedHeaders::new().insert(Header {
                 key: INPUT_REWIND_HEADER,
                 value: Some(rewind.as_bytes()),
             });
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
                 .partition(partition as i32)
-                .key(key.as_slice())
+                .key(key)
                 .headers(headers);
             if let Some(value) = &value {
                 record = record.payload(value.as_slice());
             }
-            let mut record = record;
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((error, returned)) => {
-                        if error.rdkafka_error_code()
-                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                        {
-                            return Err(kafka("writing a correction")(error));
-                        }
-                        record = returned;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
+            send(&producer, record).map_err(kafka("writing a correction"))?;
         }
-        // One more record, so that even a partition with nothing to correct tells every
-        // copy where the input stands now.
-        let headers = OwnedHeaders::new().insert(Header {
-            key: INPUT_REWIND_HEADER,
-            value: Some(rewind.as_bytes()),
-        });
-        let marker = restored_marker_key();
-        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
-            .partition(partition as i32)
-            .key(marker.as_slice())
-            .headers(headers);
-        producer
-            .send(record)
-            .map_err(|(error, _)| kafka("writing the rewind marker")(error))?;
         producer
             .flush(KAFKA_TIMEOUT)
             .map_err(kafka("flushing the corrections"))?;

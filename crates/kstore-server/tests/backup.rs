@@ -76,16 +76,31 @@ fn restored_records(log: &str) -> BTreeMap<u32, u64> {
     restored
 }
 
+/// A scenario whose nodes back up to a directory of its own, only on demand (so a test
+/// knows which backups exist); returns it and the directory.
+async fn scenario_with_backups(name: &str) -> Result<(Scenario, PathBuf)> {
+    let mut scenario = Scenario::new(name, PARTITIONS).await?;
+    let backup_dir = scenario.dir.path().join("backups");
+    scenario
+        .extra
+        .push(format!("backup.dir={}", backup_dir.display()));
+    scenario.extra.push("backup.interval-ms=0".into());
+    Ok((scenario, backup_dir))
+}
+
+/// What `kstore backup` calls a node with, for the node at `uri`.
+fn admin_target(uri: &str) -> AdminTarget {
+    AdminTarget {
+        seeds: vec![uri.trim_start_matches("http://").to_owned()],
+        token: None,
+        timeout: Duration::from_secs(120),
+    }
+}
+
 #[test]
 fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Result<()> {
     run_async(async {
-        let mut scenario = Scenario::new("backup-recovery", PARTITIONS).await?;
-        let backup_dir = scenario.dir.path().join("backups");
-        scenario
-            .extra
-            .push(format!("backup.dir={}", backup_dir.display()));
-        // Backups only on demand, so the test knows which ones exist.
-        scenario.extra.push("backup.interval-ms=0".into());
+        let (scenario, backup_dir) = scenario_with_backups("backup-recovery").await?;
         let generator = GeneratorConfig {
             customers: 2_000,
             seed: 11,
@@ -104,11 +119,7 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
 
         // One backup of every partition, from the only copy there is: the active. As
         // `kstore backup create` does: every live node in the view is asked.
-        let target = AdminTarget {
-            seeds: vec![uri.trim_start_matches("http://").to_owned()],
-            token: None,
-            timeout: Duration::from_secs(120),
-        };
+        let target = admin_target(&uri);
         let summary = kstore_cli::backup::create(&target, &[]).await?;
         ensure!(
             summary.missing.is_empty() && summary.answers.len() == 1,
@@ -420,12 +431,7 @@ fn fold_changelog(scenario: &Scenario) -> Result<BTreeMap<String, CustomerFeatur
 #[test]
 fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
     run_async(async {
-        let mut scenario = Scenario::new("point-in-time", PARTITIONS).await?;
-        let backup_dir = scenario.dir.path().join("backups");
-        scenario
-            .extra
-            .push(format!("backup.dir={}", backup_dir.display()));
-        scenario.extra.push("backup.interval-ms=0".into());
+        let (scenario, _) = scenario_with_backups("point-in-time").await?;
         let generator = GeneratorConfig {
             customers: 1_000,
             seed: 13,
@@ -441,11 +447,7 @@ fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
         let mut node = scenario.start_node("node-1", "before")?;
         let uri = scenario.grpc_uri(&mut node)?;
         scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
-        let target = AdminTarget {
-            seeds: vec![uri.trim_start_matches("http://").to_owned()],
-            token: None,
-            timeout: Duration::from_secs(120),
-        };
+        let target = admin_target(&uri);
         let summary = kstore_cli::backup::create(&target, &[]).await?;
         ensure!(
             summary.missing.is_empty(),
@@ -533,12 +535,7 @@ fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
 #[test]
 fn a_standby_damaged_while_the_node_runs_is_rebuilt_from_its_peer() -> Result<()> {
     run_async(async {
-        let mut scenario = Scenario::new("verify-running", PARTITIONS).await?;
-        let backup_dir = scenario.dir.path().join("backups");
-        scenario
-            .extra
-            .push(format!("backup.dir={}", backup_dir.display()));
-        scenario.extra.push("backup.interval-ms=0".into());
+        let (mut scenario, _) = scenario_with_backups("verify-running").await?;
         scenario.extra.push("verify-interval-ms=1000".into());
         let generator = GeneratorConfig {
             customers: 2_000,
@@ -561,11 +558,7 @@ fn a_standby_damaged_while_the_node_runs_is_rebuilt_from_its_peer() -> Result<()
         wait_copies_at_end(&scenario, &mut node2).await?;
         // Backups flush the standbys' memtables, so their data is in SST files on disk.
         let grpc = scenario.grpc_uri(&mut node2.process)?;
-        let target = AdminTarget {
-            seeds: vec![grpc.trim_start_matches("http://").to_owned()],
-            token: None,
-            timeout: Duration::from_secs(120),
-        };
+        let target = admin_target(&grpc);
         kstore_cli::backup::create(&target, &[]).await?;
 
         // The disk under one of node-2's standbys flips a byte.

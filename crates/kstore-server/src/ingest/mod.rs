@@ -916,11 +916,12 @@ fn flush(producer: &BaseProducer<DeliveryTracker>, timeout: Duration) -> Result<
 }
 
 /// Sends a record, waiting for room in the producer's queue.
-fn send<K, P>(
-    producer: &BaseProducer<DeliveryTracker>,
+pub(crate) fn send<C, K, P>(
+    producer: &BaseProducer<C>,
     mut record: BaseRecord<'_, K, P>,
 ) -> Result<(), KafkaError>
 where
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
