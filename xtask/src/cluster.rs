@@ -13,12 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kstore_core::cluster::ClusterView;
-use kstore_proto::v1::MetadataRequest;
-use kstore_proto::v1::query_client::QueryClient;
-use kstore_testkit::TestKafka;
-use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
-use kstore_testkit::process::alive;
+use kstore_kafka::admin;
+use kstore_kafka::local::{Broker, DEFAULT_PORT, Started, alive};
 use serde_json::json;
 
 /// The input topic and app id of the local cluster, as in `deploy/kstore-node.toml`.
@@ -26,6 +22,8 @@ const INPUT_TOPIC: &str = "orders";
 const FIRST_GRPC_PORT: u16 = 50051;
 const FIRST_METRICS_PORT: u16 = 9464;
 const FIRST_GOSSIP_PORT: u16 = 7946;
+/// How long one call to the broker may take.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `up` starts.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,20 +81,11 @@ pub fn up(up: &Up) -> Result<()> {
     if up.nodes == 0 || up.partitions == 0 {
         bail!("--nodes and --partitions must be at least 1");
     }
-    let binaries = crate::binaries::build()?;
+    let bin = crate::build::binaries(&["kstore-server", "kstore-cli"])?;
 
     let broker = Broker::on_port(up.port);
     let broker_started = broker.start()? == Started::New;
-    let kafka = TestKafka::at(&broker.bootstrap());
-    let runtime = tokio::runtime::Runtime::new()?;
-    match kafka.partition_count(INPUT_TOPIC)? {
-        Some(count) if count != up.partitions => bail!(
-            "topic {INPUT_TOPIC} already has {count} partitions, not {}; use --partitions {count}",
-            up.partitions
-        ),
-        Some(_) => {}
-        None => runtime.block_on(kafka.create_topic(INPUT_TOPIC, up.partitions))?,
-    }
+    ensure_input_topic(&broker.bootstrap(), up.partitions)?;
 
     let dir = cluster_dir();
     fs::create_dir_all(&dir)?;
@@ -115,7 +104,7 @@ pub fn up(up: &Up) -> Result<()> {
             .collect();
         let state = dir.join(&id);
         let log = dir.join(format!("{id}.log"));
-        let mut command = Command::new(&binaries.node);
+        let mut command = Command::new(bin.join("kstore-node"));
         command.arg("--config").arg(&template);
         for setting in [
             format!("node-id={id}"),
@@ -141,7 +130,7 @@ pub fn up(up: &Up) -> Result<()> {
     }
 
     let producer_log = dir.join("produce.log");
-    let mut produce = Command::new(&binaries.cli);
+    let mut produce = Command::new(bin.join("kstore"));
     produce.args([
         "produce",
         "--topic",
@@ -155,14 +144,35 @@ pub fn up(up: &Up) -> Result<()> {
     let producer_pid = spawn_detached(produce, &producer_log)?;
 
     let cluster = json!({
+        "bin": bin,
         "broker": {"bootstrap": broker.bootstrap(), "port": up.port, "started_by_up": broker_started},
         "nodes": nodes,
         "producer": {"pid": producer_pid, "log": producer_log, "rate": up.rate},
     });
     fs::write(cluster_file(), serde_json::to_string_pretty(&cluster)?)?;
 
-    runtime.block_on(wait_serving(&cluster))?;
+    wait_serving(&cluster)?;
     print_next_steps(&cluster, up);
+    Ok(())
+}
+
+/// Creates the input topic, or checks the partition count of the one that exists.
+fn ensure_input_topic(bootstrap: &str, partitions: u32) -> Result<()> {
+    match admin::partition_count(bootstrap, INPUT_TOPIC, KAFKA_TIMEOUT)? {
+        Some(count) if count != partitions => bail!(
+            "topic {INPUT_TOPIC} already has {count} partitions, not {partitions}; use --partitions {count}"
+        ),
+        Some(_) => return Ok(()),
+        None => admin::create_topic(bootstrap, INPUT_TOPIC, partitions, KAFKA_TIMEOUT)?,
+    }
+    // The controller has created it; wait until the broker's metadata shows it too.
+    let deadline = Instant::now() + KAFKA_TIMEOUT;
+    while admin::partition_count(bootstrap, INPUT_TOPIC, KAFKA_TIMEOUT)? != Some(partitions) {
+        if Instant::now() > deadline {
+            bail!("topic {INPUT_TOPIC} was created but the broker does not show it");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
 
@@ -185,7 +195,6 @@ pub fn status() -> Result<()> {
 
 fn write_status(out: &mut impl std::io::Write) -> Result<()> {
     let cluster = read_cluster()?;
-    let runtime = tokio::runtime::Runtime::new()?;
     writeln!(
         out,
         "broker    {}",
@@ -217,25 +226,35 @@ fn write_status(out: &mut impl std::io::Write) -> Result<()> {
             node["log"].as_str().unwrap_or_default()
         )?;
     }
-    // Any node answers for the whole cluster: ask the first that does.
-    let mut view = None;
-    let mut errors = Vec::new();
-    for node in &nodes {
-        let grpc = node["grpc"].as_str().unwrap_or_default();
-        match runtime.block_on(metadata(grpc)) {
-            Ok(answer) => {
-                view = Some((node["id"].as_str().unwrap_or_default().to_owned(), answer));
-                break;
-            }
-            Err(error) => errors.push(format!("{grpc}: {error:#}")),
-        }
+    // Any node answers for the whole cluster: `kstore metadata` asks the first that does.
+    let seeds: Vec<&str> = nodes
+        .iter()
+        .filter_map(|node| node["grpc"].as_str())
+        .collect();
+    let output = kstore_metadata(&cluster, &seeds)?;
+    if output.status.success() {
+        out.write_all(&output.stdout)?;
+    } else {
+        writeln!(
+            out,
+            "no node answers Metadata: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )?;
     }
-    let Some((asked, view)) = view else {
-        writeln!(out, "no node answers Metadata: {}", errors.join("; "))?;
-        return Ok(());
-    };
-    write!(out, "{}", kstore_cli::view::format_view(&view, &asked))?;
     Ok(())
+}
+
+/// Runs `kstore metadata` (the command line `up` built) against `seeds`.
+fn kstore_metadata(cluster: &serde_json::Value, seeds: &[&str]) -> Result<std::process::Output> {
+    let bin = cluster["bin"]
+        .as_str()
+        .context("cluster.json names no binaries; `cargo xtask down` and `up` again")?;
+    Command::new(Path::new(bin).join("kstore"))
+        .arg("metadata")
+        .arg("--seeds")
+        .arg(seeds.join(","))
+        .output()
+        .context("running kstore metadata")
 }
 
 pub fn down() -> Result<()> {
@@ -315,20 +334,13 @@ fn spawn_detached(mut command: Command, log: &Path) -> Result<u32> {
     Ok(child.id())
 }
 
-/// Returns a node's view of the cluster.
-async fn metadata(grpc: &str) -> Result<ClusterView> {
-    let mut client = QueryClient::connect(format!("http://{grpc}")).await?;
-    let response = client.metadata(MetadataRequest {}).await?.into_inner();
-    Ok(ClusterView::from_proto(&response))
-}
-
 /// Waits until every node answers Metadata, or a node dies.
-async fn wait_serving(cluster: &serde_json::Value) -> Result<()> {
+fn wait_serving(cluster: &serde_json::Value) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     for node in cluster["nodes"].as_array().into_iter().flatten() {
         let grpc = node["grpc"].as_str().unwrap_or_default();
         loop {
-            if metadata(grpc).await.is_ok() {
+            if kstore_metadata(cluster, &[grpc])?.status.success() {
                 break;
             }
             let pid = node["pid"].as_u64().unwrap_or(0) as u32;
@@ -339,7 +351,7 @@ async fn wait_serving(cluster: &serde_json::Value) -> Result<()> {
                     node["log"].as_str().unwrap_or_default()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     Ok(())

@@ -4,25 +4,22 @@
 //! - `kafka start|stop|status|logs` runs the local Apache Kafka broker;
 //! - `test` runs everything CI runs: setup, fmt, clippy and every test against a real broker;
 //! - `up | status | down` runs a local cluster: broker, nodes and a steady producer;
-//! - `chaos` injects faults into a cluster under load and reports what reads saw;
-//! - `bench ingest | get | cluster` measure ingest rate, read latency, and standbys and
-//!   gossip.
+//! - `bench …` and `chaos …` build and run `kstore-bench`: benchmarks, and faults injected
+//!   into a cluster under load.
+//!
+//! xtask is the first thing a newcomer compiles, before setup has installed libclang or a
+//! C++ compiler, so nothing in its dependency tree builds native code (a test checks it).
+//! Everything that does (RocksDB, librdkafka) is built by the commands, after setup.
 
-mod bench;
-mod binaries;
-mod chaos;
-mod client_bench;
+mod build;
 mod cluster;
-mod cluster_bench;
-mod compare_bench;
-mod restore_bench;
 mod setup;
 
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
+use kstore_kafka::local::{BOOTSTRAP_ENV, Broker, DEFAULT_PORT, Started};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "kstore's developer and CI commands")]
@@ -61,32 +58,21 @@ enum Task {
     Down,
     /// Runs fault scenarios (kill -9, SIGSTOP, rolling restart, scale-out, scale-in) on a
     /// 3-node cluster with events flowing and reads through every node; reports what the
-    /// reads saw and whether the final state is exact.
-    Chaos(chaos::Chaos),
-    /// Runs a benchmark against the local broker.
-    Bench {
-        #[command(subcommand)]
-        which: BenchKind,
+    /// reads saw and whether the final state is exact (`cargo xtask chaos --help`).
+    #[command(disable_help_flag = true)]
+    Chaos {
+        /// Arguments for `kstore-bench chaos`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchKind {
-    /// One node's sustained ingest rate, exactly-once and at-least-once, and its RSS.
-    Ingest(bench::IngestBench),
-    /// Get latency at a fixed rate (open loop), idle and while ingesting; MultiGet of 100 keys.
-    Get(bench::GetBench),
-    /// The state updater's catch-up rate, standby lag under ingest, and how soon a killed
-    /// node is suspect and dead.
-    Cluster(cluster_bench::ClusterBench),
-    /// What the smart client adds to a read, against a raw tonic call to the right node.
-    Client(client_bench::ClientBench),
-    /// How fast a partition comes back: raw copy, changelog replay, backup, peer snapshot;
-    /// and what a backup and an incremental backup cost.
-    Restore(restore_bench::RestoreBench),
-    /// kstore beside the Kafka Streams baseline in one run: exactly-once ingest, Get
-    /// latency idle and under ingest, failed reads, RSS, state size; a report and charts.
-    Compare(compare_bench::CompareBench),
+    /// Runs a benchmark against the local broker: ingest, get, cluster, client, restore or
+    /// compare (`cargo xtask bench --help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The benchmark and its arguments, for `kstore-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,27 +117,29 @@ fn run(cli: Cli) -> Result<()> {
             cluster::up(&up)
         }
         Task::Status => cluster::status(),
-        Task::Chaos(options) => chaos::run(&options),
         Task::Down => cluster::down(),
-        Task::Bench {
-            which: BenchKind::Ingest(bench),
-        } => bench::ingest(&bench),
-        Task::Bench {
-            which: BenchKind::Get(bench),
-        } => bench::get(&bench),
-        Task::Bench {
-            which: BenchKind::Cluster(bench),
-        } => cluster_bench::cluster(&bench),
-        Task::Bench {
-            which: BenchKind::Client(bench),
-        } => client_bench::client(&bench),
-        Task::Bench {
-            which: BenchKind::Restore(bench),
-        } => restore_bench::restore(&bench),
-        Task::Bench {
-            which: BenchKind::Compare(bench),
-        } => compare_bench::compare(&bench),
+        Task::Chaos { args } => {
+            let mut forwarded = vec!["chaos".to_owned()];
+            forwarded.extend(args);
+            bench(&forwarded)
+        }
+        Task::Bench { args } => bench(&args),
     }
+}
+
+/// Runs setup, builds `kstore-bench` with the binaries it starts, and runs it with `args`.
+fn bench(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let bin = build::binaries(&["kstore-server", "kstore-cli", "kstore-bench"])?;
+    let status = Command::new(bin.join("kstore-bench"))
+        .args(args)
+        .env("KSTORE_BIN_DIR", &bin)
+        .status()
+        .context("running kstore-bench")?;
+    if !status.success() {
+        bail!("kstore-bench {} failed: {status}", args.join(" "));
+    }
+    Ok(())
 }
 
 fn kafka(action: KafkaAction, broker: Broker) -> Result<()> {
@@ -225,7 +213,7 @@ fn test(port: u16, cargo_test_args: &[String]) -> Result<()> {
 
     // A broker named by the environment belongs to someone else; otherwise start (or reuse)
     // the local one, holding a lease so that even a killed test run leaves no broker behind.
-    let external = std::env::var(kstore_testkit::BOOTSTRAP_ENV).ok();
+    let external = std::env::var(BOOTSTRAP_ENV).ok();
     let broker = Broker::on_port(port);
     let (bootstrap, started_here, _lease) = match external {
         Some(bootstrap) => (bootstrap, false, None),
@@ -240,7 +228,7 @@ fn test(port: u16, cargo_test_args: &[String]) -> Result<()> {
     args.extend(cargo_test_args.iter().map(String::as_str));
     let result = Command::new(cargo_path())
         .args(&args)
-        .env(kstore_testkit::BOOTSTRAP_ENV, &bootstrap)
+        .env(BOOTSTRAP_ENV, &bootstrap)
         .status()
         .context("running cargo test");
 

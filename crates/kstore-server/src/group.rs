@@ -9,25 +9,21 @@
 //! it. It speaks PLAINTEXT only: behind TLS or SASL the partitions move after the session
 //! timeout instead, and the drain says so.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::{
     ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, GroupId, LeaveGroupRequest,
-    LeaveGroupResponse, RequestHeader, ResponseHeader,
+    LeaveGroupResponse,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::StrBytes;
+use kstore_kafka::wire::Connection;
 
 /// FindCoordinator v4 (batched keys, flexible): Kafka 3.0 and later.
 const FIND_COORDINATOR_VERSION: i16 = 4;
 /// LeaveGroup v5 (members by group.instance.id, with a reason): Kafka 3.2 and later.
 const LEAVE_GROUP_VERSION: i16 = 5;
-/// The largest answer accepted from a broker.
-const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// Why the member could not be removed.
 #[derive(Debug, thiserror::Error)]
@@ -95,12 +91,13 @@ fn leave_through(
     instance_id: &str,
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut connection = Connection::open(broker, timeout)?;
+    let mut connection = Connection::open(broker, timeout).map_err(|e| e.to_string())?;
     let find = FindCoordinatorRequest::default()
         .with_key_type(0)
         .with_coordinator_keys(vec![StrBytes::from_string(group.into())]);
-    let found: FindCoordinatorResponse =
-        connection.call(ApiKey::FindCoordinator, find, FIND_COORDINATOR_VERSION)?;
+    let found: FindCoordinatorResponse = connection
+        .call(ApiKey::FindCoordinator, find, FIND_COORDINATOR_VERSION)
+        .map_err(|e| e.to_string())?;
     let coordinator = found
         .coordinators
         .first()
@@ -112,7 +109,7 @@ fn leave_through(
     let mut coordinator = if address == broker {
         connection
     } else {
-        Connection::open(&address, timeout)?
+        Connection::open(&address, timeout).map_err(|e| e.to_string())?
     };
     let leave = LeaveGroupRequest::default()
         .with_group_id(GroupId(StrBytes::from_string(group.into())))
@@ -122,8 +119,9 @@ fn leave_through(
                 .with_group_instance_id(Some(StrBytes::from_string(instance_id.into())))
                 .with_reason(Some(StrBytes::from_static_str("kstore drain"))),
         ]);
-    let left: LeaveGroupResponse =
-        coordinator.call(ApiKey::LeaveGroup, leave, LEAVE_GROUP_VERSION)?;
+    let left: LeaveGroupResponse = coordinator
+        .call(ApiKey::LeaveGroup, leave, LEAVE_GROUP_VERSION)
+        .map_err(|e| e.to_string())?;
     if let Some(error) = left.error_code.err() {
         return Err(format!("leaving the group: {error:?}"));
     }
@@ -133,85 +131,4 @@ fn leave_through(
         }
     }
     Ok(())
-}
-
-/// One connection to a broker, speaking the Kafka protocol's framing (size-prefixed).
-struct Connection {
-    stream: TcpStream,
-    next_correlation_id: i32,
-}
-
-impl Connection {
-    fn open(address: &str, timeout: Duration) -> Result<Self, String> {
-        let resolved = address
-            .to_socket_addrs()
-            .map_err(|error| format!("resolving {address}: {error}"))?
-            .next()
-            .ok_or_else(|| format!("{address} resolves to nothing"))?;
-        let stream = TcpStream::connect_timeout(&resolved, timeout)
-            .map_err(|error| format!("connecting to {address}: {error}"))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|error| error.to_string())?;
-        Ok(Connection {
-            stream,
-            next_correlation_id: 1,
-        })
-    }
-
-    /// Sends `request` as API `key` at `version` and reads its answer.
-    fn call<Req, Resp>(&mut self, key: ApiKey, request: Req, version: i16) -> Result<Resp, String>
-    where
-        Req: Encodable + HeaderVersion,
-        Resp: Decodable + HeaderVersion,
-    {
-        let correlation_id = self.next_correlation_id;
-        self.next_correlation_id += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("kstore")));
-        let encoding = |error: anyhow::Error| format!("encoding a request: {error}");
-        let mut body = BytesMut::new();
-        header
-            .encode(&mut body, Req::header_version(version))
-            .map_err(encoding)?;
-        request.encode(&mut body, version).map_err(encoding)?;
-        let mut frame = BytesMut::with_capacity(body.len() + 4);
-        frame.put_i32(body.len() as i32);
-        frame.put_slice(&body);
-        self.stream
-            .write_all(&frame)
-            .map_err(|error| format!("sending: {error}"))?;
-
-        let mut size = [0u8; 4];
-        self.stream
-            .read_exact(&mut size)
-            .map_err(|error| format!("reading the answer: {error}"))?;
-        let size = i32::from_be_bytes(size);
-        if size < 0 || size as usize > MAX_RESPONSE_BYTES {
-            return Err(format!("an answer of {size} bytes"));
-        }
-        let mut answer = vec![0u8; size as usize];
-        self.stream
-            .read_exact(&mut answer)
-            .map_err(|error| format!("reading the answer: {error}"))?;
-        let mut answer = Bytes::from(answer);
-        let decoding = |error: anyhow::Error| format!("decoding the answer: {error}");
-        let header =
-            ResponseHeader::decode(&mut answer, Resp::header_version(version)).map_err(decoding)?;
-        if header.correlation_id != correlation_id {
-            return Err(format!(
-                "an answer to request {} where {correlation_id} was expected",
-                header.correlation_id
-            ));
-        }
-        let response = Resp::decode(&mut answer, version).map_err(decoding)?;
-        if answer.has_remaining() {
-            tracing::debug!(left = answer.remaining(), "bytes after a broker's answer");
-        }
-        Ok(response)
-    }
 }

@@ -22,10 +22,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::broker::{Broker, DEFAULT_PORT};
-
-/// Names the broker that tests use instead of starting their own.
-pub const BOOTSTRAP_ENV: &str = "KSTORE_KAFKA_BOOTSTRAP";
+use crate::broker::{BOOTSTRAP_ENV, Broker, DEFAULT_PORT};
 
 /// Chooses the port of the broker that tests start when `KSTORE_KAFKA_BOOTSTRAP` is unset.
 pub const PORT_ENV: &str = "KSTORE_KAFKA_PORT";

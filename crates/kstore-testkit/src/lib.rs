@@ -12,9 +12,11 @@
 //! ```
 
 pub mod baseline;
-pub mod broker;
+/// The local broker, from `kstore-kafka`.
+pub use kstore_kafka::local as broker;
 pub mod chaos;
 mod fixture;
 pub mod process;
 
-pub use fixture::{BOOTSTRAP_ENV, PORT_ENV, TestKafka, kafka};
+pub use fixture::{PORT_ENV, TestKafka, kafka};
+pub use kstore_kafka::local::BOOTSTRAP_ENV;

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+pub use kstore_kafka::local::alive;
 
 /// A child process whose stdout and stderr go to a log file. Dropping it kills it.
 #[derive(Debug)]
@@ -135,17 +136,6 @@ impl Drop for TestProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Returns whether process `pid` runs (a zombie, exited but not yet reaped, does not).
-pub fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry; its state letter, after the name, is Z.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'))
-    })
 }
 
 /// Sends `GET path` over HTTP/1.1 to `address` (such as a node's metrics port) and returns the

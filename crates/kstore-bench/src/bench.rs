@@ -56,7 +56,7 @@ struct Measurement {
 }
 
 pub fn ingest(bench: &IngestBench) -> Result<()> {
-    let node_binary = crate::binaries::build()?.node;
+    let node_binary = crate::binaries::locate()?.node;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
@@ -317,7 +317,7 @@ pub fn get(bench: &GetBench) -> Result<()> {
     if !bench.seeds.is_empty() {
         return get_through_client(bench);
     }
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());

@@ -29,7 +29,7 @@ pub struct ClientBench {
 }
 
 pub fn client(bench: &ClientBench) -> Result<()> {
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());

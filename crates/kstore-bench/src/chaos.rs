@@ -39,17 +39,12 @@ pub fn run(options: &Chaos) -> Result<()> {
             )
         })?]
     };
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(options.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
     let runtime = tokio::runtime::Runtime::new()?;
-    let target = binaries
-        .node
-        .parent()
-        .and_then(|debug| debug.parent())
-        .context("the target directory")?
-        .join("chaos");
+    let target = binaries.report_dir("chaos");
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let dir = target.join(format!("run-{stamp}"));
     std::fs::create_dir_all(&dir)?;

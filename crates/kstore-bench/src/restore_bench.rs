@@ -41,7 +41,7 @@ struct Way {
 }
 
 pub fn restore(bench: &RestoreBench) -> Result<()> {
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());
@@ -55,12 +55,7 @@ pub fn restore(bench: &RestoreBench) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("kstore-bench-restore")
         .tempdir_in(std::env::temp_dir())?;
-    let report_dir = binaries
-        .node
-        .parent()
-        .and_then(|profile| profile.parent())
-        .context("the target directory")?
-        .join("bench");
+    let report_dir = binaries.report_dir("bench");
     let result = run(
         bench,
         &binaries.node,

@@ -506,7 +506,7 @@ fn measure_system(
 }
 
 pub fn compare(bench: &CompareBench) -> Result<()> {
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     eprintln!("bench: building the Kafka Streams baseline (Maven, when its sources changed)");
     let jar = build_jar()?;
     let broker = Broker::on_port(bench.port);
@@ -519,12 +519,7 @@ pub fn compare(bench: &CompareBench) -> Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("kstore-bench-compare")
         .tempdir_in(std::env::temp_dir())?;
-    let report_dir = binaries
-        .node
-        .parent()
-        .and_then(|profile| profile.parent())
-        .context("the target directory")?
-        .join("bench");
+    let report_dir = binaries.report_dir("bench");
     std::fs::create_dir_all(&report_dir)?;
 
     let mut results = Vec::new();

@@ -62,7 +62,7 @@ struct Node {
 }
 
 pub fn cluster(bench: &ClusterBench) -> Result<()> {
-    let binaries = crate::binaries::build()?;
+    let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
     let kafka = TestKafka::at(&broker.bootstrap());

@@ -1,4 +1,4 @@
-//! A real Apache Kafka broker for development, tests and CI.
+//! The local Apache Kafka broker for development, tests and CI.
 //!
 //! The broker is the release that `deploy/kafka/pom.xml` pins. Maven resolves its jars into
 //! the local Maven cache; the broker then runs as a plain `java` process in KRaft combined
@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::process::alive;
-use rdkafka::ClientConfig;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use crate::admin;
+
+/// Names a broker that tests use instead of starting their own (`host:port`, comma-separated).
+pub const BOOTSTRAP_ENV: &str = "KSTORE_KAFKA_BOOTSTRAP";
 
 /// The port `cargo xtask kafka start` and the test fixture use unless told otherwise.
 pub const DEFAULT_PORT: u16 = 39092;
@@ -375,7 +375,7 @@ impl Broker {
         let port = self.port;
         let controller = self.controller_port();
         let server = format!(
-            "# Written by kstore-testkit for a local development and test broker.\n\
+            "# Written by kstore-kafka for a local development and test broker.\n\
              process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller}\n\
@@ -473,17 +473,25 @@ wait "$broker"
 /// (they share a target directory) must not look for the pom where it was compiled.
 const KAFKA_POM: &str = include_str!("../../../deploy/kafka/pom.xml");
 
-/// Returns whether a broker at `bootstrap` answers a metadata request within `timeout`.
+/// Returns whether a broker among `bootstrap` (comma-separated `host:port`) answers a
+/// metadata request within `timeout`.
 pub fn metadata_answers(bootstrap: &str, timeout: Duration) -> bool {
-    let consumer: BaseConsumer = match ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set_log_level(RDKafkaLogLevel::Emerg)
-        .create()
-    {
-        Ok(consumer) => consumer,
-        Err(_) => return false,
-    };
-    consumer.fetch_metadata(None, timeout).is_ok()
+    bootstrap
+        .split(',')
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .any(|address| admin::answers_metadata(address, timeout))
+}
+
+/// Returns whether process `pid` is running (a zombie, exited but not yet reaped, is not).
+pub fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; its state letter, after the name, is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+    })
 }
 
 fn signal(pid: u32, name: &str) -> Result<()> {
