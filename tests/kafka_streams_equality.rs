@@ -27,7 +27,7 @@ use kstore_proto::CUSTOMER_FEATURES_TYPE_URL;
 use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::{CustomerFeatures, GetRequest, GetResponse, get_response};
 use kstore_server::config::NodeConfig;
-use kstore_server::ingest::{
+use kstore_server::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 use kstore_server::processor::features::FeaturesProcessor;

@@ -149,15 +149,7 @@ pub fn view_json(view: &ClusterView) -> Value {
     })
 }
 
-/// A role's name.
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Active => "active",
-        Role::Standby => "standby",
-        Role::Restoring => "restoring",
-        Role::Unspecified => "-",
-    }
-}
+pub use kstore_core::cluster::role_name;
 
 /// How a read was routed, for `get --explain`: the partition, the plan, every attempt, and
 /// who answered.

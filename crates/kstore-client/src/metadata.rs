@@ -165,6 +165,7 @@ impl MetadataCache {
                     conflicting: false,
                     load: Default::default(),
                     copies: Vec::new(),
+                    copy_errors: Default::default(),
                 };
                 set_copy(&mut node, partition, holder.role(), holder.lag);
                 patched.nodes.push(node);

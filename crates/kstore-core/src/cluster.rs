@@ -38,6 +38,17 @@ pub mod keys {
     pub const LOAD: &str = "load";
     /// [`super::encode_copies`] of the node's local copies.
     pub const COPIES: &str = "copies";
+    /// [`super::encode_copy_errors`] of the node's failed copies.
+    pub const COPY_ERRORS: &str = "copy-errors";
+}
+
+/// The longest error of a failed copy that gossip carries, in bytes.
+pub const MAX_COPY_ERROR_BYTES: usize = 200;
+
+/// Whether a copy in `role` answers reads: active, standby and restoring copies do; copies
+/// that are opening, bootstrapping or failed do not.
+pub fn serves_reads(role: Role) -> bool {
+    matches!(role, Role::Active | Role::Standby | Role::Restoring)
 }
 
 /// One copy of a partition on a node, as its node last published it.
@@ -45,7 +56,7 @@ pub mod keys {
 pub struct CopyInfo {
     /// The partition.
     pub partition: u32,
-    /// Active, standby or restoring.
+    /// Active, standby or restoring; or opening, bootstrapping or failed (no reads).
     pub role: Role,
     /// The next changelog offset the copy will apply.
     pub changelog_offset: i64,
@@ -89,6 +100,8 @@ pub struct NodeEntry {
     pub load: Load,
     /// Its copies, by partition.
     pub copies: Vec<CopyInfo>,
+    /// Why its failed copies failed, by partition.
+    pub copy_errors: BTreeMap<u32, String>,
 }
 
 impl NodeEntry {
@@ -156,17 +169,34 @@ pub fn liveness(detected: Detected, dead_after: Duration) -> Liveness {
     }
 }
 
+/// Returns a role's name, as logs, metrics labels, backup catalogs and the command line
+/// show it.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Active => "active",
+        Role::Standby => "standby",
+        Role::Restoring => "restoring",
+        Role::Opening => "opening",
+        Role::Bootstrapping => "bootstrapping",
+        Role::Failed => "failed",
+        Role::Unspecified => "unspecified",
+    }
+}
+
 fn role_letter(role: Role) -> char {
     match role {
         Role::Active => 'A',
         Role::Standby => 'S',
         Role::Restoring => 'R',
+        Role::Opening => 'O',
+        Role::Bootstrapping => 'B',
+        Role::Failed => 'F',
         Role::Unspecified => 'U',
     }
 }
 
 /// Encodes copies as `partition:role:changelog:input:lag`, space-separated, roles as
-/// A(ctive), S(tandby), R(estoring).
+/// A(ctive), S(tandby), R(estoring), O(pening), B(ootstrapping), F(ailed).
 pub fn encode_copies(copies: &[CopyInfo]) -> String {
     let mut text = String::with_capacity(copies.len() * 24);
     for (i, copy) in copies.iter().enumerate() {
@@ -204,6 +234,9 @@ pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
             "A" => Role::Active,
             "S" => Role::Standby,
             "R" => Role::Restoring,
+            "O" => Role::Opening,
+            "B" => Role::Bootstrapping,
+            "F" => Role::Failed,
             other => return Err(format!("unknown role {other:?} in {item:?}")),
         };
         copies.push(CopyInfo {
@@ -223,6 +256,43 @@ pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
         return Err("a partition appears twice".into());
     }
     Ok(copies)
+}
+
+/// Encodes the errors of failed copies, one `partition:error` per line; each error cut to
+/// [`MAX_COPY_ERROR_BYTES`] (at a character boundary), its line breaks made spaces.
+pub fn encode_copy_errors(errors: &BTreeMap<u32, String>) -> String {
+    let mut text = String::new();
+    for (partition, error) in errors {
+        let mut end = error.len().min(MAX_COPY_ERROR_BYTES);
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&partition.to_string());
+        text.push(':');
+        text.extend(error[..end].chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }));
+    }
+    text
+}
+
+/// Decodes [`encode_copy_errors`].
+pub fn decode_copy_errors(text: &str) -> Result<BTreeMap<u32, String>, String> {
+    let mut errors = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.is_empty()) {
+        let (partition, error) = line
+            .split_once(':')
+            .ok_or_else(|| format!("{line:?} is not partition:error"))?;
+        let partition: u32 = partition
+            .parse()
+            .map_err(|_| format!("partition {partition:?} is not a number"))?;
+        if error.len() > MAX_COPY_ERROR_BYTES {
+            return Err(format!("the error of partition {partition} is too long"));
+        }
+        errors.insert(partition, error.to_owned());
+    }
+    Ok(errors)
 }
 
 /// Encodes a load as `ingest_rate:reads_in_flight`.
@@ -282,6 +352,8 @@ impl NodeEntry {
         )
         .unwrap_or_default();
         let copies = decoded(entry, keys::COPIES, decode_copies, &mut errors).unwrap_or_default();
+        let copy_errors =
+            decoded(entry, keys::COPY_ERRORS, decode_copy_errors, &mut errors).unwrap_or_default();
         let node = NodeEntry {
             node_id: entry.node_id.clone(),
             incarnation: entry.incarnation,
@@ -298,6 +370,7 @@ impl NodeEntry {
             conflicting: false,
             load,
             copies,
+            copy_errors,
         };
         (node, errors)
     }
@@ -414,13 +487,15 @@ impl ClusterView {
         self.cluster_id == other.cluster_id && self.nodes == other.nodes
     }
 
-    /// Returns every holder of `partition`, best first: live before suspect before dead,
-    /// the active before other copies, then the least lag.
+    /// Returns every holder of `partition` whose copy serves reads (not opening,
+    /// bootstrapping or failed), best first: live before suspect before dead, the active
+    /// before other copies, then the least lag.
     pub fn holders(&self, partition: u32) -> Vec<Holder<'_>> {
         let mut holders: Vec<Holder<'_>> = self
             .nodes
             .iter()
             .filter_map(|node| node.copy_of(partition).map(|copy| Holder { node, copy }))
+            .filter(|holder| serves_reads(holder.copy.role))
             .collect();
         holders.sort_by(|a, b| a.rank().cmp(&b.rank()));
         holders
@@ -573,6 +648,7 @@ fn node_to_proto(node: &NodeEntry) -> NodeInfo {
                 input_offset: c.input_offset,
                 input_end: c.input_offset + c.lag,
                 lag: c.lag,
+                error: node.copy_errors.get(&c.partition).cloned().unwrap_or_default(),
             })
             .collect(),
         liveness: node.liveness as i32,
@@ -602,6 +678,12 @@ fn node_from_proto(node: &NodeInfo) -> NodeEntry {
         })
         .collect();
     copies.sort_by_key(|c| c.partition);
+    let copy_errors = node
+        .copies
+        .iter()
+        .filter(|c| !c.error.is_empty())
+        .map(|c| (c.partition, c.error.clone()))
+        .collect();
     let load = node.load.unwrap_or_default();
     NodeEntry {
         node_id: node.node_id.clone(),
@@ -618,6 +700,7 @@ fn node_from_proto(node: &NodeInfo) -> NodeEntry {
             reads_in_flight: load.reads_in_flight,
         },
         copies,
+        copy_errors,
     }
 }
 
@@ -833,6 +916,47 @@ mod tests {
     }
 
     #[test]
+    fn copies_that_serve_no_reads_are_shown_but_never_chosen() {
+        let mut failed = with_copies(
+            entry("node-1", 1, 7001, Detected::Live),
+            &[copy(0, Role::Failed, 0), copy(1, Role::Bootstrapping, 0)],
+        );
+        failed.values.insert(
+            keys::COPY_ERRORS.into(),
+            encode_copy_errors(&BTreeMap::from([(0, "disk full\nretrying".to_owned())])),
+        );
+        let view = view(&[
+            failed,
+            with_copies(
+                entry("node-2", 1, 7002, Detected::Live),
+                &[copy(0, Role::Standby, 4), copy(1, Role::Opening, 0)],
+            ),
+        ]);
+        let holders: Vec<&str> = view
+            .holders(0)
+            .iter()
+            .map(|h| h.node.node_id.as_str())
+            .collect();
+        assert_eq!(holders, ["node-2"]);
+        assert!(view.active(0).is_none());
+        assert!(view.holders(1).is_empty());
+        assert!(view.forward_targets(1, "node-3").is_empty());
+        assert!(view.snapshot_sources(0, "node-3").len() == 1);
+        // Metadata shows every copy, and why the failed one failed.
+        let nodes = view.to_proto_nodes();
+        let failed = &nodes[0].copies[0];
+        assert_eq!(failed.role(), Role::Failed);
+        assert_eq!(failed.error, "disk full retrying");
+        assert_eq!(nodes[0].copies[1].role(), Role::Bootstrapping);
+        let back = ClusterView::from_proto(&MetadataResponse {
+            nodes,
+            cluster_id: view.cluster_id.clone(),
+            ..MetadataResponse::default()
+        });
+        assert_eq!(back.nodes, view.nodes);
+    }
+
+    #[test]
     fn a_restart_at_the_same_address_replaces_the_old_process() {
         let old = with_copies(
             entry("node-1", 100, 7001, Detected::Live),
@@ -989,7 +1113,10 @@ mod tests {
             prop_oneof![
                 Just(Role::Active),
                 Just(Role::Standby),
-                Just(Role::Restoring)
+                Just(Role::Restoring),
+                Just(Role::Opening),
+                Just(Role::Bootstrapping),
+                Just(Role::Failed),
             ],
             0i64..i64::MAX / 2,
             0i64..i64::MAX / 2,
@@ -1019,6 +1146,20 @@ mod tests {
         fn decoding_arbitrary_text_never_panics(text in ".{0,200}") {
             let _ = decode_copies(&text);
             let _ = decode_load(&text);
+            let _ = decode_copy_errors(&text);
+        }
+
+        #[test]
+        fn copy_errors_round_trip_cut_to_their_limit(
+            errors in proptest::collection::btree_map(0u32..1024, "\\PC{0,300}", 0..16)
+        ) {
+            let decoded = decode_copy_errors(&encode_copy_errors(&errors)).unwrap();
+            prop_assert_eq!(decoded.len(), errors.len());
+            for (partition, error) in &errors {
+                let got = &decoded[partition];
+                prop_assert!(got.len() <= MAX_COPY_ERROR_BYTES);
+                prop_assert!(error.starts_with(got.as_str()));
+            }
         }
 
         #[test]
@@ -1044,7 +1185,11 @@ mod tests {
             let view = view(&entries);
             for partition in 0..1024 {
                 let holders = view.holders(partition);
-                let expected = view.nodes.iter().filter(|n| n.copy_of(partition).is_some()).count();
+                let expected = view
+                    .nodes
+                    .iter()
+                    .filter(|n| n.copy_of(partition).is_some_and(|c| serves_reads(c.role)))
+                    .count();
                 prop_assert_eq!(holders.len(), expected);
                 for pair in holders.windows(2) {
                     prop_assert!(pair[0].rank() <= pair[1].rank());

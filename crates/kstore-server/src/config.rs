@@ -179,9 +179,14 @@ pub struct NodeConfig {
     /// backup, then its changelog). Costs one sequential read of the copy.
     pub verify_checksums_on_open: bool,
     /// How often every open copy is read whole to check its checksums, in milliseconds; 0
-    /// turns the background check off. A damaged standby is moved aside and rebuilt at once;
-    /// a damaged active is reported (restarting the node rebuilds it).
+    /// turns the background check off. A damaged copy fails: it is moved aside and rebuilt
+    /// (a damaged active's input waits meanwhile, and its standbys answer its reads).
     pub verify_interval_ms: u64,
+    /// How soon a failed copy is first retried, in milliseconds; each retry that fails
+    /// again doubles the wait, up to `copy-retry-max-ms`.
+    pub copy_retry_initial_ms: u64,
+    /// The longest wait between retries of a failed copy, in milliseconds.
+    pub copy_retry_max_ms: u64,
     /// Backups of the stores.
     pub backup: BackupConfig,
     /// Memory shared by the stores.
@@ -227,6 +232,8 @@ impl Default for NodeConfig {
             drain_timeout_ms: 120_000,
             verify_checksums_on_open: true,
             verify_interval_ms: 86_400_000,
+            copy_retry_initial_ms: 1_000,
+            copy_retry_max_ms: 60_000,
             backup: BackupConfig::default(),
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
@@ -443,6 +450,12 @@ impl NodeConfig {
         }
         if self.dead_after_ms < 1_000 {
             return invalid("dead-after-ms", "must be at least 1000");
+        }
+        if self.copy_retry_initial_ms == 0 || self.copy_retry_max_ms < self.copy_retry_initial_ms {
+            return invalid(
+                "copy-retry-initial-ms",
+                "must be at least 1 and at most copy-retry-max-ms",
+            );
         }
         if self.verify_interval_ms != 0 && self.verify_interval_ms < 1_000 {
             return invalid("verify-interval-ms", "must be 0 (off) or at least 1000");

@@ -13,6 +13,7 @@ pub mod gossip;
 pub mod group;
 pub mod grpc;
 pub mod ingest;
+pub mod kafka;
 pub mod metrics;
 pub mod node;
 pub mod point_in_time;

@@ -33,6 +33,10 @@ pub const ABORTS: &str = "kstore_aborts_total";
 /// Records the consumer handed over again after they were folded (skipped, never folded
 /// twice).
 pub const REDELIVERED_RECORDS: &str = "kstore_redelivered_records_total";
+/// Records the consumer handed over, as a copy turned active, below the input offset its
+/// store already reflected (skipped, never folded twice): an exactly-once invariant
+/// violation, which must stay 0.
+pub const EXACTLY_ONCE_VIOLATIONS: &str = "kstore_exactly_once_violations_total";
 /// Changelog records the state updater applied to standby and restoring copies.
 pub const UPDATER_RECORDS: &str = "kstore_updater_records_total";
 /// Standby copies the state updater stopped updating because their store failed.
@@ -44,7 +48,8 @@ pub const ACTIVATION_TIME: &str = "kstore_partition_activation_seconds";
 pub const COMMIT_LATENCY: &str = "kstore_commit_latency_seconds";
 /// Input records a local copy does not reflect yet, by partition.
 pub const PARTITION_LAG: &str = "kstore_partition_lag_records";
-/// The role of a local copy, by partition: 1 active, 2 standby, 3 restoring.
+/// The role of a local copy, by partition: 1 active, 2 standby, 3 restoring, 4 opening, 5
+/// bootstrapping, 6 failed (0: no copy here).
 pub const PARTITION_ROLE: &str = "kstore_partition_role";
 /// Reads (a Get, or a MultiGet's keys of one partition) that the block cache and memtables
 /// could not answer, so they read from disk on the blocking pool. A steady rise means the
@@ -147,6 +152,7 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
         (COMMITS, &ingest.commits),
         (ABORTS, &ingest.aborts),
         (REDELIVERED_RECORDS, &ingest.redelivered),
+        (EXACTLY_ONCE_VIOLATIONS, &ingest.violations),
         (UPDATER_RECORDS, &updater.records),
         (UPDATER_FAILURES, &updater.failures),
     ];
@@ -156,7 +162,10 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
     for partition in 0..registry.partitions() as i32 {
         let copy = registry.get(partition);
         let lag = copy.as_ref().map_or(0, |c| c.lag());
-        let role = copy.as_ref().map_or(0, |c| c.role() as i32);
+        let role = match &copy {
+            Some(copy) => copy.role() as i32,
+            None => registry.pending(partition).map_or(0, |p| p.role as i32),
+        };
         let partition = partition.to_string();
         metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(lag as f64);
         metrics::gauge!(PARTITION_ROLE, "partition" => partition).set(f64::from(role));

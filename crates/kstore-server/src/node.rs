@@ -22,6 +22,7 @@ use crate::registry::Registry;
 use crate::snapshot::{PeerService, SnapshotFetcher};
 use crate::standby::updater::{self, UpdaterMetrics};
 use crate::standby::{Bootstrap, Copies, placement};
+use crate::registry::Watchdog;
 use crate::store::SharedMemory;
 use crate::topics::{self, TopicError};
 
@@ -77,10 +78,7 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka {
-        client.set(key, value);
-    }
+    let client = crate::kafka::client_config(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kstore-grpc")
@@ -182,7 +180,10 @@ pub fn run(
         },
     ));
 
-    let (restored_tx, restored) = std::sync::mpsc::channel();
+    // Restored and failed copies go to ingest; the updater's failures go to the copies'
+    // lifecycle, which retries them.
+    let (events_tx, events) = std::sync::mpsc::channel();
+    let (work_tx, work_rx) = std::sync::mpsc::channel();
     let updater_metrics = Arc::new(UpdaterMetrics::default());
     let mut updater_thread = updater::spawn(
         &client,
@@ -191,10 +192,13 @@ pub fn run(
         config.ingest_niceness,
         registry.clone(),
         updater_metrics.clone(),
-        restored_tx,
+        updater::Reports {
+            restored: events_tx.clone(),
+            failed: work_tx.clone(),
+        },
     )
     .map_err(NodeError::Updater)?;
-    let copies = Arc::new(Copies::new(
+    let (copies, lifecycle_thread) = Copies::start(
         config.clone(),
         registry.clone(),
         memory.clone(),
@@ -210,7 +214,9 @@ pub fn run(
             )),
             backups: backups.clone(),
         },
-    ));
+        events_tx,
+        (work_tx, work_rx),
+    )?;
     let placement = placement::spawn(
         copies.clone(),
         config.node_id.clone(),
@@ -223,6 +229,7 @@ pub fn run(
         .then(|| {
             let (copies, shutdown) = (copies.clone(), shutdown.clone());
             let interval = Duration::from_millis(config.verify_interval_ms);
+            let watchdog = Watchdog::new(registry.clone(), "background checksum check");
             std::thread::Builder::new()
                 .name("kstore-verify".into())
                 .spawn(move || {
@@ -234,6 +241,7 @@ pub fn run(
                         }
                         std::thread::sleep(Duration::from_millis(200));
                     }
+                    watchdog.ended_as_asked();
                 })
         })
         .transpose()?;
@@ -259,6 +267,7 @@ pub fn run(
         std::thread::Builder::new()
             .name("kstore-lag".into())
             .spawn(move || {
+                let watchdog = Watchdog::new(registry.clone(), "lag tracker");
                 track_lag(
                     &client,
                     &config.input_topic,
@@ -266,7 +275,8 @@ pub fn run(
                     &metrics,
                     &updater_metrics,
                     &shutdown,
-                )
+                );
+                watchdog.ended_as_asked();
             })?
     };
 
@@ -274,14 +284,16 @@ pub fn run(
         config.clone(),
         topology.partitions,
         processor,
-        copies,
-        restored,
+        copies.clone(),
+        events,
         ingest_metrics,
         shutdown.clone(),
     );
     // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);
     let _ = placement.join();
+    copies.stop();
+    let _ = lifecycle_thread.join();
     if let Some(scrub) = scrub {
         let _ = scrub.join();
     }

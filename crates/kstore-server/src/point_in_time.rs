@@ -27,7 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::backup::{Backups, CatalogEntry};
 use crate::config::NodeConfig;
-use crate::ingest::{INPUT_REWIND_HEADER, send};
+use crate::kafka::{INPUT_REWIND_HEADER, send};
 use crate::store::{PartitionStore, SharedMemory};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,13 +139,6 @@ fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> 
     move |source| PointInTimeError::Kafka { what, source }
 }
 
-fn client(config: &NodeConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka {
-        client.set(key, value);
-    }
-    client
-}
 
 /// Chooses each partition's backup and checks that the input still holds what must be
 /// reprocessed. `partitions` empty means every partition.
@@ -154,7 +147,7 @@ pub fn plan(
     point: RestorePoint,
     partitions: &[u32],
 ) -> Result<Vec<PartitionPlan>, PointInTimeError> {
-    let client = client(config);
+    let client = crate::kafka::client_config(config);
     let count = crate::topics::partition_count(&client, &config.input_topic)
         .map_err(|e| PointInTimeError::Refused(e.to_string()))?
         .ok_or_else(|| {
@@ -232,7 +225,7 @@ pub fn plan(
 
 /// Refuses unless the app's consumer group has no members.
 pub fn check_group_empty(config: &NodeConfig) -> Result<(), PointInTimeError> {
-    let consumer: BaseConsumer = client(config)
+    let consumer: BaseConsumer = crate::kafka::client_config(config)
         .create()
         .map_err(kafka("creating a Kafka client"))?;
     let groups = consumer
@@ -262,7 +255,7 @@ pub fn execute(
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<(u32, u64)>, PointInTimeError> {
     check_group_empty(config)?;
-    let client = client(config);
+    let client = crate::kafka::client_config(config);
     let count = plans.first().map_or(0, |p| p.backup.partition_count);
     let memory = SharedMemory::new(&config.memory);
     let backups = Backups::from_config(config, count, memory.clone())

@@ -1,12 +1,16 @@
 //! The node's registry of local partition copies: what ingest and the state updater publish
 //! and what reads and gossip consult. Each copy carries its store, its role, its position
 //! (as a watch channel, so that a read with a position bound can wait for it) and the
-//! input's end offset. The registry also holds what the node says of itself in gossip: its
-//! status, the consumer-group generation it last saw, and the reads it is answering.
+//! input's end offset. Copies that cannot serve reads (opening, bootstrapping, failed) are
+//! listed apart, with the error of a failed one, so that Metadata and metrics show them. The
+//! registry also holds what the node says of itself in gossip: its status, the
+//! consumer-group generation it last saw, and the reads it is answering; and what is wrong
+//! with the node as a whole (a thread that died), which turns its health NOT_SERVING.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use kstore_proto::v1::{NodeStatus, Role};
 use tokio::sync::{Notify, watch};
@@ -60,12 +64,29 @@ impl PartitionCopy {
     }
 }
 
+/// A local copy that cannot serve reads yet, or any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCopy {
+    /// Opening, bootstrapping or failed.
+    pub role: Role,
+    /// Why it failed (for a failed copy).
+    pub error: Option<String>,
+    /// Since when it is in this role.
+    pub since: SystemTime,
+}
+
 /// Every local copy, by partition.
 #[derive(Debug)]
 pub struct Registry {
     node_id: String,
     partitions: u32,
     copies: RwLock<HashMap<i32, Arc<PartitionCopy>>>,
+    pending: RwLock<HashMap<i32, PendingCopy>>,
+    /// What is wrong with the node as a whole, by what noticed it; health is NOT_SERVING
+    /// while it is not empty.
+    problems: watch::Sender<BTreeMap<&'static str, String>>,
+    /// Why the node must stop, once something node-wide failed (the state directory gone).
+    fatal: std::sync::Mutex<Option<String>>,
     ready: AtomicBool,
     ready_notify: Notify,
     group_generation: AtomicI32,
@@ -89,6 +110,9 @@ impl Registry {
             node_id: node_id.into(),
             partitions,
             copies: RwLock::new(HashMap::new()),
+            pending: RwLock::new(HashMap::new()),
+            problems: watch::Sender::new(BTreeMap::new()),
+            fatal: std::sync::Mutex::new(None),
             ready: AtomicBool::new(false),
             ready_notify: Notify::new(),
             group_generation: AtomicI32::new(0),
@@ -126,7 +150,8 @@ impl Registry {
         all
     }
 
-    /// Publishes a copy (or updates the role and position of the one already there).
+    /// Publishes a copy (or updates the role and position of the one already there). It is
+    /// no longer pending.
     pub fn track(
         &self,
         partition: i32,
@@ -134,6 +159,7 @@ impl Registry {
         role: Role,
         position: Position,
     ) {
+        self.clear_pending(partition);
         let mut copies = self
             .copies
             .write()
@@ -162,6 +188,84 @@ impl Registry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&partition);
+    }
+
+    /// Lists a copy that cannot serve reads (opening, bootstrapping or failed), in place of
+    /// any readable copy of the partition.
+    pub fn set_pending(&self, partition: i32, role: Role, error: Option<String>) {
+        self.remove(partition);
+        let mut pending = self
+            .pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = match pending.get(&partition) {
+            Some(copy) if copy.role == role => copy.since,
+            _ => SystemTime::now(),
+        };
+        pending.insert(partition, PendingCopy { role, error, since });
+    }
+
+    /// Stops listing a pending copy.
+    pub fn clear_pending(&self, partition: i32) {
+        self.pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&partition);
+    }
+
+    /// Returns the pending copy of a partition, if there is one.
+    pub fn pending(&self, partition: i32) -> Option<PendingCopy> {
+        self.pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&partition)
+            .cloned()
+    }
+
+    /// Returns every pending copy, by partition.
+    pub fn all_pending(&self) -> Vec<(i32, PendingCopy)> {
+        let pending = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<_> = pending.iter().map(|(p, c)| (*p, c.clone())).collect();
+        all.sort_by_key(|(p, _)| *p);
+        all
+    }
+
+    /// Records what is wrong with the node as a whole (`what` noticed it), which turns its
+    /// health NOT_SERVING.
+    pub fn set_problem(&self, what: &'static str, problem: String) {
+        tracing::error!(what, problem, "the node is not healthy");
+        self.problems.send_modify(|problems| {
+            problems.insert(what, problem);
+        });
+    }
+
+    /// Records that the node must stop, and why (the first reason wins): something
+    /// node-wide failed. Ingest stops at its next turn and the node exits with the reason.
+    pub fn set_fatal(&self, reason: String) {
+        let mut fatal = self
+            .fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fatal.is_none() {
+            tracing::error!(reason, "the node must stop");
+            *fatal = Some(reason);
+        }
+    }
+
+    /// Returns why the node must stop, once something node-wide failed.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Returns a receiver of what is wrong with the node (empty while nothing is).
+    pub fn watch_problems(&self) -> watch::Receiver<BTreeMap<&'static str, String>> {
+        self.problems.subscribe()
     }
 
     /// Sets a copy's role.
@@ -242,6 +346,46 @@ impl Registry {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// Notices a thread of the node that dies: dropped while its thread panics, or before the
+/// thread said it ended as asked, it records the problem in the registry (the node's health
+/// turns NOT_SERVING, and the log says which thread and why).
+#[derive(Debug)]
+pub struct Watchdog {
+    registry: Arc<Registry>,
+    what: &'static str,
+    armed: bool,
+}
+
+impl Watchdog {
+    /// Watches the calling thread, which does `what` for the node.
+    pub fn new(registry: Arc<Registry>, what: &'static str) -> Self {
+        Watchdog {
+            registry,
+            what,
+            armed: true,
+        }
+    }
+
+    /// The thread ended because it was asked to.
+    pub fn ended_as_asked(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if self.armed {
+            let how = if std::thread::panicking() {
+                "panicked"
+            } else {
+                "ended unasked"
+            };
+            self.registry
+                .set_problem(self.what, format!("the {} thread {how}", self.what));
         }
     }
 }

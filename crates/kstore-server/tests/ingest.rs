@@ -10,7 +10,7 @@ use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::CustomerFeatures;
-use kstore_server::ingest::{
+use kstore_server::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 use kstore_server::processor::features::FeaturesProcessor;

@@ -640,15 +640,7 @@ pub fn spawn_schedule(
         .map(Some)
 }
 
-/// The name of a copy's role in the catalog.
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Active => "active",
-        Role::Standby => "standby",
-        Role::Restoring => "restoring",
-        Role::Unspecified => "unspecified",
-    }
-}
+pub use kstore_core::cluster::role_name;
 
 fn millis_since_epoch(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)

@@ -22,6 +22,7 @@ use chitchat::{
 };
 use kstore_core::cluster::{
     ClusterView, CopyInfo, Detected, GossipEntry, Liveness, Load, NodeStatus, encode_copies,
+    encode_copy_errors,
     encode_load, encode_status, keys,
 };
 use tokio::sync::watch;
@@ -194,7 +195,7 @@ fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
     } else {
         registry.status()
     };
-    let copies: Vec<CopyInfo> = registry
+    let mut copies: Vec<CopyInfo> = registry
         .all()
         .iter()
         .map(|copy| {
@@ -208,6 +209,25 @@ fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
             }
         })
         .collect();
+    // Copies that serve no reads (opening, bootstrapping, failed) show too, with the errors
+    // of the failed ones.
+    let mut errors = std::collections::BTreeMap::new();
+    for (partition, pending) in registry.all_pending() {
+        if copies.iter().any(|c| c.partition == partition as u32) {
+            continue;
+        }
+        copies.push(CopyInfo {
+            partition: partition as u32,
+            role: pending.role,
+            changelog_offset: 0,
+            input_offset: 0,
+            lag: 0,
+        });
+        if let Some(error) = pending.error {
+            errors.insert(partition as u32, error);
+        }
+    }
+    copies.sort_by_key(|c| c.partition);
     vec![
         (keys::GRPC_ADDRESS.into(), state.grpc_address.clone()),
         (keys::STATUS.into(), encode_status(status).into()),
@@ -217,6 +237,7 @@ fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
         ),
         (keys::LOAD.into(), encode_load(load)),
         (keys::COPIES.into(), encode_copies(&copies)),
+        (keys::COPY_ERRORS.into(), encode_copy_errors(&errors)),
     ]
 }
 

@@ -161,8 +161,9 @@ impl Admin for AdminService {
     ) -> Result<Response<PartitionStatusResponse>, Status> {
         self.authorize(&request)?;
         let copies = self.registry.all();
+        let pending = self.registry.all_pending();
         let store = self.store.clone();
-        let stores = tokio::task::spawn_blocking(move || {
+        let mut stores: Vec<StoreStatus> = tokio::task::spawn_blocking(move || {
             copies
                 .iter()
                 .map(|copy| StoreStatus {
@@ -175,6 +176,21 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|error| Status::internal(error.to_string()))?;
+        // Copies that serve no reads (opening, bootstrapping, failed), with their errors.
+        for (partition, copy) in pending {
+            stores.push(StoreStatus {
+                store: self.store.clone(),
+                copy: Some(kstore_proto::v1::PartitionCopy {
+                    partition: partition as u32,
+                    role: copy.role as i32,
+                    error: copy.error.unwrap_or_default(),
+                    ..Default::default()
+                }),
+                size_on_disk_bytes: 0,
+                estimated_keys: 0,
+            });
+        }
+        stores.sort_by_key(|s| s.copy.as_ref().map_or(0, |c| c.partition));
         Ok(Response::new(PartitionStatusResponse { stores }))
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use kstore_proto::ERROR_DOMAIN;
-use kstore_proto::v1::{ErrorReason, PartitionHolders, Role};
+use kstore_proto::v1::{ErrorReason, PartitionHolders};
 use prost::Message as _;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -203,12 +203,7 @@ fn describe(holders: &PartitionHolders) -> String {
         .holders
         .iter()
         .map(|h| {
-            let role = match h.role() {
-                Role::Active => "active",
-                Role::Standby => "standby",
-                Role::Restoring => "restoring",
-                Role::Unspecified => "unknown role",
-            };
+            let role = kstore_core::cluster::role_name(h.role());
             format!(
                 "{} at {} ({role}, lag {})",
                 h.node_id, h.grpc_address, h.lag
@@ -250,6 +245,8 @@ pub fn partition_holders(status: &Status) -> Option<PartitionHolders> {
 
 #[cfg(test)]
 mod tests {
+    use kstore_proto::v1::Role;
+
     use super::*;
 
     #[test]

@@ -85,11 +85,35 @@ pub async fn serve(
     let ready = registry.clone();
     tokio::spawn(async move {
         ready.wait_ready().await;
-        reporter.set_serving::<QueryServer<QueryService>>().await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        tracing::info!("stores open; health is SERVING");
+        // SERVING while nothing node-wide is wrong (a thread of the node that died turns
+        // it NOT_SERVING, with the reason in the log).
+        let mut problems = ready.watch_problems();
+        loop {
+            let status = if problems.borrow_and_update().is_empty() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status(
+                    <QueryServer<QueryService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            reporter.set_service_status("", status).await;
+            match status {
+                tonic_health::ServingStatus::Serving => {
+                    tracing::info!("stores open; health is SERVING");
+                }
+                _ => tracing::error!(
+                    problems = ?*problems.borrow(),
+                    "health is NOT_SERVING"
+                ),
+            }
+            if problems.changed().await.is_err() {
+                return;
+            }
+        }
     });
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -127,7 +151,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn health_is_not_serving_until_the_stores_are_open() {
+    async fn health_is_serving_once_the_stores_are_open_and_until_a_thread_dies() {
         let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let address = incoming.local_addr().unwrap();
         let registry = Arc::new(Registry::new("n1", 4));
@@ -179,6 +203,18 @@ mod tests {
             .await
             .expect("health turns SERVING once the stores are open");
         assert_eq!(status("kstore.v1.Query").await, ServingStatus::Serving);
+
+        // A thread of the node dies: NOT_SERVING.
+        drop(crate::registry::Watchdog::new(registry.clone(), "state updater"));
+        let not_serving = async {
+            while status("").await != ServingStatus::NotServing {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), not_serving)
+            .await
+            .expect("health turns NOT_SERVING when a thread of the node dies");
+        assert_eq!(status("kstore.v1.Query").await, ServingStatus::NotServing);
         let unknown = health
             .check(HealthCheckRequest {
                 service: "no.such.Service".into(),

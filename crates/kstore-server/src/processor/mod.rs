@@ -53,8 +53,13 @@ pub struct Outcome {
     pub outputs: Vec<OutputRecord>,
 }
 
-/// Why a record could not be processed. Either way the record goes to the dead-letter topic
-/// and the partition keeps flowing.
+/// Why a record could not be processed.
+///
+/// `Malformed` and `Failed` are the record's fault: it goes to the dead-letter topic and the
+/// partition keeps flowing. `Unavailable` is not: the processor cannot process any record
+/// right now (a resource it needs is gone, its code failed to load), so the record is not
+/// dead-lettered; the partition's copy moves to `failed`, its input waits, and the record
+/// is processed again when the copy is retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProcessError {
@@ -64,6 +69,9 @@ pub enum ProcessError {
     /// The processor failed on a well-formed record.
     #[error("processing failed: {0}")]
     Failed(String),
+    /// The processor cannot process records at all right now, whatever the record.
+    #[error("the processor is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A user's fold from input records to per-key state.

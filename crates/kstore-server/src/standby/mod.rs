@@ -1,21 +1,38 @@
 //! Local copies and their lifecycle: the one place where a partition's store is opened,
-//! handed between ingest and the state updater, and retired.
+//! handed between ingest and the state updater, failed, retried and retired.
 //!
-//! A copy is active while ingest folds the partition's input into it; restoring while the
-//! state updater brings it to the end of its changelog before it turns active; standby while
-//! the updater keeps it current for reads (because placement puts a standby here, or
-//! because the partition was revoked and its new active is not running yet). A retired copy
-//! is closed and its directory kept for `standby-retention-ms`, so that a quick return starts
-//! warm; then it is deleted. Every change of a copy's role happens under one lock, so ingest
-//! (assign, revoke) and placement (open, retire) never cross.
+//! A copy is *opening* while its files are opened and checked, *bootstrapping* while a new
+//! or damaged copy is filled from a peer's snapshot or a backup, *restoring* while the state
+//! updater brings it to the end of its changelog before it turns *active* (ingest folds the
+//! partition's input into it), and *standby* while the updater keeps it current for reads
+//! (placement puts a standby here, or the partition was revoked and its new active is not
+//! running yet). Opening, checking and bootstrapping run on a thread of their own per copy,
+//! never on a caller's: a rebalance callback or placement only records what it wants and
+//! returns, so a long snapshot transfer stalls neither ingest nor revokes.
+//!
+//! A copy that fails (a damaged file, a failed restore or bootstrap, a store that cannot be
+//! written, a processor that cannot run) turns *failed*, with its error, and is retried with
+//! capped backoff by the lifecycle thread; the node's other copies are untouched. A failed
+//! active's input waits (ingest pauses it, so nothing is folded twice or lost) and its
+//! standbys elsewhere answer its reads. Kafka's consumer group cannot move one partition
+//! away from a live member (librdkafka has no custom assignor), so the partition stays
+//! assigned here until its copy is rebuilt, a rebalance moves it, or the node drains.
+//!
+//! A retired copy is closed and its directory kept for `standby-retention-ms`, so that a
+//! quick return starts warm; then it is deleted. Every change of a copy's role happens under
+//! one lock, held only for bookkeeping, so ingest (assign, revoke), placement (open, retire)
+//! and the preparations never cross.
 
+mod lifecycle;
 pub mod placement;
 pub mod updater;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kstore_proto::v1::Role;
 
@@ -24,6 +41,8 @@ use crate::config::NodeConfig;
 use crate::registry::Registry;
 use crate::snapshot::SnapshotFetcher;
 use crate::store::{PartitionStore, Position, SharedMemory, StoreError};
+pub use lifecycle::Want;
+use lifecycle::{Lifecycles, Next};
 use updater::{Follow, StateUpdater};
 
 /// A file in a retired copy's directory that holds when it was retired (milliseconds since
@@ -44,6 +63,8 @@ pub const COPIES_DAMAGED: &str = "kstore_copies_damaged_total";
 /// Copies new here or damaged, filled by `source`: `peer` (a snapshot), `backup` or
 /// `changelog` (no snapshot or backup could be had: the changelog from its start).
 pub const COPIES_BOOTSTRAPPED: &str = "kstore_copies_bootstrapped_total";
+/// Copies that failed (and are retried), by what they were wanted as: `active` or `standby`.
+pub const COPY_FAILURES: &str = "kstore_copy_failures_total";
 
 /// Where a copy that is new here, or damaged, gets its state from before the changelog
 /// supplies the rest: a peer's snapshot, then the newest good backup.
@@ -55,6 +76,66 @@ pub struct Bootstrap {
     pub backups: Option<Arc<Backups>>,
 }
 
+/// What ingest hears about the copies of the partitions it owns.
+#[derive(Debug)]
+pub enum CopyEvent {
+    /// The copy has applied its changelog up to the end: it can turn active.
+    Restored {
+        /// The partition.
+        partition: i32,
+        /// Which assignment of the partition it was restored for.
+        generation: u64,
+        /// How many changelog records this restore applied (a standby that was promoted
+        /// applies only the tail it had not applied yet).
+        records: u64,
+        /// The store's position afterwards.
+        position: Position,
+    },
+    /// The copy failed: ingest pauses the partition until it is restored again.
+    Failed {
+        /// The partition.
+        partition: i32,
+        /// Which assignment of the partition it failed in.
+        generation: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the lifecycle thread is told.
+#[derive(Debug)]
+pub enum Work {
+    /// Prepare the copy of the partition (open, check, bootstrap) on a thread of its own.
+    Prepare(i32),
+    /// The copy failed; retry it after the backoff. `damaged`: its files are damaged.
+    Failed {
+        /// The partition.
+        partition: i32,
+        /// Why.
+        reason: String,
+        /// Whether its files are damaged (the retry moves them aside and rebuilds it).
+        damaged: bool,
+    },
+    /// Stop the thread.
+    Stop,
+}
+
+/// The state behind the lifecycle lock.
+#[derive(Debug, Default)]
+struct State {
+    lifecycles: Lifecycles,
+    /// Stores that may still be open (a read or the updater may hold one after it was
+    /// retired): opening such a partition again reuses the instance, since RocksDB allows
+    /// one per directory.
+    open: HashMap<i32, Weak<PartitionStore>>,
+    /// Stores of copies that failed: the copy is reopened only once nobody holds them, since
+    /// a new instance cannot lock the directory (or, after the directory moved aside, would
+    /// share it) while an old one lives.
+    failed: HashMap<i32, Weak<PartitionStore>>,
+    /// Copies opened (and, found on disk, checked) in this process.
+    checked: HashSet<i32>,
+}
+
 /// Every local copy's lifecycle.
 #[derive(Debug)]
 pub struct Copies {
@@ -63,29 +144,49 @@ pub struct Copies {
     memory: SharedMemory,
     updater: StateUpdater,
     bootstrap: Bootstrap,
-    /// Stores that may still be open (a read or the updater may hold one after it was
-    /// retired): opening such a partition again reuses the instance, since RocksDB allows
-    /// one per directory. Guarded with the lifecycle: every change of a copy holds it.
-    open: Mutex<HashMap<i32, Weak<PartitionStore>>>,
+    state: Mutex<State>,
+    /// To the lifecycle thread.
+    work: Sender<Work>,
+    /// To ingest.
+    events: Sender<CopyEvent>,
 }
 
 impl Copies {
-    /// Returns the lifecycle of the node's copies.
-    pub fn new(
+    /// Returns the lifecycle of the node's copies and starts its thread, which prepares
+    /// copies and retries failed ones, taking `work` (whose sender the state updater got to
+    /// report failures). Ingest hears about its copies on `events`.
+    pub fn start(
         config: Arc<NodeConfig>,
         registry: Arc<Registry>,
         memory: SharedMemory,
         updater: StateUpdater,
         bootstrap: Bootstrap,
-    ) -> Self {
-        Copies {
+        events: Sender<CopyEvent>,
+        work: (Sender<Work>, Receiver<Work>),
+    ) -> std::io::Result<(Arc<Copies>, JoinHandle<()>)> {
+        let copies = Arc::new(Copies {
             config,
             registry,
             memory,
             updater,
             bootstrap,
-            open: Mutex::new(HashMap::new()),
-        }
+            state: Mutex::new(State::default()),
+            work: work.0,
+            events,
+        });
+        let thread = {
+            let copies = copies.clone();
+            let work = work.1;
+            std::thread::Builder::new()
+                .name("kstore-copies".into())
+                .spawn(move || copies.run(&work))?
+        };
+        Ok((copies, thread))
+    }
+
+    /// Stops the lifecycle thread (preparations under way finish on their own threads).
+    pub fn stop(&self) {
+        let _ = self.work.send(Work::Stop);
     }
 
     /// Returns the registry the copies are published in.
@@ -93,173 +194,215 @@ impl Copies {
         &self.registry
     }
 
-    fn lifecycle(&self) -> MutexGuard<'_, HashMap<i32, Weak<PartitionStore>>> {
-        self.open
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Returns the partition's store: the local copy's if there is one, else the store in
-    /// its directory, opened (and created if missing).
-    fn open_store(
-        &self,
-        open: &mut HashMap<i32, Weak<PartitionStore>>,
-        partition: i32,
-    ) -> Result<Arc<PartitionStore>, StoreError> {
-        if let Some(copy) = self.registry.get(partition) {
-            return Ok(copy.store.clone());
+    /// The lifecycle thread: prepares copies, records failures and retries them when due.
+    fn run(self: Arc<Self>, work: &Receiver<Work>) {
+        let watchdog = crate::registry::Watchdog::new(self.registry.clone(), "copy lifecycle");
+        self.serve(work);
+        watchdog.ended_as_asked();
+    }
+
+    fn serve(self: &Arc<Self>, work: &Receiver<Work>) {
+        loop {
+            let wait = self
+                .lock()
+                .lifecycles
+                .next_retry()
+                .map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
+            match work.recv_timeout(wait) {
+                Ok(Work::Prepare(partition)) => self.spawn_preparation(partition),
+                Ok(Work::Failed {
+                    partition,
+                    reason,
+                    damaged,
+                }) => self.fail(partition, &reason, damaged),
+                Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let due = {
+                let mut state = self.lock();
+                let due = state.lifecycles.due(Instant::now());
+                for &partition in &due {
+                    self.registry.set_pending(partition, Role::Opening, None);
+                }
+                due
+            };
+            for partition in due {
+                tracing::info!(partition, "retrying a failed copy");
+                self.spawn_preparation(partition);
+            }
         }
-        if let Some(store) = open.get(&partition).and_then(Weak::upgrade) {
-            return Ok(store);
+    }
+
+    fn spawn_preparation(self: &Arc<Self>, partition: i32) {
+        let copies = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("kstore-copy-{partition}"))
+            .spawn(move || copies.prepare(partition));
+        if let Err(error) = spawned {
+            self.fail(partition, &format!("starting its thread: {error}"), false);
         }
+    }
+
+    /// Opens the partition's copy (bootstrapping it if it is new here or damaged), then
+    /// hands it to what the node wants of it by now.
+    fn prepare(&self, partition: i32) {
+        let started = Instant::now();
+        let opened = self.open_copy(partition);
+        let mut state = self.lock();
+        let store = match opened {
+            Ok(store) => store,
+            Err(error) => {
+                drop(state);
+                self.fail(partition, &error.to_string(), error.is_corruption());
+                return;
+            }
+        };
+        state.open.insert(partition, Arc::downgrade(&store));
+        state.failed.remove(&partition);
+        let want = state.lifecycles.prepared(partition);
+        let position = match store.position() {
+            Ok(position) => position,
+            Err(error) => {
+                drop(state);
+                self.fail(partition, &error.to_string(), error.is_corruption());
+                return;
+            }
+        };
+        let took_ms = started.elapsed().as_millis() as u64;
+        match want {
+            Some(Want::Active { generation }) => {
+                self.registry
+                    .track(partition, store.clone(), Role::Restoring, position);
+                self.updater
+                    .follow(partition, store, Follow::Restore { generation });
+                tracing::info!(
+                    partition,
+                    took_ms,
+                    changelog_offset = position.changelog_next,
+                    input_offset = position.input_next,
+                    "copy ready; restoring its changelog tail"
+                );
+            }
+            Some(Want::Standby) => {
+                self.registry
+                    .track(partition, store.clone(), Role::Standby, position);
+                self.updater.follow(partition, store, Follow::Standby);
+                tracing::info!(
+                    partition,
+                    took_ms,
+                    changelog_offset = position.changelog_next,
+                    "following a standby copy"
+                );
+            }
+            None => {
+                // Nobody wants it any more: close it, keep its directory for a while.
+                self.registry.clear_pending(partition);
+                drop(store);
+                self.mark_retired(partition);
+            }
+        }
+    }
+
+    /// Returns the partition's store: the instance still open if there is one, else the
+    /// store in its directory, opened (created if missing, filled first from a peer or a
+    /// backup if it is new here) and, found on disk for the first time in this process,
+    /// checked. A damaged copy is moved aside and rebuilt.
+    fn open_copy(&self, partition: i32) -> Result<Arc<PartitionStore>, StoreError> {
         let dir = self.config.store_dir(partition);
-        std::fs::create_dir_all(&dir).map_err(|error| StoreError::Io {
+        let io_error = |error: std::io::Error| StoreError::Io {
             path: dir.display().to_string(),
             message: error.to_string(),
-        })?;
+        };
+        let (open, in_use, check, damaged) = {
+            let state = self.lock();
+            (
+                state.open.get(&partition).and_then(Weak::upgrade),
+                state
+                    .failed
+                    .get(&partition)
+                    .is_some_and(|store| store.strong_count() > 0),
+                !state.checked.contains(&partition),
+                state
+                    .lifecycles
+                    .failure(partition)
+                    .is_some_and(|failure| failure.damaged),
+            )
+        };
+        if in_use {
+            return Err(StoreError::Io {
+                path: dir.display().to_string(),
+                message: "the failed copy is still in use; it is reopened once it is let go"
+                    .into(),
+            });
+        }
+        if let Some(store) = open {
+            return Ok(store);
+        }
+        if damaged {
+            self.move_aside(partition, &dir, "damaged")?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_error)?;
         let warm = dir.join("CURRENT").exists();
         if !warm {
-            self.bootstrap(partition, &dir, "new here");
+            self.bootstrap(partition, &dir, if damaged { "damaged" } else { "new here" });
         }
-        // A copy found on disk is checked once per process, when it is first opened; later
-        // the background check covers it.
-        let found_at_start = warm && !open.contains_key(&partition);
         let opened = PartitionStore::open(&dir, &self.memory).and_then(|store| {
-            if found_at_start && self.config.verify_checksums_on_open {
+            if warm && check && self.config.verify_checksums_on_open {
                 store.verify_checksums()?;
             }
             Ok(store)
         });
         let store = match opened {
             Ok(store) => store,
-            Err(error) if error.is_corruption() => self.recover(partition, &dir, &error)?,
+            Err(damage) if damage.is_corruption() => {
+                tracing::error!(partition, %damage, "a local copy is damaged");
+                self.move_aside(partition, &dir, "damaged")?;
+                std::fs::create_dir_all(&dir).map_err(io_error)?;
+                let source = self.bootstrap(partition, &dir, "damaged");
+                metrics::counter!(COPIES_RECOVERED, "source" => source).increment(1);
+                PartitionStore::open(&dir, &self.memory)?
+            }
             Err(error) => return Err(error),
         };
+        if damaged {
+            metrics::counter!(COPIES_RECOVERED, "source" => "retry").increment(1);
+        }
         // Opened again: no longer retired.
         let _ = std::fs::remove_file(dir.join(RETIRED_MARKER));
-        open.insert(partition, Arc::downgrade(&store));
+        self.lock().checked.insert(partition);
         metrics::counter!(COPIES_OPENED).increment(1);
         tracing::info!(partition, warm, "opened a local copy");
         Ok(store)
     }
 
-    /// The copy in `dir` is damaged (and closed): moves it aside (never deletes it), fills
-    /// its place from a peer's snapshot or the newest good backup if it can, and opens that
-    /// (or an empty store). The state updater then replays the changelog from the copy's
-    /// position, as for any copy; meanwhile other nodes' copies serve the partition's keys.
-    fn recover(
-        &self,
-        partition: i32,
-        dir: &Path,
-        damage: &StoreError,
-    ) -> Result<Arc<PartitionStore>, StoreError> {
-        let io_error = |error: std::io::Error| StoreError::Io {
-            path: dir.display().to_string(),
-            message: error.to_string(),
-        };
+    /// Moves a damaged copy's directory aside (never deletes it) as
+    /// `<partition>.damaged-<millis>`, for inspection.
+    fn move_aside(&self, partition: i32, dir: &Path, why: &str) -> Result<(), StoreError> {
+        if !dir.exists() {
+            return Ok(());
+        }
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
-        let aside = dir.with_file_name(format!("{partition}.damaged-{millis}"));
+        let aside = dir.with_file_name(format!("{partition}.{why}-{millis}"));
         tracing::error!(
             partition,
-            %damage,
             moved_to = %aside.display(),
-            "a local copy is damaged; moving it aside and recovering it"
+            "moving a damaged copy aside; it is rebuilt"
         );
-        std::fs::rename(dir, &aside).map_err(io_error)?;
-        let source = self.bootstrap(partition, dir, "damaged");
-        std::fs::create_dir_all(dir).map_err(io_error)?;
-        metrics::counter!(COPIES_RECOVERED, "source" => source).increment(1);
-        PartitionStore::open(dir, &self.memory)
-    }
-
-    /// Reads every block of every open copy and checks its checksum (the block cache is left
-    /// as it is). A damaged standby is replaced at once: moved aside and rebuilt (from a peer,
-    /// a backup or its changelog). A damaged active keeps serving and is reported, since
-    /// ingest writes to it; the node's next start rebuilds it.
-    pub fn scrub(&self, shutdown: &std::sync::atomic::AtomicBool) {
-        let partitions: Vec<i32> = self.registry.all().iter().map(|c| c.partition).collect();
-        for partition in partitions {
-            if shutdown.load(std::sync::atomic::Ordering::Relaxed) {
-                return;
-            }
-            // Only the check holds the copy: a damaged store must be let go of to be replaced.
-            let checked = match self.registry.get(partition) {
-                Some(copy) => copy.store.verify_checksums(),
-                None => continue,
-            };
-            match checked {
-                Ok(()) => {}
-                Err(damage) if damage.is_corruption() => self.replace_damaged(partition, &damage),
-                Err(error) => tracing::warn!(partition, %error, "cannot check a copy"),
-            }
-        }
-    }
-
-    fn replace_damaged(&self, partition: i32, damage: &StoreError) {
-        let mut open = self.lifecycle();
-        let Some(copy) = self.registry.get(partition) else {
-            return;
-        };
-        let role = copy.role();
-        metrics::counter!(COPIES_DAMAGED, "role" => crate::backup::role_name(role)).increment(1);
-        if role != Role::Standby {
-            tracing::error!(
-                partition,
-                %damage,
-                role = crate::backup::role_name(role),
-                "an open copy is damaged; it keeps serving until the node restarts, which \
-                 moves it aside and rebuilds it"
-            );
-            return;
-        }
-        self.updater.stop(partition);
-        self.registry.remove(partition);
-        open.remove(&partition);
-        // The damaged store must be closed before its directory moves: RocksDB keeps writing
-        // to the path it opened, which would be the new copy's. The updater lets go of it
-        // on its next turn, reads in flight when they finish.
-        let damaged = copy.store.clone();
-        drop(copy);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while Arc::strong_count(&damaged) > 1 {
-            if std::time::Instant::now() > deadline {
-                tracing::error!(
-                    partition,
-                    "a damaged standby is still in use after 30 s; it keeps serving, and the \
-                     next check tries again"
-                );
-                let position = damaged.position().unwrap_or_default();
-                open.insert(partition, Arc::downgrade(&damaged));
-                self.registry
-                    .track(partition, damaged.clone(), Role::Standby, position);
-                self.updater.follow(partition, damaged, Follow::Standby);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        drop(damaged);
-        let dir = self.config.store_dir(partition);
-        let store = match self.recover(partition, &dir, damage) {
-            Ok(store) => store,
-            Err(error) => {
-                tracing::error!(partition, %error, "rebuilding a damaged standby failed");
-                return;
-            }
-        };
-        let position = match store.position() {
-            Ok(position) => position,
-            Err(error) => {
-                tracing::error!(partition, %error, "rebuilding a damaged standby failed");
-                return;
-            }
-        };
-        open.insert(partition, Arc::downgrade(&store));
-        self.registry
-            .track(partition, store.clone(), Role::Standby, position);
-        self.updater.follow(partition, store, Follow::Standby);
+        std::fs::rename(dir, &aside).map_err(|error| StoreError::Io {
+            path: dir.display().to_string(),
+            message: format!("moving it aside to {}: {error}", aside.display()),
+        })
     }
 
     /// Fills `dir` (missing or empty) for a copy of `partition` that is `why` (new here, or
@@ -267,7 +410,9 @@ impl Copies {
     /// changelog from its start). Returns the source. Each failure is logged and the next
     /// source tried.
     fn bootstrap(&self, partition: i32, dir: &Path, why: &str) -> &'static str {
-        let started = std::time::Instant::now();
+        self.registry
+            .set_pending(partition, Role::Bootstrapping, None);
+        let started = Instant::now();
         let source = if let Some((peer, manifest)) = self
             .bootstrap
             .peers
@@ -311,81 +456,202 @@ impl Copies {
                 "copy bootstrapped"
             );
         }
+        self.registry.set_pending(partition, Role::Opening, None);
         source
+    }
+
+    /// The partition's copy failed (`damaged`: its files are damaged): it stops serving and
+    /// being updated, shows as failed with `reason`, and is retried after the backoff. If
+    /// ingest wants it active, ingest hears of it and pauses the partition. A copy the node
+    /// no longer wants is just let go.
+    pub fn fail(&self, partition: i32, reason: &str, damaged: bool) {
+        let mut state = self.lock();
+        let copy = self.registry.get(partition);
+        if let Some(store) = state.open.remove(&partition) {
+            state.failed.insert(partition, store);
+        } else if let Some(copy) = &copy {
+            state.failed.insert(partition, Arc::downgrade(&copy.store));
+        }
+        drop(copy);
+        self.updater.stop(partition);
+        let want = state.lifecycles.wanted(partition);
+        let initial = Duration::from_millis(self.config.copy_retry_initial_ms);
+        let max = Duration::from_millis(self.config.copy_retry_max_ms);
+        let Some(failure) =
+            state
+                .lifecycles
+                .fail(partition, reason.into(), damaged, Instant::now(), initial, max)
+        else {
+            self.registry.remove(partition);
+            self.registry.clear_pending(partition);
+            return;
+        };
+        let retry_in_ms = failure
+            .retry_at
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        let attempts = failure.attempts;
+        self.registry
+            .set_pending(partition, Role::Failed, Some(reason.into()));
+        let wanted_as = match want {
+            Some(Want::Active { .. }) => "active",
+            _ => "standby",
+        };
+        metrics::counter!(COPY_FAILURES, "wanted" => wanted_as).increment(1);
+        tracing::error!(
+            partition,
+            reason,
+            damaged,
+            attempts,
+            retry_in_ms,
+            wanted_as,
+            "a copy failed; the node's other copies are untouched, and it is retried"
+        );
+        if !self.config.state_dir.exists() {
+            self.registry.set_fatal(format!(
+                "the state directory {} is gone",
+                self.config.state_dir.display()
+            ));
+        }
+        if let Some(Want::Active { generation }) = want {
+            let _ = self.events.send(CopyEvent::Failed {
+                partition,
+                generation,
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// Reads every block of every open copy and checks its checksum (the block cache is left
+    /// as it is). A damaged copy fails: it is moved aside and rebuilt (a damaged active's
+    /// input waits meanwhile, and its standbys answer its reads).
+    pub fn scrub(&self, shutdown: &std::sync::atomic::AtomicBool) {
+        let partitions: Vec<i32> = self.registry.all().iter().map(|c| c.partition).collect();
+        for partition in partitions {
+            if shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            // Only the check holds the copy: a damaged store must be let go of to be replaced.
+            let (checked, role) = match self.registry.get(partition) {
+                Some(copy) => (copy.store.verify_checksums(), copy.role()),
+                None => continue,
+            };
+            match checked {
+                Ok(()) => {}
+                Err(damage) if damage.is_corruption() => {
+                    metrics::counter!(COPIES_DAMAGED, "role" => crate::backup::role_name(role))
+                        .increment(1);
+                    self.fail(partition, &format!("damaged: {damage}"), true);
+                }
+                Err(error) => tracing::warn!(partition, %error, "cannot check a copy"),
+            }
+        }
     }
 
     /// Ingest was assigned the partition: its copy (a standby's, a retired one's, or a new
     /// one) turns restoring, and the state updater brings it to the end of its changelog,
-    /// then reports [`updater::UpdaterEvent::Restored`] with `generation`.
-    pub fn assign(
-        &self,
-        partition: i32,
-        generation: u64,
-    ) -> Result<(Arc<PartitionStore>, Position), StoreError> {
-        let mut open = self.lifecycle();
-        let store = self.open_store(&mut open, partition)?;
-        let position = store.position()?;
-        self.registry
-            .track(partition, store.clone(), Role::Restoring, position);
-        self.updater
-            .follow(partition, store.clone(), Follow::Restore { generation });
-        Ok((store, position))
+    /// then reports [`CopyEvent::Restored`] with `generation`. A copy that must be opened or
+    /// bootstrapped first is prepared off the caller's thread; this returns at once.
+    pub fn assign(&self, partition: i32, generation: u64) {
+        let mut state = self.lock();
+        let next = state
+            .lifecycles
+            .want(partition, Want::Active { generation });
+        if let Some(copy) = self.registry.get(partition) {
+            // A copy here already (a standby, or one restoring for an earlier assignment):
+            // it restores the tail it has not applied.
+            self.registry.set_role(partition, Role::Restoring);
+            self.updater.follow(
+                partition,
+                copy.store.clone(),
+                Follow::Restore { generation },
+            );
+            if next == Next::Prepare {
+                // Nothing to prepare after all.
+                state.lifecycles.prepared(partition);
+            }
+            return;
+        }
+        if next == Next::Prepare {
+            self.registry.set_pending(partition, Role::Opening, None);
+            let _ = self.work.send(Work::Prepare(partition));
+        }
     }
 
     /// The restore of an assigned partition finished: the copy turns active at `position`.
     pub fn activate(&self, partition: i32, position: Position) {
-        let _open = self.lifecycle();
+        let _state = self.lock();
         self.registry.set_position(partition, position);
         self.registry.set_role(partition, Role::Active);
     }
 
     /// Ingest gave the partition up (after committing what was open): the copy stays open
     /// and readable as a standby, kept current by the updater, until placement retires it.
+    /// A copy still being prepared, or failed, becomes a standby once it is ready.
     pub fn revoke(&self, partition: i32) {
-        let _open = self.lifecycle();
-        let Some(copy) = self.registry.get(partition) else {
+        let mut state = self.lock();
+        if state.lifecycles.wanted(partition).is_none() {
             return;
-        };
-        self.registry.set_role(partition, Role::Standby);
-        self.updater
-            .follow(partition, copy.store.clone(), Follow::Standby);
+        }
+        let next = state.lifecycles.want(partition, Want::Standby);
+        if let Some(copy) = self.registry.get(partition) {
+            self.registry.set_role(partition, Role::Standby);
+            self.updater
+                .follow(partition, copy.store.clone(), Follow::Standby);
+            if next == Next::Prepare {
+                // Nothing to prepare after all.
+                state.lifecycles.prepared(partition);
+            }
+        } else if next == Next::Prepare {
+            self.registry.set_pending(partition, Role::Opening, None);
+            let _ = self.work.send(Work::Prepare(partition));
+        }
     }
 
-    /// Placement put a standby of the partition here: opens it (warm from its directory if
-    /// one is there) and has the updater keep it current. Does nothing if a copy is open.
-    pub fn open_standby(&self, partition: i32) -> Result<(), StoreError> {
-        let mut open = self.lifecycle();
-        if self.registry.get(partition).is_some() {
-            return Ok(());
+    /// Placement put a standby of the partition here: it is opened (warm from its directory
+    /// if one is there) off the caller's thread, and the updater keeps it current. Does
+    /// nothing if the copy is open or wanted already.
+    pub fn open_standby(&self, partition: i32) {
+        let mut state = self.lock();
+        if state.lifecycles.wanted(partition).is_some() {
+            return;
         }
-        let store = self.open_store(&mut open, partition)?;
-        let position = store.position()?;
-        self.registry
-            .track(partition, store.clone(), Role::Standby, position);
-        self.updater.follow(partition, store, Follow::Standby);
-        tracing::info!(
-            partition,
-            changelog_offset = position.changelog_next,
-            "following a standby copy"
-        );
-        Ok(())
+        if state.lifecycles.want(partition, Want::Standby) == Next::Prepare {
+            self.registry.set_pending(partition, Role::Opening, None);
+            let _ = self.work.send(Work::Prepare(partition));
+        }
+    }
+
+    /// Whether the node holds the partition's copy as a standby (open, or being prepared or
+    /// retried), which placement may retire.
+    pub fn is_standby(&self, partition: i32) -> bool {
+        self.lock().lifecycles.wanted(partition) == Some(Want::Standby)
     }
 
     /// Retires a standby copy: the updater stops, reads no longer find it, and its
-    /// directory is kept for the retention period. Copies in any other role are left alone
-    /// (ingest may have claimed it meanwhile). Returns whether it was retired.
+    /// directory is kept for the retention period. A copy being prepared is closed when it
+    /// is ready. Copies wanted active are left alone (ingest may have claimed it meanwhile).
+    /// Returns whether it was retired.
     pub fn retire(&self, partition: i32) -> bool {
-        let _open = self.lifecycle();
-        let Some(copy) = self.registry.get(partition) else {
-            return false;
-        };
-        if copy.role() != Role::Standby {
+        let mut state = self.lock();
+        if state.lifecycles.wanted(partition) != Some(Want::Standby) {
             return false;
         }
+        state.lifecycles.forget(partition);
         self.updater.stop(partition);
         self.registry.remove(partition);
+        self.registry.clear_pending(partition);
+        if !state.lifecycles.preparing(partition) {
+            self.mark_retired(partition);
+        }
+        true
+    }
+
+    fn mark_retired(&self, partition: i32) {
         let dir = self.config.store_dir(partition);
-        if let Err(error) = mark_retired(&dir, SystemTime::now()) {
+        if dir.exists()
+            && let Err(error) = mark_retired(&dir, SystemTime::now())
+        {
             tracing::warn!(%error, dir = %dir.display(), "cannot mark a retired copy");
         }
         metrics::counter!(COPIES_RETIRED).increment(1);
@@ -393,18 +659,27 @@ impl Copies {
             partition,
             "retired a standby copy; its directory is kept for a while"
         );
-        true
+    }
+
+    /// Whether the partition's copy is in use: open, wanted, or being prepared.
+    fn in_use(&self, state: &State, partition: i32) -> bool {
+        self.registry.get(partition).is_some()
+            || state.lifecycles.wanted(partition).is_some()
+            || state.lifecycles.preparing(partition)
+            || state.open.get(&partition).is_some_and(|w| w.strong_count() > 0)
+            || state.failed.get(&partition).is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Marks the directories of copies that are not open (left by an earlier run) as
     /// retired now, unless they are marked already, so that the retention period counts for
     /// them too. `wanted` are the partitions that may still be opened soon.
     pub fn mark_unopened_retired(&self, wanted: &dyn Fn(i32) -> bool) {
-        let open = self.lifecycle();
+        let state = self.lock();
         for (partition, dir) in self.store_dirs() {
-            let in_use = self.registry.get(partition).is_some()
-                || open.get(&partition).is_some_and(|w| w.strong_count() > 0);
-            if in_use || wanted(partition) || dir.join(RETIRED_MARKER).exists() {
+            if self.in_use(&state, partition)
+                || wanted(partition)
+                || dir.join(RETIRED_MARKER).exists()
+            {
                 continue;
             }
             if let Err(error) = mark_retired(&dir, SystemTime::now()) {
@@ -417,21 +692,20 @@ impl Copies {
     /// were not opened again.
     pub fn delete_expired(&self) {
         let retention = Duration::from_millis(self.config.standby_retention_ms);
-        let mut open = self.lifecycle();
+        let mut state = self.lock();
         for (partition, dir) in self.store_dirs() {
-            let in_use = self.registry.get(partition).is_some()
-                || open.get(&partition).is_some_and(|w| w.strong_count() > 0);
             let expired = retired_at(&dir).is_some_and(|at| {
                 SystemTime::now()
                     .duration_since(at)
                     .is_ok_and(|age| age >= retention)
             });
-            if in_use || !expired {
+            if self.in_use(&state, partition) || !expired {
                 continue;
             }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {
-                    open.remove(&partition);
+                    state.open.remove(&partition);
+                    state.checked.remove(&partition);
                     metrics::counter!(COPIES_DELETED).increment(1);
                     tracing::info!(
                         partition,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
+use kstore_core::cluster::{ClusterView, Liveness, NodeStatus};
 use kstore_core::placement::place_standbys;
 use tokio::sync::watch;
 
@@ -53,11 +53,16 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("kstore-placement".into())
         .spawn(move || {
+            let watchdog = crate::registry::Watchdog::new(
+                follower.copies.registry().clone(),
+                "standby placement",
+            );
             while !shutdown.load(Ordering::Relaxed) {
                 let current = view.borrow().clone();
                 follower.tick(&current, Instant::now());
                 std::thread::sleep(TICK);
             }
+            watchdog.ended_as_asked();
         })
 }
 
@@ -113,15 +118,14 @@ impl Follower {
                 let since = *self.wanted_since.entry(partition).or_insert(now);
                 if now.duration_since(since) >= CHANGE_DELAY {
                     self.wanted_since.remove(&partition);
-                    if let Err(error) = self.copies.open_standby(partition as i32) {
-                        tracing::error!(%error, partition, "cannot open a standby copy");
-                    }
+                    self.copies.open_standby(partition as i32);
                 }
             } else {
                 self.wanted_since.remove(&partition);
             }
 
-            let standby = copy.is_some_and(|c| c.role() == Role::Standby);
+            // A standby here: open, or still being prepared or retried.
+            let standby = self.copies.is_standby(partition as i32);
             // A copy no longer placed here goes once the partition is served elsewhere: its
             // active runs on a live node (until then it answers reads, with its lag).
             let served_elsewhere = view.active(partition).is_some_and(|active| {

@@ -25,9 +25,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::ingest::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
+use super::{CopyEvent, Work};
+use crate::kafka::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
 use crate::registry::Registry;
-use crate::store::{PartitionStore, Position};
+use crate::store::{PartitionStore, Position, StoreError};
 
 /// The most records applied to one store in one write batch.
 const BATCH_RECORDS: usize = 10_000;
@@ -61,7 +62,7 @@ const TRANSACTION_WAIT_LIMIT: Duration = Duration::from_secs(15 * 60);
 pub enum Follow {
     /// Keep it current for as long as it is wanted.
     Standby,
-    /// Bring it to the end of its changelog, then report [`UpdaterEvent::Restored`]. The
+    /// Bring it to the end of its changelog, then report [`CopyEvent::Restored`]. The
     /// generation tells a stale restore's result from the current one.
     Restore {
         /// Which restore of the partition this is.
@@ -79,30 +80,6 @@ enum Command {
         partition: i32,
     },
     Shutdown,
-}
-
-/// What became of a restore.
-#[derive(Debug)]
-pub enum UpdaterEvent {
-    /// The store has applied its changelog up to the end.
-    Restored {
-        /// The partition.
-        partition: i32,
-        /// Which restore of the partition finished.
-        generation: u64,
-        /// How many changelog records this restore applied (a standby that was promoted
-        /// applies only the tail it had not applied yet).
-        records: u64,
-        /// The store's position afterwards.
-        position: Position,
-    },
-    /// The restore failed; the partition cannot be served from this store.
-    Failed {
-        /// The partition.
-        partition: i32,
-        /// Why.
-        reason: String,
-    },
 }
 
 /// What the updater has done, for metrics.
@@ -133,9 +110,19 @@ pub struct UpdaterThread {
     updater: StateUpdater,
 }
 
+/// The channels the updater reports on.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    /// Finished restores, to ingest.
+    pub restored: Sender<CopyEvent>,
+    /// Copies whose store failed, to the copies' lifecycle (which retries them).
+    pub failed: Sender<Work>,
+}
+
 /// Starts the state updater thread, which creates its Kafka clients after lowering its own
-/// CPU priority to `niceness` (librdkafka's threads inherit it). Restore results go to
-/// `events`.
+/// CPU priority to `niceness` (librdkafka's threads inherit it). Finished restores and
+/// failed copies are reported on `reports`. If the thread dies, the registry says so (the
+/// node's health turns NOT_SERVING).
 pub fn spawn(
     client: &ClientConfig,
     changelog_topic: String,
@@ -143,7 +130,7 @@ pub fn spawn(
     niceness: u8,
     registry: Arc<Registry>,
     metrics: Arc<UpdaterMetrics>,
-    events: Sender<UpdaterEvent>,
+    reports: Reports,
 ) -> Result<UpdaterThread, KafkaError> {
     let client = client.clone();
     let (commands, command_rx) = mpsc::channel();
@@ -151,7 +138,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("kstore-updater".into())
         .spawn(move || {
-            crate::ingest::lower_priority(niceness);
+            crate::kafka::lower_priority(niceness);
             let worker = match Worker::new(&client, changelog_topic, group_id) {
                 Ok(worker) => worker,
                 Err(error) => {
@@ -160,7 +147,9 @@ pub fn spawn(
                 }
             };
             let _ = created_tx.send(Ok(()));
-            worker.run(command_rx, &registry, &metrics, &events);
+            let watchdog = crate::registry::Watchdog::new(registry.clone(), "state updater");
+            worker.run(command_rx, &registry, &metrics, &reports);
+            watchdog.ended_as_asked();
         })
         .expect("spawning the state updater thread");
     match created_rx.recv() {
@@ -256,13 +245,11 @@ impl Job {
         }
     }
 
-    fn flush(&mut self) -> Result<bool, String> {
+    fn flush(&mut self) -> Result<bool, StoreError> {
         if self.batch.is_empty() {
             return Ok(false);
         }
-        self.store
-            .apply(&self.batch, self.position)
-            .map_err(|e| e.to_string())?;
+        self.store.apply(&self.batch, self.position)?;
         self.batch.clear();
         self.batch_started = None;
         Ok(true)
@@ -323,7 +310,7 @@ impl Worker {
         commands: Receiver<Command>,
         registry: &Registry,
         metrics: &UpdaterMetrics,
-        events: &Sender<UpdaterEvent>,
+        reports: &Reports,
     ) {
         loop {
             // Idle: wait for work. Busy: take every waiting command between polls.
@@ -337,19 +324,19 @@ impl Worker {
                     partition,
                     store,
                     follow,
-                }) => self.follow(partition, store, follow, registry, events),
+                }) => self.follow(partition, store, follow, registry, reports),
                 Ok(Command::Stop { partition }) => {
-                    self.finish(partition, registry, events, false);
+                    self.finish(partition, registry, reports, false);
                 }
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     let partitions: Vec<i32> = self.jobs.keys().copied().collect();
                     for partition in partitions {
-                        self.finish(partition, registry, events, false);
+                        self.finish(partition, registry, reports, false);
                     }
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.poll(registry, metrics, events);
+                    self.poll(registry, metrics, reports);
                 }
             }
         }
@@ -361,7 +348,7 @@ impl Worker {
         store: Arc<PartitionStore>,
         follow: Follow,
         registry: &Registry,
-        events: &Sender<UpdaterEvent>,
+        reports: &Reports,
     ) {
         if let Some(job) = self.jobs.get_mut(&partition) {
             if Arc::ptr_eq(&job.store, &store) {
@@ -379,13 +366,13 @@ impl Worker {
                 }
                 return;
             }
-            self.finish(partition, registry, events, false);
+            self.finish(partition, registry, reports, false);
         }
         // What the store holds now is what it has applied, whoever wrote it last.
         let position = match store.position() {
             Ok(position) => position,
             Err(error) => {
-                report_failure(partition, follow, error.to_string(), events);
+                report_failure(partition, error.to_string(), error.is_corruption(), reports);
                 return;
             }
         };
@@ -396,7 +383,7 @@ impl Worker {
             .and_then(|()| self.consumer.incremental_assign(&list))
         {
             let reason = format!("assigning changelog partition: {error}");
-            report_failure(partition, follow, reason, events);
+            report_failure(partition, reason, false, reports);
             return;
         }
         self.jobs
@@ -407,7 +394,7 @@ impl Worker {
         &mut self,
         registry: &Registry,
         metrics: &UpdaterMetrics,
-        events: &Sender<UpdaterEvent>,
+        reports: &Reports,
     ) {
         match self.consumer.poll(POLL_TIMEOUT) {
             None => {}
@@ -416,7 +403,7 @@ impl Worker {
                 let full = Self::take(&mut self.jobs, &message, metrics);
                 drop(message);
                 if full {
-                    self.flush(partition, registry, metrics, events);
+                    self.flush(partition, registry, metrics, reports);
                 }
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
@@ -424,7 +411,7 @@ impl Worker {
                     job.at_stable_end = true;
                     job.end_checked = None;
                 }
-                self.flush(partition, registry, metrics, events);
+                self.flush(partition, registry, metrics, reports);
             }
             Some(Err(error)) => tracing::warn!(%error, "changelog consumer error"),
         }
@@ -442,9 +429,9 @@ impl Worker {
             .map(|(partition, _)| *partition)
             .collect();
         for partition in due {
-            self.flush(partition, registry, metrics, events);
+            self.flush(partition, registry, metrics, reports);
         }
-        self.finish_restores_at_end(registry, events);
+        self.finish_restores_at_end(registry, reports);
     }
 
     /// Adds a changelog record to its partition's batch; returns whether the batch is full.
@@ -474,7 +461,7 @@ impl Worker {
         partition: i32,
         registry: &Registry,
         metrics: &UpdaterMetrics,
-        events: &Sender<UpdaterEvent>,
+        reports: &Reports,
     ) {
         let Some(job) = self.jobs.get_mut(&partition) else {
             return;
@@ -482,12 +469,16 @@ impl Worker {
         match job.flush() {
             Ok(true) => registry.set_position_of(&job.store, job.position),
             Ok(false) => {}
-            Err(reason) => {
-                let follow = job.follow;
+            Err(error) => {
                 self.jobs.remove(&partition);
                 self.unassign(partition);
                 metrics.failures.fetch_add(1, Ordering::Relaxed);
-                report_failure(partition, follow, reason, events);
+                report_failure(
+                    partition,
+                    format!("updating the copy from its changelog: {error}"),
+                    error.is_corruption(),
+                    reports,
+                );
             }
         }
     }
@@ -501,7 +492,7 @@ impl Worker {
     /// this store's position; a restore that stopped before it would lose its updates. So a
     /// restore ends only when its position (past records and transaction markers) reaches
     /// the high watermark. Until then the copy stays readable as a restoring copy.
-    fn finish_restores_at_end(&mut self, registry: &Registry, events: &Sender<UpdaterEvent>) {
+    fn finish_restores_at_end(&mut self, registry: &Registry, reports: &Reports) {
         let due: Vec<i32> = self
             .jobs
             .iter()
@@ -516,7 +507,7 @@ impl Worker {
             .collect();
         for partition in due {
             if self.transaction_open_at_end(partition) == Some(false) {
-                self.finish(partition, registry, events, true);
+                self.finish(partition, registry, reports, true);
             }
         }
     }
@@ -599,7 +590,7 @@ impl Worker {
         &mut self,
         partition: i32,
         registry: &Registry,
-        events: &Sender<UpdaterEvent>,
+        reports: &Reports,
         restored: bool,
     ) {
         let Some(mut job) = self.jobs.remove(&partition) else {
@@ -608,13 +599,18 @@ impl Worker {
         self.unassign(partition);
         match job.flush() {
             Ok(_) => registry.set_position_of(&job.store, job.position),
-            Err(reason) => {
-                report_failure(partition, job.follow, reason, events);
+            Err(error) => {
+                report_failure(
+                    partition,
+                    format!("updating the copy from its changelog: {error}"),
+                    error.is_corruption(),
+                    reports,
+                );
                 return;
             }
         }
         if let (true, Follow::Restore { generation }) = (restored, job.follow) {
-            let _ = events.send(UpdaterEvent::Restored {
+            let _ = reports.restored.send(CopyEvent::Restored {
                 partition,
                 generation,
                 records: job.records,
@@ -632,21 +628,14 @@ impl Worker {
     }
 }
 
-/// A restore's failure goes to ingest, which owns the partition; a standby's is logged, and
-/// the copy stays readable with its lag growing.
-fn report_failure(partition: i32, follow: Follow, reason: String, events: &Sender<UpdaterEvent>) {
-    match follow {
-        Follow::Restore { .. } => {
-            let _ = events.send(UpdaterEvent::Failed { partition, reason });
-        }
-        Follow::Standby => {
-            tracing::error!(
-                partition,
-                reason,
-                "updating a standby copy failed; it is no longer updated"
-            );
-        }
-    }
+/// A copy the updater could not update goes to the copies' lifecycle: it fails, and is
+/// retried (ingest hears of it if it owns the partition).
+fn report_failure(partition: i32, reason: String, damaged: bool, reports: &Reports) {
+    let _ = reports.failed.send(Work::Failed {
+        partition,
+        reason,
+        damaged,
+    });
 }
 
 /// Returns the input offset that a changelog record carries in its header.

@@ -1,0 +1,949 @@
+//! The transaction engine: what the ingest thread and the consumer's rebalance callbacks
+//! share. It owns the node's transactional producer, the partitions ingest owns and their
+//! stores, and the open transaction; it folds records into the transaction and commits or
+//! aborts it.
+//!
+//! A partition ingest owns is *restoring* (its input paused while its copy is prepared and
+//! its changelog tail replayed, off this thread), *active* (its records are folded), or
+//! *failed* (its copy failed; its input stays paused and nothing of it is folded until the
+//! copy is restored again). Exactly-once across hand-offs: when a copy turns active, the
+//! next input offset it may fold is the store's own `input_next`; the consumer handing over
+//! an offset below it is an invariant violation, counted, logged and never folded.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use super::delivery::{DeliveryTracker, lock};
+use super::fold::{self, Limits, Step};
+use super::{IngestError, IngestMetrics};
+use crate::config::{NodeConfig, ProcessingGuarantee};
+use crate::kafka::{
+    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, flush, group_generation, send,
+};
+use crate::processor::{InputRecord, Outcome, Processor, Update};
+use crate::registry::Registry;
+use crate::standby::{CopyEvent, Copies};
+use crate::store::{PartitionStore, StoreError};
+
+pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait after a transaction was aborted because producing failed.
+const SEND_FAILURE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What ingest does with a partition it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ownership {
+    /// Its copy is being prepared and its changelog tail replayed, for assignment number
+    /// `generation`; its input is paused. A finished restore of an earlier generation (one
+    /// cancelled by a revoke before the partition came back) must not activate it.
+    Restoring { generation: u64, since: Instant },
+    /// Its input is being folded into its store.
+    Active { generation: u64 },
+    /// Its copy failed: its input is paused until the copy is restored again.
+    Failed { generation: u64, since: Instant },
+}
+
+impl Ownership {
+    fn generation(self) -> u64 {
+        match self {
+            Ownership::Restoring { generation, .. }
+            | Ownership::Active { generation }
+            | Ownership::Failed { generation, .. } => generation,
+        }
+    }
+}
+
+/// The open transaction: what it changed, and which input it covers.
+struct OpenTransaction {
+    started: Instant,
+    records: usize,
+    /// Bytes of keys and values in the overlay.
+    overlay_bytes: usize,
+    /// Pending updates per partition; `None` deletes. Readable by the processor, invisible
+    /// to everyone else until the transaction commits.
+    overlay: HashMap<i32, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// The first input offset per partition, where to rewind after an abort.
+    first_offset: HashMap<i32, i64>,
+    /// The next input offset per partition, committed with the transaction.
+    next_offset: HashMap<i32, i64>,
+}
+
+impl OpenTransaction {
+    fn new() -> Self {
+        OpenTransaction {
+            started: Instant::now(),
+            records: 0,
+            overlay_bytes: 0,
+            overlay: HashMap::new(),
+            first_offset: HashMap::new(),
+            next_offset: HashMap::new(),
+        }
+    }
+}
+
+/// Everything the ingest thread and the rebalance callbacks share.
+pub(super) struct Engine {
+    config: Arc<NodeConfig>,
+    limits: Limits,
+    processor: Box<dyn Processor>,
+    pub(super) producer: BaseProducer<DeliveryTracker>,
+    /// The stores of the partitions that are active here.
+    stores: HashMap<i32, Arc<PartitionStore>>,
+    owned: HashMap<i32, Ownership>,
+    /// Per active partition, the next input offset it may fold: the store's own position
+    /// when the copy turned active, then the offset after the last record folded (or
+    /// rewound to). A record below it would be folded twice: it is skipped.
+    next_input: HashMap<i32, i64>,
+    /// Active partitions that have folded no record since they turned active: a record
+    /// below their `next_input` is an exactly-once violation (the consumer started below
+    /// what the store reflects), not a record handed over again.
+    fresh: HashSet<i32>,
+    txn: Option<OpenTransaction>,
+    /// Opens, hands over, fails and retires the node's copies.
+    copies: Arc<Copies>,
+    /// Restored and failed copies of the partitions ingest owns.
+    events: Receiver<CopyEvent>,
+    /// Numbers assignments, so that a stale restore's result is recognised.
+    generation: u64,
+    registry: Arc<Registry>,
+    metrics: Arc<IngestMetrics>,
+    /// `<app>-dlq`, formatted once.
+    dlq_topic: String,
+    /// An error raised inside a rebalance callback, which cannot return one.
+    pub(super) fatal: Option<IngestError>,
+}
+
+/// The consumer context: rebalance callbacks commit or abort the open transaction before
+/// partitions leave, and pause new partitions until they are restored.
+pub(super) struct IngestContext {
+    pub(super) engine: Arc<std::sync::Mutex<Engine>>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else {
+            return;
+        };
+        let mut engine = lock(&self.engine);
+        let input = engine.config.input_topic.clone();
+        let revoked = partitions_of(partitions, &input);
+        if consumer.assignment_lost() {
+            // Another member may already own these partitions: committing now could
+            // overwrite its work. Abort; the new owner reads the records again.
+            tracing::warn!(?revoked, "assignment lost; aborting the open transaction");
+            engine.abort(consumer, false);
+        } else if let Err(error) = engine.commit(consumer) {
+            engine.fatal.get_or_insert(error);
+        }
+        for partition in &revoked {
+            engine.owned.remove(partition);
+            engine.next_input.remove(partition);
+            engine.fresh.remove(partition);
+            engine.stores.remove(partition);
+            // The copy stays open and keeps answering reads as a standby, with its
+            // staleness stated, until its partition runs elsewhere.
+            engine.copies.revoke(*partition);
+        }
+        engine
+            .registry
+            .set_group_generation(group_generation(consumer));
+        tracing::info!(?revoked, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                // Before the first fetch: nothing is read until the copy is restored.
+                if let Err(error) = consumer.pause(partitions) {
+                    tracing::error!(%error, "pausing newly assigned partitions failed");
+                }
+                let mut engine = lock(&self.engine);
+                engine
+                    .registry
+                    .set_group_generation(group_generation(consumer));
+                let input = engine.config.input_topic.clone();
+                for partition in partitions_of(partitions, &input) {
+                    engine.assign(partition);
+                }
+                engine.registry.mark_ready();
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::error!(%error, "rebalance failed"),
+        }
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    list.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect()
+}
+
+/// How a failed commit continues.
+enum Retry {
+    /// Abort the transaction and read its records again.
+    Abort(String),
+    /// Stop the node.
+    Fatal(IngestError),
+}
+
+impl Engine {
+    /// An engine with nothing owned yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        config: Arc<NodeConfig>,
+        limits: Limits,
+        processor: Box<dyn Processor>,
+        producer: BaseProducer<DeliveryTracker>,
+        copies: Arc<Copies>,
+        events: Receiver<CopyEvent>,
+        metrics: Arc<IngestMetrics>,
+    ) -> Self {
+        let registry = copies.registry().clone();
+        let dlq_topic = config.dlq_topic();
+        Engine {
+            config,
+            limits,
+            processor,
+            producer,
+            stores: HashMap::new(),
+            owned: HashMap::new(),
+            next_input: HashMap::new(),
+            fresh: HashSet::new(),
+            txn: None,
+            copies,
+            events,
+            generation: 0,
+            registry,
+            metrics,
+            dlq_topic,
+            fatal: None,
+        }
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.config.processing_guarantee == ProcessingGuarantee::ExactlyOnce
+    }
+
+    /// Returns the partitions ingest owns, sorted.
+    pub(super) fn owned(&self) -> Vec<i32> {
+        let mut owned: Vec<i32> = self.owned.keys().copied().collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    /// Takes a newly assigned partition: its copy is prepared and restored off this thread,
+    /// and reported back as [`CopyEvent::Restored`].
+    fn assign(&mut self, partition: i32) {
+        self.generation += 1;
+        let generation = self.generation;
+        tracing::info!(partition, generation, "partition assigned; restoring its copy");
+        self.next_input.remove(&partition);
+        self.fresh.remove(&partition);
+        self.owned.insert(
+            partition,
+            Ownership::Restoring {
+                generation,
+                since: Instant::now(),
+            },
+        );
+        self.copies.assign(partition, generation);
+    }
+
+    /// Acts on what became of the owned partitions' copies: a restored copy turns active and
+    /// its input resumes; a failed one's input is paused.
+    pub(super) fn follow_copies(
+        &mut self,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                CopyEvent::Restored {
+                    partition,
+                    generation,
+                    records,
+                    position,
+                } => {
+                    let since = match self.owned.get(&partition).copied() {
+                        Some(Ownership::Restoring {
+                            generation: current,
+                            since,
+                        })
+                        | Some(Ownership::Failed {
+                            generation: current,
+                            since,
+                        }) if current == generation => since,
+                        _ => continue,
+                    };
+                    // Gone meanwhile (failed again): its next restore reports again.
+                    let Some(copy) = self.registry.get(partition) else {
+                        continue;
+                    };
+                    let ready_in = since.elapsed();
+                    tracing::info!(
+                        partition,
+                        records,
+                        changelog_offset = position.changelog_next,
+                        input_offset = position.input_next,
+                        ready_in_ms = ready_in.as_millis() as u64,
+                        "restore finished; the partition is active"
+                    );
+                    metrics::histogram!(crate::metrics::ACTIVATION_TIME).record(ready_in);
+                    self.stores.insert(partition, copy.store.clone());
+                    self.owned
+                        .insert(partition, Ownership::Active { generation });
+                    // The guard starts at what the store reflects, never empty.
+                    self.next_input.insert(partition, position.input_next);
+                    self.fresh.insert(partition);
+                    self.copies.activate(partition, position);
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&self.config.input_topic, partition);
+                    consumer
+                        .resume(&list)
+                        .map_err(kafka("resuming a restored partition"))?;
+                }
+                CopyEvent::Failed {
+                    partition,
+                    generation,
+                    reason,
+                } => {
+                    if self.owned.get(&partition).map(|o| o.generation()) == Some(generation) {
+                        tracing::warn!(partition, reason, "the partition's copy failed");
+                        self.pause_failed(partition, consumer);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops folding a partition whose copy failed: its input is paused (and, if the open
+    /// transaction holds its records, the transaction aborts and its records are read
+    /// again), until its copy is restored again.
+    fn pause_failed(&mut self, partition: i32, consumer: &BaseConsumer<IngestContext>) {
+        let Some(ownership) = self.owned.get(&partition).copied() else {
+            return;
+        };
+        if matches!(ownership, Ownership::Failed { .. }) {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.config.input_topic, partition);
+        if let Err(error) = consumer.pause(&list) {
+            tracing::error!(%error, partition, "pausing a failed partition");
+        }
+        if self
+            .txn
+            .as_ref()
+            .is_some_and(|txn| txn.first_offset.contains_key(&partition))
+        {
+            // None of the partition's records may commit without its store: abort, and read
+            // the transaction's records (of every partition) again.
+            self.abort(consumer, true);
+        }
+        self.stores.remove(&partition);
+        self.next_input.remove(&partition);
+        self.fresh.remove(&partition);
+        self.owned.insert(
+            partition,
+            Ownership::Failed {
+                generation: ownership.generation(),
+                since: Instant::now(),
+            },
+        );
+    }
+
+    /// The partition's copy failed here (its store, or the processor): ingest pauses it and
+    /// the copies' lifecycle retries it. The node's other partitions keep flowing.
+    fn fail_partition(
+        &mut self,
+        partition: i32,
+        reason: &str,
+        damaged: bool,
+        consumer: &BaseConsumer<IngestContext>,
+    ) {
+        self.pause_failed(partition, consumer);
+        self.copies.fail(partition, reason, damaged);
+    }
+
+    pub(super) fn txn_due(&self) -> bool {
+        self.txn.as_ref().is_some_and(|txn| {
+            txn.records >= self.config.max_transaction_records
+                || txn.overlay_bytes >= self.config.max_transaction_bytes
+                || txn.started.elapsed() >= Duration::from_millis(self.config.commit_interval_ms)
+        })
+    }
+
+    /// Folds one input record into the open transaction.
+    pub(super) fn handle(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        let partition = message.partition();
+        let offset = message.offset();
+        if !matches!(
+            self.owned.get(&partition),
+            Some(Ownership::Active { .. })
+        ) {
+            // Fetched before the pause took hold: read it again once the partition is ours.
+            if self.owned.contains_key(&partition) {
+                consumer
+                    .seek(
+                        message.topic(),
+                        partition,
+                        Offset::Offset(offset),
+                        KAFKA_TIMEOUT,
+                    )
+                    .map_err(kafka("rewinding a paused partition"))?;
+            }
+            return Ok(());
+        }
+        if let Some(&next) = self.next_input.get(&partition)
+            && offset < next
+        {
+            if self.fresh.contains(&partition) {
+                IngestMetrics::add(&self.metrics.violations, 1);
+                tracing::error!(
+                    partition,
+                    offset,
+                    store_input_next = next,
+                    "exactly-once violation: the consumer started below what the store \
+                     already reflects; the record is not folded again"
+                );
+            } else {
+                IngestMetrics::add(&self.metrics.redelivered, 1);
+                tracing::warn!(
+                    partition,
+                    offset,
+                    next,
+                    "the consumer handed over a record already folded; skipped"
+                );
+            }
+            return Ok(());
+        }
+        self.fresh.remove(&partition);
+        self.next_input.insert(partition, offset + 1);
+        IngestMetrics::add(&self.metrics.records_in, 1);
+        if self.txn.is_none() {
+            if self.exactly_once() {
+                self.producer
+                    .begin_transaction()
+                    .map_err(kafka("beginning a transaction"))?;
+            }
+            self.txn = Some(OpenTransaction::new());
+        }
+        let txn = self.txn.as_mut().expect("opened above");
+        txn.records += 1;
+        txn.first_offset.entry(partition).or_insert(offset);
+        txn.next_offset.insert(partition, offset + 1);
+
+        let record = InputRecord {
+            topic: message.topic(),
+            partition,
+            offset,
+            key: message.key().unwrap_or_default(),
+            value: message.payload(),
+        };
+        let Engine {
+            limits,
+            processor,
+            txn,
+            stores,
+            ..
+        } = self;
+        let folded = fold::fold(limits, processor.as_mut(), &record, |key| {
+            current_value(txn.as_ref(), stores, partition, key)
+        });
+        let folded = match folded {
+            Ok(folded) => folded,
+            Err(error) => {
+                let reason = format!("reading the store: {error}");
+                self.fail_partition(partition, &reason, error.is_corruption(), consumer);
+                return Ok(());
+            }
+        };
+        if let Some(expected) = folded.misplaced {
+            IngestMetrics::add(&self.metrics.partition_mismatches, 1);
+            tracing::warn!(
+                key = %String::from_utf8_lossy(record.key),
+                partition,
+                expected,
+                offset,
+                "key arrived on another partition than Kafka's partitioner gives it; \
+                 its producer does not use the murmur2 partitioner"
+            );
+        }
+        let sent = match folded.step {
+            Step::Folded(outcome) => self.produce(message, outcome),
+            Step::DeadLetter(reason) => self.dead_letter(message, &reason),
+            Step::Unavailable(reason) => {
+                let reason = format!("the processor cannot run: {reason}");
+                self.fail_partition(partition, &reason, false, consumer);
+                return Ok(());
+            }
+        };
+        if let Err(error) = sent {
+            // Some of the record's effects may be in the transaction and some not: none of
+            // it may commit. Abort, and read the transaction's records again.
+            tracing::error!(%error, "producing failed; aborting the transaction");
+            self.abort(consumer, true);
+            std::thread::sleep(SEND_FAILURE_BACKOFF);
+        }
+        Ok(())
+    }
+
+    /// Produces a folded record's effects in the open transaction: its changelog record
+    /// (with the input offset in a header) and output records; its update joins the
+    /// transaction's overlay.
+    fn produce(&mut self, message: &BorrowedMessage<'_>, outcome: Outcome) -> Result<(), KafkaError> {
+        let partition = message.partition();
+        let key = message.key().unwrap_or_default();
+        let offset_text = message.offset().to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: INPUT_OFFSET_HEADER,
+            value: Some(offset_text.as_bytes()),
+        });
+        let changelog = self.producer.context().changelog_topic();
+        let pending = match outcome.update {
+            Update::Unchanged => None,
+            Update::Put(value) => {
+                let record = BaseRecord::to(changelog)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value.as_slice())
+                    .headers(headers);
+                send(&self.producer, record)?;
+                Some(Some(value))
+            }
+            Update::Delete => {
+                let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(changelog)
+                    .partition(partition)
+                    .key(key)
+                    .headers(headers);
+                send(&self.producer, record)?;
+                Some(None)
+            }
+        };
+        if let Some(value) = pending {
+            let txn = self
+                .txn
+                .as_mut()
+                .expect("a record is only folded inside a transaction");
+            let size = |value: &Option<Vec<u8>>| key.len() + value.as_ref().map_or(0, Vec::len);
+            txn.overlay_bytes += size(&value);
+            let replaced = txn
+                .overlay
+                .entry(partition)
+                .or_default()
+                .insert(key.to_vec(), value);
+            if let Some(replaced) = replaced {
+                txn.overlay_bytes -= size(&replaced);
+            }
+        }
+        for output in &outcome.outputs {
+            let record = BaseRecord::to(&output.topic)
+                .key(output.key.as_slice())
+                .payload(output.value.as_slice());
+            send(&self.producer, record)?;
+        }
+        IngestMetrics::add(&self.metrics.records_processed, 1);
+        Ok(())
+    }
+
+    /// Sends the input record to the dead-letter topic, with why and where from.
+    fn dead_letter(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+    ) -> Result<(), KafkaError> {
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "record sent to the dead-letter topic"
+        );
+        let partition_text = message.partition().to_string();
+        let offset_text = message.offset().to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: DLQ_ERROR_HEADER,
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_TOPIC_HEADER,
+                value: Some(message.topic().as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_PARTITION_HEADER,
+                value: Some(partition_text.as_bytes()),
+            })
+            .insert(Header {
+                key: DLQ_OFFSET_HEADER,
+                value: Some(offset_text.as_bytes()),
+            });
+        // Keep as much of the record as a Kafka record can carry.
+        let room = self.limits.max_record_bytes / 2;
+        let key = message.key().map(|k| &k[..k.len().min(room)]);
+        let payload = message.payload().map(|p| &p[..p.len().min(room)]);
+        let original = message.key().map_or(0, <[u8]>::len) + message.payload_len();
+        let kept = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        let original_text = original.to_string();
+        if kept < original {
+            headers = headers.insert(Header {
+                key: DLQ_TRUNCATED_HEADER,
+                value: Some(original_text.as_bytes()),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.dlq_topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        send(&self.producer, record)?;
+        IngestMetrics::add(&self.metrics.dead_letters, 1);
+        Ok(())
+    }
+
+    /// Commits the open transaction with its input offsets, then applies its updates to
+    /// the stores. A transaction that must abort is aborted and its records read again. A
+    /// store that cannot apply its updates fails its copy (the updates are in the committed
+    /// changelog, which the copy's restore applies); the other partitions go on.
+    pub(super) fn commit(
+        &mut self,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut offsets = TopicPartitionList::new();
+        for (partition, next) in &txn.next_offset {
+            offsets
+                .add_partition_offset(&self.config.input_topic, *partition, Offset::Offset(*next))
+                .map_err(kafka("building the offsets to commit"))?;
+        }
+        let committed = if self.exactly_once() {
+            self.commit_transaction(consumer, &offsets)
+        } else {
+            self.commit_at_least_once(consumer, &offsets)
+        };
+        match committed {
+            Ok(()) => {}
+            Err(Retry::Abort(reason)) => {
+                tracing::warn!(
+                    reason,
+                    "aborting the transaction; its records will be read again"
+                );
+                self.abort(consumer, true);
+                return Ok(());
+            }
+            Err(Retry::Fatal(error)) => {
+                // Never leave it open: closing the consumer would commit it on revoke.
+                self.abort(consumer, false);
+                return Err(error);
+            }
+        }
+
+        let txn = self.txn.take().expect("checked above");
+        let changelog_next = self.producer.context().take_changelog_next();
+        let mut failed: Vec<(i32, StoreError)> = Vec::new();
+        for (partition, next_input) in &txn.next_offset {
+            let Some(store) = self.stores.get(partition) else {
+                continue;
+            };
+            // The registry holds every owned store's position; no need to read RocksDB.
+            let position = match self.registry.get(*partition) {
+                Some(copy) => Ok(copy.position()),
+                None => store.position(),
+            };
+            let empty = BTreeMap::new();
+            let applied = position.and_then(|mut position| {
+                position.input_next = *next_input;
+                if let Some(next) = changelog_next.get(partition) {
+                    position.changelog_next = *next;
+                }
+                store
+                    .apply(txn.overlay.get(partition).unwrap_or(&empty), position)
+                    .map(|()| position)
+            });
+            match applied {
+                Ok(position) => self.registry.set_position(*partition, position),
+                Err(error) => failed.push((*partition, error)),
+            }
+        }
+        for (partition, error) in failed {
+            let reason = format!("writing committed updates to the store: {error}");
+            self.fail_partition(partition, &reason, error.is_corruption(), consumer);
+        }
+        IngestMetrics::add(&self.metrics.commits, 1);
+        metrics::histogram!(crate::metrics::COMMIT_LATENCY).record(started.elapsed());
+        Ok(())
+    }
+
+    fn commit_transaction(
+        &self,
+        consumer: &BaseConsumer<IngestContext>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), Retry> {
+        let group = consumer.group_metadata().ok_or_else(|| {
+            Retry::Abort("the consumer has no group metadata (not in the group)".into())
+        })?;
+        // The poll loop waits while a commit runs: all of it, retries included, must end
+        // well before max.poll.interval.ms.
+        let budget = commit_budget(&self.config);
+        let deadline = Instant::now() + budget;
+        let remaining = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .min(KAFKA_TIMEOUT)
+        };
+        retry_transactional(
+            "sending offsets to the transaction",
+            budget,
+            deadline,
+            || {
+                self.producer
+                    .send_offsets_to_transaction(offsets, &group, remaining())
+            },
+        )?;
+        flush(&self.producer, remaining()).map_err(|source| {
+            if Instant::now() >= deadline {
+                Retry::Fatal(IngestError::CommitTimedOut {
+                    during: "flushing the transaction's records",
+                    budget,
+                    source,
+                })
+            } else {
+                Retry::Abort(format!("flushing: {source}"))
+            }
+        })?;
+        retry_transactional("committing the transaction", budget, deadline, || {
+            self.producer.commit_transaction(remaining())
+        })
+    }
+
+    fn commit_at_least_once(
+        &self,
+        consumer: &BaseConsumer<IngestContext>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), Retry> {
+        flush(&self.producer, KAFKA_TIMEOUT)
+            .map_err(|error| Retry::Abort(format!("flushing: {error}")))?;
+        if let Some(failure) = self.producer.context().take_failure() {
+            return Err(Retry::Abort(failure));
+        }
+        consumer
+            .commit(offsets, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|error| Retry::Abort(format!("committing offsets: {error}")))
+    }
+
+    /// Drops the open transaction: aborts it (exactly-once), forgets its updates and, if
+    /// `rewind`, seeks the input back so that its records are read again.
+    pub(super) fn abort(&mut self, consumer: &BaseConsumer<IngestContext>, rewind: bool) {
+        let Some(txn) = self.txn.take() else { return };
+        // librdkafka's abort waits until every outstanding record's delivery report has been
+        // served, and rdkafka serves them only when the producer is polled: without this the
+        // abort hangs for its whole timeout (as it did in a rebalance that failed a commit).
+        if let Err(error) = flush(&self.producer, KAFKA_TIMEOUT) {
+            tracing::warn!(%error, "records still in flight before aborting");
+        }
+        if self.exactly_once()
+            && let Err(error) = self.producer.abort_transaction(KAFKA_TIMEOUT)
+        {
+            let fatal = IngestError::Kafka {
+                during: "aborting a transaction",
+                source: error,
+            };
+            self.fatal.get_or_insert(fatal);
+        }
+        self.producer.context().clear();
+        IngestMetrics::add(&self.metrics.aborts, 1);
+        for (partition, first) in &txn.first_offset {
+            // The aborted records are read again (or, without a rewind, by whoever owns the
+            // partition next).
+            if rewind && self.next_input.contains_key(partition) {
+                self.next_input.insert(*partition, *first);
+            } else {
+                self.next_input.remove(partition);
+            }
+        }
+        if rewind {
+            for (partition, first) in txn.first_offset {
+                if !self.owned.contains_key(&partition) {
+                    continue;
+                }
+                let seek = consumer.seek(
+                    &self.config.input_topic,
+                    partition,
+                    Offset::Offset(first),
+                    KAFKA_TIMEOUT,
+                );
+                if let Err(error) = seek {
+                    let fatal = IngestError::Kafka {
+                        during: "rewinding after an abort",
+                        source: error,
+                    };
+                    self.fatal.get_or_insert(fatal);
+                }
+            }
+        }
+    }
+
+    /// Commits what is open and flushes the producer, at shutdown.
+    pub(super) fn finish(&mut self, consumer: &BaseConsumer<IngestContext>) -> Result<(), IngestError> {
+        self.commit(consumer)
+    }
+
+    /// Lets go of the stores, at shutdown (after the consumer closed).
+    pub(super) fn close(&mut self) {
+        if let Err(error) = flush(&self.producer, KAFKA_TIMEOUT) {
+            tracing::warn!(%error, "flushing the producer at shutdown");
+        }
+        self.stores.clear();
+    }
+}
+
+/// Returns the key's value as the open transaction sees it: its pending update if it has
+/// one, else the store's.
+fn current_value(
+    txn: Option<&OpenTransaction>,
+    stores: &HashMap<i32, Arc<PartitionStore>>,
+    partition: i32,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if let Some(pending) = txn
+        .and_then(|txn| txn.overlay.get(&partition))
+        .and_then(|o| o.get(key))
+    {
+        return Ok(pending.clone());
+    }
+    match stores.get(&partition) {
+        Some(store) => store.get(key),
+        None => Ok(None),
+    }
+}
+
+pub(super) fn kafka(during: &'static str) -> impl FnOnce(KafkaError) -> IngestError {
+    move |source| IngestError::Kafka { during, source }
+}
+
+/// Runs a transactional call, retrying what Kafka says is retriable until `deadline`.
+fn retry_transactional(
+    during: &'static str,
+    budget: Duration,
+    deadline: Instant,
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), Retry> {
+    for attempt in 1u32.. {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(error)) if error.is_retriable() => {
+                if Instant::now() >= deadline {
+                    let source = KafkaError::Transaction(error);
+                    let error = IngestError::CommitTimedOut {
+                        during,
+                        budget,
+                        source,
+                    };
+                    return Err(Retry::Fatal(error));
+                }
+                tracing::warn!(%error, attempt, during, "retrying");
+                // Some retriable errors return at once: do not spin.
+                let pause = Duration::from_millis(100 * u64::from(attempt.min(10)));
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+            }
+            Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
+                return Err(Retry::Abort(format!("{during}: {error}")));
+            }
+            Err(source) => return Err(Retry::Fatal(IngestError::Kafka { during, source })),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// How long one commit may take, retries included: three quarters of the consumer's
+/// `max.poll.interval.ms` (librdkafka's default is five minutes), and at least a second.
+/// (A commit that fails for good then aborts, which may take up to `KAFKA_TIMEOUT` more;
+/// the node stops after that anyway.)
+fn commit_budget(config: &NodeConfig) -> Duration {
+    let max_poll_interval_ms: u64 = config
+        .kafka
+        .get("max.poll.interval.ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(max_poll_interval_ms / 4 * 3).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn a_commit_ends_well_before_the_poll_interval() {
+        let mut config = NodeConfig::default();
+        assert_eq!(commit_budget(&config), Duration::from_secs(225));
+        config
+            .kafka
+            .insert("max.poll.interval.ms".into(), "60000".into());
+        assert_eq!(commit_budget(&config), Duration::from_secs(45));
+        config
+            .kafka
+            .insert("max.poll.interval.ms".into(), "2".into());
+        assert_eq!(commit_budget(&config), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn non_retriable_commit_errors_are_not_retried() {
+        let mut calls = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let result = retry_transactional("committing", Duration::from_secs(60), deadline, || {
+            calls += 1;
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+        });
+        assert!(matches!(
+            result,
+            Err(Retry::Fatal(IngestError::Kafka { .. }))
+        ));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn a_pending_update_wins_over_the_store() {
+        let mut txn = OpenTransaction::new();
+        txn.overlay
+            .entry(3)
+            .or_default()
+            .insert(b"k".to_vec(), None);
+        let stores = HashMap::new();
+        assert_eq!(current_value(Some(&txn), &stores, 3, b"k").unwrap(), None);
+        txn.overlay
+            .entry(3)
+            .or_default()
+            .insert(b"k".to_vec(), Some(b"v".to_vec()));
+        assert_eq!(
+            current_value(Some(&txn), &stores, 3, b"k").unwrap(),
+            Some(b"v".to_vec())
+        );
+        // No copy, no pending update: nothing.
+        assert_eq!(current_value(None, &stores, 3, b"k").unwrap(), None);
+    }
+}
