@@ -133,6 +133,17 @@ fn memory_only() -> rocksdb::ReadOptions {
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// Values read together with the position of the store they were read from, in one
+/// snapshot: they reflect exactly the input before `position.input_next` (data and position
+/// are written in one batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positioned<T> {
+    /// What was read.
+    pub value: T,
+    /// The store's position in the same snapshot.
+    pub position: Position,
+}
+
 /// One partition's store.
 pub struct PartitionStore {
     db: DB,
@@ -177,11 +188,68 @@ impl PartitionStore {
         self.db.get(key).map_err(self.rocks())
     }
 
-    /// Returns a key's value if RocksDB can answer from memory (memtables and block cache),
-    /// or [`MemoryRead::NeedsDisk`] without waiting if it would have to read from disk. Such
-    /// a read never blocks on I/O, so it may run on an async worker.
-    pub fn get_from_memory(&self, key: &[u8]) -> Result<MemoryRead<Option<Vec<u8>>>, StoreError> {
-        self.get_with(key, &memory_only())
+    /// Returns a key's value and the store's position, from one snapshot, if RocksDB can
+    /// answer from memory (memtables and block cache), or [`MemoryRead::NeedsDisk`] without
+    /// waiting if it would have to read from disk. Such a read never blocks on I/O, so it
+    /// may run on an async worker.
+    pub fn get_from_memory(
+        &self,
+        key: &[u8],
+    ) -> Result<MemoryRead<Positioned<Option<Vec<u8>>>>, StoreError> {
+        Ok(match self.read_positioned(&[key], true)? {
+            MemoryRead::Answered(read) => MemoryRead::Answered(first(read)),
+            MemoryRead::NeedsDisk => MemoryRead::NeedsDisk,
+        })
+    }
+
+    /// Returns a key's value and the store's position, from one snapshot. May read from
+    /// disk.
+    pub fn get_positioned(&self, key: &[u8]) -> Result<Positioned<Option<Vec<u8>>>, StoreError> {
+        match self.read_positioned(&[key], false)? {
+            MemoryRead::Answered(read) => Ok(first(read)),
+            MemoryRead::NeedsDisk => unreachable!("a read that may use the disk answers"),
+        }
+    }
+
+    /// Reads `keys` and the position from one snapshot; from memory only if `memory_only`.
+    fn read_positioned(
+        &self,
+        keys: &[&[u8]],
+        memory_only_read: bool,
+    ) -> Result<MemoryRead<Positioned<Vec<Option<Vec<u8>>>>>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let mut options = if memory_only_read {
+            memory_only()
+        } else {
+            rocksdb::ReadOptions::default()
+        };
+        options.set_snapshot(&snapshot);
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.get_with(key, &options)? {
+                MemoryRead::Answered(value) => values.push(value),
+                MemoryRead::NeedsDisk => return Ok(MemoryRead::NeedsDisk),
+            }
+        }
+        let meta = self.meta_cf();
+        let mut offsets = [0i64; 2];
+        for (slot, key) in [CHANGELOG_OFFSET_KEY, INPUT_OFFSET_KEY].iter().enumerate() {
+            let stored = match self.db.get_cf_opt(meta, key, &options) {
+                Ok(stored) => stored,
+                Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
+                    return Ok(MemoryRead::NeedsDisk);
+                }
+                Err(error) => return Err(self.rocks()(error)),
+            };
+            offsets[slot] = self.decode_offset(key, stored)?;
+        }
+        Ok(MemoryRead::Answered(Positioned {
+            value: values,
+            position: Position {
+                changelog_next: offsets[0],
+                input_next: offsets[1],
+            },
+        }))
     }
 
     fn get_with(
@@ -198,36 +266,27 @@ impl PartitionStore {
         }
     }
 
-    /// Returns the values of several keys, in the order given, with one RocksDB multi-get.
-    /// May read from disk.
-    pub fn multi_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.db
-            .multi_get(keys)
-            .into_iter()
-            .map(|r| r.map_err(self.rocks()))
-            .collect()
+    /// Returns the values of several keys, in the order given, and the store's position,
+    /// all from one snapshot. May read from disk.
+    pub fn multi_get(
+        &self,
+        keys: &[&[u8]],
+    ) -> Result<Positioned<Vec<Option<Vec<u8>>>>, StoreError> {
+        match self.read_positioned(keys, false)? {
+            MemoryRead::Answered(read) => Ok(read),
+            MemoryRead::NeedsDisk => unreachable!("a read that may use the disk answers"),
+        }
     }
 
     /// Like [`PartitionStore::multi_get`], from memory only: [`MemoryRead::NeedsDisk`] if
-    /// any of the keys would need a read from disk. Point reads of one snapshot (so all
-    /// values come from the same state, as with MultiGet), not RocksDB's MultiGet: that does
-    /// not honour the block-cache-only read tier in every case (it may read the disk anyway,
-    /// or report a key it could not read as missing).
+    /// any of the keys would need a read from disk. Point reads of one snapshot, not
+    /// RocksDB's MultiGet: that does not honour the block-cache-only read tier in every case
+    /// (it may read the disk anyway, or report a key it could not read as missing).
     pub fn multi_get_from_memory(
         &self,
         keys: &[&[u8]],
-    ) -> Result<MemoryRead<Vec<Option<Vec<u8>>>>, StoreError> {
-        let snapshot = self.db.snapshot();
-        let mut options = memory_only();
-        options.set_snapshot(&snapshot);
-        let mut values = Vec::with_capacity(keys.len());
-        for key in keys {
-            match self.get_with(key, &options)? {
-                MemoryRead::Answered(value) => values.push(value),
-                MemoryRead::NeedsDisk => return Ok(MemoryRead::NeedsDisk),
-            }
-        }
-        Ok(MemoryRead::Answered(values))
+    ) -> Result<MemoryRead<Positioned<Vec<Option<Vec<u8>>>>>, StoreError> {
+        self.read_positioned(keys, true)
     }
 
     /// Returns RocksDB's estimate of the number of keys.
@@ -252,7 +311,13 @@ impl PartitionStore {
 
     fn read_offset(&self, key: &[u8]) -> Result<i64, StoreError> {
         let meta = self.meta_cf();
-        match self.db.get_cf(meta, key).map_err(self.rocks())? {
+        let stored = self.db.get_cf(meta, key).map_err(self.rocks())?;
+        self.decode_offset(key, stored)
+    }
+
+    /// Decodes a stored offset: 8 big-endian bytes; none stored is 0.
+    fn decode_offset(&self, key: &[u8], stored: Option<Vec<u8>>) -> Result<i64, StoreError> {
+        match stored {
             None => Ok(0),
             Some(bytes) => bytes
                 .as_slice()
@@ -357,6 +422,14 @@ impl PartitionStore {
     }
 }
 
+/// The one value of a one-key read.
+fn first(read: Positioned<Vec<Option<Vec<u8>>>>) -> Positioned<Option<Vec<u8>>> {
+    Positioned {
+        value: read.value.into_iter().next().flatten(),
+        position: read.position,
+    }
+}
+
 /// Small shared memory for unit tests.
 #[cfg(test)]
 pub(crate) fn test_memory() -> SharedMemory {
@@ -419,17 +492,22 @@ mod tests {
         let keys: Vec<Vec<u8>> = (0..100)
             .map(|i| format!("key-{i:03}").into_bytes())
             .collect();
+        let at = Position {
+            changelog_next: 100,
+            input_next: 250,
+        };
+        let answered = |value| MemoryRead::Answered(Positioned { value, position: at });
         {
             let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
             let updates = keys
                 .iter()
                 .map(|k| (k.clone(), Some(k.repeat(100))))
                 .collect();
-            store.apply(&updates, Position::default()).unwrap();
+            store.apply(&updates, at).unwrap();
             // A memtable answers from memory.
             assert_eq!(
                 store.get_from_memory(&keys[7]).unwrap(),
-                MemoryRead::Answered(Some(keys[7].repeat(100)))
+                answered(Some(keys[7].repeat(100)))
             );
             store.flush().unwrap();
         }
@@ -437,6 +515,8 @@ mod tests {
         let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
         // Values of 700 bytes: the keys are spread over many data blocks.
         let wanted: Vec<&[u8]> = [50, 80, 95].iter().map(|&i| keys[i].as_slice()).collect();
+        let wanted_values: Vec<Option<Vec<u8>>> =
+            wanted.iter().map(|k| Some(k.repeat(100))).collect();
         assert_eq!(
             store.get_from_memory(&keys[7]).unwrap(),
             MemoryRead::NeedsDisk
@@ -447,26 +527,66 @@ mod tests {
         );
         // A read from disk answers and fills the block cache, so memory answers next time,
         // also for a key that does not exist.
-        assert_eq!(store.get(&keys[7]).unwrap(), Some(keys[7].repeat(100)));
+        assert_eq!(
+            store.get_positioned(&keys[7]).unwrap(),
+            Positioned {
+                value: Some(keys[7].repeat(100)),
+                position: at
+            }
+        );
         assert_eq!(
             store.multi_get(&wanted).unwrap(),
-            wanted
-                .iter()
-                .map(|k| Some(k.repeat(100)))
-                .collect::<Vec<_>>()
+            Positioned {
+                value: wanted_values.clone(),
+                position: at
+            }
         );
         assert_eq!(
             store.get_from_memory(&keys[7]).unwrap(),
-            MemoryRead::Answered(Some(keys[7].repeat(100)))
+            answered(Some(keys[7].repeat(100)))
         );
         assert_eq!(
             store.multi_get_from_memory(&wanted).unwrap(),
-            MemoryRead::Answered(wanted.iter().map(|k| Some(k.repeat(100))).collect())
+            MemoryRead::Answered(Positioned {
+                value: wanted_values,
+                position: at
+            })
         );
         assert_eq!(
             store.get_from_memory(b"key-0071").unwrap(),
-            MemoryRead::Answered(None)
+            answered(None)
         );
+    }
+
+    #[test]
+    fn a_read_states_exactly_the_position_its_values_reflect() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
+        let put = |value: &str, input_next| {
+            let updates = BTreeMap::from([(b"k".to_vec(), Some(value.as_bytes().to_vec()))]);
+            let position = Position {
+                changelog_next: input_next,
+                input_next,
+            };
+            store.apply(&updates, position).unwrap();
+        };
+        put("one", 1);
+        // Reads racing writes: every answer's value is the one written with its position.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 2..2_000 {
+                    put(&format!("v{i}"), i);
+                }
+            });
+            for _ in 0..2_000 {
+                let read = store.get_positioned(b"k").unwrap();
+                let expected = match read.position.input_next {
+                    1 => "one".to_owned(),
+                    i => format!("v{i}"),
+                };
+                assert_eq!(read.value, Some(expected.into_bytes()));
+            }
+        });
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::error::ReadError;
 use super::forward::{self, FORWARDED_READS, Peers};
 use crate::config::NodeConfig;
 use crate::registry::{PartitionCopy, Registry};
-use crate::store::{MemoryRead, Position};
+use crate::store::{MemoryRead, Position, Positioned};
 
 /// Answers a bounded read this long before the caller's deadline, so that the answer (an
 /// error carrying the copy's position) still reaches the caller.
@@ -327,12 +327,11 @@ impl QueryService {
         Self::wait_for(&copy, request.options.as_ref(), deadline)
             .await
             .map_err(|e| (e, role))?;
-        // The position read first is a lower bound of what the value reflects.
-        let position = copy.position();
-        let value = read_value(&copy, request.key.clone())
+        // The value and the position it reflects, from one snapshot of the store.
+        let read = read_value(&copy, request.key.clone())
             .await
             .map_err(|message| (ReadError::Store { partition, message }, role))?;
-        Ok(self.response(value, self.read_metadata(&copy, position)))
+        Ok(self.response(read.value, self.read_metadata(&copy, read.position)))
     }
 
     async fn multi_get(
@@ -379,7 +378,7 @@ impl QueryService {
                 }
                 continue;
             }
-            reads.push((copy.clone(), copy.position(), indexes));
+            reads.push((copy.clone(), indexes));
         }
 
         // Keys of partitions held elsewhere: one forwarded MultiGet per holder, running while
@@ -402,7 +401,7 @@ impl QueryService {
         // for the partitions that need the disk.
         let keys = Arc::new(request.keys);
         let mut values = Vec::with_capacity(reads.len());
-        for (copy, _, indexes) in &reads {
+        for (copy, indexes) in &reads {
             let wanted: Vec<&[u8]> = indexes.iter().map(|&i| keys[i].as_slice()).collect();
             values.push(copy.store.multi_get_from_memory(&wanted));
         }
@@ -413,7 +412,7 @@ impl QueryService {
             metrics::counter!(crate::metrics::DISK_READS).increment(from_disk.len() as u64);
             let jobs: Vec<_> = from_disk
                 .iter()
-                .map(|&i| (reads[i].0.clone(), reads[i].2.clone()))
+                .map(|&i| (reads[i].0.clone(), reads[i].1.clone()))
                 .collect();
             let job_keys = keys.clone();
             let read = tokio::task::spawn_blocking(move || {
@@ -435,11 +434,12 @@ impl QueryService {
             }
         }
 
-        for ((copy, position, indexes), values) in reads.into_iter().zip(values) {
+        for ((copy, indexes), values) in reads.into_iter().zip(values) {
             match values {
                 Ok(MemoryRead::Answered(values)) => {
-                    let read = self.read_metadata(&copy, position);
-                    for (index, value) in indexes.into_iter().zip(values) {
+                    // The values and the position they reflect come from one snapshot.
+                    let read = self.read_metadata(&copy, values.position);
+                    for (index, value) in indexes.into_iter().zip(values.value) {
                         results[index].result = Some(self.response(value, read.clone()));
                     }
                 }
@@ -577,15 +577,18 @@ fn may_forward<T>(request: &Request<T>, options: Option<&ReadOptions>) -> bool {
 
 /// Reads one key of a copy: from memory on the calling async worker (no I/O, so it cannot
 /// stall the worker), or, if that needs the disk, on the blocking pool.
-async fn read_value(copy: &Arc<PartitionCopy>, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+async fn read_value(
+    copy: &Arc<PartitionCopy>,
+    key: Vec<u8>,
+) -> Result<Positioned<Option<Vec<u8>>>, String> {
     match copy.store.get_from_memory(&key) {
-        Ok(MemoryRead::Answered(value)) => return Ok(value),
+        Ok(MemoryRead::Answered(read)) => return Ok(read),
         Ok(MemoryRead::NeedsDisk) => {}
         Err(error) => return Err(error.to_string()),
     }
     metrics::counter!(crate::metrics::DISK_READS).increment(1);
     let reader = copy.clone();
-    tokio::task::spawn_blocking(move || reader.store.get(&key))
+    tokio::task::spawn_blocking(move || reader.store.get_positioned(&key))
         .await
         .map_err(|error| error.to_string())?
         .map_err(|error| error.to_string())
