@@ -336,8 +336,10 @@ fn track_lag(
     };
     while !shutdown.load(Ordering::Relaxed) {
         for copy in registry.all() {
+            // Taken before asking: every record acknowledged by then is below the end seen.
+            let seen = std::time::SystemTime::now();
             match consumer.fetch_watermarks(input, copy.partition, Duration::from_secs(2)) {
-                Ok((_, high)) => registry.set_input_end(copy.partition, high),
+                Ok((_, high)) => registry.set_input_end(copy.partition, high, seen),
                 Err(error) => tracing::debug!(%error, partition = copy.partition, "end offset"),
             }
         }

@@ -8,7 +8,7 @@
 //! with the node as a whole (a thread that died), which turns its health NOT_SERVING.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -26,7 +26,8 @@ pub struct PartitionCopy {
     pub store: Arc<PartitionStore>,
     role: AtomicU8,
     position: watch::Sender<Position>,
-    input_end: AtomicI64,
+    /// The input partition's end offset as last seen, and when (ms since the Unix epoch).
+    input_end: std::sync::Mutex<(i64, i64)>,
 }
 
 impl PartitionCopy {
@@ -48,9 +49,16 @@ impl PartitionCopy {
     /// Returns the input partition's end offset as last seen (0 before the first look),
     /// and never less than what the copy already reflects.
     pub fn input_end(&self) -> i64 {
-        self.input_end
-            .load(Ordering::Acquire)
-            .max(self.position().input_next)
+        self.input_end_seen().0.max(self.position().input_next)
+    }
+
+    /// Returns the input partition's end offset as last seen, and when it was seen (ms
+    /// since the Unix epoch; 0 and 0 before the first look).
+    pub fn input_end_seen(&self) -> (i64, i64) {
+        *self
+            .input_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Returns how many input records the copy does not reflect yet.
@@ -175,7 +183,7 @@ impl Registry {
                     store,
                     role: AtomicU8::new(role as u8),
                     position: watch::Sender::new(position),
-                    input_end: AtomicI64::new(0),
+                    input_end: std::sync::Mutex::new((0, 0)),
                 };
                 copies.insert(partition, Arc::new(copy));
             }
@@ -294,10 +302,16 @@ impl Registry {
         }
     }
 
-    /// Records the input partition's end offset.
-    pub fn set_input_end(&self, partition: i32, end: i64) {
+    /// Records the input partition's end offset, as seen at `seen` (taken before asking).
+    pub fn set_input_end(&self, partition: i32, end: i64, seen: SystemTime) {
         if let Some(copy) = self.get(partition) {
-            copy.input_end.store(end, Ordering::Release);
+            let seen_ms = seen
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as i64);
+            *copy
+                .input_end
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = (end, seen_ms);
         }
     }
 

@@ -292,6 +292,7 @@ impl QueryService {
             changelog_offset: position.changelog_next,
             input_offset: position.input_next,
             lag: copy.lag_at(position),
+            input_end_seen_ms: copy.input_end_seen().1,
         }
     }
 
@@ -789,7 +790,7 @@ mod tests {
             Role::Restoring,
             position,
         );
-        registry.set_input_end(partition, 100);
+        registry.set_input_end(partition, 100, std::time::SystemTime::now());
 
         let answer = service(registry)
             .get(get_request(key))
