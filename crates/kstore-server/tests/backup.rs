@@ -615,6 +615,109 @@ fn a_standby_damaged_while_the_node_runs_is_rebuilt_from_its_peer() -> Result<()
 }
 
 #[test]
+fn an_active_damaged_while_the_node_runs_fails_alone_and_is_rebuilt_while_the_rest_ingests()
+-> Result<()> {
+    run_async(async {
+        let (mut scenario, _) = scenario_with_backups("verify-active").await?;
+        scenario.extra.push("verify-interval-ms=1000".into());
+        scenario.extra.push("copy-retry-initial-ms=200".into());
+        let generator = GeneratorConfig {
+            customers: 2_000,
+            seed: 15,
+            ..GeneratorConfig::default()
+        };
+        let (before, after) = (20_000u64, 4_000u64);
+        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
+            .take((before + after) as usize)
+            .collect();
+        scenario.produce(&generator, before)?;
+        // node-1 alone first: a backup then flushes its actives' memtables to SST files.
+        let mut node1 = Node::start(&scenario, "node-1", "only").await?;
+        wait_copies_at_end(&scenario, &mut node1).await?;
+        let grpc = scenario.grpc_uri(&mut node1.process)?;
+        kstore_cli::backup::create(&admin_target(&grpc), &[]).await?;
+        let mut node2 = Node::start(&scenario, "node-2", "only").await?;
+        let layout = wait_for_agreement(
+            &mut [&mut node1, &mut node2],
+            &["node-1", "node-2"],
+            Duration::from_secs(120),
+        )
+        .await?;
+        wait_copies_at_end(&scenario, &mut node2).await?;
+
+        // The disk under one of node-1's actives flips a byte.
+        let partition = *layout
+            .actives
+            .iter()
+            .find(|(_, holders)| holders.iter().any(|h| h == "node-1"))
+            .map(|(p, _)| p)
+            .context("node-1 is active for no partition")?;
+        let dir = scenario.config("node-1")?.store_dir(partition as i32);
+        flip_a_byte(&largest_sst(&dir)?)?;
+
+        // The background check finds it: that copy fails alone, is rebuilt from node-2's
+        // standby, and turns active again, while events keep flowing to every partition.
+        scenario.produce_from(&generator, before, after)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mine = format!("partition={partition} ");
+        let failed = |log: &str| {
+            log.lines()
+                .any(|l| l.contains("a copy failed") && l.contains(&mine) && l.contains("damaged"))
+        };
+        let rebuilt = |log: &str| {
+            log.lines().any(|l| {
+                l.contains("recovering from a peer's snapshot")
+                    && l.contains(&mine)
+                    && l.contains("damaged")
+            })
+        };
+        loop {
+            let log = node1.process.output();
+            if failed(&log) && rebuilt(&log) {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "node-1 did not fail and rebuild its damaged active of partition {partition}:\n{log}"
+            );
+            ensure!(
+                node1.process.try_exit()?.is_none(),
+                "node-1 exited:\n{}",
+                node1.process.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
+        let metadata = node1.metadata().await?;
+        let me = metadata
+            .nodes
+            .iter()
+            .find(|n| n.node_id == "node-1")
+            .context("node-1 is not in its own view")?;
+        ensure!(
+            me.copies
+                .iter()
+                .any(|c| c.partition == partition && c.role() == Role::Active),
+            "node-1's rebuilt copy of partition {partition} is not active: {me:?}"
+        );
+        wait_copies_at_end(&scenario, &mut node2).await?;
+        for node in [&mut node2, &mut node1] {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{} exit after SIGTERM: {status}", node.id);
+        }
+        let log = node1.process.output();
+        ensure!(
+            !log.contains("exactly-once violation"),
+            "node-1 logged an exactly-once violation:\n{log}"
+        );
+        let aside = damaged_copies(dir.parent().context("the store root")?, partition)?;
+        ensure!(aside.len() == 1, "damaged copies kept: {aside:?}");
+        assert_exact(&scenario, &["node-1", "node-2"], &events)?;
+        Ok(())
+    })
+}
+
+#[test]
 fn backup_calls_on_a_node_without_a_location_say_how_to_configure_one() -> Result<()> {
     run_async(async {
         let scenario = Scenario::new("backup-off", 1).await?;
