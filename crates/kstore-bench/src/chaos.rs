@@ -1,7 +1,8 @@
-//! `cargo xtask chaos --scenario <kill|pause|rolling-restart|scale-out|scale-in|all>`: runs
-//! each scenario of `kstore_testkit::chaos` on a fresh 3-node cluster (12 partitions, one
-//! standby) with events flowing and a reader asking every node in turn; prints a table and
-//! writes a JSON report under `target/chaos/`.
+//! `cargo xtask chaos --scenario <kill|pause|rolling-restart|scale-out|scale-in|all|random>`:
+//! runs each scenario of `kstore_testkit::chaos` on a fresh 3-node cluster (12 partitions,
+//! one standby) with events flowing and a reader asking every node in turn; prints a table,
+//! the schedule a random soak ran, and what the audit of every answer found, and writes a
+//! JSON report under `target/chaos/`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,9 +15,16 @@ use serde_json::json;
 /// What `chaos` runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Chaos {
-    /// kill, pause, rolling-restart, scale-out, scale-in, or all.
+    /// kill, pause, rolling-restart, scale-out, scale-in, all (each of those), or random (a
+    /// randomized nemesis for --duration, scheduled by --seed).
     #[arg(long, default_value = "all")]
     pub scenario: String,
+    /// How long the random soak injects faults, such as 90s, 30m or 2h.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub duration: std::time::Duration,
+    /// The seed of the random soak's schedule: the same seed replays the same schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Order events per second.
     #[arg(long, default_value_t = 2_000)]
     pub rate: u64,
@@ -34,7 +42,7 @@ pub fn run(options: &Chaos) -> Result<()> {
     } else {
         vec![Fault::parse(&options.scenario).with_context(|| {
             format!(
-                "unknown scenario {:?}; choose kill, pause, rolling-restart, scale-out, scale-in or all",
+                "unknown scenario {:?}; choose kill, pause, rolling-restart, scale-out, scale-in, all or random",
                 options.scenario
             )
         })?]
@@ -51,6 +59,8 @@ pub fn run(options: &Chaos) -> Result<()> {
     let mut settings = ChaosOptions::new(binaries.node.clone(), dir.clone());
     settings.rate = options.rate;
     settings.read_rate = options.read_rate;
+    settings.soak.duration = options.duration;
+    settings.soak.seed = options.seed;
 
     let mut reports = Vec::new();
     for fault in faults {
@@ -94,11 +104,16 @@ pub fn run(options: &Chaos) -> Result<()> {
         file.display(),
         dir.display()
     );
-    if reports
+    let failed: Vec<String> = reports
         .iter()
-        .any(|r| !r.state_exact || r.reads_answered < r.reads_issued)
-    {
-        bail!("a scenario lost reads or state");
+        .flat_map(|r| {
+            r.problems()
+                .into_iter()
+                .map(move |problem| format!("{}: {problem}", r.fault.name()))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("{}", failed.join("\n"));
     }
     Ok(())
 }
@@ -115,7 +130,7 @@ fn print_table(settings: &ChaosOptions, reports: &[ChaosReport]) {
         chaos::ATTEMPT_TIMEOUT.as_millis()
     );
     println!(
-        "{:<16} {:>8} {:>9} {:>8} {:>12} {:>14} {:>8} {:>7}",
+        "{:<16} {:>8} {:>9} {:>8} {:>12} {:>14} {:>8} {:>12} {:>6} {:>6} {:>6} {:>7}",
         "scenario",
         "reads",
         "answered",
@@ -123,11 +138,15 @@ fn print_table(settings: &ChaosOptions, reports: &[ChaosReport]) {
         "longest gap",
         "p99 in fault",
         "max lag",
+        "max behind",
+        "wrong",
+        "lag<",
+        "twice",
         "exact"
     );
     for r in reports {
         println!(
-            "{:<16} {:>8} {:>9} {:>7.3}% {:>9} ms {:>11.1} ms {:>8} {:>7}",
+            "{:<16} {:>8} {:>9} {:>7.3}% {:>9} ms {:>11.1} ms {:>8} {:>9} ms {:>6} {:>6} {:>6} {:>7}",
             r.fault.name(),
             r.reads_issued,
             r.reads_answered,
@@ -135,9 +154,22 @@ fn print_table(settings: &ChaosOptions, reports: &[ChaosReport]) {
             r.longest_gap.0.as_millis(),
             r.read_p99_during_fault.as_secs_f64() * 1000.0,
             r.max_lag,
+            r.audit.max_time_behind.as_millis(),
+            r.audit.wrong_answers,
+            r.audit.understated_lags,
+            r.violations
+                + r.redelivered
+                + r.audit.duplicate_inputs
+                + r.audit.duplicate_changelog_inputs,
             if r.state_exact { "yes" } else { "NO" }
         );
     }
+    println!(
+        "(wrong: answers not exactly the fold of their key's events before the position they \
+         state; lag<: answers whose stated lag was below the true lag as of their node's look \
+         at the input's end; twice: exactly-once violations, records handed over again, \
+         duplicated inputs and changelog records repeating an input offset)"
+    );
     for r in reports {
         for (what, value) in &r.notes {
             println!("  {}: {what}: {value}", r.fault.name());
@@ -147,6 +179,9 @@ fn print_table(settings: &ChaosOptions, reports: &[ChaosReport]) {
         }
         for mismatch in &r.mismatches {
             println!("  {}: state differs: {mismatch}", r.fault.name());
+        }
+        for example in &r.audit.examples {
+            println!("  {}: {example}", r.fault.name());
         }
     }
 }
@@ -165,6 +200,49 @@ fn report_json(r: &ChaosReport) -> serde_json::Value {
         "state_exact": r.state_exact,
         "mismatches": r.mismatches,
         "failed_reads": r.failures,
+        "answers_audited": r.audit.answers,
+        "wrong_answers": r.audit.wrong_answers,
+        "understated_lags": r.audit.understated_lags,
+        "max_time_behind_ms": r.audit.max_time_behind.as_millis() as u64,
+        "exactly_once_violations": r.violations,
+        "redelivered_records": r.redelivered,
+        "duplicate_inputs": r.audit.duplicate_inputs,
+        "missing_inputs": r.audit.missing_inputs,
+        "duplicate_changelog_inputs": r.audit.duplicate_changelog_inputs,
+        "audit_examples": r.audit.examples,
         "notes": r.notes.iter().map(|(k, v)| json!({"what": k, "value": v})).collect::<Vec<_>>(),
     })
+}
+
+/// Parses a duration written as a number and a unit: `90s`, `30m`, `2h` (or plain seconds).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 30m or 2h"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_a_user_writes_them() {
+        assert_eq!(parse_duration("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(std::time::Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert_eq!(parse_duration("45"), Ok(std::time::Duration::from_secs(45)));
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
 }

@@ -43,11 +43,18 @@ pub struct ProduceSummary {
     pub elapsed: Duration,
 }
 
+/// When the broker acknowledged each event: per partition, (offset, milliseconds since the
+/// Unix epoch), in the order the acknowledgements arrived. An acknowledged record is below
+/// the partition's high watermark from then on.
+pub type AckLog = BTreeMap<i32, Vec<(i64, i64)>>;
+
 #[derive(Default)]
 struct Deliveries {
     delivered: u64,
     next_offsets: BTreeMap<i32, i64>,
     first_error: Option<String>,
+    /// Filled only when asked for.
+    acks: Option<AckLog>,
 }
 
 struct DeliveryCounter(Mutex<Deliveries>);
@@ -65,6 +72,14 @@ impl ProducerContext for DeliveryCounter {
         match result {
             Ok(message) => {
                 deliveries.delivered += 1;
+                if let Some(acks) = deliveries.acks.as_mut() {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    acks.entry(message.partition())
+                        .or_default()
+                        .push((message.offset(), now));
+                }
                 let next = deliveries
                     .next_offsets
                     .entry(message.partition())
@@ -82,6 +97,19 @@ impl ProducerContext for DeliveryCounter {
 
 /// Sends `options.count` generated events and waits until the broker acknowledged them all.
 pub fn produce(options: &ProduceOptions) -> Result<ProduceSummary> {
+    produce_logged(options, false).map(|(summary, _)| summary)
+}
+
+/// Like [`produce`], and returns when the broker acknowledged each event (for tests that
+/// check what a reader could have known when).
+pub fn produce_with_acks(options: &ProduceOptions) -> Result<(ProduceSummary, AckLog)> {
+    produce_logged(options, true).map(|(summary, acks)| (summary, acks.unwrap_or_default()))
+}
+
+fn produce_logged(
+    options: &ProduceOptions,
+    log_acks: bool,
+) -> Result<(ProduceSummary, Option<AckLog>)> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &options.bootstrap)
@@ -94,7 +122,10 @@ pub fn produce(options: &ProduceOptions) -> Result<ProduceSummary> {
         config.set(key, value);
     }
     let producer: ThreadedProducer<DeliveryCounter> = config
-        .create_with_context(DeliveryCounter(Mutex::new(Deliveries::default())))
+        .create_with_context(DeliveryCounter(Mutex::new(Deliveries {
+            acks: log_acks.then(AckLog::new),
+            ..Deliveries::default()
+        })))
         .context("creating the producer")?;
 
     let started = Instant::now();
@@ -126,7 +157,7 @@ pub fn produce(options: &ProduceOptions) -> Result<ProduceSummary> {
     producer
         .flush(Duration::from_secs(120))
         .context("flushing")?;
-    let deliveries = producer
+    let mut deliveries = producer
         .context()
         .0
         .lock()
@@ -138,9 +169,13 @@ pub fn produce(options: &ProduceOptions) -> Result<ProduceSummary> {
             options.count
         );
     }
-    Ok(ProduceSummary {
-        delivered: deliveries.delivered,
-        next_offsets: deliveries.next_offsets.clone(),
-        elapsed: started.elapsed(),
-    })
+    let acks = deliveries.acks.take();
+    Ok((
+        ProduceSummary {
+            delivered: deliveries.delivered,
+            next_offsets: deliveries.next_offsets.clone(),
+            elapsed: started.elapsed(),
+        },
+        acks,
+    ))
 }

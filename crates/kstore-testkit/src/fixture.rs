@@ -293,6 +293,23 @@ impl TestKafka {
 
     /// Reads every committed record of a topic, from the start to the end of each partition.
     pub fn read_all(&self, topic: &str, partitions: u32) -> Result<Vec<OwnedMessage>> {
+        let mut messages = Vec::new();
+        self.scan(topic, partitions, Duration::from_secs(60), |message| {
+            messages.push(message.detach());
+        })?;
+        Ok(messages)
+    }
+
+    /// Hands every committed record of a topic to `each`, from the start to the end of each
+    /// partition (as it was when the scan began), without keeping them; fails if that takes
+    /// longer than `timeout`. Returns how many records it handed over.
+    pub fn scan(
+        &self,
+        topic: &str,
+        partitions: u32,
+        timeout: Duration,
+        mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    ) -> Result<u64> {
         let consumer: BaseConsumer = self
             .client_config()
             .set("group.id", self.unique_name("read-all"))
@@ -306,14 +323,17 @@ impl TestKafka {
         }
         consumer.assign(&list)?;
         let mut at_end = std::collections::HashSet::new();
-        let mut messages = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut count = 0;
+        let deadline = Instant::now() + timeout;
         while at_end.len() < partitions as usize {
             if Instant::now() > deadline {
-                bail!("reading {topic} did not reach the end of every partition in 60s");
+                bail!("reading {topic} did not reach the end of every partition in {timeout:?}");
             }
             match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(message)) => messages.push(message.detach()),
+                Some(Ok(message)) => {
+                    each(&message);
+                    count += 1;
+                }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     at_end.insert(p);
                 }
@@ -321,7 +341,7 @@ impl TestKafka {
                 None => {}
             }
         }
-        Ok(messages)
+        Ok(count)
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod baseline;
 /// The local broker, from `kstore-kafka`.
 pub use kstore_kafka::local as broker;
+pub mod audit;
 pub mod chaos;
 mod fixture;
 pub mod process;

@@ -10,6 +10,9 @@
 //! node, and the next if that one does not answer within [`ATTEMPT_TIMEOUT`] (a paused
 //! node accepts connections but never answers).
 
+mod disk;
+mod nemesis;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
-use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_cli::produce::{ProduceOptions, produce_with_acks};
 use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::admin_client::AdminClient;
@@ -28,6 +31,7 @@ use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::TestKafka;
+use crate::audit::{Answer, Audit, audit};
 use crate::process::TestProcess;
 
 /// How long one attempt of a read waits for a node before it asks the next.
@@ -49,6 +53,9 @@ pub enum Fault {
     ScaleOut,
     /// One of four nodes is drained (Admin Drain) and stops.
     ScaleIn,
+    /// A randomized nemesis ([`SoakOptions`]): kill -9, SIGSTOP, rolling restarts,
+    /// scale-out and scale-in, damaged copies and full disks, one after another.
+    Random,
 }
 
 impl Fault {
@@ -69,12 +76,16 @@ impl Fault {
             Fault::RollingRestart => "rolling-restart",
             Fault::ScaleOut => "scale-out",
             Fault::ScaleIn => "scale-in",
+            Fault::Random => "random",
         }
     }
 
     /// Parses a scenario name.
     pub fn parse(name: &str) -> Option<Fault> {
-        Fault::ALL.into_iter().find(|f| f.name() == name)
+        Fault::ALL
+            .into_iter()
+            .chain([Fault::Random])
+            .find(|f| f.name() == name)
     }
 }
 
@@ -103,6 +114,20 @@ pub struct ChaosOptions {
     pub pause: Duration,
     /// The consumer group's session timeout.
     pub session_timeout: Duration,
+    /// The randomized nemesis, for [`Fault::Random`].
+    pub soak: SoakOptions,
+}
+
+/// How the randomized nemesis runs.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    /// How long it injects faults.
+    pub duration: Duration,
+    /// The seed of its schedule: the same seed gives the same schedule.
+    pub seed: u64,
+    /// Each node's state directory is a tmpfs of this size (if the process may mount one),
+    /// so that the nemesis can fill its disk; 0 turns full disks off.
+    pub disk_bytes: u64,
 }
 
 impl ChaosOptions {
@@ -121,6 +146,11 @@ impl ChaosOptions {
             after_fault: Duration::from_secs(15),
             pause: Duration::from_secs(10),
             session_timeout: Duration::from_secs(10),
+            soak: SoakOptions {
+                duration: Duration::from_secs(120),
+                seed: 1,
+                disk_bytes: 256 << 20,
+            },
         }
     }
 }
@@ -152,6 +182,68 @@ pub struct ChaosReport {
     pub mismatches: Vec<String>,
     /// Fault-specific measurements, such as the time from `kill -9` to routing away.
     pub notes: Vec<(String, String)>,
+    /// Every answer checked against its stated position, and the topics checked for
+    /// duplicates.
+    pub audit: Audit,
+    /// Records the nodes logged as exactly-once violations (a consumer that started below
+    /// what a copy reflected), over every node's every run.
+    pub violations: u64,
+    /// Records the nodes logged as handed over again after they were folded (skipped).
+    pub redelivered: u64,
+}
+
+impl ChaosReport {
+    /// What the scenario must show and did not: an unanswered read, a wrong answer, an
+    /// understated lag, a double fold or a duplicate, or an inexact final state. Empty when
+    /// all is well.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |bad: bool, what: String| {
+            if bad {
+                problems.push(what);
+            }
+        };
+        check(
+            self.reads_answered != self.reads_issued,
+            format!(
+                "{} of {} reads unanswered: {:?}",
+                self.reads_issued - self.reads_answered,
+                self.reads_issued,
+                self.failures
+            ),
+        );
+        check(
+            self.audit.wrong_answers > 0 || self.audit.understated_lags > 0,
+            format!(
+                "{} answers wrong for their stated position, {} with an understated lag: {:?}",
+                self.audit.wrong_answers, self.audit.understated_lags, self.audit.examples
+            ),
+        );
+        check(
+            self.violations > 0 || self.redelivered > 0,
+            format!(
+                "{} exactly-once violations and {} records handed over again",
+                self.violations, self.redelivered
+            ),
+        );
+        check(
+            self.audit.duplicate_inputs > 0
+                || self.audit.missing_inputs > 0
+                || self.audit.duplicate_changelog_inputs > 0,
+            format!(
+                "the input holds {} events twice and misses {}; {} changelog records repeat an \
+                 input offset",
+                self.audit.duplicate_inputs,
+                self.audit.missing_inputs,
+                self.audit.duplicate_changelog_inputs
+            ),
+        );
+        check(
+            !self.state_exact,
+            format!("the final state is not exact: {:?}", self.mismatches),
+        );
+        problems
+    }
 }
 
 /// One node of the chaos cluster.
@@ -166,14 +258,39 @@ struct ChaosNode {
 /// The nodes, and the reader's view of where they serve.
 struct Cluster {
     options: ChaosOptions,
+    fault: Fault,
     bootstrap: String,
     app: String,
     input: String,
     nodes: Vec<ChaosNode>,
     targets: Arc<RwLock<Vec<(String, Channel)>>>,
+    /// Each node's small disk, where the soak mounted one.
+    disks: BTreeMap<String, disk::SmallDisk>,
 }
 
 impl Cluster {
+    /// A node's state directory.
+    fn state_dir(&self, id: &str) -> std::path::PathBuf {
+        self.options.dir.join(&self.app).join(id)
+    }
+
+    /// The directory of a node's copies (one per partition).
+    fn store_root(&self, id: &str) -> std::path::PathBuf {
+        self.state_dir(id).join(&self.app).join("features")
+    }
+
+    /// The ids of the nodes that run, sorted.
+    fn running(&self) -> Vec<String> {
+        let mut running: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.process.is_some())
+            .map(|n| n.id.clone())
+            .collect();
+        running.sort();
+        running
+    }
+
     fn settings(&self, id: &str) -> Vec<String> {
         let seeds: Vec<String> = self
             .nodes
@@ -186,10 +303,7 @@ impl Cluster {
             format!("app-id={}", self.app),
             format!("cluster-id={}", self.app),
             format!("input-topic={}", self.input),
-            format!(
-                "state-dir={}",
-                self.options.dir.join(&self.app).join(id).display()
-            ),
+            format!("state-dir={}", self.state_dir(id).display()),
             "grpc-address=127.0.0.1:0".into(),
             "metrics-address=".into(),
             "gossip-address=127.0.0.1:0".into(),
@@ -200,6 +314,45 @@ impl Cluster {
                 self.options.session_timeout.as_millis()
             ),
         ]
+        .into_iter()
+        .chain(self.soak_settings())
+        .collect()
+    }
+
+    /// What the soak's nodes add: a quick background check (so that a damaged copy is found
+    /// within seconds), quick retries of failed copies, and backups on demand (which flush
+    /// copies, so that there are SST files to damage).
+    fn soak_settings(&self) -> Vec<String> {
+        if self.fault != Fault::Random {
+            return Vec::new();
+        }
+        vec![
+            "verify-interval-ms=5000".into(),
+            "copy-retry-initial-ms=500".into(),
+            "copy-retry-max-ms=5000".into(),
+            format!(
+                "backup.dir={}",
+                self.options.dir.join(&self.app).join("backups").display()
+            ),
+            "backup.interval-ms=0".into(),
+        ]
+    }
+
+    /// Mounts a small disk as the node's state directory, for the soak's full disks, if the
+    /// process may mount one (and says so once if it may not).
+    fn mount_small_disk(&mut self, id: &str) {
+        let bytes = self.options.soak.disk_bytes;
+        if self.fault != Fault::Random || bytes == 0 || self.disks.contains_key(id) {
+            return;
+        }
+        match disk::SmallDisk::mount(&self.state_dir(id), bytes) {
+            Ok(disk) => {
+                self.disks.insert(id.to_owned(), disk);
+            }
+            Err(error) => {
+                tracing::warn!(%error, id, "no small disk: full disks are skipped for this node");
+            }
+        }
     }
 
     /// Starts (or restarts) node `id` and waits until it serves gRPC and gossips.
@@ -222,6 +375,7 @@ impl Cluster {
                 self.nodes.len() - 1
             }
         };
+        self.mount_small_disk(id);
         let node = &mut self.nodes[index];
         node.runs += 1;
         let dir = self.options.dir.join(&self.app);
@@ -346,8 +500,8 @@ fn assignment(view: &ClusterView, partitions: u32) -> BTreeMap<String, Vec<u32>>
 struct ReadRecord {
     key: usize,
     started: Instant,
-    /// When it was answered, and the lag the answer stated.
-    answered: Option<(Instant, i64)>,
+    /// When it was answered, and the answer.
+    answered: Option<(Instant, Answer)>,
     failure: Option<String>,
 }
 
@@ -374,9 +528,9 @@ async fn read_loop(
         let records = records.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let record = read_once(&targets, first, &keys[key], started).await;
+            let record = read_once(&targets, first, key, &keys[key], started).await;
             let (answered, failure) = match record {
-                Ok(lag) => (Some((Instant::now(), lag)), None),
+                Ok(answer) => (Some((Instant::now(), answer)), None),
                 Err(error) => (None, Some(error)),
             };
             records
@@ -396,9 +550,10 @@ async fn read_loop(
 async fn read_once(
     targets: &[(String, Channel)],
     turn: usize,
+    key_index: usize,
     key: &str,
     started: Instant,
-) -> Result<i64, String> {
+) -> Result<Answer, String> {
     let mut errors = Vec::new();
     for attempt in 0..targets.len() {
         let remaining = READ_BUDGET.saturating_sub(started.elapsed());
@@ -416,7 +571,25 @@ async fn read_once(
         let timeout = ATTEMPT_TIMEOUT.min(remaining);
         request.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.get(request)).await {
-            Ok(Ok(answer)) => return Ok(answer.into_inner().read.map_or(0, |r| r.lag)),
+            Ok(Ok(answer)) => {
+                let answer = answer.into_inner();
+                let read = answer.read.unwrap_or_default();
+                let value = match answer.value {
+                    Some(get_response::Value::Message(any)) => Some(any.value),
+                    Some(get_response::Value::Raw(bytes)) => Some(bytes),
+                    None => None,
+                };
+                return Ok(Answer {
+                    key: key_index,
+                    node: read.node_id,
+                    partition: read.partition,
+                    input_offset: read.input_offset,
+                    lag: read.lag,
+                    input_end_seen_ms: read.input_end_seen_ms,
+                    answered_ms: unix_ms(),
+                    value: value.map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes)),
+                });
+            }
             Ok(Err(status)) => {
                 errors.push(format!("{node}: {:?} {}", status.code(), status.message()))
             }
@@ -430,14 +603,23 @@ async fn read_once(
 pub async fn run(kafka: &TestKafka, options: &ChaosOptions, fault: Fault) -> Result<ChaosReport> {
     let app = kafka.unique_name(&format!("chaos-{}", fault.name()));
     let input = format!("{app}-orders");
-    kafka.create_topic(&input, options.partitions).await?;
+    // Append times let the audit tell which records were in the log when a node looked.
+    kafka
+        .create_topic_with(
+            &input,
+            options.partitions,
+            &[("message.timestamp.type", "LogAppendTime")],
+        )
+        .await?;
     let mut cluster = Cluster {
         options: options.clone(),
+        fault,
         bootstrap: kafka.bootstrap().into(),
         app: app.clone(),
         input: input.clone(),
         nodes: Vec::new(),
         targets: Arc::default(),
+        disks: BTreeMap::new(),
     };
     let result = scenario(kafka, &mut cluster, fault).await;
     cluster.stop_all();
@@ -465,6 +647,7 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
         Fault::Pause => options.pause + Duration::from_secs(5),
         Fault::RollingRestart => Duration::from_secs(45),
         Fault::ScaleOut | Fault::ScaleIn => Duration::from_secs(25),
+        Fault::Random => options.soak.duration + Duration::from_secs(30),
     };
     let events =
         options.rate * (options.before_fault + fault_budget + options.after_fault).as_secs();
@@ -483,7 +666,7 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
             generator: generator.clone(),
             kafka: Vec::new(),
         };
-        tokio::task::spawn_blocking(move || produce(&produce_options))
+        tokio::task::spawn_blocking(move || produce_with_acks(&produce_options))
     };
 
     let keys: Arc<Vec<String>> = Arc::new(
@@ -514,18 +697,31 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     // Reads still in flight finish within their budget.
     tokio::time::sleep(READ_BUDGET).await;
 
-    let summary = producer.await??;
+    let (summary, acks) = producer.await??;
     ensure!(
         summary.delivered == events,
         "the producer delivered {} of {events} events",
         summary.delivered
     );
-    let events_sent: Vec<_> = OrderGenerator::new(generator)
-        .take(events as usize)
-        .collect();
-    let (state_exact, mismatches) = verify_state(kafka, cluster, &events_sent).await?;
+    let (state_exact, mismatches) = verify_state(kafka, cluster, &generator, events).await?;
 
     let records = std::mem::take(&mut *records.lock().unwrap_or_else(|e| e.into_inner()));
+    let answers: Vec<Answer> = records
+        .iter()
+        .filter_map(|r| r.answered.as_ref().map(|(_, answer)| answer.clone()))
+        .collect();
+    let audit = audit(
+        kafka,
+        &cluster.input,
+        &format!("{}-features-changelog", cluster.app),
+        options.partitions,
+        &generator,
+        events,
+        &acks,
+        &keys,
+        &answers,
+    )?;
+    let logs = options.dir.join(&cluster.app);
     let mut report = summarize(
         fault,
         &records,
@@ -538,6 +734,9 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     report.state_exact = state_exact;
     report.mismatches = mismatches;
     report.notes = notes;
+    report.audit = audit;
+    report.violations = count_in_logs(&logs, "exactly-once violation");
+    report.redelivered = count_in_logs(&logs, "handed over a record already folded");
     Ok(report)
 }
 
@@ -662,6 +861,7 @@ async fn inject(
             ));
             Ok(())
         }
+        Fault::Random => nemesis::run(cluster, notes).await,
         Fault::ScaleIn => {
             let grpc = cluster.node("node-4")?.grpc.clone();
             let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
@@ -695,6 +895,26 @@ fn restores_from_zero(process: &TestProcess) -> usize {
         .count()
 }
 
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Counts the lines of every node log under `dir` that contain `what`.
+fn count_in_logs(dir: &std::path::Path, what: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|log| log.lines().filter(|l| l.contains(what)).count() as u64)
+        .sum()
+}
+
 fn signal(pid: u32, name: &str) -> Result<()> {
     let status = std::process::Command::new("kill")
         .arg(format!("-{name}"))
@@ -709,15 +929,16 @@ fn signal(pid: u32, name: &str) -> Result<()> {
 async fn verify_state(
     kafka: &TestKafka,
     cluster: &mut Cluster,
-    events: &[kstore_core::orders::OrderEvent],
+    generator: &GeneratorConfig,
+    events: u64,
 ) -> Result<(bool, Vec<String>)> {
     let options = cluster.options.clone();
     let end = kafka.end_offsets(&cluster.input, options.partitions)?;
     let mut expected: HashMap<String, CustomerFeatures> = HashMap::new();
-    for event in events {
+    for event in OrderGenerator::new(generator.clone()).take(events as usize) {
         kstore_server::processor::features::fold(
             expected.entry(event.customer_id.clone()).or_default(),
-            event,
+            &event,
         );
     }
     let targets = cluster
@@ -798,10 +1019,11 @@ fn summarize(
     let mut max_lag = 0;
     let mut answered = 0;
     for record in records {
-        match (record.answered, &record.failure) {
-            (Some((at, lag)), _) => {
+        match (&record.answered, &record.failure) {
+            (Some((at, answer)), _) => {
+                let at = *at;
                 answered += 1;
-                max_lag = max_lag.max(lag);
+                max_lag = max_lag.max(answer.lag);
                 let micros = at.duration_since(record.started).as_micros() as u64;
                 let _ = latency.record(micros);
                 if record.started >= fault_window.0 && record.started <= fault_window.1 {
@@ -841,5 +1063,8 @@ fn summarize(
         state_exact: false,
         mismatches: Vec::new(),
         notes: Vec::new(),
+        audit: Audit::default(),
+        violations: 0,
+        redelivered: 0,
     }
 }
