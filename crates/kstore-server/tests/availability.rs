@@ -89,3 +89,34 @@ fn every_read_answers_through_scale_out_and_scale_in_with_a_drain() -> Result<()
     scenario(Fault::ScaleOut)?;
     scenario(Fault::ScaleIn).map(drop)
 }
+
+#[test]
+fn a_short_random_soak_answers_every_read_exactly_and_ends_exact() -> Result<()> {
+    run_async(async {
+        let dir = tempfile::tempdir()?;
+        let mut options = options(&dir);
+        options.soak.duration = Duration::from_secs(60);
+        options.soak.seed = 7;
+        let report = chaos::run(kstore_testkit::kafka(), &options, Fault::Random).await?;
+        for (what, value) in &report.notes {
+            eprintln!("random: {what}: {value}");
+        }
+        eprintln!(
+            "random: {}/{} reads answered, {} audited, longest gap {:?}, max lag {}, max time \
+             behind {:?}",
+            report.reads_answered,
+            report.reads_issued,
+            report.audit.answers,
+            report.longest_gap,
+            report.max_lag,
+            report.audit.max_time_behind
+        );
+        ensure!(
+            report.notes.iter().any(|(what, _)| what.starts_with("move ")),
+            "the nemesis injected nothing"
+        );
+        let problems = report.problems();
+        ensure!(problems.is_empty(), "random: {problems:#?}");
+        Ok(())
+    })
+}
