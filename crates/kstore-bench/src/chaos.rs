@@ -238,9 +238,18 @@ mod tests {
 
     #[test]
     fn durations_read_as_a_user_writes_them() {
-        assert_eq!(parse_duration("90s"), Ok(std::time::Duration::from_secs(90)));
-        assert_eq!(parse_duration("30m"), Ok(std::time::Duration::from_secs(1800)));
-        assert_eq!(parse_duration("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert_eq!(
+            parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_duration("30m"),
+            Ok(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_duration("2h"),
+            Ok(std::time::Duration::from_secs(7200))
+        );
         assert_eq!(parse_duration("45"), Ok(std::time::Duration::from_secs(45)));
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("5d").is_err());

@@ -272,7 +272,11 @@ pub fn encode_copy_errors(errors: &BTreeMap<u32, String>) -> String {
         }
         text.push_str(&partition.to_string());
         text.push(':');
-        text.extend(error[..end].chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }));
+        text.extend(
+            error[..end]
+                .chars()
+                .map(|c| if c == '\n' || c == '\r' { ' ' } else { c }),
+        );
     }
     text
 }
@@ -648,7 +652,11 @@ fn node_to_proto(node: &NodeEntry) -> NodeInfo {
                 input_offset: c.input_offset,
                 input_end: c.input_offset + c.lag,
                 lag: c.lag,
-                error: node.copy_errors.get(&c.partition).cloned().unwrap_or_default(),
+                error: node
+                    .copy_errors
+                    .get(&c.partition)
+                    .cloned()
+                    .unwrap_or_default(),
             })
             .collect(),
         liveness: node.liveness as i32,

@@ -19,10 +19,10 @@ use crate::ingest::{self, IngestError, IngestMetrics};
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::registry::Registry;
+use crate::registry::Watchdog;
 use crate::snapshot::{PeerService, SnapshotFetcher};
 use crate::standby::updater::{self, UpdaterMetrics};
 use crate::standby::{Bootstrap, Copies, placement};
-use crate::registry::Watchdog;
 use crate::store::SharedMemory;
 use crate::topics::{self, TopicError};
 

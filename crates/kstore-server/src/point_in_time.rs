@@ -139,7 +139,6 @@ fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> 
     move |source| PointInTimeError::Kafka { what, source }
 }
 
-
 /// Chooses each partition's backup and checks that the input still holds what must be
 /// reprocessed. `partitions` empty means every partition.
 pub fn plan(

@@ -50,6 +50,14 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// A file of the store failed its checksum check, or is missing.
+    #[error("store {path} is damaged: {message}")]
+    Damaged {
+        /// The store's directory.
+        path: String,
+        /// What RocksDB found.
+        message: String,
+    },
     /// The stored position is not 8 bytes.
     #[error("store {path} holds a corrupt position under {key}")]
     CorruptPosition {
@@ -64,8 +72,11 @@ impl StoreError {
     /// Whether RocksDB found the store's files damaged (a checksum that does not match, a
     /// file cut short or missing): the copy must be recovered, not retried.
     pub fn is_corruption(&self) -> bool {
-        matches!(self, StoreError::Rocks { source, .. }
-            if source.kind() == rocksdb::ErrorKind::Corruption)
+        match self {
+            StoreError::Rocks { source, .. } => source.kind() == rocksdb::ErrorKind::Corruption,
+            StoreError::Damaged { .. } | StoreError::CorruptPosition { .. } => true,
+            StoreError::Io { .. } => false,
+        }
     }
 }
 
@@ -372,27 +383,35 @@ impl PartitionStore {
             .map_err(self.rocks())
     }
 
-    /// Reads every block of every file of the store and checks its checksum, without
-    /// filling the block cache. Fails with a corruption error ([`StoreError::is_corruption`])
-    /// at the first damaged block.
+    /// Reads every SST file of the store from disk (never from the block cache, which may
+    /// hold a block as it was before the disk went bad) and checks every block's checksum.
+    /// Fails with a damage error ([`StoreError::is_corruption`]) at the first damaged file.
+    #[allow(unsafe_code)]
     pub fn verify_checksums(&self) -> Result<(), StoreError> {
-        for family in [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_CF] {
-            let handle = self
-                .db
-                .cf_handle(family)
-                .expect("both column families are created on open");
-            let mut options = rocksdb::ReadOptions::default();
-            options.set_verify_checksums(true);
-            options.fill_cache(false);
-            options.set_readahead_size(2 << 20);
-            let mut iterator = self.db.raw_iterator_cf_opt(&handle, options);
-            iterator.seek_to_first();
-            while iterator.valid() {
-                iterator.next();
+        use rocksdb::AsRawPtr;
+        let mut error: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: the database handle belongs to `self.db`, which outlives the call. RocksDB
+        // leaves `error` null, or sets it to a C string it allocated, which is read once and
+        // freed with RocksDB's own `rocksdb_free`.
+        let message = unsafe {
+            librocksdb_sys::rocksdb_verify_checksum(self.db.as_raw_ptr(), &mut error);
+            if error.is_null() {
+                None
+            } else {
+                let message = std::ffi::CStr::from_ptr(error)
+                    .to_string_lossy()
+                    .into_owned();
+                librocksdb_sys::rocksdb_free(error.cast());
+                Some(message)
             }
-            iterator.status().map_err(self.rocks())?;
+        };
+        match message {
+            None => Ok(()),
+            Some(message) => Err(StoreError::Damaged {
+                path: self.path.clone(),
+                message,
+            }),
         }
-        Ok(())
     }
 
     /// Makes a consistent snapshot of the store in `dir` (which must not exist yet), hard
@@ -496,7 +515,12 @@ mod tests {
             changelog_next: 100,
             input_next: 250,
         };
-        let answered = |value| MemoryRead::Answered(Positioned { value, position: at });
+        let answered = |value| {
+            MemoryRead::Answered(Positioned {
+                value,
+                position: at,
+            })
+        };
         {
             let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
             let updates = keys
@@ -552,10 +576,7 @@ mod tests {
                 position: at
             })
         );
-        assert_eq!(
-            store.get_from_memory(b"key-0071").unwrap(),
-            answered(None)
-        );
+        assert_eq!(store.get_from_memory(b"key-0071").unwrap(), answered(None));
     }
 
     #[test]
@@ -587,6 +608,32 @@ mod tests {
                 assert_eq!(read.value, Some(expected.into_bytes()));
             }
         });
+    }
+
+    #[test]
+    fn a_damaged_file_is_found_even_while_its_blocks_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
+        let updates = (0..2_000)
+            .map(|i| (format!("key-{i:05}").into_bytes(), Some(vec![b'v'; 200])))
+            .collect();
+        store.apply(&updates, Position::default()).unwrap();
+        store.flush().unwrap();
+        store.verify_checksums().unwrap();
+        // Every block in the cache, then the disk under it flips a byte.
+        assert_eq!(store.scan().unwrap().len(), 2_000);
+        let sst = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "sst"))
+            .unwrap();
+        let mut bytes = std::fs::read(&sst).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x5a;
+        std::fs::write(&sst, bytes).unwrap();
+        let damage = store.verify_checksums().unwrap_err();
+        assert!(damage.is_corruption(), "{damage}");
     }
 
     #[test]

@@ -91,6 +91,17 @@ fn every_read_answers_through_scale_out_and_scale_in_with_a_drain() -> Result<()
 }
 
 #[test]
+fn a_full_disk_fails_one_nodes_copies_until_space_returns_and_every_read_answers_exactly()
+-> Result<()> {
+    scenario(Fault::FullDisk).map(drop)
+}
+
+#[test]
+fn a_copy_damaged_under_a_running_node_is_rebuilt_and_every_read_answers_exactly() -> Result<()> {
+    scenario(Fault::DamageCopy).map(drop)
+}
+
+#[test]
 fn a_short_random_soak_answers_every_read_exactly_and_ends_exact() -> Result<()> {
     run_async(async {
         let dir = tempfile::tempdir()?;
@@ -112,7 +123,10 @@ fn a_short_random_soak_answers_every_read_exactly_and_ends_exact() -> Result<()>
             report.audit.max_time_behind
         );
         ensure!(
-            report.notes.iter().any(|(what, _)| what.starts_with("move ")),
+            report
+                .notes
+                .iter()
+                .any(|(what, _)| what.starts_with("move ")),
             "the nemesis injected nothing"
         );
         let problems = report.problems();

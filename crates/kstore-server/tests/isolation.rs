@@ -73,7 +73,9 @@ fn a_partition_whose_processor_cannot_run_fails_alone_and_recovers_exactly_once(
             ..GeneratorConfig::default()
         };
         scenario.produce(&generator, count)?;
-        let events: Vec<_> = OrderGenerator::new(generator).take(count as usize).collect();
+        let events: Vec<_> = OrderGenerator::new(generator)
+            .take(count as usize)
+            .collect();
         let mut expected: BTreeMap<String, u64> = BTreeMap::new();
         for event in &events {
             *expected.entry(event.customer_id.clone()).or_default() += 1;
@@ -106,11 +108,10 @@ fn a_partition_whose_processor_cannot_run_fails_alone_and_recovers_exactly_once(
             "the other partitions to commit their input",
             || {
                 ensure!(!node.is_finished(), "the node stopped");
-                let committed = scenario.kafka.committed_offsets(
-                    &scenario.app,
-                    &scenario.input,
-                    partitions,
-                )?;
+                let committed =
+                    scenario
+                        .kafka
+                        .committed_offsets(&scenario.app, &scenario.input, partitions)?;
                 Ok((0..partitions as usize)
                     .filter(|&p| p != failing as usize)
                     .all(|p| committed[p] >= end[p]))
@@ -195,14 +196,24 @@ fn a_partition_whose_processor_cannot_run_fails_alone_and_recovers_exactly_once(
                 );
             }
         }
-        ensure!(stored == expected, "per-key counts differ from the events sent");
+        ensure!(
+            stored == expected,
+            "per-key counts differ from the events sent"
+        );
         let dead_letters = scenario
             .kafka
             .partition_count(&format!("{}-dlq", scenario.app))?
-            .map(|dlq_partitions| scenario.kafka.read_all(&format!("{}-dlq", scenario.app), dlq_partitions))
+            .map(|dlq_partitions| {
+                scenario
+                    .kafka
+                    .read_all(&format!("{}-dlq", scenario.app), dlq_partitions)
+            })
             .transpose()?
             .map_or(0, |letters| letters.len());
-        ensure!(dead_letters == 0, "{dead_letters} records were dead-lettered");
+        ensure!(
+            dead_letters == 0,
+            "{dead_letters} records were dead-lettered"
+        );
         Ok(())
     })
 }
@@ -221,11 +232,7 @@ fn scopeguard(shutdown: Arc<AtomicBool>) -> impl Drop {
 /// Fills partition `partition`'s store in `config`'s state directory with about `bytes` of
 /// incompressible filler under keys `filler-…` (outside the events' key space), so that a
 /// snapshot of the copy is that large.
-fn fill_copy(
-    config: &kstore_server::config::NodeConfig,
-    partition: i32,
-    bytes: u64,
-) -> Result<()> {
+fn fill_copy(config: &kstore_server::config::NodeConfig, partition: i32, bytes: u64) -> Result<()> {
     const VALUE_BYTES: usize = 4096;
     let dir = config.store_dir(partition);
     std::fs::create_dir_all(&dir)?;
@@ -330,9 +337,9 @@ fn a_large_copy_bootstraps_from_its_peer_while_the_nodes_other_partitions_ingest
                 if let Some(previous) = &previous {
                     advanced |= copies.iter().any(|(p, (role, offset))| {
                         *role == Role::Active
-                            && previous
-                                .get(p)
-                                .is_some_and(|(was, before)| *was == Role::Active && offset > before)
+                            && previous.get(p).is_some_and(|(was, before)| {
+                                *was == Role::Active && offset > before
+                            })
                     });
                 }
                 previous = Some(copies.clone());
@@ -356,7 +363,11 @@ fn a_large_copy_bootstraps_from_its_peer_while_the_nodes_other_partitions_ingest
             node2.process.output()
         );
         let summary = producer.await??;
-        ensure!(summary.delivered == during, "delivered {}", summary.delivered);
+        ensure!(
+            summary.delivered == during,
+            "delivered {}",
+            summary.delivered
+        );
         scenario.wait_caught_up(&mut node2.process, Duration::from_secs(300))?;
 
         // Every customer's state is exact, read from whichever node is active for it.
@@ -396,12 +407,18 @@ fn a_large_copy_bootstraps_from_its_peer_while_the_nodes_other_partitions_ingest
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let answer = answer.with_context(|| format!("no caught-up active answers {customer}"))?;
+            let answer =
+                answer.with_context(|| format!("no caught-up active answers {customer}"))?;
             let Some(get_response::Value::Message(any)) = answer.value else {
                 anyhow::bail!("{customer}: no value");
             };
-            let got = <kstore_proto::v1::CustomerFeatures as prost::Message>::decode(any.value.as_slice())?;
-            ensure!(&got == want, "{customer}: {got:?} stored, {want:?} expected");
+            let got = <kstore_proto::v1::CustomerFeatures as prost::Message>::decode(
+                any.value.as_slice(),
+            )?;
+            ensure!(
+                &got == want,
+                "{customer}: {got:?} stored, {want:?} expected"
+            );
         }
 
         for node in [&mut node2, &mut node1] {

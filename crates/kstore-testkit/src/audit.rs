@@ -208,9 +208,9 @@ pub fn audit(
             let expected = if folded == 0 {
                 None
             } else {
-                Some(*hash.get_or_insert_with(|| {
-                    xxhash_rust::xxh3::xxh3_64(&state.encode_to_vec())
-                }))
+                Some(
+                    *hash.get_or_insert_with(|| xxhash_rust::xxh3::xxh3_64(&state.encode_to_vec())),
+                )
             };
             audit.answers += 1;
             audit.max_lag = audit.max_lag.max(answer.lag);
@@ -224,7 +224,11 @@ pub fn audit(
                         answer.node,
                         answer.input_offset,
                         answer.partition,
-                        if answer.value.is_some() { "another value" } else { "nothing" },
+                        if answer.value.is_some() {
+                            "another value"
+                        } else {
+                            "nothing"
+                        },
                     ));
                 }
             }

@@ -22,8 +22,7 @@ use chitchat::{
 };
 use kstore_core::cluster::{
     ClusterView, CopyInfo, Detected, GossipEntry, Liveness, Load, NodeStatus, encode_copies,
-    encode_copy_errors,
-    encode_load, encode_status, keys,
+    encode_copy_errors, encode_load, encode_status, keys,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

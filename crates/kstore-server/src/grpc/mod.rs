@@ -205,7 +205,10 @@ mod tests {
         assert_eq!(status("kstore.v1.Query").await, ServingStatus::Serving);
 
         // A thread of the node dies: NOT_SERVING.
-        drop(crate::registry::Watchdog::new(registry.clone(), "state updater"));
+        drop(crate::registry::Watchdog::new(
+            registry.clone(),
+            "state updater",
+        ));
         let not_serving = async {
             while status("").await != ServingStatus::NotServing {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -31,7 +31,7 @@ use crate::kafka::{
 };
 use crate::processor::{InputRecord, Outcome, Processor, Update};
 use crate::registry::Registry;
-use crate::standby::{CopyEvent, Copies};
+use crate::standby::{Copies, CopyEvent};
 use crate::store::{PartitionStore, StoreError};
 
 pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
@@ -249,7 +249,11 @@ impl Engine {
     fn assign(&mut self, partition: i32) {
         self.generation += 1;
         let generation = self.generation;
-        tracing::info!(partition, generation, "partition assigned; restoring its copy");
+        tracing::info!(
+            partition,
+            generation,
+            "partition assigned; restoring its copy"
+        );
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
         self.owned.insert(
@@ -394,10 +398,7 @@ impl Engine {
     ) -> Result<(), IngestError> {
         let partition = message.partition();
         let offset = message.offset();
-        if !matches!(
-            self.owned.get(&partition),
-            Some(Ownership::Active { .. })
-        ) {
+        if !matches!(self.owned.get(&partition), Some(Ownership::Active { .. })) {
             // Fetched before the pause took hold: read it again once the partition is ours.
             if self.owned.contains_key(&partition) {
                 consumer
@@ -508,7 +509,11 @@ impl Engine {
     /// Produces a folded record's effects in the open transaction: its changelog record
     /// (with the input offset in a header) and output records; its update joins the
     /// transaction's overlay.
-    fn produce(&mut self, message: &BorrowedMessage<'_>, outcome: Outcome) -> Result<(), KafkaError> {
+    fn produce(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        outcome: Outcome,
+    ) -> Result<(), KafkaError> {
         let partition = message.partition();
         let key = message.key().unwrap_or_default();
         let offset_text = message.offset().to_string();
@@ -807,7 +812,10 @@ impl Engine {
     }
 
     /// Commits what is open and flushes the producer, at shutdown.
-    pub(super) fn finish(&mut self, consumer: &BaseConsumer<IngestContext>) -> Result<(), IngestError> {
+    pub(super) fn finish(
+        &mut self,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
         self.commit(consumer)
     }
 

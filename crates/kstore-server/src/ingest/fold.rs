@@ -95,8 +95,9 @@ pub(crate) fn fold<E>(
 
 /// Refuses an outcome that no Kafka record could carry.
 fn check_outcome(limits: &Limits, key: &[u8], outcome: Outcome) -> Step {
-    let too_big =
-        |what: &str, len: usize| format!("{what} of {len} bytes is larger than a Kafka record can be");
+    let too_big = |what: &str, len: usize| {
+        format!("{what} of {len} bytes is larger than a Kafka record can be")
+    };
     if let Update::Put(value) = &outcome.update
         && key.len() + value.len() > limits.max_record_bytes
     {
@@ -107,7 +108,10 @@ fn check_outcome(limits: &Limits, key: &[u8], outcome: Outcome) -> Step {
         .iter()
         .find(|o| o.key.len() + o.value.len() > limits.max_record_bytes)
     {
-        return Step::DeadLetter(too_big("output record", output.key.len() + output.value.len()));
+        return Step::DeadLetter(too_big(
+            "output record",
+            output.key.len() + output.value.len(),
+        ));
     }
     Step::Folded(outcome)
 }
@@ -196,11 +200,27 @@ mod tests {
     fn bad_records_are_dead_lettered_with_their_reason() {
         let cases: [(&[u8], &[u8], &str); 6] = [
             (b"", b"a", "record has no key"),
-            (&[b'k'; 33], b"a", "key of 33 bytes exceeds max-key-bytes 32"),
-            (b"customer-1", &[b'v'; 17], "value of 17 bytes exceeds max-value-bytes 16"),
+            (
+                &[b'k'; 33],
+                b"a",
+                "key of 33 bytes exceeds max-key-bytes 32",
+            ),
+            (
+                b"customer-1",
+                &[b'v'; 17],
+                "value of 17 bytes exceeds max-value-bytes 16",
+            ),
             (b"customer-1", b"bad", "malformed record: not a number"),
-            (b"customer-1", b"huge", "new state of 2058 bytes is larger than a Kafka record can be"),
-            (b"customer-1", b"alert", "output record of 4106 bytes is larger than a Kafka record can be"),
+            (
+                b"customer-1",
+                b"huge",
+                "new state of 2058 bytes is larger than a Kafka record can be",
+            ),
+            (
+                b"customer-1",
+                b"alert",
+                "output record of 4106 bytes is larger than a Kafka record can be",
+            ),
         ];
         for (key, value, reason) in cases {
             let folded = run(&record(key, value), None);

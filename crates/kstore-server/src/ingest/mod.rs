@@ -39,7 +39,7 @@ use rdkafka::producer::{BaseProducer, Producer};
 use crate::config::{NodeConfig, ProcessingGuarantee};
 use crate::kafka::{client_config, set_default};
 use crate::processor::Processor;
-use crate::standby::{CopyEvent, Copies};
+use crate::standby::{Copies, CopyEvent};
 use delivery::{DeliveryTracker, lock};
 use engine::{Engine, IngestContext, KAFKA_TIMEOUT, kafka};
 

@@ -182,7 +182,10 @@ mod tests {
     fn a_failed_copy_waits_for_its_retry_then_is_prepared_again() {
         let mut copies = Lifecycles::default();
         let start = Instant::now();
-        assert_eq!(copies.want(5, Want::Active { generation: 2 }), Next::Prepare);
+        assert_eq!(
+            copies.want(5, Want::Active { generation: 2 }),
+            Next::Prepare
+        );
         let failure = copies
             .fail(5, "disk full".into(), false, start, SECOND, 60 * SECOND)
             .unwrap();
@@ -197,7 +200,14 @@ mod tests {
         assert_eq!(copies.next_retry(), None);
         // Fails again: twice as long.
         let failure = copies
-            .fail(5, "disk full".into(), true, start + SECOND, SECOND, 60 * SECOND)
+            .fail(
+                5,
+                "disk full".into(),
+                true,
+                start + SECOND,
+                SECOND,
+                60 * SECOND,
+            )
             .unwrap();
         assert_eq!((failure.attempts, failure.damaged), (2, true));
         assert_eq!(failure.retry_at, start + 3 * SECOND);

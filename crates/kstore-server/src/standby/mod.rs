@@ -339,8 +339,7 @@ impl Copies {
         if in_use {
             return Err(StoreError::Io {
                 path: dir.display().to_string(),
-                message: "the failed copy is still in use; it is reopened once it is let go"
-                    .into(),
+                message: "the failed copy is still in use; it is reopened once it is let go".into(),
             });
         }
         if let Some(store) = open {
@@ -352,7 +351,11 @@ impl Copies {
         std::fs::create_dir_all(&dir).map_err(io_error)?;
         let warm = dir.join("CURRENT").exists();
         if !warm {
-            self.bootstrap(partition, &dir, if damaged { "damaged" } else { "new here" });
+            self.bootstrap(
+                partition,
+                &dir,
+                if damaged { "damaged" } else { "new here" },
+            );
         }
         let opened = PartitionStore::open(&dir, &self.memory).and_then(|store| {
             if warm && check && self.config.verify_checksums_on_open {
@@ -477,11 +480,14 @@ impl Copies {
         let want = state.lifecycles.wanted(partition);
         let initial = Duration::from_millis(self.config.copy_retry_initial_ms);
         let max = Duration::from_millis(self.config.copy_retry_max_ms);
-        let Some(failure) =
-            state
-                .lifecycles
-                .fail(partition, reason.into(), damaged, Instant::now(), initial, max)
-        else {
+        let Some(failure) = state.lifecycles.fail(
+            partition,
+            reason.into(),
+            damaged,
+            Instant::now(),
+            initial,
+            max,
+        ) else {
             self.registry.remove(partition);
             self.registry.clear_pending(partition);
             return;
@@ -666,8 +672,14 @@ impl Copies {
         self.registry.get(partition).is_some()
             || state.lifecycles.wanted(partition).is_some()
             || state.lifecycles.preparing(partition)
-            || state.open.get(&partition).is_some_and(|w| w.strong_count() > 0)
-            || state.failed.get(&partition).is_some_and(|w| w.strong_count() > 0)
+            || state
+                .open
+                .get(&partition)
+                .is_some_and(|w| w.strong_count() > 0)
+            || state
+                .failed
+                .get(&partition)
+                .is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Marks the directories of copies that are not open (left by an earlier run) as

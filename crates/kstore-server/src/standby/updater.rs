@@ -390,12 +390,7 @@ impl Worker {
             .insert(partition, Job::new(follow, store, position));
     }
 
-    fn poll(
-        &mut self,
-        registry: &Registry,
-        metrics: &UpdaterMetrics,
-        reports: &Reports,
-    ) {
+    fn poll(&mut self, registry: &Registry, metrics: &UpdaterMetrics, reports: &Reports) {
         match self.consumer.poll(POLL_TIMEOUT) {
             None => {}
             Some(Ok(message)) => {
@@ -586,13 +581,7 @@ impl Worker {
     }
 
     /// Writes what is left, stops reading the partition and, if `restored`, reports it.
-    fn finish(
-        &mut self,
-        partition: i32,
-        registry: &Registry,
-        reports: &Reports,
-        restored: bool,
-    ) {
+    fn finish(&mut self, partition: i32, registry: &Registry, reports: &Reports, restored: bool) {
         let Some(mut job) = self.jobs.remove(&partition) else {
             return;
         };

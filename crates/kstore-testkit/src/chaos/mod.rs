@@ -53,6 +53,10 @@ pub enum Fault {
     ScaleOut,
     /// One of four nodes is drained (Admin Drain) and stops.
     ScaleIn,
+    /// One node's disk fills up (a tmpfs state directory) for a while, then has room again.
+    FullDisk,
+    /// A byte flips in a file of one of a node's copies while it runs.
+    DamageCopy,
     /// A randomized nemesis ([`SoakOptions`]): kill -9, SIGSTOP, rolling restarts,
     /// scale-out and scale-in, damaged copies and full disks, one after another.
     Random,
@@ -60,12 +64,14 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order `--scenario all` runs them.
-    pub const ALL: [Fault; 5] = [
+    pub const ALL: [Fault; 7] = [
         Fault::Kill,
         Fault::Pause,
         Fault::RollingRestart,
         Fault::ScaleOut,
         Fault::ScaleIn,
+        Fault::FullDisk,
+        Fault::DamageCopy,
     ];
 
     /// The scenario's name on the command line.
@@ -76,6 +82,8 @@ impl Fault {
             Fault::RollingRestart => "rolling-restart",
             Fault::ScaleOut => "scale-out",
             Fault::ScaleIn => "scale-in",
+            Fault::FullDisk => "full-disk",
+            Fault::DamageCopy => "damage-copy",
             Fault::Random => "random",
         }
     }
@@ -323,7 +331,10 @@ impl Cluster {
     /// within seconds), quick retries of failed copies, and backups on demand (which flush
     /// copies, so that there are SST files to damage).
     fn soak_settings(&self) -> Vec<String> {
-        if self.fault != Fault::Random {
+        if !matches!(
+            self.fault,
+            Fault::Random | Fault::FullDisk | Fault::DamageCopy
+        ) {
             return Vec::new();
         }
         vec![
@@ -342,7 +353,8 @@ impl Cluster {
     /// process may mount one (and says so once if it may not).
     fn mount_small_disk(&mut self, id: &str) {
         let bytes = self.options.soak.disk_bytes;
-        if self.fault != Fault::Random || bytes == 0 || self.disks.contains_key(id) {
+        let wanted = matches!(self.fault, Fault::Random | Fault::FullDisk);
+        if !wanted || bytes == 0 || self.disks.contains_key(id) {
             return;
         }
         match disk::SmallDisk::mount(&self.state_dir(id), bytes) {
@@ -647,6 +659,7 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
         Fault::Pause => options.pause + Duration::from_secs(5),
         Fault::RollingRestart => Duration::from_secs(45),
         Fault::ScaleOut | Fault::ScaleIn => Duration::from_secs(25),
+        Fault::FullDisk | Fault::DamageCopy => Duration::from_secs(40),
         Fault::Random => options.soak.duration + Duration::from_secs(30),
     };
     let events =
@@ -862,6 +875,28 @@ async fn inject(
             Ok(())
         }
         Fault::Random => nemesis::run(cluster, notes).await,
+        Fault::FullDisk => {
+            let (done, failed) =
+                nemesis::full_disk(cluster, "node-2", Duration::from_secs(15)).await?;
+            let failed = failed.with_context(|| {
+                format!("{done} (mounting a tmpfs needs root or a user namespace that allows it)")
+            })?;
+            ensure!(failed > 0, "{done}: the full disk failed no copy");
+            notes.push(("fault".into(), done));
+            cluster
+                .wait_complete(&["node-1", "node-2", "node-3"], Duration::from_secs(180))
+                .await?;
+            Ok(())
+        }
+        Fault::DamageCopy => {
+            let done = nemesis::damage_copy(cluster, "node-2", 0).await?;
+            ensure!(done.contains("rebuilt"), "{done}");
+            notes.push(("fault".into(), done));
+            cluster
+                .wait_complete(&["node-1", "node-2", "node-3"], Duration::from_secs(180))
+                .await?;
+            Ok(())
+        }
         Fault::ScaleIn => {
             let grpc = cluster.node("node-4")?.grpc.clone();
             let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;

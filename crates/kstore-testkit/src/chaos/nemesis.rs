@@ -47,8 +47,14 @@ pub(super) async fn run(cluster: &mut Cluster, notes: &mut Vec<(String, String)>
             (Move::Kill, 2),
             (Move::Pause, 2),
             (Move::RollingRestart, 1),
-            (Move::ScaleOut, u32::from(!running.iter().any(|n| n == EXTRA_NODE))),
-            (Move::ScaleIn, u32::from(running.iter().any(|n| n == EXTRA_NODE))),
+            (
+                Move::ScaleOut,
+                u32::from(!running.iter().any(|n| n == EXTRA_NODE)),
+            ),
+            (
+                Move::ScaleIn,
+                u32::from(running.iter().any(|n| n == EXTRA_NODE)),
+            ),
             (Move::DamageCopy, 1),
             (Move::FullDisk, 2),
         ]
@@ -129,32 +135,66 @@ async fn inject(
             let status = cluster
                 .process(EXTRA_NODE)?
                 .wait_exit(Duration::from_secs(180))?;
-            ensure!(status.success(), "{EXTRA_NODE} exit after its drain: {status}");
+            ensure!(
+                status.success(),
+                "{EXTRA_NODE} exit after its drain: {status}"
+            );
             cluster.node(EXTRA_NODE)?.process = None;
             format!("scale-in: {EXTRA_NODE} drained")
         }
-        Move::DamageCopy => damage_copy(cluster, victim, rng).await?,
+        Move::DamageCopy => {
+            let pick = rng.random_range(0..usize::MAX);
+            damage_copy(cluster, victim, pick).await?
+        }
         Move::FullDisk => {
             let held = Duration::from_secs(rng.random_range(5..=20));
-            let Some(disk) = cluster.disks.get(victim) else {
-                return Ok(format!("full disk of {victim}: skipped (no small disk)"));
-            };
-            let filled = disk.fill()?;
-            tokio::time::sleep(held).await;
-            disk.free()?;
-            format!(
-                "full disk of {victim} for {} s ({} MiB written to fill it)",
-                held.as_secs(),
-                filled >> 20
-            )
+            full_disk(cluster, victim, held).await?.0
         }
     })
 }
 
-/// Flips a byte in an SST file of one of `victim`'s copies (a backup first flushes the copies
-/// it is the backup source of, so that there are SST files), and waits until the node's
-/// background check has failed that copy.
-async fn damage_copy(cluster: &mut Cluster, victim: &str, rng: &mut ChaCha8Rng) -> Result<String> {
+/// Fills `victim`'s small disk for `held`, then gives the space back. Returns what it did,
+/// and how many copies failed meanwhile (`None`: the node has no small disk).
+pub(super) async fn full_disk(
+    cluster: &mut Cluster,
+    victim: &str,
+    held: Duration,
+) -> Result<(String, Option<usize>)> {
+    if !cluster.disks.contains_key(victim) {
+        return Ok((
+            format!("full disk of {victim}: skipped (no small disk)"),
+            None,
+        ));
+    }
+    let failures = |cluster: &mut Cluster| -> Result<usize> {
+        Ok(cluster
+            .process(victim)?
+            .output()
+            .lines()
+            .filter(|line| line.contains("a copy failed"))
+            .count())
+    };
+    let before = failures(cluster)?;
+    let filled = cluster.disks[victim].fill()?;
+    tokio::time::sleep(held).await;
+    cluster.disks[victim].free()?;
+    let failed = failures(cluster)? - before;
+    let what = format!(
+        "full disk of {victim} for {} s ({} MiB written to fill it; {failed} copy failures)",
+        held.as_secs(),
+        filled >> 20
+    );
+    Ok((what, Some(failed)))
+}
+
+/// Flips a byte in an SST file of one of `victim`'s copies (the `pick`-th, modulo how many
+/// there are; a backup first flushes the copies it is the backup source of, so that there
+/// are SST files), and waits until the node's background check has failed that copy.
+pub(super) async fn damage_copy(
+    cluster: &mut Cluster,
+    victim: &str,
+    pick: usize,
+) -> Result<String> {
     let grpc = cluster.node(victim)?.grpc.clone();
     let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
     admin
@@ -176,9 +216,11 @@ async fn damage_copy(cluster: &mut Cluster, victim: &str, rng: &mut ChaCha8Rng) 
     }
     ssts.sort();
     if ssts.is_empty() {
-        return Ok(format!("damage a copy of {victim}: skipped (no SST file yet)"));
+        return Ok(format!(
+            "damage a copy of {victim}: skipped (no SST file yet)"
+        ));
     }
-    let (partition, sst) = ssts[rng.random_range(0..ssts.len())].clone();
+    let (partition, sst) = ssts[pick % ssts.len()].clone();
     let mut bytes = std::fs::read(&sst)?;
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x5a;
