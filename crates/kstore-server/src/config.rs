@@ -182,6 +182,10 @@ pub struct NodeConfig {
     /// turns the background check off. A damaged copy fails: it is moved aside and rebuilt
     /// (a damaged active's input waits meanwhile, and its standbys answer its reads).
     pub verify_interval_ms: u64,
+    /// How often a copy that changed is flushed to disk, in milliseconds. Stores keep no
+    /// write-ahead log (the changelog is the log): a crash loses what a copy applied since
+    /// its last flush, which it then replays from the changelog.
+    pub store_flush_interval_ms: u64,
     /// How soon a failed copy is first retried, in milliseconds; each retry that fails
     /// again doubles the wait, up to `copy-retry-max-ms`.
     pub copy_retry_initial_ms: u64,
@@ -232,6 +236,7 @@ impl Default for NodeConfig {
             drain_timeout_ms: 120_000,
             verify_checksums_on_open: true,
             verify_interval_ms: 86_400_000,
+            store_flush_interval_ms: 30_000,
             copy_retry_initial_ms: 1_000,
             copy_retry_max_ms: 60_000,
             backup: BackupConfig::default(),
@@ -450,6 +455,9 @@ impl NodeConfig {
         }
         if self.dead_after_ms < 1_000 {
             return invalid("dead-after-ms", "must be at least 1000");
+        }
+        if self.store_flush_interval_ms < 100 {
+            return invalid("store-flush-interval-ms", "must be at least 100");
         }
         if self.copy_retry_initial_ms == 0 || self.copy_retry_max_ms < self.copy_retry_initial_ms {
             return invalid(

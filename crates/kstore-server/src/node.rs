@@ -245,6 +245,17 @@ pub fn run(
                 })
         })
         .transpose()?;
+    let flusher = {
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        let interval = Duration::from_millis(config.store_flush_interval_ms);
+        std::thread::Builder::new()
+            .name("kstore-flush".into())
+            .spawn(move || {
+                let watchdog = Watchdog::new(registry.clone(), "store flusher");
+                flush_copies(&registry, interval, &shutdown);
+                watchdog.ended_as_asked();
+            })?
+    };
     let backup_schedule = match &backups {
         Some(backups) => backup::spawn_schedule(
             backups.clone(),
@@ -297,6 +308,7 @@ pub fn run(
     if let Some(scrub) = scrub {
         let _ = scrub.join();
     }
+    let _ = flusher.join();
     if let Some(schedule) = backup_schedule {
         let _ = schedule.join();
     }
@@ -309,6 +321,8 @@ pub fn run(
     stop_serving.store(true, Ordering::Relaxed);
     let served = runtime.block_on(server);
     updater_thread.stop();
+    // Ingest and the updater have written their last: a restart starts from here.
+    flush_all(&registry);
     let _ = tracker.join();
     ingested?;
     match served {
@@ -316,6 +330,28 @@ pub fn run(
         Err(error) => tracing::error!(%error, "the gRPC server task failed"),
     }
     Ok(())
+}
+
+/// Flushes every copy that changed, every `interval`, until `shutdown`: without a WAL, this
+/// bounds what a crash makes a copy replay.
+fn flush_copies(registry: &Registry, interval: Duration, shutdown: &AtomicBool) {
+    let mut next = std::time::Instant::now() + interval;
+    while !shutdown.load(Ordering::Relaxed) {
+        if std::time::Instant::now() >= next {
+            flush_all(registry);
+            next = std::time::Instant::now() + interval;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Flushes every copy that changed since its last flush.
+fn flush_all(registry: &Registry) {
+    for copy in registry.all() {
+        if let Err(error) = copy.store.flush_if_dirty() {
+            tracing::warn!(partition = copy.partition, %error, "flushing a copy");
+        }
+    }
 }
 
 /// Looks at the input's end offsets for every local copy, and publishes metrics.

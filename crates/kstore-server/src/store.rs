@@ -5,6 +5,16 @@
 //! A store is a prefix of its committed changelog: every write batch carries the data and
 //! the store's position (the next changelog offset to apply and the next input offset it
 //! reflects), so a crash at any moment leaves data and position in agreement.
+//!
+//! There is no write-ahead log: the changelog in Kafka is the log. Writes go to memtables,
+//! and memtables reach disk only in flushes that are atomic across the column families
+//! (`atomic_flush`), so what is on disk is always some batch's data together with that
+//! batch's position. A crash (even `kill -9`) loses the memtables and leaves the store at its
+//! last flush, consistent, from which the changelog is replayed. Flushes happen when
+//! memtables fill, at a clean close, before a checkpoint or backup, and every
+//! `store-flush-interval-ms` for a copy that has changed, which bounds that replay. Without
+//! a WAL a store on disk is its SST files and little else (a WAL would hold nearly every
+//! update of a small store, which rarely flushes).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -121,6 +131,12 @@ impl SharedMemory {
         options.set_write_buffer_manager(&self.write_buffers);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         options.set_max_background_jobs(2);
+        // No WAL (see the module's comment): data and position reach disk together.
+        options.set_atomic_flush(true);
+        // RocksDB's own info logs and preallocated manifest space, kept small.
+        options.set_keep_log_file_num(2);
+        options.set_max_log_file_size(1 << 20);
+        options.set_manifest_preallocation_size(64 << 10);
         options
     }
 }
@@ -159,6 +175,8 @@ pub struct Positioned<T> {
 pub struct PartitionStore {
     db: DB,
     path: String,
+    /// Written since its last flush.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PartitionStore {
@@ -184,7 +202,11 @@ impl PartitionStore {
                 source,
             }
         })?;
-        Ok(Arc::new(PartitionStore { db, path }))
+        Ok(Arc::new(PartitionStore {
+            db,
+            path,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        }))
     }
 
     fn rocks(&self) -> impl Fn(rocksdb::Error) -> StoreError + '_ {
@@ -367,10 +389,27 @@ impl PartitionStore {
             position.changelog_next.to_be_bytes(),
         );
         batch.put_cf(meta, INPUT_OFFSET_KEY, position.input_next.to_be_bytes());
-        self.db.write(batch).map_err(self.rocks())
+        let mut options = rocksdb::WriteOptions::default();
+        options.disable_wal(true);
+        self.db.write_opt(batch, &options).map_err(self.rocks())?;
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
-    /// Writes the memtables to SST files and waits for it.
+    /// Writes the memtables to SST files, if anything was written since the last flush,
+    /// and waits for it: everything applied so far survives a crash from then on.
+    pub fn flush_if_dirty(&self) -> Result<(), StoreError> {
+        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if let Err(error) = self.flush() {
+                self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the memtables to SST files (atomically across the column families) and waits
+    /// for it.
     pub fn flush(&self) -> Result<(), StoreError> {
         let families = [
             self.db
@@ -438,6 +477,16 @@ impl PartitionStore {
                     .map_err(self.rocks())
             })
             .collect()
+    }
+}
+
+impl Drop for PartitionStore {
+    /// Flushes what was written since the last flush: without a WAL, memtables are all that
+    /// holds it (RocksDB would flush them at close too; this says so when it fails).
+    fn drop(&mut self) {
+        if let Err(error) = self.flush_if_dirty() {
+            tracing::warn!(path = %self.path, %error, "flushing a store as it closes");
+        }
     }
 }
 
