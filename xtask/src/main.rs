@@ -133,7 +133,6 @@ fn bench(args: &[String]) -> Result<()> {
     let bin = build::binaries(&["kstore-server", "kstore-cli", "kstore-bench"])?;
     let status = Command::new(bin.join("kstore-bench"))
         .args(args)
-        .env("KSTORE_BIN_DIR", &bin)
         .status()
         .context("running kstore-bench")?;
     if !status.success() {

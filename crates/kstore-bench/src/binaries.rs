@@ -1,6 +1,7 @@
 //! Finds the kstore binaries that the benchmarks and chaos scenarios run. `cargo xtask`
 //! builds them together with `kstore-bench`, so they are its siblings in the target
-//! directory; `KSTORE_BIN_DIR` names another directory.
+//! directory. (Not an environment variable: nodes the benchmarks start inherit the
+//! environment, and a node takes every `KSTORE_…` variable as configuration.)
 
 use std::path::PathBuf;
 
@@ -27,17 +28,14 @@ impl Binaries {
     }
 }
 
-/// Returns the binaries beside this one (or in `KSTORE_BIN_DIR`), and fails naming the
-/// command that builds them when one is missing.
+/// Returns the binaries beside this one, and fails naming the command that builds them when
+/// one is missing.
 pub fn locate() -> Result<Binaries> {
-    let dir = match std::env::var_os("KSTORE_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::current_exe()
-            .context("finding kstore-bench's own path")?
-            .parent()
-            .context("kstore-bench's directory")?
-            .to_path_buf(),
-    };
+    let dir = std::env::current_exe()
+        .context("finding kstore-bench's own path")?
+        .parent()
+        .context("kstore-bench's directory")?
+        .to_path_buf();
     let binaries = Binaries {
         node: dir.join("kstore-node"),
         cli: dir.join("kstore"),
