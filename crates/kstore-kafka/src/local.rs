@@ -28,6 +28,9 @@ pub const DEFAULT_PORT: u16 = 39092;
 /// How long `start` waits for a new broker to answer a metadata request.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// How long `start` waits for the ports of a broker that is shutting down to be freed.
+const PORTS_FREE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long `stop` waits for a clean shutdown before it kills the broker.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -151,6 +154,8 @@ impl Broker {
                 self.port
             );
         }
+        // A broker that was just stopped may hold its ports for a moment longer.
+        self.wait_ports_free()?;
 
         let classpath = self.resolve_classpath()?;
         self.write_config()?;
@@ -240,6 +245,24 @@ impl Broker {
         let mut tail = Vec::new();
         file.read_to_end(&mut tail)?;
         Ok(String::from_utf8_lossy(&tail).into_owned())
+    }
+
+    /// Waits until both of the broker's ports can be bound (a broker shutting down may
+    /// still hold its controller port after its client port closed).
+    fn wait_ports_free(&self) -> Result<()> {
+        let deadline = Instant::now() + PORTS_FREE_TIMEOUT;
+        for port in [self.port, self.controller_port()] {
+            while let Err(error) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                if Instant::now() > deadline {
+                    bail!(
+                        "port {port} is still in use after {PORTS_FREE_TIMEOUT:?} ({error}); \
+                         choose another with --port"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
     }
 
     fn socket_addr(&self) -> SocketAddr {
