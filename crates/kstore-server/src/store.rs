@@ -160,6 +160,9 @@ fn memory_only() -> rocksdb::ReadOptions {
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// The values of several keys (`None`: not found), in the order asked.
+pub type Values = Vec<Option<Vec<u8>>>;
+
 /// Values read together with the position of the store they were read from, in one
 /// snapshot: they reflect exactly the input before `position.input_next` (data and position
 /// are written in one batch).
@@ -249,7 +252,7 @@ impl PartitionStore {
         &self,
         keys: &[&[u8]],
         memory_only_read: bool,
-    ) -> Result<MemoryRead<Positioned<Vec<Option<Vec<u8>>>>>, StoreError> {
+    ) -> Result<MemoryRead<Positioned<Values>>, StoreError> {
         let snapshot = self.db.snapshot();
         let mut options = if memory_only_read {
             memory_only()
@@ -301,10 +304,7 @@ impl PartitionStore {
 
     /// Returns the values of several keys, in the order given, and the store's position,
     /// all from one snapshot. May read from disk.
-    pub fn multi_get(
-        &self,
-        keys: &[&[u8]],
-    ) -> Result<Positioned<Vec<Option<Vec<u8>>>>, StoreError> {
+    pub fn multi_get(&self, keys: &[&[u8]]) -> Result<Positioned<Values>, StoreError> {
         match self.read_positioned(keys, false)? {
             MemoryRead::Answered(read) => Ok(read),
             MemoryRead::NeedsDisk => unreachable!("a read that may use the disk answers"),
@@ -318,7 +318,7 @@ impl PartitionStore {
     pub fn multi_get_from_memory(
         &self,
         keys: &[&[u8]],
-    ) -> Result<MemoryRead<Positioned<Vec<Option<Vec<u8>>>>>, StoreError> {
+    ) -> Result<MemoryRead<Positioned<Values>>, StoreError> {
         self.read_positioned(keys, true)
     }
 
@@ -399,11 +399,11 @@ impl PartitionStore {
     /// Writes the memtables to SST files, if anything was written since the last flush,
     /// and waits for it: everything applied so far survives a crash from then on.
     pub fn flush_if_dirty(&self) -> Result<(), StoreError> {
-        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            if let Err(error) = self.flush() {
-                self.dirty.store(true, std::sync::atomic::Ordering::Release);
-                return Err(error);
-            }
+        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel)
+            && let Err(error) = self.flush()
+        {
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+            return Err(error);
         }
         Ok(())
     }
@@ -491,7 +491,7 @@ impl Drop for PartitionStore {
 }
 
 /// The one value of a one-key read.
-fn first(read: Positioned<Vec<Option<Vec<u8>>>>) -> Positioned<Option<Vec<u8>>> {
+fn first(read: Positioned<Values>) -> Positioned<Option<Vec<u8>>> {
     Positioned {
         value: read.value.into_iter().next().flatten(),
         position: read.position,
