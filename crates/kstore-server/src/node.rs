@@ -246,13 +246,13 @@ pub fn run(
         })
         .transpose()?;
     let flusher = {
-        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        let (copies, shutdown) = (copies.clone(), shutdown.clone());
         let interval = Duration::from_millis(config.store_flush_interval_ms);
         std::thread::Builder::new()
             .name("kstore-flush".into())
             .spawn(move || {
-                let watchdog = Watchdog::new(registry.clone(), "store flusher");
-                flush_copies(&registry, interval, &shutdown);
+                let watchdog = Watchdog::new(copies.registry().clone(), "store flusher");
+                flush_copies(&copies, interval, &shutdown);
                 watchdog.ended_as_asked();
             })?
     };
@@ -322,7 +322,7 @@ pub fn run(
     let served = runtime.block_on(server);
     updater_thread.stop();
     // Ingest and the updater have written their last: a restart starts from here.
-    flush_all(&registry);
+    copies.flush_all();
     let _ = tracker.join();
     ingested?;
     match served {
@@ -334,23 +334,14 @@ pub fn run(
 
 /// Flushes every copy that changed, every `interval`, until `shutdown`: without a WAL, this
 /// bounds what a crash makes a copy replay.
-fn flush_copies(registry: &Registry, interval: Duration, shutdown: &AtomicBool) {
+fn flush_copies(copies: &Copies, interval: Duration, shutdown: &AtomicBool) {
     let mut next = std::time::Instant::now() + interval;
     while !shutdown.load(Ordering::Relaxed) {
         if std::time::Instant::now() >= next {
-            flush_all(registry);
+            copies.flush_all();
             next = std::time::Instant::now() + interval;
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Flushes every copy that changed since its last flush.
-fn flush_all(registry: &Registry) {
-    for copy in registry.all() {
-        if let Err(error) = copy.store.flush_if_dirty() {
-            tracing::warn!(partition = copy.partition, %error, "flushing a copy");
-        }
     }
 }
 

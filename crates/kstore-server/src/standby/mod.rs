@@ -528,6 +528,22 @@ impl Copies {
         }
     }
 
+    /// Flushes every open copy that changed since its last flush. A copy whose flush fails
+    /// (a full disk) fails: RocksDB takes no more writes after a failed flush, and its retry
+    /// reopens it.
+    pub fn flush_all(&self) {
+        for copy in self.registry.all() {
+            if let Err(error) = copy.store.flush_if_dirty() {
+                let damaged = error.is_corruption();
+                self.fail(
+                    copy.partition,
+                    &format!("flushing the copy to disk: {error}"),
+                    damaged,
+                );
+            }
+        }
+    }
+
     /// Reads every block of every open copy and checks its checksum (the block cache is left
     /// as it is). A damaged copy fails: it is moved aside and rebuilt (a damaged active's
     /// input waits meanwhile, and its standbys answer its reads).

@@ -338,6 +338,8 @@ impl Cluster {
             return Vec::new();
         }
         vec![
+            // Frequent flushes: without a WAL, a full disk shows at the next flush.
+            "store-flush-interval-ms=2000".into(),
             "verify-interval-ms=5000".into(),
             "copy-retry-initial-ms=500".into(),
             "copy-retry-max-ms=5000".into(),

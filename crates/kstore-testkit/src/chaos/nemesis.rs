@@ -202,12 +202,27 @@ pub(super) async fn damage_copy(
             partitions: Vec::new(),
         })
         .await?;
+    // Only copies the node has open: a directory kept after a copy was retired is checked
+    // by nobody.
+    let open: Vec<u32> = cluster
+        .view()
+        .await?
+        .nodes
+        .iter()
+        .filter(|n| n.node_id == victim)
+        .flat_map(|n| n.copies.iter())
+        .filter(|c| kstore_core::cluster::serves_reads(c.role))
+        .map(|c| c.partition)
+        .collect();
     let stores = cluster.store_root(victim);
     let mut ssts: Vec<(u32, std::path::PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(&stores)?.flatten() {
         let Some(partition) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
+        if !open.contains(&partition) {
+            continue;
+        }
         for file in std::fs::read_dir(entry.path())?.flatten() {
             if file.path().extension().is_some_and(|x| x == "sst") {
                 ssts.push((partition, file.path()));
