@@ -337,9 +337,7 @@ impl Cluster {
         ) {
             return Vec::new();
         }
-        vec![
-            // Frequent flushes: without a WAL, a full disk shows at the next flush.
-            "store-flush-interval-ms=2000".into(),
+        let mut settings = vec![
             "verify-interval-ms=5000".into(),
             "copy-retry-initial-ms=500".into(),
             "copy-retry-max-ms=5000".into(),
@@ -348,7 +346,12 @@ impl Cluster {
                 self.options.dir.join(&self.app).join("backups").display()
             ),
             "backup.interval-ms=0".into(),
-        ]
+        ];
+        if matches!(self.fault, Fault::Random | Fault::FullDisk) {
+            // Without a WAL a full disk shows at the next flush: flush often.
+            settings.push("store-flush-interval-ms=2000".into());
+        }
+        settings
     }
 
     /// Mounts a small disk as the node's state directory, for the soak's full disks, if the
