@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod orders;
 pub mod partitioner;
 pub mod placement;
+pub mod probes;
 pub mod routing;
