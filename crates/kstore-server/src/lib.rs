@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod point_in_time;
+pub mod probes;
 pub mod processor;
 pub mod registry;
 pub mod snapshot;

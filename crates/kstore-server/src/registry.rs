@@ -41,12 +41,17 @@ impl PartitionCopy {
         self.position.subscribe()
     }
 
-    /// Returns the input partition's end offset as last seen (0 before the first look),
-    /// and never less than what the copy already reflects.
+    /// Returns the input partition's end offset as last seen (before the first look, what
+    /// the copy reflects), and never less than what the copy already reflects.
     pub fn input_end(&self) -> i64 {
         self.input_end
             .load(Ordering::Acquire)
             .max(self.position().input_next)
+    }
+
+    /// Whether the input partition's end has been looked up since the copy was opened.
+    pub fn input_end_known(&self) -> bool {
+        self.input_end.load(Ordering::Acquire) >= 0
     }
 
     /// Returns how many input records the copy does not reflect yet.
@@ -149,7 +154,8 @@ impl Registry {
                     store,
                     role: AtomicU8::new(role as u8),
                     position: watch::Sender::new(position),
-                    input_end: AtomicI64::new(0),
+                    // Not looked up yet.
+                    input_end: AtomicI64::new(-1),
                 };
                 copies.insert(partition, Arc::new(copy));
             }

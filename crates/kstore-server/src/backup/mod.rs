@@ -41,6 +41,16 @@ pub const BACKUP_ADDED_BYTES: &str = "kstore_backup_added_bytes_total";
 /// partition count.
 pub const BACKUPS_REJECTED: &str = "kstore_backups_rejected_total";
 
+/// When each partition's newest backup was made, in seconds since the Unix epoch (0 if it
+/// has none), as the node last read the catalog (every minute, by every node that backs up
+/// on a schedule). Its age is `time() - kstore_backup_newest_timestamp_seconds`.
+pub const BACKUP_NEWEST_TIMESTAMP: &str = "kstore_backup_newest_timestamp_seconds";
+/// `backup.interval-ms`, in seconds: how often each partition is backed up.
+pub const BACKUP_INTERVAL: &str = "kstore_backup_interval_seconds";
+
+/// How often the node reads the catalog for [`BACKUP_NEWEST_TIMESTAMP`].
+const NEWEST_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The lock file of a backup set.
 const LOCK_FILE: &str = "kstore-backup.lock";
 
@@ -362,6 +372,21 @@ impl Backups {
         Ok(catalog::read_entries(&set_dir))
     }
 
+    /// Publishes when each partition's newest backup was made ([`BACKUP_NEWEST_TIMESTAMP`]).
+    pub fn publish_newest(&self) {
+        for partition in 0..self.partitions {
+            let newest_ms = match self.list(partition) {
+                Ok((entries, _)) => entries.iter().map(|e| e.created_at_ms).max().unwrap_or(0),
+                Err(error) => {
+                    tracing::warn!(partition, %error, "cannot read the backup catalog");
+                    continue;
+                }
+            };
+            metrics::gauge!(BACKUP_NEWEST_TIMESTAMP, "partition" => partition.to_string())
+                .set(newest_ms as f64 / 1000.0);
+        }
+    }
+
     /// Re-reads every file of a backup and compares its size and checksum with the catalog.
     pub fn verify(&self, entry: &CatalogEntry) -> Result<Verification, BackupError> {
         self.check_partition(entry.partition)?;
@@ -617,11 +642,17 @@ pub fn spawn_schedule(
         return Ok(None);
     }
     let interval = Duration::from_millis(backups.config.interval_ms);
+    metrics::gauge!(BACKUP_INTERVAL).set(interval.as_secs_f64());
     std::thread::Builder::new()
         .name("kstore-backup".into())
         .spawn(move || {
             let mut next = Instant::now() + interval;
+            let mut next_newest = Instant::now();
             while !shutdown.load(Ordering::Relaxed) {
+                if Instant::now() >= next_newest {
+                    backups.publish_newest();
+                    next_newest = Instant::now() + NEWEST_INTERVAL;
+                }
                 if Instant::now() < next {
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
@@ -634,6 +665,9 @@ pub fn spawn_schedule(
                         tracing::warn!(partition = entry.partition, %error,
                             "cannot apply the backup retention");
                     }
+                }
+                if !round.created.is_empty() {
+                    backups.publish_newest();
                 }
             }
         })

@@ -27,6 +27,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::{MismatchPolicy, NodeConfig, ProcessingGuarantee};
+use crate::probes::Pulse;
 use crate::processor::{InputRecord, ProcessError, Processor, Update};
 use crate::registry::Registry;
 use crate::standby::Copies;
@@ -226,6 +227,9 @@ struct Engine {
 /// partitions leave, and pause new partitions until they are restored.
 struct IngestContext {
     engine: Arc<Mutex<Engine>>,
+    /// The ingest loop's pulse: a rebalance that opens, bootstraps or hands over copies is
+    /// a step known to be long, never a stall.
+    pulse: Arc<Pulse>,
 }
 
 impl ClientContext for IngestContext {}
@@ -235,6 +239,7 @@ impl ConsumerContext for IngestContext {
         let Rebalance::Revoke(partitions) = rebalance else {
             return;
         };
+        let _busy = self.pulse.busy("handing over revoked partitions");
         let mut engine = lock(&self.engine);
         let input = engine.config.input_topic.clone();
         let revoked = partitions_of(partitions, &input);
@@ -263,6 +268,9 @@ impl ConsumerContext for IngestContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
+                let _busy = self
+                    .pulse
+                    .busy("opening assigned copies (checksums, bootstrap from a peer or backup)");
                 // Before the first fetch: nothing is read until the store is restored.
                 if let Err(error) = consumer.pause(partitions) {
                     tracing::error!(%error, "pausing newly assigned partitions failed");
@@ -278,6 +286,9 @@ impl ConsumerContext for IngestContext {
                     }
                     engine.registry.mark_ready();
                 }
+                // A member assigned nothing (more nodes than partitions) has opened all it
+                // will: it serves reads by forwarding them.
+                engine.registry.mark_ready();
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::error!(%error, "rebalance failed"),
@@ -948,6 +959,7 @@ pub fn run(
     restored: Receiver<UpdaterEvent>,
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
+    pulse: Arc<Pulse>,
 ) -> Result<Vec<i32>, IngestError> {
     lower_priority(config.ingest_niceness);
     let mut client = ClientConfig::new();
@@ -1023,6 +1035,7 @@ pub fn run(
     let consumer: BaseConsumer<IngestContext> = consumer_config
         .create_with_context(IngestContext {
             engine: engine.clone(),
+            pulse: pulse.clone(),
         })
         .map_err(kafka("creating the group consumer"))?;
     consumer
@@ -1035,7 +1048,8 @@ pub fn run(
         "ingest started"
     );
 
-    let result = poll_loop(&consumer, &engine, &metrics, &shutdown);
+    let result = poll_loop(&consumer, &engine, &metrics, &shutdown, &pulse);
+    pulse.stop();
     let mut owned: Vec<i32> = lock(&engine).owned.keys().copied().collect();
     owned.sort_unstable();
     let finished = match result {
@@ -1098,9 +1112,11 @@ fn poll_loop(
     engine: &Mutex<Engine>,
     metrics: &IngestMetrics,
     shutdown: &AtomicBool,
+    pulse: &Pulse,
 ) -> Result<(), IngestError> {
     let mut last_log = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
+        pulse.beat();
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
         let message = consumer.poll(POLL_TIMEOUT);
         let mut engine = lock(engine);

@@ -26,6 +26,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::ingest::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
+use crate::probes::Pulse;
 use crate::registry::Registry;
 use crate::store::{PartitionStore, Position};
 
@@ -37,6 +38,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long one poll of the changelog consumer waits for a record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// How long an idle updater waits for a command before it comes around (for liveness).
+const IDLE_ROUND: Duration = Duration::from_secs(1);
 
 /// How often the jobs are looked over for batches due and restores at their end (not after
 /// every record: a node may follow many partitions).
@@ -144,6 +148,7 @@ pub fn spawn(
     registry: Arc<Registry>,
     metrics: Arc<UpdaterMetrics>,
     events: Sender<UpdaterEvent>,
+    pulse: Arc<Pulse>,
 ) -> Result<UpdaterThread, KafkaError> {
     let client = client.clone();
     let (commands, command_rx) = mpsc::channel();
@@ -160,7 +165,8 @@ pub fn spawn(
                 }
             };
             let _ = created_tx.send(Ok(()));
-            worker.run(command_rx, &registry, &metrics, &events);
+            worker.run(command_rx, &registry, &metrics, &events, &pulse);
+            pulse.stop();
         })
         .expect("spawning the state updater thread");
     match created_rx.recv() {
@@ -324,11 +330,17 @@ impl Worker {
         registry: &Registry,
         metrics: &UpdaterMetrics,
         events: &Sender<UpdaterEvent>,
+        pulse: &Pulse,
     ) {
         loop {
-            // Idle: wait for work. Busy: take every waiting command between polls.
+            pulse.beat();
+            // Idle: wait for work (coming around now and then, for liveness). Busy: take
+            // every waiting command between polls.
             let command = if self.jobs.is_empty() {
-                commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                match commands.recv_timeout(IDLE_ROUND) {
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    other => other,
+                }
             } else {
                 commands.recv_timeout(Duration::ZERO)
             };
