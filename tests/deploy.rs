@@ -70,7 +70,10 @@ fn differ(
     match (written, parsed) {
         (Value::Object(a), Value::Object(b)) => {
             for key in a.keys().chain(b.keys()).collect::<BTreeSet<_>>() {
-                let (x, y) = (a.get(key).unwrap_or(&Value::Null), b.get(key).unwrap_or(&Value::Null));
+                let (x, y) = (
+                    a.get(key).unwrap_or(&Value::Null),
+                    b.get(key).unwrap_or(&Value::Null),
+                );
                 differ(x, y, format!("{path}.{key}"), out);
             }
         }
@@ -128,7 +131,11 @@ fn pod_environment(container: &Container, secrets: &[Secret]) -> Result<Vec<(Str
             for (name, earlier) in &env {
                 expanded = expanded.replace(&format!("$({name})"), earlier);
             }
-            ensure!(!expanded.contains("$("), "{}: unresolved {expanded}", var.name);
+            ensure!(
+                !expanded.contains("$("),
+                "{}: unresolved {expanded}",
+                var.name
+            );
             expanded
         } else if let Some(from) = &var.value_from {
             if let Some(field) = &from.field_ref {
@@ -146,8 +153,17 @@ fn pod_environment(container: &Container, secrets: &[Secret]) -> Result<Vec<(Str
                     .string_data
                     .as_ref()
                     .is_some_and(|d| d.contains_key(&key.key))
-                    || secret.data.as_ref().is_some_and(|d| d.contains_key(&key.key));
-                ensure!(held, "{}: Secret {} has no key {}", var.name, key.name, key.key);
+                    || secret
+                        .data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&key.key));
+                ensure!(
+                    held,
+                    "{}: Secret {} has no key {}",
+                    var.name,
+                    key.name,
+                    key.key
+                );
                 "a-secret-of-thirty-two-characters".to_owned()
             } else {
                 bail!("{}: a value source this test does not simulate", var.name);
@@ -180,7 +196,14 @@ fn deployed() -> Result<Deployed> {
     let manifests = load_manifests()?;
     ensure!(manifests.stateful_sets.len() == 1, "one StatefulSet");
     let set = manifests.stateful_sets[0].clone();
-    let pod = set.spec.as_ref().context("spec")?.template.spec.clone().context("pod spec")?;
+    let pod = set
+        .spec
+        .as_ref()
+        .context("spec")?
+        .template
+        .spec
+        .clone()
+        .context("pod spec")?;
     let container = pod
         .containers
         .iter()
@@ -206,13 +229,21 @@ fn deployed() -> Result<Deployed> {
         .flatten()
         .find(|v| v.name == mount.name)
         .context("the config volume")?;
-    let map_name = volume.config_map.as_ref().context("a ConfigMap volume")?.name.clone();
+    let map_name = volume
+        .config_map
+        .as_ref()
+        .context("a ConfigMap volume")?
+        .name
+        .clone();
     let map = manifests
         .config_maps
         .iter()
         .find(|m| m.metadata.name.as_deref() == Some(map_name.as_str()))
         .with_context(|| format!("no ConfigMap {map_name}"))?;
-    let file_name = Path::new(&config_path).file_name().unwrap().to_string_lossy();
+    let file_name = Path::new(&config_path)
+        .file_name()
+        .unwrap()
+        .to_string_lossy();
     let text = map
         .data
         .as_ref()
@@ -257,7 +288,10 @@ fn the_configmap_loads_with_the_nodes_parser_as_a_pod_sees_it() -> Result<()> {
         config.advertise_host
     );
     ensure!(config.seeds == ["kstore-peers.kstore.svc.cluster.local:7946"]);
-    ensure!(config.admin_token.is_some(), "the admin token comes from the Secret");
+    ensure!(
+        config.admin_token.is_some(),
+        "the admin token comes from the Secret"
+    );
     // Node ids come from the pod name, which the env maps straight through.
     let node_id = deployed.env.iter().find(|(k, _)| k == "KSTORE_NODE_ID");
     ensure!(node_id.is_some_and(|(_, v)| v == "kstore-0"));
@@ -285,14 +319,23 @@ fn ports_agree_with_the_config_the_pods_run() -> Result<()> {
             "container port {name}: {found}/{found_protocol}, the config says {port}/{protocol}"
         );
     }
-    let service_name = set.spec.as_ref().unwrap().service_name.clone().unwrap_or_default();
+    let service_name = set
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_name
+        .clone()
+        .unwrap_or_default();
     let headless = manifests
         .services
         .iter()
         .find(|s| s.metadata.name.as_deref() == Some(service_name.as_str()))
         .context("the StatefulSet's serviceName names no Service")?;
     let spec = headless.spec.as_ref().context("spec")?;
-    ensure!(spec.cluster_ip.as_deref() == Some("None"), "{service_name} is headless");
+    ensure!(
+        spec.cluster_ip.as_deref() == Some("None"),
+        "{service_name} is headless"
+    );
     ensure!(
         spec.publish_not_ready_addresses == Some(true),
         "{service_name} publishes pods that are not ready (gossip seeds)"
@@ -301,13 +344,26 @@ fn ports_agree_with_the_config_the_pods_run() -> Result<()> {
         let name = service.metadata.name.clone().unwrap_or_default();
         let spec = service.spec.as_ref().context("spec")?;
         let selector = spec.selector.clone().unwrap_or_default();
-        let labels = set.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap_or_default();
+        let labels = set
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap_or_default();
         ensure!(
             !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
             "Service {name} selects the pods"
         );
         for port in spec.ports.iter().flatten() {
-            let target = port.target_port.clone().unwrap_or(IntOrString::Int(port.port));
+            let target = port
+                .target_port
+                .clone()
+                .unwrap_or(IntOrString::Int(port.port));
             let (container_port, protocol) = named_port(&container, &target)?;
             let service_protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
             ensure!(
@@ -326,16 +382,36 @@ fn ports_agree_with_the_config_the_pods_run() -> Result<()> {
     let client = manifests
         .services
         .iter()
-        .find(|s| s.spec.as_ref().is_some_and(|s| s.cluster_ip.as_deref() != Some("None")))
+        .find(|s| {
+            s.spec
+                .as_ref()
+                .is_some_and(|s| s.cluster_ip.as_deref() != Some("None"))
+        })
         .context("a client Service")?;
     ensure!(
-        client.spec.as_ref().unwrap().ports.iter().flatten().any(|p| p.port == port_of(&config.grpc_address).unwrap()),
+        client
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.port == port_of(&config.grpc_address).unwrap()),
         "the client Service serves gRPC"
     );
     // The advertised name is the pod's under the headless Service, and seeds are that Service.
-    ensure!(config.advertise_host.starts_with(&format!("kstore-0.{service_name}.")));
-    ensure!(config.seeds.iter().all(|s| s.starts_with(&format!("{service_name}."))
-        && s.ends_with(&format!(":{}", port_of(&config.gossip_address).unwrap()))));
+    ensure!(
+        config
+            .advertise_host
+            .starts_with(&format!("kstore-0.{service_name}."))
+    );
+    ensure!(
+        config
+            .seeds
+            .iter()
+            .all(|s| s.starts_with(&format!("{service_name}."))
+                && s.ends_with(&format!(":{}", port_of(&config.gossip_address).unwrap())))
+    );
     Ok(())
 }
 
@@ -343,8 +419,14 @@ fn ports_agree_with_the_config_the_pods_run() -> Result<()> {
 fn the_grace_period_outlasts_a_drain_and_sigterm_drains() -> Result<()> {
     let Deployed { set, config, .. } = deployed()?;
     let pod = set.spec.unwrap().template.spec.unwrap();
-    let grace_ms = pod.termination_grace_period_seconds.context("terminationGracePeriodSeconds")? * 1000;
-    ensure!(config.drain_on_shutdown, "SIGTERM drains the node (drain-on-shutdown)");
+    let grace_ms = pod
+        .termination_grace_period_seconds
+        .context("terminationGracePeriodSeconds")?
+        * 1000;
+    ensure!(
+        config.drain_on_shutdown,
+        "SIGTERM drains the node (drain-on-shutdown)"
+    );
     // Beyond the drain: leaving gossip, stopping the server, flushing (10 s is plenty).
     ensure!(
         grace_ms as u64 >= config.drain_timeout_ms + 10_000,
@@ -355,15 +437,22 @@ fn the_grace_period_outlasts_a_drain_and_sigterm_drains() -> Result<()> {
 }
 
 fn probe_path(probe: &Option<Probe>, which: &str, container: &Container) -> Result<(String, i32)> {
-    let probe = probe.as_ref().with_context(|| format!("no {which} probe"))?;
-    let get = probe.http_get.as_ref().with_context(|| format!("{which}: not an HTTP GET"))?;
+    let probe = probe
+        .as_ref()
+        .with_context(|| format!("no {which} probe"))?;
+    let get = probe
+        .http_get
+        .as_ref()
+        .with_context(|| format!("{which}: not an HTTP GET"))?;
     let (port, _) = named_port(container, &get.port)?;
     Ok((get.path.clone().unwrap_or_default(), port))
 }
 
 #[test]
 fn probes_ask_what_the_node_serves_on_its_metrics_port() -> Result<()> {
-    let Deployed { container, config, .. } = deployed()?;
+    let Deployed {
+        container, config, ..
+    } = deployed()?;
     let metrics = port_of(&config.metrics_address)?;
     for (probe, which, path) in [
         (&container.startup_probe, "startup", "/startupz"),
@@ -376,12 +465,18 @@ fn probes_ask_what_the_node_serves_on_its_metrics_port() -> Result<()> {
             kstore_server::metrics::ROUTES.contains(&asked.as_str()),
             "the node does not serve {asked}"
         );
-        ensure!(port == metrics, "the {which} probe asks port {port}, metrics are on {metrics}");
+        ensure!(
+            port == metrics,
+            "the {which} probe asks port {port}, metrics are on {metrics}"
+        );
     }
     // A long restore: an hour before a node that has not opened its stores is restarted.
     let startup = container.startup_probe.as_ref().unwrap();
     let window = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
-    ensure!(window >= 3600, "the startup probe allows {window} s; allow an hour");
+    ensure!(
+        window >= 3600,
+        "the startup probe allows {window} s; allow an hour"
+    );
     // Liveness tolerates a minute of unanswered probes (a busy machine), well under stall-after.
     let live = container.liveness_probe.as_ref().unwrap();
     let window = live.period_seconds.unwrap_or(10) * live.failure_threshold.unwrap_or(3);
@@ -391,26 +486,60 @@ fn probes_ask_what_the_node_serves_on_its_metrics_port() -> Result<()> {
 
 #[test]
 fn anti_affinity_disruption_budget_and_volumes_keep_copies_apart_and_durable() -> Result<()> {
-    let Deployed { manifests, set, container, config, .. } = deployed()?;
+    let Deployed {
+        manifests,
+        set,
+        container,
+        config,
+        ..
+    } = deployed()?;
     let spec = set.spec.as_ref().unwrap();
-    let labels: BTreeMap<String, String> = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap_or_default();
-    let selects = |selector: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
-        selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|m| {
-            !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
-    };
-    ensure!(selects(&Some(spec.selector.clone())), "the StatefulSet's selector matches its pods");
-    let affinity = spec.template.spec.as_ref().unwrap().affinity.as_ref().context("affinity")?;
-    let anti = affinity.pod_anti_affinity.as_ref().context("pod anti-affinity")?;
+    let labels: BTreeMap<String, String> = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap_or_default();
+    let selects =
+        |selector: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>| {
+            selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        };
     ensure!(
-        anti.required_during_scheduling_ignored_during_execution.iter().flatten().any(|term| {
-            term.topology_key == "kubernetes.io/hostname" && selects(&term.label_selector)
-        }),
+        selects(&Some(spec.selector.clone())),
+        "the StatefulSet's selector matches its pods"
+    );
+    let affinity = spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .affinity
+        .as_ref()
+        .context("affinity")?;
+    let anti = affinity
+        .pod_anti_affinity
+        .as_ref()
+        .context("pod anti-affinity")?;
+    ensure!(
+        anti.required_during_scheduling_ignored_during_execution
+            .iter()
+            .flatten()
+            .any(|term| {
+                term.topology_key == "kubernetes.io/hostname" && selects(&term.label_selector)
+            }),
         "no two kstore pods on one machine (required anti-affinity on kubernetes.io/hostname)"
     );
     ensure!(manifests.budgets.len() == 1, "one PodDisruptionBudget");
     let budget = manifests.budgets[0].spec.as_ref().context("spec")?;
-    ensure!(budget.max_unavailable == Some(IntOrString::Int(1)), "maxUnavailable: 1");
+    ensure!(
+        budget.max_unavailable == Some(IntOrString::Int(1)),
+        "maxUnavailable: 1"
+    );
     ensure!(budget.min_available.is_none(), "maxUnavailable only");
     ensure!(selects(&budget.selector), "the budget selects the pods");
     // The state directory is on a volume claim of each pod's own.
@@ -421,7 +550,10 @@ fn anti_affinity_disruption_budget_and_volumes_keep_copies_apart_and_durable() -
         .find(|m| Path::new(&m.mount_path) == config.state_dir)
         .context("state-dir is not a mounted volume")?;
     ensure!(
-        spec.volume_claim_templates.iter().flatten().any(|t| t.metadata.name.as_deref() == Some(mount.name.as_str())),
+        spec.volume_claim_templates
+            .iter()
+            .flatten()
+            .any(|t| t.metadata.name.as_deref() == Some(mount.name.as_str())),
         "state-dir's volume comes from volumeClaimTemplates"
     );
     Ok(())
@@ -444,7 +576,10 @@ fn kustomization_lists_every_manifest_but_the_secret_example() -> Result<()> {
         .filter(|f| !f.contains(".example."))
         .cloned()
         .collect();
-    ensure!(listed == expected, "kustomization lists {listed:?}, the directory has {expected:?}");
+    ensure!(
+        listed == expected,
+        "kustomization lists {listed:?}, the directory has {expected:?}"
+    );
     Ok(())
 }
 
@@ -524,8 +659,12 @@ fn the_dashboard_and_alerts_use_only_metrics_the_node_exports() -> Result<()> {
         serde_json::from_str(&read("deploy/grafana/kstore.json")?).context("the dashboard")?;
     collect_exprs(&dashboard, &mut exprs);
     let dashboard_count = exprs.len();
-    ensure!(dashboard_count >= 10, "the dashboard has {dashboard_count} queries");
-    let rules: serde_norway::Value = serde_norway::from_str(&read("deploy/prometheus/kstore-alerts.yaml")?)?;
+    ensure!(
+        dashboard_count >= 10,
+        "the dashboard has {dashboard_count} queries"
+    );
+    let rules: serde_norway::Value =
+        serde_norway::from_str(&read("deploy/prometheus/kstore-alerts.yaml")?)?;
     collect_exprs(&serde_json::to_value(&rules)?, &mut exprs);
     ensure!(exprs.len() > dashboard_count, "the rules have expressions");
     let mut unknown = BTreeSet::new();
@@ -546,7 +685,8 @@ fn the_dashboard_and_alerts_use_only_metrics_the_node_exports() -> Result<()> {
 
 #[test]
 fn every_alert_has_a_runbook_section() -> Result<()> {
-    let rules: serde_norway::Value = serde_norway::from_str(&read("deploy/prometheus/kstore-alerts.yaml")?)?;
+    let rules: serde_norway::Value =
+        serde_norway::from_str(&read("deploy/prometheus/kstore-alerts.yaml")?)?;
     let operations = read("docs/OPERATIONS.md")?;
     let anchors: BTreeSet<String> = operations
         .lines()
@@ -573,8 +713,13 @@ fn every_alert_has_a_runbook_section() -> Result<()> {
                 .with_context(|| format!("{alert}: no runbook annotation"))?;
             let anchor = runbook
                 .strip_prefix("docs/OPERATIONS.md#")
-                .with_context(|| format!("{alert}: runbook {runbook} is not in docs/OPERATIONS.md"))?;
-            ensure!(anchors.contains(anchor), "{alert}: OPERATIONS.md has no section #{anchor}");
+                .with_context(|| {
+                    format!("{alert}: runbook {runbook} is not in docs/OPERATIONS.md")
+                })?;
+            ensure!(
+                anchors.contains(anchor),
+                "{alert}: OPERATIONS.md has no section #{anchor}"
+            );
             ensure!(rule["expr"].as_str().is_some(), "{alert}: no expr");
         }
     }

@@ -119,7 +119,10 @@ fn role_name(role: Role) -> &'static str {
 /// Whether the node has started: the stores of its first assignment are open.
 pub fn startup(phase: Phase) -> ProbeReport {
     let (pass, line) = match phase {
-        Phase::Starting => (false, "starting: the first assignment's stores are not open yet"),
+        Phase::Starting => (
+            false,
+            "starting: the first assignment's stores are not open yet",
+        ),
         Phase::Running => (true, "started: stores open"),
         Phase::Leaving => (true, "started, now leaving"),
     };

@@ -764,7 +764,10 @@ mod tests {
         );
         let advertised = [everywhere.as_slice(), &["advertise-host=10.1.2.3"]].concat();
         let config = load(&[], &advertised).unwrap();
-        assert_eq!(config.advertised("0.0.0.0:7000".parse().unwrap()), "10.1.2.3:7000");
+        assert_eq!(
+            config.advertised("0.0.0.0:7000".parse().unwrap()),
+            "10.1.2.3:7000"
+        );
         // A pod's DNS name, as a StatefulSet gives it.
         let named = [
             everywhere.as_slice(),

@@ -106,8 +106,7 @@ pub fn run(
             .block_on(async {
                 let listener = tokio::net::TcpListener::bind(address).await?;
                 let bound = listener.local_addr()?;
-                crate::metrics::install(listener, probes.clone())
-                    .map_err(std::io::Error::other)?;
+                crate::metrics::install(listener, probes.clone()).map_err(std::io::Error::other)?;
                 std::io::Result::Ok(bound)
             })
             .map_err(|error| listen_error(error.to_string()))?;

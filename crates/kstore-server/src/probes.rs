@@ -64,9 +64,9 @@ impl Pulse {
     pub fn beat(&self) {
         let now = self.origin.elapsed().as_millis() as u64;
         self.last_beat_ms.store(now, Ordering::Relaxed);
-        let _ = self
-            .state
-            .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.state
+                .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Marks the loop as inside a step known to be long, until the guard is dropped (which
@@ -219,15 +219,16 @@ mod tests {
         let pulse = Pulse::beating("ingest");
         assert_eq!(pulse.state().activity, Activity::NotStarted);
         pulse.beat();
-        assert!(matches!(pulse.state().activity, Activity::Beating { since } if since < Duration::from_secs(5)));
+        assert!(
+            matches!(pulse.state().activity, Activity::Beating { since } if since < Duration::from_secs(5))
+        );
         {
             let _busy = pulse.busy("opening assigned copies");
-            assert!(matches!(&pulse.state().activity, Activity::Busy { what, .. } if what == "opening assigned copies"));
+            assert!(
+                matches!(&pulse.state().activity, Activity::Busy { what, .. } if what == "opening assigned copies")
+            );
         }
-        assert!(matches!(
-            pulse.state().activity,
-            Activity::Beating { .. }
-        ));
+        assert!(matches!(pulse.state().activity, Activity::Beating { .. }));
         pulse.stop();
         assert_eq!(pulse.state().activity, Activity::Stopped);
         let server = Pulse::steady("grpc server");

@@ -30,7 +30,11 @@ fn run_flags() -> Vec<String> {
             .unwrap_or_default(),
     )
     .unwrap_or_default();
-    let open_files = open_files.trim().parse::<u64>().unwrap_or(20_000).min(65_536);
+    let open_files = open_files
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(20_000)
+        .min(65_536);
     vec![
         "--runtime".into(),
         "runc".into(),
@@ -190,21 +194,26 @@ fn the_image_builds_offline_and_runs_a_node_that_passes_its_probes() -> Result<(
 
     let outcome = (|| -> Result<()> {
         let mut metrics = String::new();
-        wait_until(Duration::from_secs(120), "the node's metrics address", || {
-            let logs = podman(&["logs", &container.0])?;
-            metrics = logs
-                .lines()
-                .find(|l| l.contains("serving Prometheus metrics"))
-                .and_then(|l| l.split("address=").nth(1))
-                .and_then(|a| a.split_whitespace().next())
-                .unwrap_or_default()
-                .replace("0.0.0.0", "127.0.0.1");
-            ensure!(
-                podman(&["inspect", "-f", "{{.State.Running}}", &container.0])?.trim() == "true",
-                "the container stopped: {logs}"
-            );
-            Ok(!metrics.is_empty())
-        })?;
+        wait_until(
+            Duration::from_secs(120),
+            "the node's metrics address",
+            || {
+                let logs = podman(&["logs", &container.0])?;
+                metrics = logs
+                    .lines()
+                    .find(|l| l.contains("serving Prometheus metrics"))
+                    .and_then(|l| l.split("address=").nth(1))
+                    .and_then(|a| a.split_whitespace().next())
+                    .unwrap_or_default()
+                    .replace("0.0.0.0", "127.0.0.1");
+                ensure!(
+                    podman(&["inspect", "-f", "{{.State.Running}}", &container.0])?.trim()
+                        == "true",
+                    "the container stopped: {logs}"
+                );
+                Ok(!metrics.is_empty())
+            },
+        )?;
         for path in ["/startupz", "/readyz", "/livez"] {
             wait_until(Duration::from_secs(120), path, || {
                 Ok(http_status(&metrics, path)?.0 == 200)
@@ -244,7 +253,10 @@ fn the_image_builds_offline_and_runs_a_node_that_passes_its_probes() -> Result<(
             podman(&["logs", &container.0])?
         );
         let size = podman(&["image", "inspect", "-f", "{{.Size}}", IMAGE])?;
-        eprintln!("image {IMAGE}: {} MB", size.trim().parse::<u64>().unwrap_or(0) >> 20);
+        eprintln!(
+            "image {IMAGE}: {} MB",
+            size.trim().parse::<u64>().unwrap_or(0) >> 20
+        );
         Ok(())
     })();
     drop(container);

@@ -30,7 +30,10 @@ fn probe(address: &str, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("no status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     Ok((status, body))
 }
 
@@ -98,7 +101,12 @@ fn probes_follow_nodes_from_start_through_a_paused_active_to_a_drain() -> Result
             })?;
             let (status, body) = probe(address, "/livez")?;
             ensure!(status == 200, "/livez: {body}");
-            for part in ["ingest:", "state updater:", "gossip:", "grpc server: running"] {
+            for part in [
+                "ingest:",
+                "state updater:",
+                "gossip:",
+                "grpc server: running",
+            ] {
                 ensure!(body.contains(part), "/livez lacks {part:?}: {body}");
             }
         }

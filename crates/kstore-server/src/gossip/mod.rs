@@ -103,7 +103,11 @@ async fn resolve_advertised(advertised: &str) -> Result<SocketAddr, GossipError>
                 reason,
             });
         }
-        tracing::info!(name = advertised, reason, "waiting for the advertised host to resolve");
+        tracing::info!(
+            name = advertised,
+            reason,
+            "waiting for the advertised host to resolve"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

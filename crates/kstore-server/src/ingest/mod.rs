@@ -951,6 +951,8 @@ where
 /// Runs ingest on the calling thread until `shutdown` is set, then commits what is open and
 /// leaves the partitions (their copies stay open as standbys until the node exits), and
 /// returns the partitions it owned. `restored` receives the state updater's restore results.
+// The node wires each of these separately; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     config: Arc<NodeConfig>,
     partitions: u32,

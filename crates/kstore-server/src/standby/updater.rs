@@ -140,6 +140,8 @@ pub struct UpdaterThread {
 /// Starts the state updater thread, which creates its Kafka clients after lowering its own
 /// CPU priority to `niceness` (librdkafka's threads inherit it). Restore results go to
 /// `events`.
+// The node wires each of these separately; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     client: &ClientConfig,
     changelog_topic: String,
