@@ -219,6 +219,17 @@ fn the_image_builds_offline_and_runs_a_node_that_passes_its_probes() -> Result<(
                 Ok(http_status(&metrics, path)?.0 == 200)
             })?;
         }
+        // The config baked into the image listens on every interface and keeps its state in
+        // the volume.
+        let baked = podman(&["exec", &container.0, "cat", "/etc/kstore/kstore-node.toml"])?;
+        for line in [
+            r#"state-dir = "/var/lib/kstore""#,
+            r#"grpc-address = "0.0.0.0:50051""#,
+            r#"metrics-address = "0.0.0.0:9464""#,
+            r#"gossip-address = "0.0.0.0:7946""#,
+        ] {
+            ensure!(baked.lines().any(|l| l == line), "the image's config lacks {line}");
+        }
         let uid = podman(&["exec", &container.0, "id", "-u"])?;
         ensure!(uid.trim() == "10001", "runs as uid {uid}");
         podman(&["exec", &container.0, "kstore", "--version"])?;

@@ -417,3 +417,17 @@ fn log_membership_changes(before: &ClusterView, after: &ClusterView) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_advertised_name_resolves_and_an_address_stays_as_it_is() {
+        let address = resolve_advertised("10.1.2.3:7946").await.unwrap();
+        assert_eq!(address, "10.1.2.3:7946".parse().unwrap());
+        let named = resolve_advertised("localhost:7946").await.unwrap();
+        assert!(named.ip().is_loopback(), "{named}");
+        assert_eq!(named.port(), 7946);
+    }
+}
