@@ -228,7 +228,10 @@ fn the_image_builds_offline_and_runs_a_node_that_passes_its_probes() -> Result<(
             r#"metrics-address = "0.0.0.0:9464""#,
             r#"gossip-address = "0.0.0.0:7946""#,
         ] {
-            ensure!(baked.lines().any(|l| l == line), "the image's config lacks {line}");
+            ensure!(
+                baked.lines().any(|l| l == line),
+                "the image's config lacks {line}"
+            );
         }
         let uid = podman(&["exec", &container.0, "id", "-u"])?;
         ensure!(uid.trim() == "10001", "runs as uid {uid}");
