@@ -372,18 +372,28 @@ impl Backups {
         Ok(catalog::read_entries(&set_dir))
     }
 
-    /// Publishes when each partition's newest backup was made ([`BACKUP_NEWEST_TIMESTAMP`]).
-    pub fn publish_newest(&self) {
-        for partition in 0..self.partitions {
-            let newest_ms = match self.list(partition) {
-                Ok((entries, _)) => entries.iter().map(|e| e.created_at_ms).max().unwrap_or(0),
+    /// Returns when each partition's newest backup was made, in milliseconds since the Unix
+    /// epoch (`None`: no backup; partitions whose catalog cannot be read are left out).
+    pub fn newest(&self) -> Vec<(u32, Option<u64>)> {
+        (0..self.partitions)
+            .filter_map(|partition| match self.list(partition) {
+                Ok((entries, _)) => {
+                    Some((partition, entries.iter().map(|e| e.created_at_ms).max()))
+                }
                 Err(error) => {
                     tracing::warn!(partition, %error, "cannot read the backup catalog");
-                    continue;
+                    None
                 }
-            };
+            })
+            .collect()
+    }
+
+    /// Publishes when each partition's newest backup was made ([`BACKUP_NEWEST_TIMESTAMP`],
+    /// 0 for none).
+    pub fn publish_newest(&self) {
+        for (partition, newest_ms) in self.newest() {
             metrics::gauge!(BACKUP_NEWEST_TIMESTAMP, "partition" => partition.to_string())
-                .set(newest_ms as f64 / 1000.0);
+                .set(newest_ms.unwrap_or(0) as f64 / 1000.0);
         }
     }
 
@@ -766,6 +776,16 @@ mod tests {
         let (listed, problems) = backups.list(2).unwrap();
         assert!(problems.is_empty());
         assert_eq!(listed, [first.clone(), second.clone()]);
+        // What kstore_backup_newest_timestamp_seconds publishes.
+        assert_eq!(
+            backups.newest(),
+            [
+                (0, None),
+                (1, None),
+                (2, Some(second.created_at_ms)),
+                (3, None)
+            ]
+        );
         assert!(backups.verify(&second).unwrap().ok());
 
         let target = state.path().join("restored");
