@@ -6,7 +6,8 @@
 //! - **Started**: the stores of the node's first assignment are open (what gRPC health
 //!   reports as SERVING). Everything slow at start comes before: the topics' check, reading
 //!   every copy on disk for its checksums, bootstrapping copies from a peer or a backup.
-//!   Catching up afterwards is readiness's business.
+//!   Catching up afterwards is readiness's business. A member assigned no partition is
+//!   started once that has held for a few seconds.
 //! - **Ready**: started, not leaving (shutting down or draining), and every local copy,
 //!   whatever its role, answers within the staleness bound `max_lag`: its input end has been
 //!   looked up, and its lag is at most `max_lag` input records, or no live copy of its

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kstore_core::partitioner::partition_for_key;
+use kstore_proto::v1::NodeStatus;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
@@ -53,6 +54,8 @@ pub const DLQ_TRUNCATED_HEADER: &str = "kstore.truncated-from";
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a member stays in the group with no partition before it counts as started.
+const EMPTY_ASSIGNMENT_GRACE: Duration = Duration::from_secs(3);
 /// How long to wait after a transaction was aborted because producing failed.
 const SEND_FAILURE_BACKOFF: Duration = Duration::from_millis(100);
 /// Room for a record's headers and framing inside `message.max.bytes`.
@@ -286,9 +289,6 @@ impl ConsumerContext for IngestContext {
                     }
                     engine.registry.mark_ready();
                 }
-                // A member assigned nothing (more nodes than partitions) has opened all it
-                // will: it serves reads by forwarding them.
-                engine.registry.mark_ready();
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::error!(%error, "rebalance failed"),
@@ -1117,6 +1117,8 @@ fn poll_loop(
     pulse: &Pulse,
 ) -> Result<(), IngestError> {
     let mut last_log = Instant::now();
+    // Since when the member has been in the group with no partition, before it is started.
+    let mut empty_since: Option<Instant> = None;
     while !shutdown.load(Ordering::Relaxed) {
         pulse.beat();
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
@@ -1137,6 +1139,17 @@ fn poll_loop(
         engine.producer.poll(Duration::ZERO);
         if let Some(error) = engine.fatal.take() {
             return Err(error);
+        }
+        if engine.registry.status() == NodeStatus::Starting {
+            // A member assigned nothing (more members than partitions) has opened all it
+            // will once that has held a while: a cooperative rebalance often hands a joining
+            // member nothing first, and its partitions a moment later.
+            let empty = engine.owned.is_empty() && group_generation(consumer) > 0;
+            empty_since = empty.then(|| empty_since.unwrap_or_else(Instant::now));
+            if empty_since.is_some_and(|since| since.elapsed() >= EMPTY_ASSIGNMENT_GRACE) {
+                tracing::info!("no partition assigned; serving reads by forwarding them");
+                engine.registry.mark_ready();
+            }
         }
         drop(engine);
         if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
