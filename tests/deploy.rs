@@ -287,7 +287,11 @@ fn the_configmap_loads_with_the_nodes_parser_as_a_pod_sees_it() -> Result<()> {
         "advertise-host: {}",
         config.advertise_host
     );
-    ensure!(config.seeds == ["kstore-peers.kstore.svc.cluster.local:7946"]);
+    ensure!(
+        config.seeds == ["kstore-peers:7946"],
+        "seeds: {:?}",
+        config.seeds
+    );
     ensure!(
         config.admin_token.is_some(),
         "the admin token comes from the Secret"
@@ -405,12 +409,16 @@ fn ports_agree_with_the_config_the_pods_run() -> Result<()> {
             .advertise_host
             .starts_with(&format!("kstore-0.{service_name}."))
     );
+    let gossip = port_of(&config.gossip_address)?;
     ensure!(
-        config
-            .seeds
-            .iter()
-            .all(|s| s.starts_with(&format!("{service_name}."))
-                && s.ends_with(&format!(":{}", port_of(&config.gossip_address).unwrap())))
+        !config.seeds.is_empty()
+            && config.seeds.iter().all(|seed| {
+                let host = seed.rsplit_once(':').map_or("", |(host, _)| host);
+                (host == service_name || host.starts_with(&format!("{service_name}.")))
+                    && seed.ends_with(&format!(":{gossip}"))
+            }),
+        "seeds must be the headless Service's gossip port: {:?}",
+        config.seeds
     );
     Ok(())
 }
