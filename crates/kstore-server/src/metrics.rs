@@ -1,6 +1,6 @@
 //! Prometheus metrics (names, histogram buckets) and the HTTP server of the metrics port,
 //! which also serves the probes (`/startupz`, `/readyz`, `/livez`; see [`crate::probes`]).
-//! Its routes are one table, [`route`]: a page or endpoint more is one arm there.
+//! Its routes are one table, [`ROUTES`]: a page or an endpoint more is one line there.
 //!
 //! Counters that ingest keeps as atomics (for its logs) are published as Prometheus counters
 //! by the lag tracker, so there is one source of truth for each number.
@@ -181,7 +181,12 @@ async fn serve(listener: TcpListener, served: Arc<Served>) {
     }
 }
 
-/// The metrics port's routes, all `GET`:
+/// A route's handler: answers a request from what the port serves.
+type Handler = fn(&Request<Incoming>, &Served) -> Response<Full<Bytes>>;
+
+/// The metrics port's routes, all `GET`; a page or an endpoint more (a console, a JSON view
+/// of the cluster) is one line here, and a field of [`Served`] if it needs more than the
+/// probes and the metrics.
 ///
 /// | path | answer |
 /// |---|---|
@@ -190,33 +195,43 @@ async fn serve(listener: TcpListener, served: Arc<Served>) {
 /// | `/readyz` | 200 while the node answers reads within `probes.max-lag`, else 503 |
 /// | `/livez` | 200 unless a loop of the node stalled or stopped, else 503 |
 ///
-/// Probes answer with a line per thing checked. Anything else is a 404 (405 for another
-/// method on a known path).
+/// Probes answer with a line per thing checked.
+const ROUTES: &[(&str, Handler)] = &[
+    ("/metrics", |_, served| prometheus_text(served)),
+    ("/startupz", |_, served| probe(served.probes.startup())),
+    ("/readyz", |_, served| probe(served.probes.readiness())),
+    ("/livez", |_, served| probe(served.probes.liveness())),
+];
+
+/// The paths the metrics port answers; the manifests' test checks that every probe in
+/// `deploy/k8s/` asks one of them.
+pub fn paths() -> impl Iterator<Item = &'static str> {
+    ROUTES.iter().map(|(path, _)| *path)
+}
+
+/// Answers a request by its route: 404 for a path no route has, 405 for another method
+/// than `GET`.
 fn route(request: &Request<Incoming>, served: &Served) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let known = ROUTES.contains(&path);
-    if known && request.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, String::new());
-    }
-    match path {
-        "/metrics" => {
-            let mut response = text(StatusCode::OK, served.prometheus.render());
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
+    match ROUTES
+        .iter()
+        .find(|(path, _)| *path == request.uri().path())
+    {
+        None => text(StatusCode::NOT_FOUND, String::new()),
+        Some(_) if request.method() != Method::GET => {
+            text(StatusCode::METHOD_NOT_ALLOWED, String::new())
         }
-        "/startupz" => probe(served.probes.startup()),
-        "/readyz" => probe(served.probes.readiness()),
-        "/livez" => probe(served.probes.liveness()),
-        _ => text(StatusCode::NOT_FOUND, String::new()),
+        Some((_, handler)) => handler(request, served),
     }
 }
 
-/// The paths [`route`] answers; the manifests' test checks that every probe in
-/// `deploy/k8s/` asks one of these.
-pub const ROUTES: &[&str] = &["/metrics", "/startupz", "/readyz", "/livez"];
+fn prometheus_text(served: &Served) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, served.prometheus.render());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
 
 fn probe(report: kstore_core::probes::ProbeReport) -> Response<Full<Bytes>> {
     let status = if report.pass {

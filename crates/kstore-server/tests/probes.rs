@@ -102,6 +102,7 @@ fn probes_follow_nodes_from_start_through_a_paused_active_to_a_drain() -> Result
             wait_until(Duration::from_secs(60), "/readyz to pass", || {
                 Ok(probe(address, "/readyz")?.0 == 200)
             })?;
+            ensure!(probe(address, "/no-such-page")?.0 == 404, "an unknown path is a 404");
             let (status, body) = probe(address, "/livez")?;
             ensure!(status == 200, "/livez: {body}");
             for part in [
