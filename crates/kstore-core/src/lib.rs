@@ -6,4 +6,5 @@ pub mod keys;
 pub mod orders;
 pub mod partitioner;
 pub mod placement;
+pub mod probes;
 pub mod routing;

@@ -60,6 +60,28 @@ impl Default for MemoryConfig {
     }
 }
 
+/// The node's probes on the metrics port (see the `probes` module).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ProbesConfig {
+    /// Readiness's staleness bound, in input records: `/readyz` fails while a local copy
+    /// lags the input by more than this and a live copy on another node is more than this
+    /// ahead of it. The same default as the client's `PreferActive { max_lag }`.
+    pub max_lag: i64,
+    /// Liveness's limit, in milliseconds: `/livez` fails when a loop (ingest, state updater,
+    /// gossip) has not come around for this long outside a step known to be long.
+    pub stall_after_ms: u64,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            max_lag: 10_000,
+            stall_after_ms: 300_000,
+        }
+    }
+}
+
 /// Backups of the node's stores (see the `backup` module).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -149,8 +171,9 @@ pub struct NodeConfig {
     pub cluster_id: String,
     /// Where the node gossips (UDP). Port 0 takes a free port; the node logs the address.
     pub gossip_address: String,
-    /// The IP address other nodes and clients use to reach this node, when it differs from
-    /// the one it listens on (which must then be set if it listens on 0.0.0.0 or [::]).
+    /// The IP address or DNS name other nodes and clients use to reach this node, when it
+    /// differs from the one it listens on (which must then be set if it listens on 0.0.0.0
+    /// or [::]). A name is advertised as is for gRPC and resolved at start for gossip.
     pub advertise_host: String,
     /// Gossip addresses (`host:port`) of nodes to join through. Empty for the first node.
     pub seeds: Vec<String>,
@@ -193,6 +216,8 @@ pub struct NodeConfig {
     pub copy_retry_max_ms: u64,
     /// Backups of the stores.
     pub backup: BackupConfig,
+    /// The probes on the metrics port.
+    pub probes: ProbesConfig,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
@@ -240,6 +265,7 @@ impl Default for NodeConfig {
             copy_retry_initial_ms: 1_000,
             copy_retry_max_ms: 60_000,
             backup: BackupConfig::default(),
+            probes: ProbesConfig::default(),
             memory: MemoryConfig::default(),
             kafka: BTreeMap::new(),
         }
@@ -423,10 +449,11 @@ impl NodeConfig {
                 );
             }
         };
-        if !self.advertise_host.is_empty()
-            && self.advertise_host.parse::<std::net::IpAddr>().is_err()
-        {
-            return invalid("advertise-host", "must be an IP address, or empty");
+        if !self.advertise_host.is_empty() && !is_host(&self.advertise_host) {
+            return invalid(
+                "advertise-host",
+                "must be an IP address or a DNS name (such as kstore-0.kstore-peers), or empty",
+            );
         }
         if self.advertise_host.is_empty() {
             for (key, address) in [("grpc-address", grpc), ("gossip-address", gossip)] {
@@ -467,6 +494,12 @@ impl NodeConfig {
         }
         if self.verify_interval_ms != 0 && self.verify_interval_ms < 1_000 {
             return invalid("verify-interval-ms", "must be 0 (off) or at least 1000");
+        }
+        if self.probes.max_lag < 0 {
+            return invalid("probes.max-lag", "must be at least 0");
+        }
+        if self.probes.stall_after_ms < 10_000 {
+            return invalid("probes.stall-after-ms", "must be at least 10000");
         }
         if self.backup.keep_count == 0 {
             return invalid("backup.keep-count", "must be at least 1");
@@ -531,11 +564,16 @@ impl NodeConfig {
         format!("{}-alerts", self.app_id)
     }
 
-    /// Returns the address other nodes and clients use for a port this node bound.
-    pub fn advertised(&self, bound: std::net::SocketAddr) -> std::net::SocketAddr {
+    /// Returns the address (`host:port`) other nodes and clients use for a port this node
+    /// bound: `advertise-host` (an IP address or a DNS name) with the bound port, or the
+    /// bound address itself.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
         match self.advertise_host.parse::<std::net::IpAddr>() {
-            Ok(host) => std::net::SocketAddr::new(host, bound.port()),
-            Err(_) => bound,
+            Ok(host) => std::net::SocketAddr::new(host, bound.port()).to_string(),
+            Err(_) if !self.advertise_host.is_empty() => {
+                format!("{}:{}", self.advertise_host, bound.port())
+            }
+            Err(_) => bound.to_string(),
         }
     }
 
@@ -546,6 +584,20 @@ impl NodeConfig {
             .join(&self.store)
             .join(partition.to_string())
     }
+}
+
+/// Whether `text` is an IP address or a DNS name (letters, digits, `-` and `.`, labels of
+/// 1 to 63 characters that neither start nor end with `-`).
+fn is_host(text: &str) -> bool {
+    text.parse::<std::net::IpAddr>().is_ok()
+        || (text.len() <= 253
+            && text.trim_end_matches('.').split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }))
 }
 
 /// Maps `KSTORE_MEMORY__BLOCK_CACHE_BYTES` to `["memory", "block-cache-bytes"]` and
@@ -735,9 +787,20 @@ mod tests {
         let config = load(&[], &advertised).unwrap();
         assert_eq!(
             config.advertised("0.0.0.0:7000".parse().unwrap()),
-            "10.1.2.3:7000".parse().unwrap()
+            "10.1.2.3:7000"
         );
-        let bad = [MINIMAL, &["advertise-host=node-1.example"]].concat();
+        // A pod's DNS name, as a StatefulSet gives it.
+        let named = [
+            everywhere.as_slice(),
+            &["advertise-host=kstore-0.kstore-peers.default.svc.cluster.local"],
+        ]
+        .concat();
+        let config = load(&[], &named).unwrap();
+        assert_eq!(
+            config.advertised("0.0.0.0:50051".parse().unwrap()),
+            "kstore-0.kstore-peers.default.svc.cluster.local:50051"
+        );
+        let bad = [MINIMAL, &["advertise-host=node_1/example"]].concat();
         assert!(
             load(&[], &bad)
                 .unwrap_err()
@@ -783,6 +846,8 @@ mod tests {
             ("publish-interval-ms=10", "publish-interval-ms"),
             ("dead-after-ms=10", "dead-after-ms"),
             ("num-standbys=9", "num-standbys"),
+            ("probes.max-lag=-1", "probes.max-lag"),
+            ("probes.stall-after-ms=5", "probes.stall-after-ms"),
         ] {
             let error = message(load(&[], &[MINIMAL, &[setting]].concat()));
             assert!(error.contains(key), "{setting}: {error}");

@@ -17,6 +17,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod node;
 pub mod point_in_time;
+pub mod probes;
 pub mod processor;
 pub mod registry;
 pub mod snapshot;

@@ -1,8 +1,11 @@
-//! Prometheus metrics: names, histogram buckets, and the exporter on the metrics port.
+//! Prometheus metrics (names, histogram buckets) and the HTTP server of the metrics port,
+//! which also serves the probes (`/startupz`, `/readyz`, `/livez`; see [`crate::probes`]).
+//! Its routes are one table, [`ROUTES`]: a page or an endpoint more is one line there.
 //!
 //! Counters that ingest keeps as atomics (for its logs) are published as Prometheus counters
 //! by the lag tracker, so there is one source of truth for each number.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use http_body_util::Full;
@@ -15,6 +18,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 use tokio::net::TcpListener;
 
 use crate::ingest::IngestMetrics;
+use crate::probes::Probes;
 use crate::registry::Registry;
 use crate::standby::updater::UpdaterMetrics;
 
@@ -58,6 +62,60 @@ pub const DISK_READS: &str = "kstore_disk_reads_total";
 /// Seconds to answer a read, by method, role and outcome.
 pub const READ_LATENCY: &str = "kstore_read_latency_seconds";
 
+/// Every metric the node exports, for the dashboards' and alerting rules' test: a name
+/// that a dashboard uses and this list lacks is a name the node never exports. (A unit test
+/// checks that every `kstore_` name in the server's source is here.)
+pub const ALL: &[&str] = &[
+    INGEST_RECORDS,
+    PROCESSED_RECORDS,
+    DEAD_LETTERS,
+    PARTITION_MISMATCHES,
+    COMMITS,
+    ABORTS,
+    REDELIVERED_RECORDS,
+    EXACTLY_ONCE_VIOLATIONS,
+    UPDATER_RECORDS,
+    UPDATER_FAILURES,
+    ACTIVATION_TIME,
+    COMMIT_LATENCY,
+    PARTITION_LAG,
+    PARTITION_ROLE,
+    DISK_READS,
+    READ_LATENCY,
+    crate::grpc::forward::FORWARDED_READS,
+    crate::gossip::MEMBERS,
+    crate::gossip::VIEW_VERSION,
+    crate::gossip::BAD_VALUES,
+    crate::gossip::BAD_DATAGRAMS,
+    crate::gossip::FOREIGN_CLUSTER_MESSAGES,
+    crate::standby::COPIES_OPENED,
+    crate::standby::COPIES_RETIRED,
+    crate::standby::COPIES_DELETED,
+    crate::standby::COPIES_RECOVERED,
+    crate::standby::COPIES_DAMAGED,
+    crate::standby::COPIES_BOOTSTRAPPED,
+    crate::standby::COPY_FAILURES,
+    crate::snapshot::SNAPSHOTS_SENT,
+    crate::snapshot::SNAPSHOT_BYTES_RECEIVED,
+    crate::snapshot::SNAPSHOTS_FETCHED,
+    crate::backup::BACKUPS_CREATED,
+    crate::backup::BACKUP_FAILURES,
+    crate::backup::BACKUP_SECONDS,
+    crate::backup::BACKUP_ADDED_BYTES,
+    crate::backup::BACKUPS_REJECTED,
+    crate::backup::BACKUP_NEWEST_TIMESTAMP,
+    crate::backup::BACKUP_INTERVAL,
+];
+
+/// The histograms among [`ALL`]: Prometheus shows each as `_bucket`, `_sum` and `_count`
+/// series.
+pub const HISTOGRAMS: &[&str] = &[
+    ACTIVATION_TIME,
+    COMMIT_LATENCY,
+    READ_LATENCY,
+    crate::backup::BACKUP_SECONDS,
+];
+
 /// Read latency buckets: from 50 µs (a cached point read) to 5 s (a read that waited for
 /// its position bound).
 const READ_BUCKETS: &[f64] = &[
@@ -78,16 +136,16 @@ const COMMIT_BUCKETS: &[f64] = &[
 /// How often histograms are folded in, so that samples do not pile up between scrapes.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Installs the Prometheus recorder and serves `GET /metrics` on `listener` (bound by the
-/// caller, so that port 0 works and the bound address can be told). Runs until the task is
-/// dropped.
-pub fn install(listener: TcpListener) -> Result<(), BuildError> {
-    let handle = PrometheusBuilder::new()
+/// Installs the Prometheus recorder and serves the metrics port on `listener` (bound by
+/// the caller, so that port 0 works and the bound address can be told): `GET /metrics` and
+/// the probes. Runs until the task is dropped.
+pub fn install(listener: TcpListener, probes: Arc<Probes>) -> Result<(), BuildError> {
+    let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(READ_LATENCY.into()), READ_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_LATENCY.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(ACTIVATION_TIME.into()), ACTIVATION_BUCKETS)?
         .install_recorder()?;
-    let upkeep = handle.clone();
+    let upkeep = prometheus.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(UPKEEP_INTERVAL);
         loop {
@@ -95,11 +153,18 @@ pub fn install(listener: TcpListener) -> Result<(), BuildError> {
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(serve(listener, handle));
+    tokio::spawn(serve(listener, Arc::new(Served { prometheus, probes })));
     Ok(())
 }
 
-async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// What the metrics port's routes answer from.
+#[derive(Debug)]
+struct Served {
+    prometheus: PrometheusHandle,
+    probes: Arc<Probes>,
+}
+
+async fn serve(listener: TcpListener, served: Arc<Served>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -108,10 +173,10 @@ async fn serve(listener: TcpListener, handle: PrometheusHandle) {
                 continue;
             }
         };
-        let handle = handle.clone();
+        let served = served.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let handle = handle.clone();
-            async move { Ok::<_, std::convert::Infallible>(answer(&request, &handle)) }
+            let served = served.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(&request, &served)) }
         });
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -123,20 +188,73 @@ async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     }
 }
 
-/// `GET /metrics` gets the metrics in Prometheus' text format; anything else a 404 or 405.
-fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
-    let (status, body) = if request.uri().path() != "/metrics" {
-        (StatusCode::NOT_FOUND, String::new())
-    } else if request.method() != Method::GET {
-        (StatusCode::METHOD_NOT_ALLOWED, String::new())
+/// A route's handler: answers a request from what the port serves.
+type Handler = fn(&Request<Incoming>, &Served) -> Response<Full<Bytes>>;
+
+/// The metrics port's routes, all `GET`; a page or an endpoint more (a console, a JSON view
+/// of the cluster) is one line here, and a field of [`Served`] if it needs more than the
+/// probes and the metrics.
+///
+/// | path | answer |
+/// |---|---|
+/// | `/metrics` | Prometheus' text format |
+/// | `/startupz` | 200 once the first assignment's stores are open, else 503 |
+/// | `/readyz` | 200 while the node answers reads within `probes.max-lag`, else 503 |
+/// | `/livez` | 200 unless a loop of the node stalled or stopped, else 503 |
+///
+/// Probes answer with a line per thing checked.
+const ROUTES: &[(&str, Handler)] = &[
+    ("/metrics", |_, served| prometheus_text(served)),
+    ("/startupz", |_, served| probe(served.probes.startup())),
+    ("/readyz", |_, served| probe(served.probes.readiness())),
+    ("/livez", |_, served| probe(served.probes.liveness())),
+];
+
+/// The paths the metrics port answers; the manifests' test checks that every probe in
+/// `deploy/k8s/` asks one of them.
+pub fn paths() -> impl Iterator<Item = &'static str> {
+    ROUTES.iter().map(|(path, _)| *path)
+}
+
+/// Answers a request by its route: 404 for a path no route has, 405 for another method
+/// than `GET`.
+fn route(request: &Request<Incoming>, served: &Served) -> Response<Full<Bytes>> {
+    match ROUTES
+        .iter()
+        .find(|(path, _)| *path == request.uri().path())
+    {
+        None => text(StatusCode::NOT_FOUND, String::new()),
+        Some(_) if request.method() != Method::GET => {
+            text(StatusCode::METHOD_NOT_ALLOWED, String::new())
+        }
+        Some((_, handler)) => handler(request, served),
+    }
+}
+
+fn prometheus_text(served: &Served) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, served.prometheus.render());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn probe(report: kstore_core::probes::ProbeReport) -> Response<Full<Bytes>> {
+    let status = if report.pass {
+        StatusCode::OK
     } else {
-        (StatusCode::OK, handle.render())
+        StatusCode::SERVICE_UNAVAILABLE
     };
+    text(status, report.text())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
 }
@@ -169,5 +287,45 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
         let partition = partition.to_string();
         metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(lag as f64);
         metrics::gauge!(PARTITION_ROLE, "partition" => partition).set(f64::from(role));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `kstore_…` metric name written in the server's source, as a string literal.
+    fn names_in_source() -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut dirs = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split("\"kstore_").skip(1) {
+                    let name: String = piece
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && piece[name.len()..].starts_with('"') {
+                        names.insert(format!("kstore_{name}"));
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_metric_name_in_the_source_is_listed() {
+        let listed: std::collections::BTreeSet<String> =
+            ALL.iter().map(|s| s.to_string()).collect();
+        let missing: Vec<_> = names_in_source().difference(&listed).cloned().collect();
+        assert!(missing.is_empty(), "add these to metrics::ALL: {missing:?}");
+        assert!(HISTOGRAMS.iter().all(|h| ALL.contains(h)));
     }
 }

@@ -16,6 +16,7 @@ use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
+use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::registry::Registry;
@@ -87,6 +88,7 @@ pub fn run(
     let topology = runtime.block_on(topics::prepare(&config, &client))?;
     let registry = Arc::new(Registry::new(config.node_id.clone(), topology.partitions));
     let ingest_metrics = Arc::new(IngestMetrics::default());
+    let probes = Arc::new(Probes::new(&config, registry.clone(), shutdown.clone()));
 
     if !config.metrics_address.is_empty() {
         let listen_error = |reason: String| NodeError::Listen {
@@ -102,12 +104,15 @@ pub fn run(
             .block_on(async {
                 let listener = tokio::net::TcpListener::bind(address).await?;
                 let bound = listener.local_addr()?;
-                crate::metrics::install(listener).map_err(std::io::Error::other)?;
+                crate::metrics::install(listener, probes.clone()).map_err(std::io::Error::other)?;
                 std::io::Result::Ok(bound)
             })
             .map_err(|error| listen_error(error.to_string()))?;
         // The bound address, which differs from the configured one when its port is 0.
-        tracing::info!(address = %bound, "serving Prometheus metrics at /metrics");
+        tracing::info!(
+            address = %bound,
+            "serving Prometheus metrics at /metrics, probes at /startupz /readyz /livez"
+        );
     }
 
     let listen_error = |reason: String| NodeError::Listen {
@@ -134,10 +139,12 @@ pub fn run(
         SelfState {
             registry: registry.clone(),
             ingest: ingest_metrics.clone(),
-            grpc_address: config.advertised(bound).to_string(),
+            grpc_address: config.advertised(bound),
             shutdown: shutdown.clone(),
+            pulse: probes.gossip.clone(),
         },
     ))?;
+    probes.watch_view(gossip.view());
     // Serving stops after ingest has handed its partitions over and gossip has said the
     // node leaves, so reads keep answering while the node shuts down or drains.
     let stop_serving = Arc::new(AtomicBool::new(false));
@@ -153,7 +160,9 @@ pub fn run(
     if let Some(backups) = &backups {
         tracing::info!(location = %backups.location(), "backups go to a local directory");
     }
-    let server = runtime.spawn(grpc::serve(
+    let grpc_pulse = probes.grpc.clone();
+    grpc_pulse.beat();
+    let serving = grpc::serve(
         incoming,
         config.clone(),
         registry.clone(),
@@ -178,7 +187,12 @@ pub fn run(
                 }
             }
         },
-    ));
+    );
+    let server = runtime.spawn(async move {
+        let served = serving.await;
+        grpc_pulse.stop();
+        served
+    });
 
     // Restored and failed copies go to ingest; the updater's failures go to the copies'
     // lifecycle, which retries them.
@@ -196,6 +210,7 @@ pub fn run(
             restored: events_tx.clone(),
             failed: work_tx.clone(),
         },
+        probes.updater.clone(),
     )
     .map_err(NodeError::Updater)?;
     let (copies, lifecycle_thread) = Copies::start(
@@ -299,6 +314,7 @@ pub fn run(
         events,
         ingest_metrics,
         shutdown.clone(),
+        probes.ingest.clone(),
     );
     // Whatever ended ingest, the node leaves.
     shutdown.store(true, Ordering::Relaxed);

@@ -46,14 +46,19 @@ impl PartitionCopy {
         self.position.subscribe()
     }
 
-    /// Returns the input partition's end offset as last seen (0 before the first look),
-    /// and never less than what the copy already reflects.
+    /// Returns the input partition's end offset as last seen (before the first look, what
+    /// the copy reflects), and never less than what the copy already reflects.
     pub fn input_end(&self) -> i64 {
         self.input_end_seen().0.max(self.position().input_next)
     }
 
+    /// Whether the input partition's end has been looked up since the copy was opened.
+    pub fn input_end_known(&self) -> bool {
+        self.input_end_seen().0 >= 0
+    }
+
     /// Returns the input partition's end offset as last seen, and when it was seen (ms
-    /// since the Unix epoch; 0 and 0 before the first look).
+    /// since the Unix epoch; -1 and 0 before the first look).
     pub fn input_end_seen(&self) -> (i64, i64) {
         *self
             .input_end
@@ -183,7 +188,8 @@ impl Registry {
                     store,
                     role: AtomicU8::new(role as u8),
                     position: watch::Sender::new(position),
-                    input_end: std::sync::Mutex::new((0, 0)),
+                    // Not looked up yet.
+                    input_end: std::sync::Mutex::new((-1, 0)),
                 };
                 copies.insert(partition, Arc::new(copy));
             }

@@ -41,6 +41,16 @@ pub const BACKUP_ADDED_BYTES: &str = "kstore_backup_added_bytes_total";
 /// partition count.
 pub const BACKUPS_REJECTED: &str = "kstore_backups_rejected_total";
 
+/// When each partition's newest backup was made, in seconds since the Unix epoch (0 if it
+/// has none), as the node last read the catalog (every minute, by every node that backs up
+/// on a schedule). Its age is `time() - kstore_backup_newest_timestamp_seconds`.
+pub const BACKUP_NEWEST_TIMESTAMP: &str = "kstore_backup_newest_timestamp_seconds";
+/// `backup.interval-ms`, in seconds: how often each partition is backed up.
+pub const BACKUP_INTERVAL: &str = "kstore_backup_interval_seconds";
+
+/// How often the node reads the catalog for [`BACKUP_NEWEST_TIMESTAMP`].
+const NEWEST_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The lock file of a backup set.
 const LOCK_FILE: &str = "kstore-backup.lock";
 
@@ -362,6 +372,31 @@ impl Backups {
         Ok(catalog::read_entries(&set_dir))
     }
 
+    /// Returns when each partition's newest backup was made, in milliseconds since the Unix
+    /// epoch (`None`: no backup; partitions whose catalog cannot be read are left out).
+    pub fn newest(&self) -> Vec<(u32, Option<u64>)> {
+        (0..self.partitions)
+            .filter_map(|partition| match self.list(partition) {
+                Ok((entries, _)) => {
+                    Some((partition, entries.iter().map(|e| e.created_at_ms).max()))
+                }
+                Err(error) => {
+                    tracing::warn!(partition, %error, "cannot read the backup catalog");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Publishes when each partition's newest backup was made ([`BACKUP_NEWEST_TIMESTAMP`],
+    /// 0 for none).
+    pub fn publish_newest(&self) {
+        for (partition, newest_ms) in self.newest() {
+            metrics::gauge!(BACKUP_NEWEST_TIMESTAMP, "partition" => partition.to_string())
+                .set(newest_ms.unwrap_or(0) as f64 / 1000.0);
+        }
+    }
+
     /// Re-reads every file of a backup and compares its size and checksum with the catalog.
     pub fn verify(&self, entry: &CatalogEntry) -> Result<Verification, BackupError> {
         self.check_partition(entry.partition)?;
@@ -617,11 +652,17 @@ pub fn spawn_schedule(
         return Ok(None);
     }
     let interval = Duration::from_millis(backups.config.interval_ms);
+    metrics::gauge!(BACKUP_INTERVAL).set(interval.as_secs_f64());
     std::thread::Builder::new()
         .name("kstore-backup".into())
         .spawn(move || {
             let mut next = Instant::now() + interval;
+            let mut next_newest = Instant::now();
             while !shutdown.load(Ordering::Relaxed) {
+                if Instant::now() >= next_newest {
+                    backups.publish_newest();
+                    next_newest = Instant::now() + NEWEST_INTERVAL;
+                }
                 if Instant::now() < next {
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
@@ -634,6 +675,9 @@ pub fn spawn_schedule(
                         tracing::warn!(partition = entry.partition, %error,
                             "cannot apply the backup retention");
                     }
+                }
+                if !round.created.is_empty() {
+                    backups.publish_newest();
                 }
             }
         })
@@ -724,6 +768,16 @@ mod tests {
         let (listed, problems) = backups.list(2).unwrap();
         assert!(problems.is_empty());
         assert_eq!(listed, [first.clone(), second.clone()]);
+        // What kstore_backup_newest_timestamp_seconds publishes.
+        assert_eq!(
+            backups.newest(),
+            [
+                (0, None),
+                (1, None),
+                (2, Some(second.created_at_ms)),
+                (3, None)
+            ]
+        );
         assert!(backups.verify(&second).unwrap().ok());
 
         let target = state.path().join("restored");

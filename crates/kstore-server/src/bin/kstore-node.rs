@@ -27,6 +27,17 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum NodeCommand {
+    /// Asks a running node's probe on its metrics port (for a container's HEALTHCHECK, which
+    /// has no HTTP client): prints the answer, exits 0 if it passes and 1 if not.
+    Probe {
+        /// Which probe: `startup`, `ready` or `live`.
+        #[arg(value_enum)]
+        probe: Probe,
+        /// The metrics port's address (default: the config's `metrics-address`, with
+        /// 127.0.0.1 for an address that listens on every interface).
+        #[arg(long)]
+        address: Option<String>,
+    },
     /// Point-in-time restore of the app's store (after a processor wrote wrong values):
     /// every chosen partition goes back to its newest backup from at or before `--to`, and
     /// the group's input offsets are rewound to the offsets those backups recorded, so that
@@ -48,6 +59,78 @@ enum NodeCommand {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// The probes on the metrics port.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Probe {
+    /// `/startupz`: the first assignment's stores are open.
+    Startup,
+    /// `/readyz`: answers reads within `probes.max-lag`.
+    Ready,
+    /// `/livez`: no loop stalled.
+    Live,
+}
+
+/// Sends `GET path` to the metrics port and returns whether it answered 200, and its body.
+fn ask(address: &str, path: &str) -> std::io::Result<(bool, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(5);
+    let target = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let passed = answer.starts_with("HTTP/1.1 200");
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    Ok((passed, body))
+}
+
+fn probe(config_address: &str, address: Option<&str>, probe: Probe) -> ExitCode {
+    let address = match address {
+        Some(address) => address.to_owned(),
+        None => match config_address.parse::<std::net::SocketAddr>() {
+            Ok(mut bound) => {
+                if bound.ip().is_unspecified() {
+                    bound.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                bound.to_string()
+            }
+            Err(_) => {
+                eprintln!("kstore-node probe: metrics-address is off; pass --address");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let path = match probe {
+        Probe::Startup => "/startupz",
+        Probe::Ready => "/readyz",
+        Probe::Live => "/livez",
+    };
+    match ask(&address, path) {
+        Ok((passed, body)) => {
+            print!("{body}");
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("kstore-node probe: GET http://{address}{path}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn restore(
@@ -126,6 +209,13 @@ fn main() -> ExitCode {
         .with(kstore_server::gossip::transport::DropCounter)
         .init();
     let args = Args::parse();
+    if let Some(NodeCommand::Probe {
+        probe: which,
+        address: Some(address),
+    }) = &args.command
+    {
+        return probe("", Some(address), *which);
+    }
     let env = std::env::vars().filter(|(name, _)| name != "KSTORE_CONFIG");
     let config = match NodeConfig::load(args.config.as_deref(), env, &args.overrides) {
         Ok(config) => config,
@@ -135,6 +225,9 @@ fn main() -> ExitCode {
         }
     };
 
+    if let Some(NodeCommand::Probe { probe: which, .. }) = &args.command {
+        return probe(&config.metrics_address, None, *which);
+    }
     if let Some(NodeCommand::Restore {
         to,
         backup_id,

@@ -65,6 +65,51 @@ pub enum GossipError {
     /// Chitchat failed to start.
     #[error("starting gossip: {0}")]
     Start(String),
+    /// `advertise-host` is a name that did not resolve in time.
+    #[error("cannot resolve the advertised gossip address {address}: {reason}")]
+    Resolve {
+        /// The `host:port` advertised.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How long a node waits at start for its advertised name to resolve (a pod's own DNS
+/// record appears a few seconds after the pod has its address).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Resolves the advertised gossip address: an IP address as is, a DNS name (such as a
+/// StatefulSet pod's `kstore-0.kstore-peers`) by looking it up until it resolves.
+async fn resolve_advertised(advertised: &str) -> Result<SocketAddr, GossipError> {
+    if let Ok(address) = advertised.parse() {
+        return Ok(address);
+    }
+    let started = Instant::now();
+    loop {
+        let reason = match tokio::net::lookup_host(advertised).await {
+            Ok(mut addresses) => match addresses.next() {
+                Some(address) => {
+                    tracing::info!(name = advertised, %address, "resolved the advertised host");
+                    return Ok(address);
+                }
+                None => "no address".to_owned(),
+            },
+            Err(error) => error.to_string(),
+        };
+        if started.elapsed() >= RESOLVE_TIMEOUT {
+            return Err(GossipError::Resolve {
+                address: advertised.to_owned(),
+                reason,
+            });
+        }
+        tracing::info!(
+            name = advertised,
+            reason,
+            "waiting for the advertised host to resolve"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// A running gossip member and the view it keeps.
@@ -95,6 +140,8 @@ pub struct SelfState {
     pub grpc_address: String,
     /// Set when the node shuts down: it then says it is leaving.
     pub shutdown: Arc<AtomicBool>,
+    /// The publisher's pulse, for liveness: one round per publish interval.
+    pub pulse: Arc<crate::probes::Pulse>,
 }
 
 impl Gossip {
@@ -112,7 +159,7 @@ impl Gossip {
         let (transport, bound) = BoundTransport::bind(listen)
             .await
             .map_err(|error| bind_error(format!("{error:#}")))?;
-        let address = config.advertised(bound);
+        let address = resolve_advertised(&config.advertised(bound)).await?;
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -261,6 +308,7 @@ async fn publish(
     let mut conflicts_reported: std::collections::HashSet<(String, u64)> = Default::default();
     loop {
         ticker.tick().await;
+        state.pulse.beat();
         let now = Instant::now();
         let count = state.ingest.records_in.load(Ordering::Relaxed);
         let elapsed = now.duration_since(last_tick).as_secs_f64().max(1e-3);
@@ -387,5 +435,19 @@ fn log_membership_changes(before: &ClusterView, after: &ClusterView) {
         if !new.contains(&key(node)) {
             tracing::info!(node_id = %node.node_id, "a node left the view");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_advertised_name_resolves_and_an_address_stays_as_it_is() {
+        let address = resolve_advertised("10.1.2.3:7946").await.unwrap();
+        assert_eq!(address, "10.1.2.3:7946".parse().unwrap());
+        let named = resolve_advertised("localhost:7946").await.unwrap();
+        assert!(named.ip().is_loopback(), "{named}");
+        assert_eq!(named.port(), 7946);
     }
 }

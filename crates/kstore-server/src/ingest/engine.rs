@@ -29,6 +29,7 @@ use crate::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
     DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, flush, group_generation, send,
 };
+use crate::probes::Pulse;
 use crate::processor::{InputRecord, Outcome, Processor, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
@@ -125,6 +126,9 @@ pub(super) struct Engine {
 /// partitions leave, and pause new partitions until they are restored.
 pub(super) struct IngestContext {
     pub(super) engine: Arc<std::sync::Mutex<Engine>>,
+    /// The ingest loop's pulse: handing revoked partitions over (a commit) is a step known
+    /// to be long, never a stall.
+    pub(super) pulse: Arc<Pulse>,
 }
 
 impl ClientContext for IngestContext {}
@@ -134,6 +138,7 @@ impl ConsumerContext for IngestContext {
         let Rebalance::Revoke(partitions) = rebalance else {
             return;
         };
+        let _busy = self.pulse.busy("handing over revoked partitions");
         let mut engine = lock(&self.engine);
         let input = engine.config.input_topic.clone();
         let revoked = partitions_of(partitions, &input);

@@ -32,12 +32,14 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kstore_proto::v1::NodeStatus;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{NodeConfig, ProcessingGuarantee};
-use crate::kafka::{client_config, set_default};
+use crate::kafka::{client_config, group_generation, set_default};
+use crate::probes::Pulse;
 use crate::processor::Processor;
 use crate::standby::{Copies, CopyEvent};
 use delivery::{DeliveryTracker, lock};
@@ -45,6 +47,8 @@ use engine::{Engine, IngestContext, KAFKA_TIMEOUT, kafka};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a member stays in the group with no partition before it counts as started.
+const EMPTY_ASSIGNMENT_GRACE: Duration = Duration::from_secs(3);
 /// Room for a record's headers and framing inside `message.max.bytes`.
 const RECORD_OVERHEAD_BYTES: usize = 4096;
 
@@ -112,7 +116,9 @@ impl IngestMetrics {
 /// Runs ingest on the calling thread until `shutdown` is set, then commits what is open and
 /// leaves the partitions (their copies stay open as standbys until the node exits), and
 /// returns the partitions it owned. `events` tells it of its partitions' restored and
-/// failed copies.
+/// failed copies; `pulse` says it comes around.
+// The node wires each of these separately; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     config: Arc<NodeConfig>,
     partitions: u32,
@@ -121,6 +127,7 @@ pub fn run(
     events: Receiver<CopyEvent>,
     metrics: Arc<IngestMetrics>,
     shutdown: Arc<AtomicBool>,
+    pulse: Arc<Pulse>,
 ) -> Result<Vec<i32>, IngestError> {
     crate::kafka::lower_priority(config.ingest_niceness);
     let client = client_config(&config);
@@ -186,6 +193,7 @@ pub fn run(
     let consumer: BaseConsumer<IngestContext> = consumer_config
         .create_with_context(IngestContext {
             engine: engine.clone(),
+            pulse: pulse.clone(),
         })
         .map_err(kafka("creating the group consumer"))?;
     consumer
@@ -198,7 +206,8 @@ pub fn run(
         "ingest started"
     );
 
-    let result = poll_loop(&consumer, &engine, &registry, &metrics, &shutdown);
+    let result = poll_loop(&consumer, &engine, &registry, &metrics, &shutdown, &pulse);
+    pulse.stop();
     let owned = lock(&engine).owned();
     let finished = match result {
         Ok(()) => lock(&engine).finish(&consumer),
@@ -222,9 +231,13 @@ fn poll_loop(
     registry: &crate::registry::Registry,
     metrics: &IngestMetrics,
     shutdown: &AtomicBool,
+    pulse: &Pulse,
 ) -> Result<(), IngestError> {
     let mut last_log = Instant::now();
+    // Since when the member has been in the group with no partition, before it is started.
+    let mut empty_since: Option<Instant> = None;
     while !shutdown.load(Ordering::Relaxed) {
+        pulse.beat();
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
         let message = consumer.poll(POLL_TIMEOUT);
         let mut engine = lock(engine);
@@ -246,6 +259,17 @@ fn poll_loop(
         engine.producer.poll(Duration::ZERO);
         if let Some(error) = engine.fatal.take() {
             return Err(error);
+        }
+        if registry.status() == NodeStatus::Starting {
+            // A member assigned nothing (more members than partitions) has opened all it
+            // will once that has held a while: a cooperative rebalance often hands a joining
+            // member nothing first, and its partitions a moment later.
+            let empty = engine.owned().is_empty() && group_generation(consumer) > 0;
+            empty_since = empty.then(|| empty_since.unwrap_or_else(Instant::now));
+            if empty_since.is_some_and(|since| since.elapsed() >= EMPTY_ASSIGNMENT_GRACE) {
+                tracing::info!("no partition assigned; serving reads by forwarding them");
+                registry.mark_ready();
+            }
         }
         drop(engine);
         if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {

@@ -27,6 +27,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use super::{CopyEvent, Work};
 use crate::kafka::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
+use crate::probes::Pulse;
 use crate::registry::Registry;
 use crate::store::{PartitionStore, Position, StoreError};
 
@@ -38,6 +39,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long one poll of the changelog consumer waits for a record.
 const POLL_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// How long an idle updater waits for a command before it comes around (for liveness).
+const IDLE_ROUND: Duration = Duration::from_secs(1);
 
 /// How often the jobs are looked over for batches due and restores at their end (not after
 /// every record: a node may follow many partitions).
@@ -121,8 +125,10 @@ pub struct Reports {
 
 /// Starts the state updater thread, which creates its Kafka clients after lowering its own
 /// CPU priority to `niceness` (librdkafka's threads inherit it). Finished restores and
-/// failed copies are reported on `reports`. If the thread dies, the registry says so (the
-/// node's health turns NOT_SERVING).
+/// failed copies are reported on `reports`; `pulse` says it comes around. If the thread
+/// dies, the registry says so (the node's health turns NOT_SERVING).
+// The node wires each of these separately; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     client: &ClientConfig,
     changelog_topic: String,
@@ -131,6 +137,7 @@ pub fn spawn(
     registry: Arc<Registry>,
     metrics: Arc<UpdaterMetrics>,
     reports: Reports,
+    pulse: Arc<Pulse>,
 ) -> Result<UpdaterThread, KafkaError> {
     let client = client.clone();
     let (commands, command_rx) = mpsc::channel();
@@ -148,7 +155,8 @@ pub fn spawn(
             };
             let _ = created_tx.send(Ok(()));
             let watchdog = crate::registry::Watchdog::new(registry.clone(), "state updater");
-            worker.run(command_rx, &registry, &metrics, &reports);
+            worker.run(command_rx, &registry, &metrics, &reports, &pulse);
+            pulse.stop();
             watchdog.ended_as_asked();
         })
         .expect("spawning the state updater thread");
@@ -311,11 +319,17 @@ impl Worker {
         registry: &Registry,
         metrics: &UpdaterMetrics,
         reports: &Reports,
+        pulse: &Pulse,
     ) {
         loop {
-            // Idle: wait for work. Busy: take every waiting command between polls.
+            pulse.beat();
+            // Idle: wait for work (coming around now and then, for liveness). Busy: take
+            // every waiting command between polls.
             let command = if self.jobs.is_empty() {
-                commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                match commands.recv_timeout(IDLE_ROUND) {
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    other => other,
+                }
             } else {
                 commands.recv_timeout(Duration::ZERO)
             };
