@@ -4,10 +4,12 @@
 pub mod admin;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod query;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kstore_proto::v1::admin_server::AdminServer;
 use kstore_proto::v1::peer_server::PeerServer;
@@ -22,6 +24,11 @@ use crate::config::NodeConfig;
 use crate::registry::Registry;
 use admin::AdminService;
 use query::QueryService;
+
+/// How often the server pings an idle connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the server waits for a ping's answer before it closes the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the gRPC server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +108,11 @@ pub async fn serve(
         .build_v1alpha()?;
 
     Server::builder()
+        // A connection whose peer is gone (not merely slow) is closed within a minute, and
+        // with it every stream and slot it held.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(limits::LimitLayer::new(limits::Limits::new(&config.limits)))
         .add_service(health)
         .add_service(reflection.build_v1()?)
         .add_service(reflection_v1alpha)
@@ -118,8 +130,6 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;

@@ -40,8 +40,10 @@ use crate::store::{MemoryRead, Position};
 /// error carrying the copy's position) still reaches the caller.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
-/// The longest a read waits for its position bound.
-const MAX_READ_WAIT: Duration = Duration::from_secs(60);
+/// A read answers this long before the node's request timeout at the latest (at most a
+/// tenth of it), so that a read waiting for its position bound says where its copy stands
+/// rather than being cut off.
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(50);
 
 /// The Query service of one node.
 #[derive(Debug, Clone)]
@@ -552,7 +554,7 @@ impl QueryService {
     }
 
     /// Returns the deadline for waiting: the caller's (`grpc-timeout`) less a margin, or
-    /// the configured wait.
+    /// the configured wait; never past the node's request timeout.
     fn deadline<T>(&self, request: &Request<T>) -> Instant {
         let now = Instant::now();
         let timeout = request
@@ -564,8 +566,9 @@ impl QueryService {
             Some(timeout) => timeout.saturating_sub(DEADLINE_MARGIN),
             None => Duration::from_millis(self.config.read_wait_ms),
         };
-        // A read never waits longer than a minute, whatever deadline it brings.
-        now + wait.min(MAX_READ_WAIT)
+        // A read never outlives the request timeout, whatever deadline it brings.
+        let limit = Duration::from_millis(self.config.limits.request_timeout_ms);
+        now + wait.min(limit - TIMEOUT_MARGIN.min(limit / 10))
     }
 }
 
