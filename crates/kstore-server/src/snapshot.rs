@@ -479,11 +479,7 @@ impl SnapshotFetcher {
             // Left over by a process that stopped while receiving.
             let _ = std::fs::remove_dir_all(&incoming);
             let started = Instant::now();
-            let fetched = self
-                .runtime
-                .block_on(self.fetch(partition, &peer, &address, &incoming))
-                .and_then(|manifest| self.check_opens(&incoming, manifest));
-            let manifest = match fetched {
+            let manifest = match self.attempt(partition, &peer, &address, &incoming) {
                 Ok(manifest) => manifest,
                 Err(error) => {
                     let _ = std::fs::remove_dir_all(&incoming);
@@ -525,12 +521,30 @@ impl SnapshotFetcher {
         None
     }
 
+    /// Fetches `peer`'s snapshot of `partition` into `incoming` and checks that it opens at
+    /// the manifest's offset. Blocks.
+    fn attempt(
+        &self,
+        partition: u32,
+        peer: &str,
+        address: &str,
+        incoming: &Path,
+    ) -> Result<SnapshotManifest, FetchError> {
+        self.runtime
+            .block_on(self.fetch(partition, peer, address, incoming))
+            .and_then(|manifest| self.check_opens(incoming, manifest))
+    }
+
     /// Checks that the snapshot in `dir` opens as a store at the manifest's offset.
     fn check_opens(
         &self,
         dir: &Path,
         manifest: SnapshotManifest,
     ) -> Result<SnapshotManifest, FetchError> {
+        // Opening creates a store where there is none: an empty snapshot would pass.
+        if !dir.join("CURRENT").is_file() {
+            return Err(FetchError::DoesNotOpen("it holds no CURRENT file".into()));
+        }
         let opened = PartitionStore::open(dir, &self.memory)
             .and_then(|store| store.position())
             .map_err(|e| FetchError::DoesNotOpen(e.to_string()))?;
@@ -750,5 +764,368 @@ mod tests {
         }
         let error = try_receive(escaping, "escaping").await;
         assert!(matches!(error, ReceiveError::BadFileName { .. }), "{error}");
+    }
+
+    /// A store of about `mib` MiB of incompressible values, at changelog offset 77.
+    fn large_store(dir: &Path, mib: u32) -> Arc<PartitionStore> {
+        let store = PartitionStore::open(dir, &test_memory()).unwrap();
+        let updates: BTreeMap<Vec<u8>, Option<Vec<u8>>> = (0..mib * 1024)
+            .map(|i: u32| {
+                let value: Vec<u8> = (0..64u32)
+                    .flat_map(|j| {
+                        xxhash_rust::xxh3::xxh3_128(&[i.to_be_bytes(), j.to_be_bytes()].concat())
+                            .to_be_bytes()
+                    })
+                    .collect();
+                (format!("key-{i}").into_bytes(), Some(value))
+            })
+            .collect();
+        let position = Position {
+            changelog_next: 77,
+            input_next: 120,
+        };
+        store.apply(&updates, position).unwrap();
+        store
+    }
+
+    fn peer_service(
+        store: Arc<PartitionStore>,
+        scratch: &Path,
+        limits: &LimitsConfig,
+    ) -> PeerService {
+        let registry = Arc::new(Registry::new("node-1", 1));
+        let position = store.position().unwrap();
+        registry.track(0, store, Role::Active, position);
+        PeerService::new(
+            registry,
+            "features".into(),
+            scratch.to_path_buf(),
+            test_memory(),
+            None,
+        )
+        .with_limits(limits)
+    }
+
+    fn fetch_request() -> Request<FetchSnapshotRequest> {
+        Request::new(FetchSnapshotRequest {
+            store: "features".into(),
+            partition: 0,
+        })
+    }
+
+    fn checkpoints_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".peer-snapshot-")
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receiver_that_stops_reading_is_given_up_and_frees_its_slot() {
+        use tonic_types::StatusExt;
+        let source = tempfile::tempdir().unwrap();
+        let store = tokio::task::spawn_blocking({
+            let dir = source.path().join("0");
+            move || large_store(&dir, 12)
+        })
+        .await
+        .unwrap();
+        let limits = LimitsConfig {
+            max_snapshot_streams: 1,
+            snapshot_send_timeout_ms: 300,
+            ..LimitsConfig::default()
+        };
+        let service = peer_service(store, source.path(), &limits);
+
+        // The receiver takes the manifest, then stops reading.
+        let mut stalled = service
+            .fetch_snapshot(fetch_request())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stalled.next().await.unwrap().unwrap();
+        assert!(matches!(first.part, Some(Part::Manifest(_))));
+
+        // Its sender holds the one slot: another snapshot is refused at once.
+        let Err(busy) = service.fetch_snapshot(fetch_request()).await else {
+            panic!("a second snapshot was admitted");
+        };
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            busy.get_details_error_info().unwrap().reason,
+            "TOO_MANY_STREAMS"
+        );
+
+        // After the send timeout the sender gives up: its checkpoint goes, its slot frees.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let admitted = loop {
+            match service.fetch_snapshot(fetch_request()).await {
+                Ok(admitted) => break admitted,
+                Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted),
+            }
+            assert!(Instant::now() < deadline, "the slot was never freed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        drop(admitted);
+        while checkpoints_in(source.path()) > 0 {
+            assert!(Instant::now() < deadline, "a checkpoint stayed behind");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // The chunks queued for the stalled receiver were emptied (their memory freed): if
+        // it reads again, the stream ends with an error at once.
+        let mut bytes = 0;
+        let ended = loop {
+            match stalled.next().await {
+                Some(Ok(SnapshotPart {
+                    part: Some(Part::Chunk(chunk)),
+                })) => bytes += chunk.data.len(),
+                Some(Ok(_)) => {}
+                Some(Err(status)) => break Some(status),
+                None => break None,
+            }
+        };
+        assert_eq!(bytes, 0, "parts queued for a stalled receiver were kept");
+        assert_eq!(ended.unwrap().code(), tonic::Code::DeadlineExceeded);
+    }
+
+    /// A peer that sends whatever stream it is given.
+    #[derive(Debug, Clone, Default)]
+    struct ScriptedPeer {
+        parts: Arc<Mutex<Vec<Result<SnapshotPart, Status>>>>,
+        stall: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for ScriptedPeer {
+        type FetchSnapshotStream = SnapshotStream;
+
+        async fn fetch_snapshot(
+            &self,
+            _request: Request<FetchSnapshotRequest>,
+        ) -> Result<Response<SnapshotStream>, Status> {
+            let parts = self.parts.lock().unwrap().clone();
+            let parts = tokio_stream::iter(parts);
+            if self.stall.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(Response::new(Box::pin(
+                    parts.chain(tokio_stream::pending()),
+                )));
+            }
+            Ok(Response::new(Box::pin(parts)))
+        }
+    }
+
+    async fn serve_peer(peer: impl Peer) -> String {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = incoming.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(kstore_proto::v1::peer_server::PeerServer::new(peer))
+                .serve_with_incoming(incoming),
+        );
+        address
+    }
+
+    fn holder(
+        node_id: &str,
+        address: &str,
+        role: Role,
+        lag: i64,
+    ) -> kstore_core::cluster::NodeEntry {
+        kstore_core::cluster::NodeEntry {
+            node_id: node_id.into(),
+            incarnation: 1,
+            version: 1,
+            gossip_address: String::new(),
+            grpc_address: address.into(),
+            group_generation: 1,
+            status: kstore_core::cluster::NodeStatus::Running,
+            liveness: kstore_core::cluster::Liveness::Live,
+            conflicting: false,
+            load: Default::default(),
+            copies: vec![kstore_core::cluster::CopyInfo {
+                partition: 0,
+                role,
+                changelog_offset: 77,
+                input_offset: 120,
+                lag,
+            }],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hostile_peer_is_refused_and_the_next_source_bootstraps_the_copy() {
+        let source = tempfile::tempdir().unwrap();
+        let store = filled_store(&source.path().join("0"));
+        let good = peer_service(store.clone(), source.path(), &LimitsConfig::default());
+        let good = serve_peer(good).await;
+        let hostile = ScriptedPeer::default();
+        let hostile_address = serve_peer(hostile.clone()).await;
+        // The hostile peer ranks first: a standby with no lag.
+        let view = ClusterView {
+            cluster_id: "test".into(),
+            version: 1,
+            nodes: vec![
+                holder("node-1", &good, Role::Active, 5),
+                holder("node-2", &hostile_address, Role::Standby, 0),
+            ],
+        };
+        let (_view_tx, view_rx) = watch::channel(Arc::new(view));
+        let fetcher = SnapshotFetcher::new(
+            tokio::runtime::Handle::current(),
+            view_rx,
+            "node-9".into(),
+            "features".into(),
+            None,
+            test_memory(),
+        )
+        .with_limits(&LimitsConfig {
+            snapshot_idle_timeout_ms: 300,
+            snapshot_disk_margin_bytes: 0,
+            ..LimitsConfig::default()
+        });
+        let good_parts = tokio::task::spawn_blocking({
+            let (store, scratch) = (store.clone(), source.path().join("scratch"));
+            move || {
+                std::fs::create_dir_all(&scratch).unwrap();
+                parts_of(&store, &scratch)
+            }
+        })
+        .await
+        .unwrap();
+        let manifest_of = |files: &[(&str, u64)]| SnapshotPart {
+            part: Some(Part::Manifest(SnapshotManifest {
+                node_id: "node-2".into(),
+                role: Role::Standby as i32,
+                changelog_offset: 77,
+                input_offset: 120,
+                files: files
+                    .iter()
+                    .map(|(name, bytes)| SnapshotFile {
+                        name: (*name).into(),
+                        bytes: *bytes,
+                    })
+                    .collect(),
+            })),
+        };
+        let end = |file| SnapshotPart {
+            part: Some(Part::FileEnd(SnapshotFileEnd {
+                file,
+                xxh3: String::new(),
+            })),
+        };
+        let chunk = |file, offset| SnapshotPart {
+            part: Some(Part::Chunk(SnapshotChunk {
+                file,
+                offset,
+                data: vec![1; 10],
+            })),
+        };
+        let mut half = good_parts.clone();
+        half.truncate(good_parts.len() / 2);
+        let mut wrong_offset = good_parts.clone();
+        if let Some(Part::Manifest(manifest)) = &mut wrong_offset[0].part {
+            manifest.changelog_offset = 5;
+        }
+        let cases: Vec<(&str, Vec<SnapshotPart>, bool, &str)> = vec![
+            (
+                "an empty manifest and a file end",
+                vec![manifest_of(&[]), end(0)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a file end past the last file",
+                vec![manifest_of(&[("CURRENT", 0)]), end(3)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a chunk of an unknown file",
+                vec![manifest_of(&[("CURRENT", 10)]), chunk(7, 0)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a path for a name",
+                vec![manifest_of(&[("../../escape", 10)]), chunk(0, 0)],
+                false,
+                "bad_file_name",
+            ),
+            (
+                "sizes that overflow",
+                vec![manifest_of(&[("a", u64::MAX), ("b", 2)])],
+                false,
+                "size_overflow",
+            ),
+            (
+                "more than the disk holds",
+                vec![manifest_of(&[("a", u64::MAX / 2)])],
+                false,
+                "no_space",
+            ),
+            ("a stream that ends early", half, false, "ended_early"),
+            (
+                "a stream that stalls",
+                good_parts[..3].to_vec(),
+                true,
+                "stalled",
+            ),
+            (
+                "files that do not open",
+                vec![manifest_of(&[])],
+                false,
+                "does_not_open",
+            ),
+            (
+                "offsets that differ from the store's",
+                wrong_offset,
+                false,
+                "offset_mismatch",
+            ),
+        ];
+        let stores = tempfile::tempdir().unwrap();
+        for (case, parts, stall, reason) in cases {
+            *hostile.parts.lock().unwrap() = parts.into_iter().map(Ok).collect();
+            hostile
+                .stall
+                .store(stall, std::sync::atomic::Ordering::Relaxed);
+            let target = stores.path().join("0");
+            let (refused, fetched, target) = tokio::task::spawn_blocking({
+                let (fetcher, hostile) = (fetcher.clone(), hostile_address.clone());
+                move || {
+                    let incoming = target.with_file_name(".incoming-0");
+                    let refused = fetcher.attempt(0, "node-2", &hostile, &incoming);
+                    let _ = std::fs::remove_dir_all(&incoming);
+                    (refused, fetcher.bootstrap(0, &target), target)
+                }
+            })
+            .await
+            .unwrap();
+            match refused {
+                Err(error) => assert_eq!(error.reason(), reason, "{case}: {error}"),
+                Ok(_) => panic!("{case}: accepted"),
+            }
+            let (peer, manifest) = fetched.unwrap_or_else(|| panic!("{case}: no copy"));
+            assert_eq!(peer, "node-1", "{case}");
+            assert_eq!(manifest.changelog_offset, 77, "{case}");
+            let copy = PartitionStore::open(&target, &test_memory()).unwrap();
+            assert_eq!(copy.scan().unwrap(), store.scan().unwrap(), "{case}");
+            drop(copy);
+            // Only the copy is left: the refused attempt's scratch directory is gone.
+            let left: Vec<String> = std::fs::read_dir(stores.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(left, ["0"], "{case}: {reason}");
+            std::fs::remove_dir_all(&target).unwrap();
+        }
     }
 }
