@@ -596,7 +596,9 @@ async fn read_value(copy: &Arc<PartitionCopy>, key: Vec<u8>) -> Result<Option<Ve
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The unit is the last character, whatever its width (a byte index could split one).
+    let (at, _) = value.char_indices().next_back()?;
+    let (digits, unit) = value.split_at(at);
     // The gRPC spec allows at most 8 digits; more could overflow below.
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -864,6 +866,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn grpc_timeouts_of_any_text_never_panic_and_valid_ones_parse(
+            text in "\\PC{0,12}",
+            amount in 0u64..100_000_000,
+            unit in proptest::sample::select(vec!["H", "M", "S", "m", "u", "n"]),
+        ) {
+            let _ = parse_grpc_timeout(&text);
+            let valid = format!("{amount}{unit}");
+            proptest::prop_assert!(parse_grpc_timeout(&valid).is_some());
+        }
+    }
+
     #[test]
     fn grpc_timeouts_parse() {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
@@ -875,6 +890,7 @@ mod tests {
         assert_eq!(parse_grpc_timeout(""), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None, "more than 8 digits");
         assert_eq!(parse_grpc_timeout("+5S"), None);
+        assert_eq!(parse_grpc_timeout("5é"), None, "a unit of two bytes");
         assert_eq!(
             parse_grpc_timeout("99999999H"),
             Some(Duration::from_secs(99_999_999 * 3600))

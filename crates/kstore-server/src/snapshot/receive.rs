@@ -19,6 +19,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::store::plain_file_name;
+
 /// What a receiver accepts from a peer's snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiveLimits {
@@ -29,9 +31,6 @@ pub struct ReceiveLimits {
     /// How long the stream may go without a part.
     pub idle_timeout: Duration,
 }
-
-/// The longest file name a manifest may hold (as most file systems allow).
-const MAX_NAME_BYTES: usize = 255;
 
 /// How much of a peer's text an error quotes.
 const QUOTED_CHARS: usize = 64;
@@ -212,27 +211,6 @@ fn quoted(text: &str) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
-}
-
-/// Whether `name` is a plain file name as RocksDB writes them (`000012.sst`, `CURRENT`,
-/// `MANIFEST-000005`): ASCII letters, digits, `.`, `_` and `-`, not starting with a dot (so
-/// never `.` or `..`), at most 255 bytes. Nothing else can name a file outside the
-/// directory or surprise a file system.
-///
-/// ```
-/// use kstore_server::snapshot::receive::plain_file_name;
-/// assert!(plain_file_name("000012.sst"));
-/// assert!(!plain_file_name("../CURRENT"));
-/// assert!(!plain_file_name("/etc/passwd"));
-/// assert!(!plain_file_name(""));
-/// ```
-pub fn plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Checks a manifest against the limits; returns the bytes its files add up to.
