@@ -605,7 +605,7 @@ impl SnapshotFetcher {
         let parts = answer
             .map_err(|status| ReceiveError::PeerFailed {
                 code: status.code(),
-                message: status.message().chars().take(200).collect(),
+                message: receive::quoted(status.message()),
             })?
             .into_inner();
         let mut logged = Instant::now();

@@ -206,7 +206,7 @@ impl ReceiveError {
 
 /// Quotes at most [`QUOTED_CHARS`] characters of a peer's text, so that a huge field cannot
 /// flood the log.
-fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     match text.char_indices().nth(QUOTED_CHARS) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
