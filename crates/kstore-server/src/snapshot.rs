@@ -175,8 +175,12 @@ impl SendError {
     }
 }
 
+/// What a slot holds: a part, or the error that ends the stream; `None` once taken or
+/// emptied.
+type SlotContent = Mutex<Option<Result<SnapshotPart, Status>>>;
+
 /// A part on its way to the receiver, in a slot the sender can empty.
-type Slot = Arc<Mutex<Option<Result<SnapshotPart, Status>>>>;
+type Slot = Arc<SlotContent>;
 
 /// The sending end of a snapshot stream. Each part waits at most the send timeout for room
 /// in the queue. When a receiver stalls longer, the parts it has not taken yet are emptied,
@@ -186,7 +190,7 @@ struct PartSender {
     runtime: tokio::runtime::Handle,
     timeout: Duration,
     /// The parts sent lately, which the receiver may not have taken yet.
-    queued: VecDeque<Weak<Mutex<Option<Result<SnapshotPart, Status>>>>>,
+    queued: VecDeque<Weak<SlotContent>>,
 }
 
 impl PartSender {

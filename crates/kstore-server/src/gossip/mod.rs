@@ -398,7 +398,7 @@ mod tests {
             |i: u64| xxhash_rust::xxh3::xxh3_64(&[n.to_le_bytes(), i.to_le_bytes()].concat());
         let len = (word(0) % 1_400) as usize;
         let mut bytes: Vec<u8> = (0..len as u64).map(|i| word(i + 1) as u8).collect();
-        if n % 2 == 0 && bytes.len() >= 4 {
+        if n.is_multiple_of(2) && bytes.len() >= 4 {
             bytes[..2].copy_from_slice(&45_139u16.to_le_bytes());
             bytes[2] = (n / 2 % 2) as u8;
             bytes[3] = (n / 4 % 4) as u8;
