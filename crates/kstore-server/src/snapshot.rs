@@ -841,7 +841,9 @@ mod tests {
         .unwrap();
         let limits = LimitsConfig {
             max_snapshot_streams: 1,
-            snapshot_send_timeout_ms: 300,
+            // Long enough that the test asks again before the sender gives up, on a busy
+            // machine too.
+            snapshot_send_timeout_ms: 2_000,
             ..LimitsConfig::default()
         };
         let service = peer_service(store, source.path(), &limits);
@@ -990,7 +992,9 @@ mod tests {
             test_memory(),
         )
         .with_limits(&LimitsConfig {
-            snapshot_idle_timeout_ms: 300,
+            // Long enough for the good peer to make its checkpoint on a busy machine (its
+            // manifest follows it), short enough for the stalling peer.
+            snapshot_idle_timeout_ms: 3_000,
             snapshot_disk_margin_bytes: 0,
             ..LimitsConfig::default()
         });

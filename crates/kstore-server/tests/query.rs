@@ -629,7 +629,7 @@ fn abusive_watchers_and_a_stalled_snapshot_reader_do_not_stop_gets() -> Result<(
         let mut served = serve_with("abuse", |scenario| {
             scenario
                 .extra
-                .push("limits.snapshot-send-timeout-ms=3000".into());
+                .push("limits.snapshot-send-timeout-ms=5000".into());
             fill_partition_0(scenario, 64)
         })
         .await?;
