@@ -217,7 +217,9 @@ pub fn encode_copies(copies: &[CopyInfo]) -> String {
     text
 }
 
-/// Decodes [`encode_copies`]; the copies come back sorted by partition.
+/// Decodes [`encode_copies`]; the copies come back sorted by partition. Anything else is
+/// refused: a field that is not a number, an unknown role, a negative offset or lag, an
+/// input end past `i64::MAX`, a partition twice.
 pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
     let mut copies = Vec::new();
     for item in text.split_ascii_whitespace() {
@@ -239,7 +241,7 @@ pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
             "F" => Role::Failed,
             other => return Err(format!("unknown role {other:?} in {item:?}")),
         };
-        copies.push(CopyInfo {
+        let copy = CopyInfo {
             partition: partition
                 .parse()
                 .map_err(|_| format!("partition {partition:?} in {item:?} is not a number"))?,
@@ -247,7 +249,18 @@ pub fn decode_copies(text: &str) -> Result<Vec<CopyInfo>, String> {
             changelog_offset: number(changelog)?,
             input_offset: number(input)?,
             lag: number(lag)?,
-        });
+        };
+        // Offsets and lag are never negative, and the input's end (offset plus lag) is an
+        // offset too.
+        if copy.changelog_offset < 0 || copy.input_offset < 0 || copy.lag < 0 {
+            return Err(format!("{item:?} holds a negative offset or lag"));
+        }
+        if copy.input_offset.checked_add(copy.lag).is_none() {
+            return Err(format!(
+                "{item:?} puts the input's end past the largest offset"
+            ));
+        }
+        copies.push(copy);
     }
     copies.sort_by_key(|c| c.partition);
     let before = copies.len();
@@ -317,6 +330,14 @@ pub fn decode_load(text: &str) -> Result<Load, String> {
     })
 }
 
+/// Decodes a node's gRPC address: an IP address and a port (`127.0.0.1:50051`,
+/// `[::1]:50051`), which is all a node ever publishes.
+pub fn decode_grpc_address(text: &str) -> Result<String, String> {
+    text.parse::<std::net::SocketAddr>()
+        .map(|address| address.to_string())
+        .map_err(|_| format!("{text:?} is not an IP address and port"))
+}
+
 /// Encodes a status as its word.
 pub fn encode_status(status: NodeStatus) -> &'static str {
     match status {
@@ -339,7 +360,8 @@ pub fn decode_status(text: &str) -> Result<NodeStatus, String> {
 
 impl NodeEntry {
     /// Builds a node's entry from its gossip state. A value that does not decode is reported
-    /// and left at its default (no copies, no load), so the node still shows.
+    /// and left at its default (no copies, no load, no gRPC address, so nothing is routed
+    /// to it), so the node still shows.
     pub fn from_gossip(
         entry: &GossipEntry,
         dead_after: Duration,
@@ -358,16 +380,14 @@ impl NodeEntry {
         let copies = decoded(entry, keys::COPIES, decode_copies, &mut errors).unwrap_or_default();
         let copy_errors =
             decoded(entry, keys::COPY_ERRORS, decode_copy_errors, &mut errors).unwrap_or_default();
+        let grpc_address = decoded(entry, keys::GRPC_ADDRESS, decode_grpc_address, &mut errors)
+            .unwrap_or_default();
         let node = NodeEntry {
             node_id: entry.node_id.clone(),
             incarnation: entry.incarnation,
             version: entry.version,
             gossip_address: entry.gossip_address.clone(),
-            grpc_address: entry
-                .values
-                .get(keys::GRPC_ADDRESS)
-                .cloned()
-                .unwrap_or_default(),
+            grpc_address,
             group_generation,
             status,
             liveness: liveness(entry.detected, dead_after),
@@ -650,7 +670,7 @@ fn node_to_proto(node: &NodeEntry) -> NodeInfo {
                 role: c.role as i32,
                 changelog_offset: c.changelog_offset,
                 input_offset: c.input_offset,
-                input_end: c.input_offset + c.lag,
+                input_end: c.input_offset.saturating_add(c.lag),
                 lag: c.lag,
                 error: node
                     .copy_errors
@@ -1216,6 +1236,200 @@ mod tests {
             };
             let decoded = MetadataResponse::decode(response.encode_to_vec().as_slice()).unwrap();
             prop_assert_eq!(ClusterView::from_proto(&decoded), view);
+        }
+    }
+
+    /// A gossip value for `key` as any node might publish it: mostly well-shaped with any
+    /// numbers, sometimes any text.
+    fn hostile_value(key: &'static str) -> BoxedStrategy<String> {
+        let number = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("-0".to_owned()),
+            Just("+7".to_owned()),
+            "[0-9]{0,25}",
+        ];
+        let item = (
+            number.clone(),
+            prop_oneof![Just("A"), Just("S"), Just("R"), Just("U"), Just("")],
+            number.clone(),
+            number.clone(),
+            number.clone(),
+        )
+            .prop_map(|(p, r, c, i, l)| format!("{p}:{r}:{c}:{i}:{l}"));
+        let shaped = match key {
+            keys::COPIES => proptest::collection::vec(item, 0..6)
+                .prop_map(|items| items.join(" "))
+                .boxed(),
+            keys::LOAD => (number.clone(), number)
+                .prop_map(|(a, b)| format!("{a}:{b}"))
+                .boxed(),
+            keys::GRPC_ADDRESS => prop_oneof![
+                Just("127.0.0.1:50051".to_owned()),
+                Just("[::1]:1".to_owned()),
+                Just("node-1:50051".to_owned()),
+                Just("http://x".to_owned()),
+            ]
+            .boxed(),
+            _ => number.boxed(),
+        };
+        prop_oneof![4 => shaped, 1 => "\\PC{0,40}"].boxed()
+    }
+
+    fn hostile_entry() -> impl Strategy<Value = GossipEntry> {
+        (
+            "[a-z0-9-]{0,6}",
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![Just(0u64), any::<u64>()],
+            hostile_value(keys::COPIES),
+            hostile_value(keys::LOAD),
+            hostile_value(keys::GROUP_GENERATION),
+            hostile_value(keys::GRPC_ADDRESS),
+            "\\PC{0,12}",
+        )
+            .prop_map(
+                |(
+                    node_id,
+                    incarnation,
+                    version,
+                    silent,
+                    copies,
+                    load,
+                    generation,
+                    grpc,
+                    status,
+                )| {
+                    let values = [
+                        (keys::COPIES, copies),
+                        (keys::LOAD, load),
+                        (keys::GROUP_GENERATION, generation),
+                        (keys::GRPC_ADDRESS, grpc),
+                        (keys::STATUS, status),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                    GossipEntry {
+                        node_id,
+                        incarnation,
+                        gossip_address: format!("127.0.0.1:{}", incarnation % 3),
+                        version,
+                        detected: match silent {
+                            0 => Detected::Live,
+                            ms => Detected::SilentFor(Duration::from_millis(ms % 100_000)),
+                        },
+                        values,
+                    }
+                },
+            )
+    }
+
+    /// Asks every question of a view that routing, placement and Metadata ask.
+    fn ask_everything(view: &ClusterView) {
+        for partition in (0..8).chain([u32::MAX]) {
+            let _ = view.holders(partition);
+            let _ = view.forward_targets(partition, "node-1");
+            let _ = view.holders_proto(partition);
+            let _ = view.active(partition);
+            let _ = view.backup_source(partition);
+            let _ = view.snapshot_sources(partition, "node-1");
+        }
+        let _ = view.placement_members();
+        let _ = view.actives(8);
+        let _ = view.count_by_liveness();
+        let _ = ClusterView::from_proto(&MetadataResponse {
+            stores: Vec::new(),
+            nodes: view.to_proto_nodes(),
+            node_id: String::new(),
+            cluster_id: view.cluster_id.clone(),
+            view_version: view.version,
+        });
+    }
+
+    proptest! {
+        #[test]
+        fn gossip_of_any_shape_never_panics_and_what_decodes_is_sane(
+            entries in proptest::collection::vec(hostile_entry(), 0..6)
+        ) {
+            let (view, _errors) = ClusterView::from_gossip("test", &entries, DEAD_AFTER);
+            for node in &view.nodes {
+                prop_assert!(node.grpc_address.is_empty()
+                    || node.grpc_address.parse::<std::net::SocketAddr>().is_ok());
+                for copy in &node.copies {
+                    prop_assert!(copy.changelog_offset >= 0 && copy.input_offset >= 0);
+                    prop_assert!(copy.lag >= 0 && copy.input_offset.checked_add(copy.lag).is_some());
+                }
+            }
+            ask_everything(&view);
+        }
+
+        #[test]
+        fn a_metadata_answer_of_any_shape_never_panics_a_client_view(
+            nodes in proptest::collection::vec(
+                (
+                    "\\PC{0,8}",
+                    proptest::collection::vec(
+                        (any::<u32>(), any::<i32>(), any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>()),
+                        0..6,
+                    ),
+                    any::<i32>(),
+                    any::<i32>(),
+                    any::<u64>(),
+                ),
+                0..5,
+            ),
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let nodes = nodes
+                .into_iter()
+                .map(|(node_id, copies, liveness, status, incarnation)| NodeInfo {
+                    node_id,
+                    grpc_address: "127.0.0.1:1".into(),
+                    copies: copies
+                        .into_iter()
+                        .map(|(partition, role, changelog_offset, input_offset, input_end, lag)| {
+                            PartitionCopy { partition, role, changelog_offset, input_offset, input_end, lag, error: String::new() }
+                        })
+                        .collect(),
+                    liveness,
+                    incarnation,
+                    version: 0,
+                    group_generation: 0,
+                    load: None,
+                    status,
+                    conflicting: false,
+                    gossip_address: String::new(),
+                })
+                .collect();
+            let answer = MetadataResponse {
+                stores: Vec::new(),
+                nodes,
+                node_id: String::new(),
+                cluster_id: "test".into(),
+                view_version: 0,
+            };
+            ask_everything(&ClusterView::from_proto(&answer));
+            if let Ok(answer) = MetadataResponse::decode(bytes.as_slice()) {
+                ask_everything(&ClusterView::from_proto(&answer));
+            }
+        }
+
+        #[test]
+        fn loads_statuses_and_addresses_round_trip(
+            ingest_rate in any::<u64>(),
+            reads_in_flight in any::<u32>(),
+            status in prop_oneof![
+                Just(NodeStatus::Starting), Just(NodeStatus::Running), Just(NodeStatus::Leaving)
+            ],
+            ip in any::<[u8; 4]>(),
+            port in any::<u16>(),
+        ) {
+            let load = Load { ingest_rate, reads_in_flight };
+            prop_assert_eq!(decode_load(&encode_load(load)).unwrap(), load);
+            prop_assert_eq!(decode_status(encode_status(status)).unwrap(), status);
+            let address = std::net::SocketAddr::from((ip, port)).to_string();
+            prop_assert_eq!(decode_grpc_address(&address).unwrap(), address);
         }
     }
 }

@@ -110,6 +110,97 @@ impl Default for BackupConfig {
     }
 }
 
+/// Limits that keep a node answering reads whatever its callers and peers do: how many
+/// calls of each kind it serves at once, how long it waits on them, and what it accepts
+/// from a peer's snapshot. A call beyond a limit is refused at once, with a status that
+/// names the limit, rather than queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct LimitsConfig {
+    /// Query calls (Get, MultiGet, Metadata) answered at once; more are refused with
+    /// UNAVAILABLE (reason OVERLOADED), so the caller asks another copy.
+    pub max_concurrent_reads: usize,
+    /// The longest a Query call (Get, MultiGet, Metadata) may take, in milliseconds: a read
+    /// waiting for its position bound answers POSITION_NOT_REACHED just before it, anything
+    /// else still running then is answered UNAVAILABLE (reason REQUEST_TIMEOUT).
+    pub request_timeout_ms: u64,
+    /// WatchMetadata streams open at once; more are refused with RESOURCE_EXHAUSTED
+    /// (reason TOO_MANY_STREAMS).
+    pub max_watch_streams: usize,
+    /// Snapshots this node sends to peers at once (FetchSnapshot); more are refused with
+    /// RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS), and the peer asks another source.
+    pub max_snapshot_streams: usize,
+    /// How long a snapshot this node sends may wait for the receiver to take the next
+    /// chunk, in milliseconds; then the send is abandoned, and its checkpoint and slot freed.
+    pub snapshot_send_timeout_ms: u64,
+    /// How long a snapshot this node receives may go without a part, in milliseconds; then
+    /// the peer is given up and the next source tried.
+    pub snapshot_idle_timeout_ms: u64,
+    /// The most files a peer's snapshot may hold.
+    pub snapshot_max_files: usize,
+    /// Free space the state directory's disk keeps when a snapshot arrives: a snapshot
+    /// larger than the free space less this is refused before its first byte.
+    pub snapshot_disk_margin_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_concurrent_reads: 1_024,
+            request_timeout_ms: 60_000,
+            max_watch_streams: 1_024,
+            max_snapshot_streams: 4,
+            snapshot_send_timeout_ms: 30_000,
+            snapshot_idle_timeout_ms: 30_000,
+            snapshot_max_files: 100_000,
+            snapshot_disk_margin_bytes: 1 << 30,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks every limit, naming the first bad key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("limits.{key}"),
+                reason: reason.into(),
+            })
+        };
+        for (key, value, range) in [
+            (
+                "max-concurrent-reads",
+                self.max_concurrent_reads,
+                1..=1_000_000,
+            ),
+            ("max-watch-streams", self.max_watch_streams, 0..=1_000_000),
+            ("max-snapshot-streams", self.max_snapshot_streams, 0..=1_000),
+            (
+                "snapshot-max-files",
+                self.snapshot_max_files,
+                1..=10_000_000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return invalid(
+                    key,
+                    &format!("must be between {} and {}", range.start(), range.end()),
+                );
+            }
+        }
+        for (key, value) in [
+            ("request-timeout-ms", self.request_timeout_ms),
+            ("snapshot-send-timeout-ms", self.snapshot_send_timeout_ms),
+            ("snapshot-idle-timeout-ms", self.snapshot_idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&value) {
+                return invalid(key, "must be between 100 and 3600000");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl BackupConfig {
     /// Whether a backup location is set.
     pub fn enabled(&self) -> bool {
@@ -220,6 +311,8 @@ pub struct NodeConfig {
     pub probes: ProbesConfig,
     /// Memory shared by the stores.
     pub memory: MemoryConfig,
+    /// Limits on what callers and peers may ask of the node at once.
+    pub limits: LimitsConfig,
     /// librdkafka settings for every client of the node, passed through verbatim.
     pub kafka: BTreeMap<String, String>,
 }
@@ -267,6 +360,7 @@ impl Default for NodeConfig {
             backup: BackupConfig::default(),
             probes: ProbesConfig::default(),
             memory: MemoryConfig::default(),
+            limits: LimitsConfig::default(),
             kafka: BTreeMap::new(),
         }
     }
@@ -528,6 +622,7 @@ impl NodeConfig {
         if self.read_wait_ms > 60_000 {
             return invalid("read-wait-ms", "must be at most 60000");
         }
+        self.limits.validate()?;
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
         }
@@ -848,6 +943,16 @@ mod tests {
             ("num-standbys=9", "num-standbys"),
             ("probes.max-lag=-1", "probes.max-lag"),
             ("probes.stall-after-ms=5", "probes.stall-after-ms"),
+            (
+                "limits.max-concurrent-reads=0",
+                "limits.max-concurrent-reads",
+            ),
+            ("limits.request-timeout-ms=5", "limits.request-timeout-ms"),
+            (
+                "limits.snapshot-idle-timeout-ms=0",
+                "limits.snapshot-idle-timeout-ms",
+            ),
+            ("limits.no-such-limit=1", "no-such-limit"),
         ] {
             let error = message(load(&[], &[MINIMAL, &[setting]].concat()));
             assert!(error.contains(key), "{setting}: {error}");

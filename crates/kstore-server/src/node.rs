@@ -170,13 +170,16 @@ pub fn run(
         grpc::Operations {
             drain: drain.clone(),
             backups: backups.clone(),
-            peer: Some(PeerService::new(
-                registry.clone(),
-                config.store.clone(),
-                stores_root.clone(),
-                memory.clone(),
-                config.admin_token.clone(),
-            )),
+            peer: Some(
+                PeerService::new(
+                    registry.clone(),
+                    config.store.clone(),
+                    stores_root.clone(),
+                    memory.clone(),
+                    config.admin_token.clone(),
+                )
+                .with_limits(&config.limits),
+            ),
         },
         processor.value_type_url().map(str::to_owned),
         {
@@ -219,14 +222,17 @@ pub fn run(
         memory.clone(),
         updater_thread.updater(),
         Bootstrap {
-            peers: Some(SnapshotFetcher::new(
-                runtime.handle().clone(),
-                gossip.view(),
-                config.node_id.clone(),
-                config.store.clone(),
-                config.admin_token.clone(),
-                memory,
-            )),
+            peers: Some(
+                SnapshotFetcher::new(
+                    runtime.handle().clone(),
+                    gossip.view(),
+                    config.node_id.clone(),
+                    config.store.clone(),
+                    config.admin_token.clone(),
+                    memory,
+                )
+                .with_limits(&config.limits),
+            ),
             backups: backups.clone(),
         },
         events_tx,

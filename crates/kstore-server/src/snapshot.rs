@@ -3,14 +3,23 @@
 //! the whole changelog. The peer makes a RocksDB checkpoint (hard links, so it costs little
 //! and its copy keeps working) and streams its files in chunks, each file followed by its
 //! XXH3-128 checksum. gRPC's flow control paces the sender to the receiver's disk, and the
-//! sender reads ahead at most [`READ_AHEAD`] chunks. The receiver writes into a scratch
-//! directory beside the store, checks every size and checksum, and only then moves the
-//! snapshot into place; a peer that sends anything wrong is dropped and the next one tried.
+//! sender reads ahead at most [`READ_AHEAD`] chunks.
+//!
+//! Both ends hold each other to limits (`limits` in the node's config). A node sends at
+//! most `max-snapshot-streams` snapshots at once and refuses more at once; a receiver that
+//! takes no part for `snapshot-send-timeout-ms` is given up, its checkpoint, thread and slot
+//! freed and the parts queued for it emptied. The receiver ([`receive`]) trusts nothing in
+//! the stream: it checks every part before writing it into a scratch directory beside the
+//! store, removes that directory on any refusal, opens the result and checks its offsets,
+//! and only then moves it into place; a peer that sends anything wrong is dropped, the
+//! refusal counted by reason, and the next source tried.
 
-use std::io::Write;
+pub mod receive;
+
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use kstore_core::cluster::ClusterView;
@@ -21,29 +30,34 @@ use kstore_proto::v1::{
     FetchSnapshotRequest, Role, SnapshotChunk, SnapshotFile, SnapshotFileEnd, SnapshotManifest,
     SnapshotPart,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
+use crate::config::LimitsConfig;
+use crate::grpc::limits::LimitError;
 use crate::registry::Registry;
 use crate::store::{PartitionStore, SharedMemory};
+pub use receive::{ReceiveError, ReceiveLimits, receive};
 
 /// The size of one chunk of a file.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks the sender reads ahead of the network.
 const READ_AHEAD: usize = 8;
-/// How long the receiver waits for the next part before it gives the peer up.
-const PART_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Snapshots this node sent, by outcome.
+/// Snapshots this node sent, by outcome (`ok`, `failed`, `receiver_gone`,
+/// `receiver_stalled`).
 pub const SNAPSHOTS_SENT: &str = "kstore_snapshots_sent_total";
 /// Bytes of snapshots this node received from peers.
 pub const SNAPSHOT_BYTES_RECEIVED: &str = "kstore_snapshot_bytes_received_total";
-/// Snapshots fetched from peers, by outcome (`ok`, or why a peer was dropped).
+/// Snapshots fetched from peers, by outcome (`ok`, `refused`).
 pub const SNAPSHOTS_FETCHED: &str = "kstore_snapshots_fetched_total";
+/// Snapshots from peers that were refused, by reason (what was wrong with the stream, or
+/// `unreachable`, `does_not_open`, `offset_mismatch`).
+pub const SNAPSHOT_REFUSALS: &str = "kstore_snapshot_refusals_total";
 
 /// Files of a store directory that a snapshot leaves out: RocksDB's info logs and lock.
 fn skipped(name: &str) -> bool {
@@ -59,10 +73,15 @@ pub struct PeerService {
     scratch: PathBuf,
     memory: SharedMemory,
     token: Option<String>,
+    /// One per snapshot being sent.
+    slots: Arc<Semaphore>,
+    slot_limit: usize,
+    send_timeout: Duration,
 }
 
 impl PeerService {
-    /// The service; with a token, every call must carry it as `authorization: Bearer …`.
+    /// The service, with the default limits; with a token, every call must carry it as
+    /// `authorization: Bearer …`.
     pub fn new(
         registry: Arc<Registry>,
         store: String,
@@ -76,7 +95,20 @@ impl PeerService {
             scratch,
             memory,
             token,
+            slots: Arc::new(Semaphore::new(0)),
+            slot_limit: 0,
+            send_timeout: Duration::ZERO,
         }
+        .with_limits(&LimitsConfig::default())
+    }
+
+    /// The service with `limits`: how many snapshots it sends at once, and how long it waits
+    /// for a receiver to take the next chunk.
+    pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
+        self.slots = Arc::new(Semaphore::new(limits.max_snapshot_streams));
+        self.slot_limit = limits.max_snapshot_streams;
+        self.send_timeout = Duration::from_millis(limits.snapshot_send_timeout_ms);
+        self
     }
 }
 
@@ -119,43 +151,140 @@ fn checkpoint_manifest(
     })
 }
 
+/// Why sending a snapshot stopped early.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The receiver closed the stream.
+    #[error("the receiver went away")]
+    Gone,
+    /// The receiver took no part for the send timeout.
+    #[error("the receiver took no part for {0:?}")]
+    Stalled(Duration),
+    /// The checkpoint could not be made or read.
+    #[error("{0}")]
+    Checkpoint(String),
+}
+
+impl SendError {
+    fn outcome(&self) -> &'static str {
+        match self {
+            SendError::Gone => "receiver_gone",
+            SendError::Stalled(_) => "receiver_stalled",
+            SendError::Checkpoint(_) => "failed",
+        }
+    }
+}
+
+/// What a slot holds: a part, or the error that ends the stream; `None` once taken or
+/// emptied.
+type SlotContent = Mutex<Option<Result<SnapshotPart, Status>>>;
+
+/// A part on its way to the receiver, in a slot the sender can empty.
+type Slot = Arc<SlotContent>;
+
+/// The sending end of a snapshot stream. Each part waits at most the send timeout for room
+/// in the queue. When a receiver stalls longer, the parts it has not taken yet are emptied,
+/// so that their memory is freed even while its connection (and so the queue) stays open.
+struct PartSender {
+    parts: mpsc::Sender<Slot>,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+    /// The parts sent lately, which the receiver may not have taken yet.
+    queued: VecDeque<Weak<SlotContent>>,
+}
+
+impl PartSender {
+    /// A sender on `parts` that waits at most `timeout` per part, on `runtime` (blocking:
+    /// call it off the async workers).
+    fn new(parts: mpsc::Sender<Slot>, runtime: tokio::runtime::Handle, timeout: Duration) -> Self {
+        PartSender {
+            parts,
+            runtime,
+            timeout,
+            queued: VecDeque::with_capacity(READ_AHEAD + 2),
+        }
+    }
+
+    fn send(&mut self, part: Part) -> Result<(), SendError> {
+        let slot: Slot = Arc::new(Mutex::new(Some(Ok(SnapshotPart { part: Some(part) }))));
+        let queued = Arc::downgrade(&slot);
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(self.timeout, self.parts.send(slot)));
+        match sent {
+            Ok(Ok(())) => {
+                // The queue holds READ_AHEAD parts and the stream one more: older ones are
+                // taken.
+                self.queued.push_back(queued);
+                if self.queued.len() > READ_AHEAD + 1 {
+                    self.queued.pop_front();
+                }
+                Ok(())
+            }
+            Ok(Err(_)) => Err(SendError::Gone),
+            Err(_) => {
+                for slot in self.queued.drain(..).filter_map(|slot| slot.upgrade()) {
+                    slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                }
+                Err(SendError::Stalled(self.timeout))
+            }
+        }
+    }
+
+    /// Ends the stream with `status`, if the queue has room for it.
+    fn fail(&self, status: Status) {
+        let _ = self.parts.try_send(Arc::new(Mutex::new(Some(Err(status)))));
+    }
+}
+
+/// The stream of parts a [`PartSender`] sends. A part that was emptied ends the stream.
+fn part_stream(parts: mpsc::Receiver<Slot>) -> SnapshotStream {
+    let parts = tokio_stream::wrappers::ReceiverStream::new(parts).map(|slot: Slot| {
+        slot.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| {
+                Err(Status::deadline_exceeded(
+                    "the snapshot was given up: the receiver took no part in time",
+                ))
+            })
+    });
+    Box::pin(parts)
+}
+
 /// Sends the checkpoint's files in chunks, each followed by its checksum. Stops when the
-/// receiver goes away.
+/// receiver goes away or stalls.
 fn send_files(
     dir: &Path,
     manifest: &SnapshotManifest,
-    parts: &mpsc::Sender<Result<SnapshotPart, Status>>,
-) -> Result<(), String> {
+    send: &mut impl FnMut(Part) -> Result<(), SendError>,
+) -> Result<(), SendError> {
     use std::io::Read;
-    let send = |part: Part| {
-        parts
-            .blocking_send(Ok(SnapshotPart { part: Some(part) }))
-            .map_err(|_| "the receiver went away".to_owned())
-    };
+    let failed = |name: &str, e: std::io::Error| SendError::Checkpoint(format!("{name}: {e}"));
     for (index, file) in manifest.files.iter().enumerate() {
+        let index = u32::try_from(index)
+            .map_err(|_| SendError::Checkpoint("more than 2^32 files".into()))?;
         let mut reader =
-            std::fs::File::open(dir.join(&file.name)).map_err(|e| format!("{}: {e}", file.name))?;
+            std::fs::File::open(dir.join(&file.name)).map_err(|e| failed(&file.name, e))?;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut offset = 0u64;
         loop {
             let mut data = vec![0u8; CHUNK_BYTES];
-            let read = reader
-                .read(&mut data)
-                .map_err(|e| format!("{}: {e}", file.name))?;
+            let read = reader.read(&mut data).map_err(|e| failed(&file.name, e))?;
             if read == 0 {
                 break;
             }
             data.truncate(read);
             hasher.update(&data);
             send(Part::Chunk(SnapshotChunk {
-                file: index as u32,
+                file: index,
                 offset,
                 data,
             }))?;
             offset += read as u64;
         }
         send(Part::FileEnd(SnapshotFileEnd {
-            file: index as u32,
+            file: index,
             xxh3: format!("{:032x}", hasher.digest128()),
         }))?;
     }
@@ -180,9 +309,9 @@ impl Peer for PeerService {
                 self.store
             )));
         }
-        let copy = self
-            .registry
-            .get(partition as i32)
+        let copy = i32::try_from(partition)
+            .ok()
+            .and_then(|partition| self.registry.get(partition))
             .ok_or_else(|| Status::not_found(format!("this node holds no copy of {partition}")))?;
         let role = copy.role();
         if role == Role::Restoring {
@@ -190,26 +319,37 @@ impl Peer for PeerService {
                 "this node's copy of partition {partition} is restoring"
             )));
         }
+        // The slot is the sending thread's: it is freed when the send ends, is given up, or
+        // fails, whether or not the receiver's connection stays.
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            let refused = LimitError::TooManyStreams {
+                method: "FetchSnapshot",
+                limit: self.slot_limit,
+                key: "max-snapshot-streams",
+            };
+            refused.count("FetchSnapshot");
+            tracing::info!(partition, %refused, "refused a snapshot");
+            Status::from(refused)
+        })?;
         let (parts, stream) = mpsc::channel(READ_AHEAD);
         let dir = self
             .scratch
             .join(format!(".peer-snapshot-{partition}-{}", snapshot_number()));
         let memory = self.memory.clone();
         let node_id = self.registry.node_id().to_owned();
+        let mut sender =
+            PartSender::new(parts, tokio::runtime::Handle::current(), self.send_timeout);
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let started = Instant::now();
-            let outcome = checkpoint_manifest(&copy.store, &dir, &memory, &node_id, role).and_then(
-                |manifest| {
+            let outcome = checkpoint_manifest(&copy.store, &dir, &memory, &node_id, role)
+                .map_err(SendError::Checkpoint)
+                .and_then(|manifest| {
                     let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-                    parts
-                        .blocking_send(Ok(SnapshotPart {
-                            part: Some(Part::Manifest(manifest.clone())),
-                        }))
-                        .map_err(|_| "the receiver went away".to_owned())?;
-                    send_files(&dir, &manifest, &parts)?;
+                    sender.send(Part::Manifest(manifest.clone()))?;
+                    send_files(&dir, &manifest, &mut |part| sender.send(part))?;
                     Ok(bytes)
-                },
-            );
+                });
             let _ = std::fs::remove_dir_all(&dir);
             match outcome {
                 Ok(bytes) => {
@@ -222,15 +362,15 @@ impl Peer for PeerService {
                     );
                 }
                 Err(error) => {
-                    metrics::counter!(SNAPSHOTS_SENT, "outcome" => "failed").increment(1);
-                    tracing::warn!(partition, %error, "sending a snapshot failed");
-                    let _ = parts.blocking_send(Err(Status::internal(error)));
+                    metrics::counter!(SNAPSHOTS_SENT, "outcome" => error.outcome()).increment(1);
+                    tracing::warn!(partition, %error, "sending a snapshot stopped");
+                    sender.fail(Status::unavailable(format!(
+                        "sending the snapshot stopped: {error}"
+                    )));
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(stream),
-        )))
+        Ok(Response::new(part_stream(stream)))
     }
 }
 
@@ -242,136 +382,42 @@ fn snapshot_number() -> u32 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The next part of a snapshot; `None` at its end.
-async fn next_part(
-    parts: &mut (impl Stream<Item = Result<SnapshotPart, Status>> + Unpin),
-) -> Result<Option<Part>, String> {
-    match tokio::time::timeout(PART_TIMEOUT, parts.next()).await {
-        Err(_) => Err(format!("no data for {PART_TIMEOUT:?}")),
-        Ok(None) => Ok(None),
-        Ok(Some(Err(status))) => Err(format!("the peer failed: {}", status.message())),
-        Ok(Some(Ok(part))) => match part.part {
-            Some(part) => Ok(Some(part)),
-            None => Err("an empty part".into()),
-        },
-    }
+/// Why a peer's snapshot was not used.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    /// The peer could not be reached.
+    #[error("connecting to {address}: {reason}")]
+    Unreachable {
+        /// The peer's address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The stream was refused.
+    #[error(transparent)]
+    Refused(#[from] ReceiveError),
+    /// The files arrived whole but are not a store.
+    #[error("the snapshot does not open: {0}")]
+    DoesNotOpen(String),
+    /// The store holds other offsets than the manifest states.
+    #[error("the snapshot holds changelog offset {held}, its manifest says {stated}")]
+    OffsetMismatch {
+        /// The store's.
+        held: i64,
+        /// The manifest's.
+        stated: i64,
+    },
 }
 
-/// Receives a snapshot from `parts` into `dir` (which must not exist): every file of the
-/// manifest, each checked against its size and checksum. Returns the manifest.
-pub async fn receive(
-    mut parts: impl Stream<Item = Result<SnapshotPart, Status>> + Unpin,
-    dir: &Path,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<SnapshotManifest, String> {
-    let manifest = match next_part(&mut parts).await? {
-        Some(Part::Manifest(manifest)) => manifest,
-        other => {
-            return Err(format!(
-                "the snapshot did not start with a manifest: {other:?}"
-            ));
-        }
-    };
-    for file in &manifest.files {
-        let name = Path::new(&file.name);
-        if name.components().count() != 1 || name.file_name().is_none() {
-            return Err(format!(
-                "the manifest names a file outside the store: {:?}",
-                file.name
-            ));
+impl FetchError {
+    fn reason(&self) -> &'static str {
+        match self {
+            FetchError::Unreachable { .. } => "unreachable",
+            FetchError::Refused(refused) => refused.reason(),
+            FetchError::DoesNotOpen(_) => "does_not_open",
+            FetchError::OffsetMismatch { .. } => "offset_mismatch",
         }
     }
-    let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let mut received = 0u64;
-    let mut current: Option<(u32, std::fs::File, xxhash_rust::xxh3::Xxh3, u64)> = None;
-    let mut finished = 0usize;
-    while let Some(part) = next_part(&mut parts).await? {
-        match part {
-            Part::Manifest(_) => return Err("a second manifest".into()),
-            Part::Chunk(chunk) => {
-                let file = manifest.files.get(chunk.file as usize).ok_or_else(|| {
-                    format!("a chunk of file {} of {}", chunk.file, manifest.files.len())
-                })?;
-                if current
-                    .as_ref()
-                    .is_none_or(|(index, ..)| *index != chunk.file)
-                {
-                    if current.is_some() || chunk.file as usize != finished {
-                        return Err(format!(
-                            "file {} began before file {finished} ended",
-                            chunk.file
-                        ));
-                    }
-                    let handle = std::fs::File::create(dir.join(&file.name))
-                        .map_err(|e| format!("creating {}: {e}", file.name))?;
-                    current = Some((chunk.file, handle, xxhash_rust::xxh3::Xxh3::new(), 0));
-                }
-                let (_, handle, hasher, written) = current.as_mut().expect("set above");
-                if chunk.offset != *written {
-                    return Err(format!(
-                        "{}: a chunk at {} after {written} bytes",
-                        file.name, chunk.offset
-                    ));
-                }
-                if *written + chunk.data.len() as u64 > file.bytes {
-                    return Err(format!("{}: more than its {} bytes", file.name, file.bytes));
-                }
-                handle
-                    .write_all(&chunk.data)
-                    .map_err(|e| format!("writing {}: {e}", file.name))?;
-                hasher.update(&chunk.data);
-                *written += chunk.data.len() as u64;
-                received += chunk.data.len() as u64;
-                metrics::counter!(SNAPSHOT_BYTES_RECEIVED).increment(chunk.data.len() as u64);
-                progress(received, total);
-            }
-            Part::FileEnd(end) => {
-                if end.file as usize != finished {
-                    return Err(format!(
-                        "file {} ended while file {finished} was due",
-                        end.file
-                    ));
-                }
-                let file = &manifest.files[finished];
-                let (handle, hasher, written) = match current.take() {
-                    Some((_, handle, hasher, written)) => (Some(handle), hasher, written),
-                    // An empty file has no chunks.
-                    None => {
-                        std::fs::File::create(dir.join(&file.name))
-                            .map_err(|e| format!("creating {}: {e}", file.name))?;
-                        (None, xxhash_rust::xxh3::Xxh3::new(), 0)
-                    }
-                };
-                if written != file.bytes {
-                    return Err(format!(
-                        "{}: {written} bytes, the manifest says {}",
-                        file.name, file.bytes
-                    ));
-                }
-                let checksum = format!("{:032x}", hasher.digest128());
-                if checksum != end.xxh3 {
-                    return Err(format!(
-                        "{}: checksum {checksum}, the peer says {}",
-                        file.name, end.xxh3
-                    ));
-                }
-                if let Some(handle) = handle {
-                    handle
-                        .sync_all()
-                        .map_err(|e| format!("syncing {}: {e}", file.name))?;
-                }
-                finished += 1;
-            }
-        }
-    }
-    if finished != manifest.files.len() {
-        return Err(format!(
-            "the peer stopped after {finished} of {} files",
-            manifest.files.len()
-        ));
-    }
-    Ok(manifest)
 }
 
 /// Fetches snapshots of a node's partitions from its peers.
@@ -383,10 +429,13 @@ pub struct SnapshotFetcher {
     store: String,
     token: Option<String>,
     memory: SharedMemory,
+    max_files: usize,
+    disk_margin: u64,
+    idle_timeout: Duration,
 }
 
 impl SnapshotFetcher {
-    /// Fetches on `runtime`, choosing peers from `view`.
+    /// Fetches on `runtime`, choosing peers from `view`, with the default limits.
     pub fn new(
         runtime: tokio::runtime::Handle,
         view: watch::Receiver<Arc<ClusterView>>,
@@ -402,7 +451,20 @@ impl SnapshotFetcher {
             store,
             token,
             memory,
+            max_files: 0,
+            disk_margin: 0,
+            idle_timeout: Duration::ZERO,
         }
+        .with_limits(&LimitsConfig::default())
+    }
+
+    /// The fetcher with `limits`: the most files a snapshot may hold, the free space its
+    /// disk keeps, and how long a stream may go without a part.
+    pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
+        self.max_files = limits.snapshot_max_files;
+        self.disk_margin = limits.snapshot_disk_margin_bytes;
+        self.idle_timeout = Duration::from_millis(limits.snapshot_idle_timeout_ms);
+        self
     }
 
     /// Fills `target` (an empty or missing directory) with a snapshot of `partition` from
@@ -418,62 +480,98 @@ impl SnapshotFetcher {
             .collect();
         let incoming = target.with_file_name(format!(".incoming-{partition}"));
         for (peer, address) in sources {
+            // Left over by a process that stopped while receiving.
             let _ = std::fs::remove_dir_all(&incoming);
             let started = Instant::now();
-            let fetched = self
-                .runtime
-                .block_on(self.fetch(partition, &peer, &address, &incoming));
-            let checked = fetched.and_then(|manifest| {
-                let opened = PartitionStore::open(&incoming, &self.memory)
-                    .and_then(|store| store.position())
-                    .map_err(|e| format!("the snapshot does not open: {e}"))?;
-                if opened.changelog_next != manifest.changelog_offset {
-                    return Err(format!(
-                        "the snapshot holds changelog offset {}, its manifest says {}",
-                        opened.changelog_next, manifest.changelog_offset
-                    ));
-                }
-                Ok(manifest)
-            });
-            match checked {
-                Ok(manifest) => {
-                    if let Err(error) = std::fs::remove_dir_all(target)
-                        .or_else(|e| {
-                            if e.kind() == std::io::ErrorKind::NotFound {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })
-                        .and_then(|()| std::fs::rename(&incoming, target))
-                    {
-                        tracing::error!(partition, %error, "cannot move a snapshot into place");
-                        let _ = std::fs::remove_dir_all(&incoming);
-                        return None;
-                    }
-                    let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-                    let seconds = started.elapsed().as_secs_f64();
-                    metrics::counter!(SNAPSHOTS_FETCHED, "outcome" => "ok").increment(1);
-                    tracing::info!(
-                        partition,
-                        peer = %peer,
-                        bytes,
-                        took_ms = (seconds * 1000.0) as u64,
-                        mib_per_s = (bytes as f64 / (1 << 20) as f64 / seconds.max(1e-6)) as u64,
-                        changelog_offset = manifest.changelog_offset,
-                        "bootstrapped a copy from a peer's snapshot; the changelog supplies the rest"
-                    );
-                    return Some((peer, manifest));
-                }
+            let manifest = match self.attempt(partition, &peer, &address, &incoming) {
+                Ok(manifest) => manifest,
                 Err(error) => {
-                    metrics::counter!(SNAPSHOTS_FETCHED, "outcome" => "dropped").increment(1);
-                    tracing::warn!(partition, peer = %peer, %error,
-                        "a peer's snapshot failed; trying the next source");
+                    let _ = std::fs::remove_dir_all(&incoming);
+                    metrics::counter!(SNAPSHOTS_FETCHED, "outcome" => "refused").increment(1);
+                    metrics::counter!(SNAPSHOT_REFUSALS, "reason" => error.reason()).increment(1);
+                    tracing::warn!(partition, peer = %peer, %error, reason = error.reason(),
+                        "refused a peer's snapshot; trying the next source");
+                    continue;
                 }
+            };
+            if let Err(error) = std::fs::remove_dir_all(target)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .and_then(|()| std::fs::rename(&incoming, target))
+            {
+                tracing::error!(partition, %error, "cannot move a snapshot into place");
+                let _ = std::fs::remove_dir_all(&incoming);
+                return None;
             }
+            let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+            let seconds = started.elapsed().as_secs_f64();
+            metrics::counter!(SNAPSHOTS_FETCHED, "outcome" => "ok").increment(1);
+            tracing::info!(
+                partition,
+                peer = %peer,
+                bytes,
+                took_ms = (seconds * 1000.0) as u64,
+                mib_per_s = (bytes as f64 / (1 << 20) as f64 / seconds.max(1e-6)) as u64,
+                changelog_offset = manifest.changelog_offset,
+                "bootstrapped a copy from a peer's snapshot; the changelog supplies the rest"
+            );
+            return Some((peer, manifest));
         }
-        let _ = std::fs::remove_dir_all(&incoming);
         None
+    }
+
+    /// Fetches `peer`'s snapshot of `partition` into `incoming` and checks that it opens at
+    /// the manifest's offset. Blocks.
+    fn attempt(
+        &self,
+        partition: u32,
+        peer: &str,
+        address: &str,
+        incoming: &Path,
+    ) -> Result<SnapshotManifest, FetchError> {
+        self.runtime
+            .block_on(self.fetch(partition, peer, address, incoming))
+            .and_then(|manifest| self.check_opens(incoming, manifest))
+    }
+
+    /// Checks that the snapshot in `dir` opens as a store at the manifest's offset.
+    fn check_opens(
+        &self,
+        dir: &Path,
+        manifest: SnapshotManifest,
+    ) -> Result<SnapshotManifest, FetchError> {
+        // Opening creates a store where there is none: an empty snapshot would pass.
+        if !dir.join("CURRENT").is_file() {
+            return Err(FetchError::DoesNotOpen("it holds no CURRENT file".into()));
+        }
+        let opened = PartitionStore::open(dir, &self.memory)
+            .and_then(|store| store.position())
+            .map_err(|e| FetchError::DoesNotOpen(e.to_string()))?;
+        if opened.changelog_next != manifest.changelog_offset {
+            return Err(FetchError::OffsetMismatch {
+                held: opened.changelog_next,
+                stated: manifest.changelog_offset,
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// The limits a snapshot arriving into `dir` is held to: the disk's free space now,
+    /// less the margin.
+    fn receive_limits(&self, dir: &Path) -> Result<ReceiveLimits, FetchError> {
+        let disk = dir.parent().unwrap_or(dir);
+        let available = receive::available_bytes(disk)
+            .map_err(|e| ReceiveError::Local(format!("free space of {}: {e}", disk.display())))?;
+        Ok(ReceiveLimits {
+            max_files: self.max_files,
+            max_bytes: available.saturating_sub(self.disk_margin),
+            idle_timeout: self.idle_timeout,
+        })
     }
 
     async fn fetch(
@@ -482,14 +580,19 @@ impl SnapshotFetcher {
         peer: &str,
         address: &str,
         dir: &Path,
-    ) -> Result<SnapshotManifest, String> {
+    ) -> Result<SnapshotManifest, FetchError> {
+        let limits = self.receive_limits(dir)?;
+        let unreachable = |reason: String| FetchError::Unreachable {
+            address: address.to_owned(),
+            reason,
+        };
         let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| format!("connecting to {address}: {e}"))?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut client = PeerClient::new(channel).max_decoding_message_size(CHUNK_BYTES * 2);
         let mut request = Request::new(FetchSnapshotRequest {
             store: self.store.clone(),
@@ -500,19 +603,24 @@ impl SnapshotFetcher {
         {
             request.metadata_mut().insert("authorization", value);
         }
-        let parts = client
-            .fetch_snapshot(request)
+        let answer = tokio::time::timeout(self.idle_timeout, client.fetch_snapshot(request))
             .await
-            .map_err(|status| format!("{}: {}", status.code(), status.message()))?
+            .map_err(|_| ReceiveError::Stalled(self.idle_timeout))?;
+        let parts = answer
+            .map_err(|status| ReceiveError::PeerFailed {
+                code: status.code(),
+                message: receive::quoted(status.message()),
+            })?
             .into_inner();
         let mut logged = Instant::now();
-        receive(parts, dir, |received, total| {
+        let manifest = receive(parts, dir, &limits, |received, total| {
             if logged.elapsed() >= Duration::from_secs(2) {
                 logged = Instant::now();
                 tracing::info!(partition, peer, received, total, "receiving a snapshot");
             }
         })
-        .await
+        .await?;
+        Ok(manifest)
     }
 }
 
@@ -527,16 +635,23 @@ mod tests {
         let dir = scratch.join("checkpoint");
         let manifest =
             checkpoint_manifest(store, &dir, &test_memory(), "node-1", Role::Active).unwrap();
-        let (sender, mut receiver) = mpsc::channel(1 << 16);
         let mut parts = vec![SnapshotPart {
             part: Some(Part::Manifest(manifest.clone())),
         }];
-        send_files(&dir, &manifest, &sender).unwrap();
-        drop(sender);
-        while let Ok(part) = receiver.try_recv() {
-            parts.push(part.unwrap());
-        }
+        send_files(&dir, &manifest, &mut |part| {
+            parts.push(SnapshotPart { part: Some(part) });
+            Ok(())
+        })
+        .unwrap();
         parts
+    }
+
+    fn limits() -> ReceiveLimits {
+        ReceiveLimits {
+            max_files: 1_000,
+            max_bytes: 1 << 30,
+            idle_timeout: Duration::from_secs(30),
+        }
     }
 
     fn filled_store(dir: &Path) -> Arc<PartitionStore> {
@@ -578,6 +693,7 @@ mod tests {
         let manifest = receive(
             tokio_stream::iter(parts.into_iter().map(Ok)),
             &dir,
+            &limits(),
             |_, _| {},
         )
         .await
@@ -605,13 +721,16 @@ mod tests {
         let try_receive = |parts: Vec<SnapshotPart>, name: &str| {
             let dir = target.path().join(name);
             async move {
-                receive(
+                let error = receive(
                     tokio_stream::iter(parts.into_iter().map(Ok)),
                     &dir,
+                    &limits(),
                     |_, _| {},
                 )
                 .await
-                .unwrap_err()
+                .unwrap_err();
+                assert!(!dir.exists(), "{error}: {} stayed behind", dir.display());
+                error
             }
         };
 
@@ -625,7 +744,7 @@ mod tests {
             .unwrap();
         chunk.data[50] ^= 1;
         let error = try_receive(flipped, "flipped").await;
-        assert!(error.contains("checksum"), "{error}");
+        assert!(matches!(error, ReceiveError::Checksum { .. }), "{error}");
 
         let mut gap = parts.clone();
         let index = gap
@@ -636,18 +755,386 @@ mod tests {
             chunk.offset += 1;
         }
         let error = try_receive(gap, "gap").await;
-        assert!(error.contains("a chunk at"), "{error}");
+        assert!(matches!(error, ReceiveError::BadOffset { .. }), "{error}");
 
         let mut cut = parts.clone();
         cut.pop();
         let error = try_receive(cut, "cut").await;
-        assert!(error.contains("stopped after"), "{error}");
+        assert!(matches!(error, ReceiveError::EndedEarly { .. }), "{error}");
 
         let mut escaping = parts;
         if let Some(Part::Manifest(manifest)) = &mut escaping[0].part {
             manifest.files[0].name = "../outside".into();
         }
         let error = try_receive(escaping, "escaping").await;
-        assert!(error.contains("outside"), "{error}");
+        assert!(matches!(error, ReceiveError::BadFileName { .. }), "{error}");
+    }
+
+    /// A store of about `mib` MiB of incompressible values, at changelog offset 77.
+    fn large_store(dir: &Path, mib: u32) -> Arc<PartitionStore> {
+        let store = PartitionStore::open(dir, &test_memory()).unwrap();
+        let updates: BTreeMap<Vec<u8>, Option<Vec<u8>>> = (0..mib * 1024)
+            .map(|i: u32| {
+                let value: Vec<u8> = (0..64u32)
+                    .flat_map(|j| {
+                        xxhash_rust::xxh3::xxh3_128(&[i.to_be_bytes(), j.to_be_bytes()].concat())
+                            .to_be_bytes()
+                    })
+                    .collect();
+                (format!("key-{i}").into_bytes(), Some(value))
+            })
+            .collect();
+        let position = Position {
+            changelog_next: 77,
+            input_next: 120,
+        };
+        store.apply(&updates, position).unwrap();
+        store
+    }
+
+    fn peer_service(
+        store: Arc<PartitionStore>,
+        scratch: &Path,
+        limits: &LimitsConfig,
+    ) -> PeerService {
+        let registry = Arc::new(Registry::new("node-1", 1));
+        let position = store.position().unwrap();
+        registry.track(0, store, Role::Active, position);
+        PeerService::new(
+            registry,
+            "features".into(),
+            scratch.to_path_buf(),
+            test_memory(),
+            None,
+        )
+        .with_limits(limits)
+    }
+
+    fn fetch_request() -> Request<FetchSnapshotRequest> {
+        Request::new(FetchSnapshotRequest {
+            store: "features".into(),
+            partition: 0,
+        })
+    }
+
+    fn checkpoints_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".peer-snapshot-")
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receiver_that_stops_reading_is_given_up_and_frees_its_slot() {
+        use tonic_types::StatusExt;
+        let source = tempfile::tempdir().unwrap();
+        let store = tokio::task::spawn_blocking({
+            let dir = source.path().join("0");
+            move || large_store(&dir, 12)
+        })
+        .await
+        .unwrap();
+        let limits = LimitsConfig {
+            max_snapshot_streams: 1,
+            // Long enough that the test asks again before the sender gives up, on a busy
+            // machine too.
+            snapshot_send_timeout_ms: 2_000,
+            ..LimitsConfig::default()
+        };
+        let service = peer_service(store, source.path(), &limits);
+
+        // The receiver takes the manifest, then stops reading.
+        let mut stalled = service
+            .fetch_snapshot(fetch_request())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stalled.next().await.unwrap().unwrap();
+        assert!(matches!(first.part, Some(Part::Manifest(_))));
+
+        // Its sender holds the one slot: another snapshot is refused at once.
+        let Err(busy) = service.fetch_snapshot(fetch_request()).await else {
+            panic!("a second snapshot was admitted");
+        };
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            busy.get_details_error_info().unwrap().reason,
+            "TOO_MANY_STREAMS"
+        );
+
+        // After the send timeout the sender gives up: its checkpoint goes, its slot frees.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let admitted = loop {
+            match service.fetch_snapshot(fetch_request()).await {
+                Ok(admitted) => break admitted,
+                Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted),
+            }
+            assert!(Instant::now() < deadline, "the slot was never freed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        drop(admitted);
+        while checkpoints_in(source.path()) > 0 {
+            assert!(Instant::now() < deadline, "a checkpoint stayed behind");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // The chunks queued for the stalled receiver were emptied (their memory freed): if
+        // it reads again, the stream ends with an error at once.
+        let mut bytes = 0;
+        let ended = loop {
+            match stalled.next().await {
+                Some(Ok(SnapshotPart {
+                    part: Some(Part::Chunk(chunk)),
+                })) => bytes += chunk.data.len(),
+                Some(Ok(_)) => {}
+                Some(Err(status)) => break Some(status),
+                None => break None,
+            }
+        };
+        assert_eq!(bytes, 0, "parts queued for a stalled receiver were kept");
+        assert_eq!(ended.unwrap().code(), tonic::Code::DeadlineExceeded);
+    }
+
+    /// A peer that sends whatever stream it is given.
+    #[derive(Debug, Clone, Default)]
+    struct ScriptedPeer {
+        parts: Arc<Mutex<Vec<Result<SnapshotPart, Status>>>>,
+        stall: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for ScriptedPeer {
+        type FetchSnapshotStream = SnapshotStream;
+
+        async fn fetch_snapshot(
+            &self,
+            _request: Request<FetchSnapshotRequest>,
+        ) -> Result<Response<SnapshotStream>, Status> {
+            let parts = self.parts.lock().unwrap().clone();
+            let parts = tokio_stream::iter(parts);
+            if self.stall.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(Response::new(Box::pin(
+                    parts.chain(tokio_stream::pending()),
+                )));
+            }
+            Ok(Response::new(Box::pin(parts)))
+        }
+    }
+
+    async fn serve_peer(peer: impl Peer) -> String {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = incoming.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(kstore_proto::v1::peer_server::PeerServer::new(peer))
+                .serve_with_incoming(incoming),
+        );
+        address
+    }
+
+    fn holder(
+        node_id: &str,
+        address: &str,
+        role: Role,
+        lag: i64,
+    ) -> kstore_core::cluster::NodeEntry {
+        kstore_core::cluster::NodeEntry {
+            node_id: node_id.into(),
+            incarnation: 1,
+            version: 1,
+            gossip_address: String::new(),
+            grpc_address: address.into(),
+            group_generation: 1,
+            status: kstore_core::cluster::NodeStatus::Running,
+            liveness: kstore_core::cluster::Liveness::Live,
+            conflicting: false,
+            load: Default::default(),
+            copies: vec![kstore_core::cluster::CopyInfo {
+                partition: 0,
+                role,
+                changelog_offset: 77,
+                input_offset: 120,
+                lag,
+            }],
+            copy_errors: Default::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hostile_peer_is_refused_and_the_next_source_bootstraps_the_copy() {
+        let source = tempfile::tempdir().unwrap();
+        let store = filled_store(&source.path().join("0"));
+        let good = peer_service(store.clone(), source.path(), &LimitsConfig::default());
+        let good = serve_peer(good).await;
+        let hostile = ScriptedPeer::default();
+        let hostile_address = serve_peer(hostile.clone()).await;
+        // The hostile peer ranks first: a standby with no lag.
+        let view = ClusterView {
+            cluster_id: "test".into(),
+            version: 1,
+            nodes: vec![
+                holder("node-1", &good, Role::Active, 5),
+                holder("node-2", &hostile_address, Role::Standby, 0),
+            ],
+        };
+        let (_view_tx, view_rx) = watch::channel(Arc::new(view));
+        let fetcher = SnapshotFetcher::new(
+            tokio::runtime::Handle::current(),
+            view_rx,
+            "node-9".into(),
+            "features".into(),
+            None,
+            test_memory(),
+        )
+        .with_limits(&LimitsConfig {
+            // Long enough for the good peer to make its checkpoint on a busy machine (its
+            // manifest follows it), short enough for the stalling peer.
+            snapshot_idle_timeout_ms: 3_000,
+            snapshot_disk_margin_bytes: 0,
+            ..LimitsConfig::default()
+        });
+        let good_parts = tokio::task::spawn_blocking({
+            let (store, scratch) = (store.clone(), source.path().join("scratch"));
+            move || {
+                std::fs::create_dir_all(&scratch).unwrap();
+                parts_of(&store, &scratch)
+            }
+        })
+        .await
+        .unwrap();
+        let manifest_of = |files: &[(&str, u64)]| SnapshotPart {
+            part: Some(Part::Manifest(SnapshotManifest {
+                node_id: "node-2".into(),
+                role: Role::Standby as i32,
+                changelog_offset: 77,
+                input_offset: 120,
+                files: files
+                    .iter()
+                    .map(|(name, bytes)| SnapshotFile {
+                        name: (*name).into(),
+                        bytes: *bytes,
+                    })
+                    .collect(),
+            })),
+        };
+        let end = |file| SnapshotPart {
+            part: Some(Part::FileEnd(SnapshotFileEnd {
+                file,
+                xxh3: String::new(),
+            })),
+        };
+        let chunk = |file, offset| SnapshotPart {
+            part: Some(Part::Chunk(SnapshotChunk {
+                file,
+                offset,
+                data: vec![1; 10],
+            })),
+        };
+        let mut half = good_parts.clone();
+        half.truncate(good_parts.len() / 2);
+        let mut wrong_offset = good_parts.clone();
+        if let Some(Part::Manifest(manifest)) = &mut wrong_offset[0].part {
+            manifest.changelog_offset = 5;
+        }
+        let cases: Vec<(&str, Vec<SnapshotPart>, bool, &str)> = vec![
+            (
+                "an empty manifest and a file end",
+                vec![manifest_of(&[]), end(0)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a file end past the last file",
+                vec![manifest_of(&[("CURRENT", 0)]), end(3)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a chunk of an unknown file",
+                vec![manifest_of(&[("CURRENT", 10)]), chunk(7, 0)],
+                false,
+                "unknown_file",
+            ),
+            (
+                "a path for a name",
+                vec![manifest_of(&[("../../escape", 10)]), chunk(0, 0)],
+                false,
+                "bad_file_name",
+            ),
+            (
+                "sizes that overflow",
+                vec![manifest_of(&[("a", u64::MAX), ("b", 2)])],
+                false,
+                "size_overflow",
+            ),
+            (
+                "more than the disk holds",
+                vec![manifest_of(&[("a", u64::MAX / 2)])],
+                false,
+                "no_space",
+            ),
+            ("a stream that ends early", half, false, "ended_early"),
+            (
+                "a stream that stalls",
+                good_parts[..3].to_vec(),
+                true,
+                "stalled",
+            ),
+            (
+                "files that do not open",
+                vec![manifest_of(&[])],
+                false,
+                "does_not_open",
+            ),
+            (
+                "offsets that differ from the store's",
+                wrong_offset,
+                false,
+                "offset_mismatch",
+            ),
+        ];
+        let stores = tempfile::tempdir().unwrap();
+        for (case, parts, stall, reason) in cases {
+            *hostile.parts.lock().unwrap() = parts.into_iter().map(Ok).collect();
+            hostile
+                .stall
+                .store(stall, std::sync::atomic::Ordering::Relaxed);
+            let target = stores.path().join("0");
+            let (refused, fetched, target) = tokio::task::spawn_blocking({
+                let (fetcher, hostile) = (fetcher.clone(), hostile_address.clone());
+                move || {
+                    let incoming = target.with_file_name(".incoming-0");
+                    let refused = fetcher.attempt(0, "node-2", &hostile, &incoming);
+                    let _ = std::fs::remove_dir_all(&incoming);
+                    (refused, fetcher.bootstrap(0, &target), target)
+                }
+            })
+            .await
+            .unwrap();
+            match refused {
+                Err(error) => assert_eq!(error.reason(), reason, "{case}: {error}"),
+                Ok(_) => panic!("{case}: accepted"),
+            }
+            let (peer, manifest) = fetched.unwrap_or_else(|| panic!("{case}: no copy"));
+            assert_eq!(peer, "node-1", "{case}");
+            assert_eq!(manifest.changelog_offset, 77, "{case}");
+            let copy = PartitionStore::open(&target, &test_memory()).unwrap();
+            assert_eq!(copy.scan().unwrap(), store.scan().unwrap(), "{case}");
+            drop(copy);
+            // Only the copy is left: the refused attempt's scratch directory is gone.
+            let left: Vec<String> = std::fs::read_dir(stores.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(left, ["0"], "{case}: {reason}");
+            std::fs::remove_dir_all(&target).unwrap();
+        }
     }
 }

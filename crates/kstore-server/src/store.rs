@@ -68,7 +68,7 @@ pub enum StoreError {
         /// What RocksDB found.
         message: String,
     },
-    /// The stored position is not 8 bytes.
+    /// The stored position is not 8 bytes of a non-negative offset.
     #[error("store {path} holds a corrupt position under {key}")]
     CorruptPosition {
         /// The store's directory.
@@ -277,7 +277,7 @@ impl PartitionStore {
                 }
                 Err(error) => return Err(self.rocks()(error)),
             };
-            offsets[slot] = self.decode_offset(key, stored)?;
+            offsets[slot] = self.stored_offset(key, stored)?;
         }
         Ok(MemoryRead::Answered(Positioned {
             value: values,
@@ -345,21 +345,17 @@ impl PartitionStore {
     fn read_offset(&self, key: &[u8]) -> Result<i64, StoreError> {
         let meta = self.meta_cf();
         let stored = self.db.get_cf(meta, key).map_err(self.rocks())?;
-        self.decode_offset(key, stored)
+        self.stored_offset(key, stored)
     }
 
-    /// Decodes a stored offset: 8 big-endian bytes; none stored is 0.
-    fn decode_offset(&self, key: &[u8], stored: Option<Vec<u8>>) -> Result<i64, StoreError> {
+    /// Decodes a stored offset ([`decode_offset`]); none stored is 0.
+    fn stored_offset(&self, key: &[u8], stored: Option<Vec<u8>>) -> Result<i64, StoreError> {
         match stored {
             None => Ok(0),
-            Some(bytes) => bytes
-                .as_slice()
-                .try_into()
-                .map(i64::from_be_bytes)
-                .map_err(|_| StoreError::CorruptPosition {
-                    path: self.path.clone(),
-                    key: String::from_utf8_lossy(key).into_owned(),
-                }),
+            Some(bytes) => decode_offset(&bytes).ok_or_else(|| StoreError::CorruptPosition {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(key).into_owned(),
+            }),
         }
     }
 
@@ -386,9 +382,9 @@ impl PartitionStore {
         batch.put_cf(
             meta,
             CHANGELOG_OFFSET_KEY,
-            position.changelog_next.to_be_bytes(),
+            encode_offset(position.changelog_next),
         );
-        batch.put_cf(meta, INPUT_OFFSET_KEY, position.input_next.to_be_bytes());
+        batch.put_cf(meta, INPUT_OFFSET_KEY, encode_offset(position.input_next));
         let mut options = rocksdb::WriteOptions::default();
         options.disable_wal(true);
         self.db.write_opt(batch, &options).map_err(self.rocks())?;
@@ -496,6 +492,39 @@ fn first(read: Positioned<Values>) -> Positioned<Option<Vec<u8>>> {
         value: read.value.into_iter().next().flatten(),
         position: read.position,
     }
+}
+
+/// Encodes a stored offset: 8 bytes, big-endian.
+fn encode_offset(offset: i64) -> [u8; 8] {
+    offset.to_be_bytes()
+}
+
+/// Decodes [`encode_offset`]: exactly 8 bytes of an offset that is not negative (offsets
+/// start at 0), else `None`.
+fn decode_offset(bytes: &[u8]) -> Option<i64> {
+    let offset = i64::from_be_bytes(bytes.try_into().ok()?);
+    (offset >= 0).then_some(offset)
+}
+
+/// Whether `name` is a plain file name as RocksDB and its BackupEngine write them
+/// (`000012.sst`, `CURRENT`, `MANIFEST-000005`, `shared_checksum`): ASCII letters, digits,
+/// `.`, `_` and `-`, not starting with a dot (so never `.` or `..`), at most 255 bytes.
+/// Nothing else can name a file outside its directory or surprise a file system.
+///
+/// ```
+/// use kstore_server::store::plain_file_name;
+/// assert!(plain_file_name("000012.sst"));
+/// assert!(!plain_file_name("../CURRENT"));
+/// assert!(!plain_file_name("/etc/passwd"));
+/// assert!(!plain_file_name(""));
+/// ```
+pub fn plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Small shared memory for unit tests.
@@ -683,6 +712,40 @@ mod tests {
         std::fs::write(&sst, bytes).unwrap();
         let damage = store.verify_checksums().unwrap_err();
         assert!(damage.is_corruption(), "{damage}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stored_offsets_round_trip_and_any_other_bytes_are_refused(
+            offset in 0..=i64::MAX,
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+        ) {
+            proptest::prop_assert_eq!(decode_offset(&encode_offset(offset)), Some(offset));
+            match decode_offset(&bytes) {
+                Some(decoded) => {
+                    proptest::prop_assert_eq!(bytes.len(), 8);
+                    proptest::prop_assert!(decoded >= 0);
+                }
+                None => proptest::prop_assert!(bytes.len() != 8 || bytes[0] & 0x80 != 0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_with_a_corrupt_position_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = test_memory();
+        let store = PartitionStore::open(dir.path(), &memory).unwrap();
+        for bytes in [&b"short"[..], &(-5i64).to_be_bytes(), &[0u8; 9]] {
+            store
+                .db
+                .put_cf(store.meta_cf(), INPUT_OFFSET_KEY, bytes)
+                .unwrap();
+            assert!(
+                matches!(store.position(), Err(StoreError::CorruptPosition { .. })),
+                "{bytes:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Query API of a `kstore-node` process against a real broker: answers with their
 //! staleness, read-your-writes, partition-direct reads, bad requests, MultiGet, Metadata,
-//! Admin, health, reflection and the metrics endpoint.
+//! Admin, health, reflection and the metrics endpoint; and the limits that keep Gets
+//! answering while other callers abuse the node.
 
 mod common;
 
@@ -39,8 +40,17 @@ struct Served {
 }
 
 async fn serve(name: &str) -> Result<Served> {
+    serve_with(name, |_| Ok(())).await
+}
+
+/// Like [`serve`], with `prepare` run on the scenario before the node starts.
+async fn serve_with(
+    name: &str,
+    prepare: impl FnOnce(&mut Scenario) -> Result<()>,
+) -> Result<Served> {
     let mut scenario = Scenario::new(name, PARTITIONS).await?;
     scenario.extra.push("metrics-address=127.0.0.1:0".into());
+    prepare(&mut scenario)?;
     let generator = GeneratorConfig {
         customers: 200,
         seed: 3,
@@ -526,4 +536,267 @@ async fn reflection_services(uri: &str) -> Result<Vec<String>> {
         }
         other => anyhow::bail!("unexpected reflection answer {other:?}"),
     }
+}
+
+/// Fills partition 0's store, before the node first opens it, with about `mib` MiB of
+/// incompressible filler under keys no customer has: a snapshot of it is then much larger
+/// than every buffer between a sender and a receiver that stops reading.
+fn fill_partition_0(scenario: &Scenario, mib: u32) -> Result<()> {
+    use kstore_server::store::{PartitionStore, Position, SharedMemory};
+    let config = scenario.config("node-1")?;
+    let dir = config.store_dir(0);
+    std::fs::create_dir_all(&dir)?;
+    let store = PartitionStore::open(&dir, &SharedMemory::new(&config.memory))?;
+    for batch in 0..mib {
+        let updates = (0..1024u32)
+            .map(|i| {
+                let value: Vec<u8> = (0..64u32)
+                    .flat_map(|j| {
+                        xxhash_rust::xxh3::xxh3_128(&[batch, i, j].map(u32::to_be_bytes).concat())
+                            .to_be_bytes()
+                    })
+                    .collect();
+                (format!("filler-{batch}-{i}").into_bytes(), Some(value))
+            })
+            .collect();
+        store.apply(&updates, Position::default())?;
+    }
+    store.flush()?;
+    Ok(())
+}
+
+/// The reason in a status's ErrorInfo, if it has one.
+fn reason_of(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+/// Reads every customer's features over and over until `stop`, each answer checked against
+/// `expected`. Returns each read's latency.
+async fn read_until(
+    mut client: QueryClient<Channel>,
+    expected: &HashMap<String, CustomerFeatures>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Duration>> {
+    let mut customers: Vec<&String> = expected.keys().collect();
+    customers.sort();
+    let mut latencies = Vec::new();
+    while !*stop.borrow() {
+        for customer in &customers {
+            let started = std::time::Instant::now();
+            let response = client
+                .get(get(customer))
+                .await
+                .with_context(|| format!("reading {customer} during the abuse"))?
+                .into_inner();
+            latencies.push(started.elapsed());
+            ensure!(
+                response.found && features(&response)? == expected[*customer],
+                "{customer}'s features during the abuse"
+            );
+        }
+    }
+    Ok(latencies)
+}
+
+/// Prints how many reads answered, and their latency (measured, never asserted).
+fn report(what: &str, mut latencies: Vec<Duration>) {
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len().max(1) - 1) as f64 * q) as usize];
+    if !latencies.is_empty() {
+        eprintln!(
+            "{what}: {} answered, p50 {:?}, p99 {:?}, max {:?}",
+            latencies.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
+
+#[test]
+fn abusive_watchers_and_a_stalled_snapshot_reader_do_not_stop_gets() -> Result<()> {
+    use kstore_proto::v1::FetchSnapshotRequest;
+    use kstore_proto::v1::peer_client::PeerClient;
+    use kstore_proto::v1::snapshot_part::Part;
+    const WATCHERS: usize = 10_000;
+    // The defaults of deploy/kstore-node.toml, but for a short send timeout.
+    const MAX_WATCH_STREAMS: usize = 1_024;
+    const MAX_SNAPSHOT_STREAMS: usize = 4;
+    run_async(async {
+        let mut served = serve_with("abuse", |scenario| {
+            scenario
+                .extra
+                .push("limits.snapshot-send-timeout-ms=5000".into());
+            fill_partition_0(scenario, 64)
+        })
+        .await?;
+        let expected = expected_features(&served.events);
+        let uri = served.uri.clone();
+
+        // Gets alone first, for comparison.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let quiet = tokio::spawn({
+            let client = QueryClient::connect(uri.clone()).await?;
+            let expected = expected.clone();
+            async move { read_until(client, &expected, stopped).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.send(true)?;
+        report("Gets alone", quiet.await??);
+
+        // Gets on a connection of their own, from before the abuse until after it.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let reads = tokio::spawn({
+            let client = QueryClient::connect(uri.clone()).await?;
+            let expected = expected.clone();
+            async move { read_until(client, &expected, stopped).await }
+        });
+
+        // A snapshot reader that takes the manifest and stops reading, and more that never
+        // read: the node sends at most MAX_SNAPSHOT_STREAMS at once and refuses the rest.
+        let mut peer = PeerClient::connect(uri.clone()).await?;
+        let fetch = || FetchSnapshotRequest {
+            store: STORE.into(),
+            partition: 0,
+        };
+        let mut stalled = peer.fetch_snapshot(fetch()).await?.into_inner();
+        let manifest = stalled.message().await?.context("a manifest")?;
+        let Some(Part::Manifest(manifest)) = manifest.part else {
+            anyhow::bail!("the snapshot did not start with a manifest");
+        };
+        let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+        ensure!(
+            bytes > 50 << 20,
+            "partition 0's snapshot holds {bytes} bytes"
+        );
+        let mut silent = Vec::new();
+        let mut snapshots_refused = 0;
+        for _ in 0..MAX_SNAPSHOT_STREAMS + 2 {
+            match peer.fetch_snapshot(fetch()).await {
+                Ok(stream) => silent.push(stream.into_inner()),
+                Err(status) => {
+                    ensure!(
+                        status.code() == Code::ResourceExhausted
+                            && reason_of(&status) == "TOO_MANY_STREAMS",
+                        "a snapshot refused with {status:?}"
+                    );
+                    snapshots_refused += 1;
+                }
+            }
+        }
+        ensure!(
+            silent.len() == MAX_SNAPSHOT_STREAMS - 1 && snapshots_refused == 3,
+            "{} more snapshots admitted, {snapshots_refused} refused",
+            silent.len()
+        );
+
+        // 10,000 WatchMetadata streams at once, none read, over 20 connections: h2 closes
+        // a connection on which more than about 2,000 small frames wait to be read at once
+        // (GOAWAY ENHANCE_YOUR_CALM), whatever the node's limits, so a burst of 10,000 on
+        // one connection only ends that connection.
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(QueryClient::new(
+                Channel::from_shared(uri.clone())?.connect().await?,
+            ));
+        }
+        let mut opened = tokio::task::JoinSet::new();
+        for n in 0..WATCHERS {
+            let mut client = clients[n % clients.len()].clone();
+            opened.spawn(async move { client.watch_metadata(MetadataRequest {}).await });
+        }
+        let mut open_streams = Vec::new();
+        let mut watches_refused = 0;
+        while let Some(answer) = opened.join_next().await {
+            match answer? {
+                Ok(stream) => open_streams.push(stream.into_inner()),
+                Err(status) => {
+                    let info = status.get_details_error_info();
+                    ensure!(
+                        status.code() == Code::ResourceExhausted
+                            && info.as_ref().is_some_and(|i| {
+                                i.reason == "TOO_MANY_STREAMS"
+                                    && i.metadata.get("method").map(String::as_str)
+                                        == Some("WatchMetadata")
+                            }),
+                        "a watch refused with {status:?}; the node's log ends:\n{}",
+                        served.node.tail()
+                    );
+                    watches_refused += 1;
+                }
+            }
+        }
+        ensure!(
+            open_streams.len() == MAX_WATCH_STREAMS
+                && watches_refused == WATCHERS - MAX_WATCH_STREAMS,
+            "{} watches admitted, {watches_refused} refused",
+            open_streams.len()
+        );
+
+        // The stalled snapshots are given up after the send timeout: a new one is admitted.
+        let admitted = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match peer.fetch_snapshot(fetch()).await {
+                    Ok(stream) => return anyhow::Ok(stream.into_inner()),
+                    Err(status) if status.code() == Code::ResourceExhausted => {}
+                    Err(status) => anyhow::bail!("a snapshot failed: {status:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .context("the stalled snapshots never gave their slots back")??;
+        drop(admitted);
+
+        // Gets answered, exactly, all along.
+        stop.send(true)?;
+        let latencies = reads.await??;
+        ensure!(!latencies.is_empty(), "no Get answered");
+        report("Gets during the abuse", latencies);
+
+        // The abusers go; their slots come back.
+        drop(open_streams);
+        drop(silent);
+        drop(stalled);
+        let mut client = served.client.clone();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if client.watch_metadata(MetadataRequest {}).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .context("the watch slots never came back")?;
+
+        // Every refusal counted (the wait above may have added a few).
+        let text = http_get(&served.metrics_address, "/metrics")?;
+        let counted = |metric: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(metric)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        let watches = counted(
+            "kstore_grpc_refused_total{method=\"WatchMetadata\",reason=\"TOO_MANY_STREAMS\"}",
+        );
+        ensure!(
+            watches >= watches_refused as f64,
+            "{watches} watch refusals counted"
+        );
+        let snapshots = counted(
+            "kstore_grpc_refused_total{method=\"FetchSnapshot\",reason=\"TOO_MANY_STREAMS\"}",
+        );
+        ensure!(
+            snapshots >= snapshots_refused as f64,
+            "{snapshots} snapshot refusals counted"
+        );
+        let stalls = counted("kstore_snapshots_sent_total{outcome=\"receiver_stalled\"}");
+        ensure!(stalls >= 1.0, "{stalls} stalled receivers counted");
+        served.node.terminate(Duration::from_secs(60))?;
+        Ok(())
+    })
 }

@@ -2,7 +2,13 @@
 //! directory, written after every file of the backup is in place (so an entry names a
 //! complete backup). It records what the backup contains and a checksum of every file, so
 //! that a backup can be checked before anything is restored from it.
+//!
+//! A catalog is read from a shared directory (and one day an object store) that any node,
+//! any tool or any damage may have written: an entry is used only if it parses, is no
+//! larger than [`MAX_ENTRY_BYTES`], is named for its backup id, states offsets that are not
+//! negative, and names only paths inside its backup set.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::Path;
 
@@ -10,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 /// The catalog's directory in a backup set.
 pub const CATALOG_DIR: &str = "catalog";
+
+/// The largest catalog entry read (an entry of 100,000 files is about 20 MB).
+pub const MAX_ENTRY_BYTES: u64 = 64 << 20;
 
 /// One file of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,16 +79,63 @@ pub fn checksum_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((bytes, format!("{:032x}", hasher.digest128())))
 }
 
+/// Whether `path` names a file inside a backup set, as BackupEngine names them
+/// (`shared_checksum/000009_2765_1234.sst`, `private/1/CURRENT`, `meta/3`): relative, made of
+/// plain names only (so no `..`, no root, nothing empty), at most 4096 bytes.
+pub fn inside_set(path: &str) -> bool {
+    path.len() <= 4096 && path.split('/').all(crate::store::plain_file_name)
+}
+
 /// The files BackupEngine lists in a backup's metadata file (`meta/<id>`): every line of the
-/// form `<path> crc32 <checksum> …`.
+/// form `<path> crc32 <checksum> …` whose path is inside the set.
 pub fn files_in_backup_meta(meta: &str) -> Vec<String> {
     meta.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let path = fields.next()?;
-            (fields.next() == Some("crc32")).then(|| path.to_owned())
+            (fields.next() == Some("crc32") && inside_set(path)).then(|| path.to_owned())
         })
         .collect()
+}
+
+/// Parses the catalog entry in file `name` of a catalog, and checks it (see the module's
+/// documentation).
+pub fn parse_entry(name: &str, bytes: &[u8]) -> Result<CatalogEntry, String> {
+    let entry: CatalogEntry = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if name != format!("{}.json", entry.backup_id) {
+        return Err(format!("it describes backup {}", entry.backup_id));
+    }
+    if entry.changelog_next < 0 || entry.input_next < 0 {
+        return Err(format!(
+            "it states changelog offset {} and input offset {}",
+            entry.changelog_next, entry.input_next
+        ));
+    }
+    let mut paths = HashSet::with_capacity(entry.files.len());
+    for file in &entry.files {
+        if !inside_set(&file.path) {
+            let shown: String = file.path.chars().take(64).collect();
+            return Err(format!(
+                "it names {shown:?}, which is not a path inside the set"
+            ));
+        }
+        if !paths.insert(file.path.as_str()) {
+            return Err(format!("it names {:?} twice", file.path));
+        }
+    }
+    Ok(entry)
+}
+
+/// Reads a catalog entry's file, refusing one larger than [`MAX_ENTRY_BYTES`].
+fn read_entry_file(path: &Path) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_ENTRY_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_ENTRY_BYTES {
+        return Err(format!("it is larger than {MAX_ENTRY_BYTES} bytes"));
+    }
+    Ok(bytes)
 }
 
 /// Writes the entry to `catalog/<id>.json` in `set_dir`: to a temporary file first, then
@@ -99,8 +155,8 @@ pub fn write_entry(set_dir: &Path, entry: &CatalogEntry) -> std::io::Result<Stri
     Ok(format!("{CATALOG_DIR}/{name}"))
 }
 
-/// Reads every entry in `set_dir`'s catalog, oldest first. An entry that does not parse is
-/// returned as an error beside the others, never silently skipped.
+/// Reads every entry in `set_dir`'s catalog, oldest first. An entry that does not parse or
+/// pass its checks is returned as an error beside the others, never silently skipped.
 pub fn read_entries(set_dir: &Path) -> (Vec<CatalogEntry>, Vec<String>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
@@ -112,10 +168,8 @@ pub fn read_entries(set_dir: &Path) -> (Vec<CatalogEntry>, Vec<String>) {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-        {
+        let name = item.file_name().to_string_lossy().into_owned();
+        match read_entry_file(&path).and_then(|bytes| parse_entry(&name, &bytes)) {
             Ok(entry) => entries.push(entry),
             Err(error) => problems.push(format!("{}: {error}", path.display())),
         }
@@ -131,6 +185,8 @@ pub fn remove_entry(set_dir: &Path, backup_id: u32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -147,10 +203,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn entries_round_trip_and_a_bad_one_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let entry = CatalogEntry {
+    fn entry() -> CatalogEntry {
+        CatalogEntry {
             backup_id: 3,
             app: "app".into(),
             store: "features".into(),
@@ -168,12 +222,116 @@ mod tests {
                 bytes: 10,
                 xxh3: "00".into(),
             }],
-        };
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_a_bad_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = entry();
         write_entry(dir.path(), &entry).unwrap();
         std::fs::write(dir.path().join("catalog/9.json"), b"{not json").unwrap();
         let (entries, problems) = read_entries(dir.path());
         assert_eq!(entries, [entry]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("9.json"), "{problems:?}");
+    }
+
+    #[test]
+    fn entries_that_reach_outside_their_set_or_lie_about_themselves_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = |mutate: fn(&mut CatalogEntry)| {
+            let mut entry = entry();
+            mutate(&mut entry);
+            entry
+        };
+        let cases = [
+            bad(|e| e.files[0].path = "../../../etc/passwd".into()),
+            bad(|e| e.files[0].path = "/etc/passwd".into()),
+            bad(|e| e.files[0].path = "shared_checksum//x".into()),
+            bad(|e| e.files.push(e.files[0].clone())),
+            bad(|e| e.input_next = -1),
+        ];
+        for (n, entry) in cases.iter().enumerate() {
+            let mut entry = entry.clone();
+            entry.backup_id = n as u32 + 10;
+            write_entry(dir.path(), &entry).unwrap();
+        }
+        // An entry under another backup's name.
+        let text = serde_json::to_vec(&entry()).unwrap();
+        std::fs::write(dir.path().join(CATALOG_DIR).join("4.json"), text).unwrap();
+        // An entry too large to be one.
+        let huge = std::fs::File::create(dir.path().join(CATALOG_DIR).join("5.json")).unwrap();
+        huge.set_len(MAX_ENTRY_BYTES + 1).unwrap();
+        let (entries, problems) = read_entries(dir.path());
+        assert!(entries.is_empty(), "{entries:?}");
+        assert_eq!(problems.len(), cases.len() + 2, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("larger than")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn backup_meta_paths_outside_the_set_are_left_out() {
+        let meta = "1\n2\n3\n../../secret crc32 1\n/etc/passwd crc32 2\nmeta/1 crc32 3\n";
+        assert_eq!(files_in_backup_meta(meta), ["meta/1"]);
+    }
+
+    fn any_entry() -> impl Strategy<Value = CatalogEntry> {
+        let path =
+            proptest::collection::vec("[a-z0-9_]{1,12}(\\.sst)?", 1..4).prop_map(|p| p.join("/"));
+        (
+            any::<u32>(),
+            "\\PC{0,12}",
+            any::<u32>(),
+            0..=i64::MAX,
+            0..=i64::MAX,
+            any::<u64>(),
+            proptest::collection::btree_map(path, (any::<u64>(), "[0-9a-f]{32}"), 0..5),
+        )
+            .prop_map(
+                |(backup_id, node_id, partition, changelog_next, input_next, at, files)| {
+                    CatalogEntry {
+                        backup_id,
+                        app: "app".into(),
+                        store: "features".into(),
+                        partition,
+                        partition_count: partition.saturating_add(1),
+                        changelog_next,
+                        input_next,
+                        node_id,
+                        source_role: "standby".into(),
+                        created_at_ms: at,
+                        size_bytes: at / 2,
+                        added_bytes: at / 4,
+                        files: files
+                            .into_iter()
+                            .map(|(path, (bytes, xxh3))| FileChecksum { path, bytes, xxh3 })
+                            .collect(),
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip_through_their_json(entry in any_entry()) {
+            let name = format!("{}.json", entry.backup_id);
+            let text = serde_json::to_vec_pretty(&entry).unwrap();
+            prop_assert_eq!(parse_entry(&name, &text).unwrap(), entry);
+        }
+
+        #[test]
+        fn any_bytes_in_a_catalog_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            name in "\\PC{0,12}",
+            meta in "\\PC{0,200}",
+        ) {
+            let _ = parse_entry(&name, &bytes);
+            for path in files_in_backup_meta(&meta) {
+                prop_assert!(inside_set(&path));
+            }
+        }
     }
 }

@@ -450,4 +450,72 @@ mod tests {
         assert!(named.ip().is_loopback(), "{named}");
         assert_eq!(named.port(), 7946);
     }
+
+    async fn member(node_id: &str, seeds: Vec<String>) -> Gossip {
+        let config = NodeConfig {
+            node_id: node_id.into(),
+            gossip_address: "127.0.0.1:0".into(),
+            seeds,
+            ..NodeConfig::default()
+        };
+        let state = SelfState {
+            registry: Arc::new(Registry::new(node_id, 4)),
+            ingest: Arc::new(IngestMetrics::default()),
+            grpc_address: "127.0.0.1:1".into(),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            pulse: Arc::new(crate::probes::Pulse::beating("gossip")),
+        };
+        Gossip::start(&config, state).await.unwrap()
+    }
+
+    /// Datagrams as a broken or hostile sender might send them: random bytes, and random
+    /// bytes behind a valid chitchat header (magic number, protocol version, message type)
+    /// so that the decoder goes past its first checks.
+    fn junk(n: u64) -> Vec<u8> {
+        let word =
+            |i: u64| xxhash_rust::xxh3::xxh3_64(&[n.to_le_bytes(), i.to_le_bytes()].concat());
+        let len = (word(0) % 1_400) as usize;
+        let mut bytes: Vec<u8> = (0..len as u64).map(|i| word(i + 1) as u8).collect();
+        if n.is_multiple_of(2) && bytes.len() >= 4 {
+            bytes[..2].copy_from_slice(&45_139u16.to_le_bytes());
+            bytes[2] = (n / 2 % 2) as u8;
+            bytes[3] = (n / 4 % 4) as u8;
+        }
+        bytes
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_keeps_working_through_junk_datagrams() {
+        let target = member("node-a", Vec::new()).await;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for n in 0..5_000 {
+            socket.send_to(&junk(n), target.address()).await.unwrap();
+            if n % 200 == 0 {
+                // Let the receiver keep up, so that the junk is read rather than dropped
+                // by the kernel.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // A real member still joins through the node that got the junk, and each sees the
+        // other live.
+        let joiner = member("node-b", vec![target.address().to_string()]).await;
+        let sees = |gossip: &Gossip, other: &str| {
+            gossip
+                .view()
+                .borrow()
+                .nodes
+                .iter()
+                .any(|n| n.node_id == other && n.liveness == Liveness::Live)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(sees(&target, "node-b") && sees(&joiner, "node-a")) {
+            assert!(
+                Instant::now() < deadline,
+                "the members never saw each other"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        joiner.leave(Duration::ZERO).await;
+        target.leave(Duration::ZERO).await;
+    }
 }

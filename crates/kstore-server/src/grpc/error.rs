@@ -213,14 +213,26 @@ fn describe(holders: &PartitionHolders) -> String {
     format!("held by {}", named.join(", "))
 }
 
+/// A status with a `google.rpc.ErrorInfo` detail: kstore's domain, `reason` by name, and
+/// `metadata`.
+pub(crate) fn status_with_info(
+    code: Code,
+    message: String,
+    reason: ErrorReason,
+    metadata: HashMap<String, String>,
+) -> Status {
+    let details = ErrorDetails::with_error_info(reason.as_str_name(), ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
 impl From<ReadError> for Status {
     fn from(error: ReadError) -> Self {
-        let details = ErrorDetails::with_error_info(
-            error.reason().as_str_name(),
-            ERROR_DOMAIN,
+        let status = status_with_info(
+            error.code(),
+            error.to_string(),
+            error.reason(),
             error.metadata(),
         );
-        let status = Status::with_error_details(error.code(), error.to_string(), details);
         let ReadError::PartitionNotHosted { holders, .. } = &error else {
             return status;
         };

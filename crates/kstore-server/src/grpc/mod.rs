@@ -4,10 +4,12 @@
 pub mod admin;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod query;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kstore_proto::v1::admin_server::AdminServer;
 use kstore_proto::v1::peer_server::PeerServer;
@@ -22,6 +24,17 @@ use crate::config::NodeConfig;
 use crate::registry::Registry;
 use admin::AdminService;
 use query::QueryService;
+
+/// How often the server pings an idle connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the server waits for a ping's answer before it closes the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a client may reset before the server accepted them, per connection, before the
+/// connection is closed (h2's guard against a flood of resets; its default is 20). Clients
+/// that hedge, or give a stalled copy up after a share of their deadline, cancel calls as a
+/// matter of course: on a busy node those cancellations pile up, and 20 closed the
+/// connection, failing every call on it. The concurrency limit bounds the work instead.
+const MAX_PENDING_RESET_STREAMS: usize = 1024;
 
 /// Why the gRPC server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +138,12 @@ pub async fn serve(
         .build_v1alpha()?;
 
     Server::builder()
+        // A connection whose peer is gone (not merely slow) is closed within a minute, and
+        // with it every stream and slot it held.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
+        .layer(limits::LimitLayer::new(limits::Limits::new(&config.limits)))
         .add_service(health)
         .add_service(reflection.build_v1()?)
         .add_service(reflection_v1alpha)
@@ -142,8 +161,6 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;

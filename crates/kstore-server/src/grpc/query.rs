@@ -40,8 +40,10 @@ use crate::store::{MemoryRead, Position, Positioned};
 /// error carrying the copy's position) still reaches the caller.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
-/// The longest a read waits for its position bound.
-const MAX_READ_WAIT: Duration = Duration::from_secs(60);
+/// A read answers this long before the node's request timeout at the latest (at most a
+/// tenth of it), so that a read waiting for its position bound says where its copy stands
+/// rather than being cut off.
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(50);
 
 /// The Query service of one node.
 #[derive(Debug, Clone)]
@@ -553,7 +555,7 @@ impl QueryService {
     }
 
     /// Returns the deadline for waiting: the caller's (`grpc-timeout`) less a margin, or
-    /// the configured wait.
+    /// the configured wait; never past the node's request timeout.
     fn deadline<T>(&self, request: &Request<T>) -> Instant {
         let now = Instant::now();
         let timeout = request
@@ -565,8 +567,9 @@ impl QueryService {
             Some(timeout) => timeout.saturating_sub(DEADLINE_MARGIN),
             None => Duration::from_millis(self.config.read_wait_ms),
         };
-        // A read never waits longer than a minute, whatever deadline it brings.
-        now + wait.min(MAX_READ_WAIT)
+        // A read never outlives the request timeout, whatever deadline it brings.
+        let limit = Duration::from_millis(self.config.limits.request_timeout_ms);
+        now + wait.min(limit - TIMEOUT_MARGIN.min(limit / 10))
     }
 }
 
@@ -597,7 +600,9 @@ async fn read_value(
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The unit is the last character, whatever its width (a byte index could split one).
+    let (at, _) = value.char_indices().next_back()?;
+    let (digits, unit) = value.split_at(at);
     // The gRPC spec allows at most 8 digits; more could overflow below.
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -866,6 +871,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn grpc_timeouts_of_any_text_never_panic_and_valid_ones_parse(
+            text in "\\PC{0,12}",
+            amount in 0u64..100_000_000,
+            unit in proptest::sample::select(vec!["H", "M", "S", "m", "u", "n"]),
+        ) {
+            let _ = parse_grpc_timeout(&text);
+            let valid = format!("{amount}{unit}");
+            proptest::prop_assert!(parse_grpc_timeout(&valid).is_some());
+        }
+    }
+
     #[test]
     fn grpc_timeouts_parse() {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
@@ -877,6 +895,7 @@ mod tests {
         assert_eq!(parse_grpc_timeout(""), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None, "more than 8 digits");
         assert_eq!(parse_grpc_timeout("+5S"), None);
+        assert_eq!(parse_grpc_timeout("5é"), None, "a unit of two bytes");
         assert_eq!(
             parse_grpc_timeout("99999999H"),
             Some(Duration::from_secs(99_999_999 * 3600))

@@ -180,8 +180,7 @@ pub fn fold(features: &mut CustomerFeatures, event: &OrderEvent) {
         .hour_buckets
         .iter()
         .filter(hours_24h)
-        .map(|b| b.free_delivery_orders)
-        .sum();
+        .fold(0u64, |sum, b| sum.wrapping_add(b.free_delivery_orders));
     features.distinct_addresses_24h = seen_after(&windows.addresses, now.wrapping_sub(DAY_MS));
     features.distinct_addresses_30d = seen_after(&windows.addresses, horizon);
     features.distinct_instruments_24h = seen_after(&windows.instruments, now.wrapping_sub(DAY_MS));
@@ -262,6 +261,8 @@ fn seen_after(set: &[SeenValue], horizon: i64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
@@ -441,5 +442,95 @@ mod tests {
                 .wrapping_add(-1)
         );
         assert_eq!(f.last_seen_ms, i64::MAX);
+    }
+
+    fn any_bucket() -> impl Strategy<Value = Bucket> {
+        (
+            prop_oneof![any::<i64>(), 490_000i64..491_000],
+            any::<u64>(),
+            any::<i64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(index, orders, amount_cents, free_delivery_orders)| Bucket {
+                    index,
+                    orders,
+                    amount_cents,
+                    free_delivery_orders,
+                },
+            )
+    }
+
+    fn any_seen() -> impl Strategy<Value = Vec<SeenValue>> {
+        proptest::collection::vec(
+            (any::<u64>(), any::<i64>())
+                .prop_map(|(hash, last_seen_ms)| SeenValue { hash, last_seen_ms }),
+            0..80,
+        )
+    }
+
+    /// Stored features as a damaged or foreign store might hold them: any numbers, buckets
+    /// and sets unsorted, duplicated, longer than the fold keeps.
+    fn any_features() -> impl Strategy<Value = CustomerFeatures> {
+        (
+            (any::<u64>(), any::<i64>(), any::<i64>(), any::<i64>()),
+            proptest::collection::vec(any_bucket(), 0..80),
+            proptest::collection::vec(any_bucket(), 0..200),
+            (any_seen(), any_seen(), any_seen()),
+        )
+            .prop_map(
+                |((orders_total, first, last, amount), minutes, hours, seen)| CustomerFeatures {
+                    customer_id: "c-1".into(),
+                    first_seen_ms: first,
+                    last_seen_ms: last,
+                    orders_total,
+                    amount_total_cents: amount,
+                    windows: Some(FeatureWindows {
+                        minute_buckets: minutes,
+                        hour_buckets: hours,
+                        addresses: seen.0,
+                        instruments: seen.1,
+                        free_delivery_addresses: seen.2,
+                    }),
+                    ..CustomerFeatures::default()
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn any_stored_value_and_any_event_never_panic_the_fold(
+            stored in prop_oneof![
+                any_features().prop_map(|f| f.encode_to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..256),
+            ],
+            t in prop_oneof![any::<i64>(), Just(T0)],
+            amount in any::<i64>(),
+            free in any::<bool>(),
+        ) {
+            let mut processor = FeaturesProcessor::new("alerts");
+            let event = OrderEvent {
+                event_time_ms: t,
+                amount_cents: amount,
+                free_delivery: free,
+                ..order(1, t, amount, "a", free)
+            };
+            let value = serde_json::to_vec(&event).unwrap();
+            // Ok, or an error for this one record: never a panic.
+            let record = InputRecord {
+                topic: "orders",
+                partition: 0,
+                offset: 0,
+                key: b"c-1",
+                value: Some(&value),
+            };
+            let _ = processor.process(&record, Some(&stored));
+        }
+
+        #[test]
+        fn stored_features_round_trip(features in any_features()) {
+            let decoded = CustomerFeatures::decode(features.encode_to_vec().as_slice()).unwrap();
+            prop_assert_eq!(decoded, features);
+        }
     }
 }

@@ -641,21 +641,57 @@ fn report_failure(partition: i32, reason: String, damaged: bool, reports: &Repor
     });
 }
 
+/// Changelog records whose input-offset or rewind header does not hold an offset (the
+/// record is applied; the copy's input position does not move for it).
+pub const BAD_HEADERS: &str = "kstore_changelog_bad_headers_total";
+
 /// Returns the input offset that a changelog record carries in its header.
 pub(crate) fn input_mark_of(message: &BorrowedMessage<'_>) -> Option<InputMark> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
-    let number = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse().ok())
-    };
-    number(INPUT_REWIND_HEADER)
-        .map(InputMark::RewoundTo)
-        .or_else(|| number(INPUT_OFFSET_HEADER).map(InputMark::ProducedBy))
+    let value = |name: &str| headers.iter().find(|h| h.key == name).map(|h| h.value);
+    match input_mark(value(INPUT_REWIND_HEADER), value(INPUT_OFFSET_HEADER)) {
+        Ok(mark) => mark,
+        Err(()) => {
+            metrics::counter!(BAD_HEADERS).increment(1);
+            tracing::debug!(
+                offset = message.offset(),
+                partition = message.partition(),
+                "a changelog record's input header does not hold an offset"
+            );
+            None
+        }
+    }
+}
+
+/// The input mark of a record's header values (`None`: no such header; `Some(None)`: a
+/// header without a value). A rewind wins over an input offset. `Err` if a header present
+/// does not hold an offset.
+fn input_mark(
+    rewind: Option<Option<&[u8]>>,
+    produced: Option<Option<&[u8]>>,
+) -> Result<Option<InputMark>, ()> {
+    let offset = |value: Option<&[u8]>| value.and_then(parse_offset).ok_or(());
+    if let Some(value) = rewind {
+        return offset(value).map(|o| Some(InputMark::RewoundTo(o)));
+    }
+    if let Some(value) = produced {
+        return offset(value).map(|o| Some(InputMark::ProducedBy(o)));
+    }
+    Ok(None)
+}
+
+/// Parses an offset as a header holds it: decimal ASCII digits only (no sign, no space),
+/// below `i64::MAX` (so that the offset after it is one too).
+fn parse_offset(text: &[u8]) -> Option<i64> {
+    if text.is_empty() || text.len() > 19 || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(text)
+        .ok()?
+        .parse::<i64>()
+        .ok()
+        .filter(|&offset| offset < i64::MAX)
 }
 
 /// What a changelog record says about the input.
@@ -671,12 +707,67 @@ pub(crate) enum InputMark {
 /// The position a store reaches after applying a changelog record at `offset` that carries
 /// `mark`.
 pub(crate) fn advance(position: &mut Position, offset: i64, mark: Option<InputMark>) {
-    position.changelog_next = position.changelog_next.max(offset + 1);
+    position.changelog_next = position.changelog_next.max(offset.saturating_add(1));
     match mark {
         Some(InputMark::ProducedBy(input)) => {
-            position.input_next = position.input_next.max(input + 1);
+            position.input_next = position.input_next.max(input.saturating_add(1));
         }
         Some(InputMark::RewoundTo(input)) => position.input_next = input,
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_rewind_wins_and_a_header_that_holds_no_offset_is_refused() {
+        assert_eq!(
+            input_mark(Some(Some(b"40")), Some(Some(b"99"))),
+            Ok(Some(InputMark::RewoundTo(40)))
+        );
+        assert_eq!(
+            input_mark(None, Some(Some(b"99"))),
+            Ok(Some(InputMark::ProducedBy(99)))
+        );
+        assert_eq!(input_mark(None, None), Ok(None));
+        let max = i64::MAX.to_string();
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b" 1",
+            b"1e3",
+            b"0x10",
+            max.as_bytes(),
+            b"\xff",
+        ] {
+            assert_eq!(input_mark(None, Some(Some(bad))), Err(()), "{bad:?}");
+        }
+        assert_eq!(input_mark(Some(None), None), Err(()));
+    }
+
+    proptest! {
+        #[test]
+        fn offset_headers_round_trip_and_any_bytes_never_panic(
+            offset in 0..i64::MAX,
+            bytes in proptest::collection::vec(any::<u8>(), 0..24),
+            changelog in any::<i64>(),
+            start in any::<(i64, i64)>(),
+        ) {
+            prop_assert_eq!(parse_offset(offset.to_string().as_bytes()), Some(offset));
+            let parsed = parse_offset(&bytes);
+            if let Some(parsed) = parsed {
+                prop_assert!((0..i64::MAX).contains(&parsed));
+            }
+            // Whatever the record says, applying it never panics.
+            let mut position = Position { changelog_next: start.0, input_next: start.1 };
+            let mark = input_mark(None, Some(Some(&bytes))).ok().flatten();
+            advance(&mut position, changelog, mark);
+            advance(&mut position, changelog, Some(InputMark::ProducedBy(i64::MAX)));
+        }
     }
 }
