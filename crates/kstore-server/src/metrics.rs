@@ -88,6 +88,7 @@ pub const ALL: &[&str] = &[
     crate::gossip::BAD_VALUES,
     crate::gossip::BAD_DATAGRAMS,
     crate::gossip::FOREIGN_CLUSTER_MESSAGES,
+    crate::gossip::UNAUTHENTICATED_DATAGRAMS,
     crate::standby::COPIES_OPENED,
     crate::standby::COPIES_RETIRED,
     crate::standby::COPIES_DELETED,

@@ -96,6 +96,12 @@ pub enum ReadError {
     /// An admin call without the right token.
     #[error("admin calls need `authorization: Bearer <admin-token>`")]
     AdminTokenRequired,
+    /// A call only the cluster's nodes may make, without the cluster's secret.
+    #[error(
+        "only the cluster's nodes may make this call: it needs `authorization: Bearer \
+         <cluster-secret>`"
+    )]
+    ClusterSecretRequired,
     /// A Drain while the node drains or shuts down already.
     #[error("the node is draining or shutting down already")]
     DrainInProgress,
@@ -124,6 +130,7 @@ impl ReadError {
             ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
             ReadError::Store { .. } => ErrorReason::StoreError,
             ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
+            ReadError::ClusterSecretRequired => ErrorReason::ClusterSecretRequired,
             ReadError::DrainInProgress => ErrorReason::DrainInProgress,
             ReadError::BackupsNotConfigured => ErrorReason::BackupsNotConfigured,
             ReadError::BackupFailed { .. } => ErrorReason::BackupFailed,
@@ -144,7 +151,9 @@ impl ReadError {
             | ReadError::DrainInProgress
             | ReadError::BackupsNotConfigured => Code::FailedPrecondition,
             ReadError::Store { .. } | ReadError::BackupFailed { .. } => Code::Internal,
-            ReadError::AdminTokenRequired => Code::Unauthenticated,
+            ReadError::AdminTokenRequired | ReadError::ClusterSecretRequired => {
+                Code::Unauthenticated
+            }
         }
     }
 
@@ -186,6 +195,7 @@ impl ReadError {
             ReadError::UnknownStore { served, .. } => put("store", served.clone()),
             ReadError::EmptyKey
             | ReadError::AdminTokenRequired
+            | ReadError::ClusterSecretRequired
             | ReadError::DrainInProgress
             | ReadError::BackupsNotConfigured
             | ReadError::BackupFailed { .. } => {}
