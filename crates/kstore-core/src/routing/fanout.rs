@@ -123,6 +123,18 @@ impl FanOut {
         self.advance(partitions)
     }
 
+    /// Returns where the unsettled keys go next when no call is running for them (after a
+    /// fresh view replanned their partitions, say): each of their partitions' next copy.
+    pub fn resume(&mut self) -> Vec<Group> {
+        let waiting: Vec<u32> = self
+            .partitions
+            .iter()
+            .filter(|(_, state)| self.has_unsettled(state))
+            .map(|(&partition, _)| partition)
+            .collect();
+        self.advance(waiting)
+    }
+
     /// Like [`FanOut::move_on`], for the named partitions of the group only (the group
     /// answered, but not for their keys).
     pub fn move_on_partitions(&mut self, group: GroupId, partitions: &[u32]) -> Vec<Group> {
@@ -356,6 +368,10 @@ mod tests {
             ]
         );
         assert_eq!(fanout.copies_left(first[0].id), 1);
+        assert_eq!(
+            fanout.stall_after(first[0].id, Duration::from_secs(1)),
+            Some(Duration::from_millis(500))
+        );
         let second = fanout.move_on(first[0].id);
         assert_eq!(
             summary(&second),
@@ -387,12 +403,13 @@ mod tests {
         let next = fanout.move_on_partitions(first[0].id, &[5]);
         assert_eq!(next[0].target.node_id, "node-3");
         assert_eq!(fanout.asked(5), ["node-1", "node-3"]);
-        assert_eq!(
-            fanout.stall_after(next[0].id, Duration::from_secs(1)),
-            Some(Duration::from_millis(500))
-        );
+        // Resumed (node-3 failed, nothing runs): the last copy left.
+        let last = fanout.resume();
+        assert_eq!(last[0].target.node_id, "node-2");
+        assert!(fanout.resume().is_empty());
+        assert_eq!(fanout.exhausted(), [5]);
         assert!(fanout.settle(0));
-        assert_eq!(fanout.stall_after(next[0].id, Duration::from_secs(1)), None);
+        assert_eq!(fanout.stall_after(last[0].id, Duration::from_secs(1)), None);
         assert!(fanout.is_done() && fanout.exhausted().is_empty());
     }
 
