@@ -106,6 +106,17 @@ impl TestProcess {
         self.wait_exit(Duration::from_secs(30))
     }
 
+    /// Pauses the process with SIGSTOP, as a stalled host would be: its sockets stay open
+    /// and connections are accepted, but nothing answers. The guard resumes it (SIGCONT)
+    /// when dropped, so that a failing test never leaves it stopped.
+    pub fn pause(&mut self) -> Result<Paused> {
+        self.signal("STOP")?;
+        Ok(Paused {
+            pid: self.child.id(),
+            resumed: false,
+        })
+    }
+
     fn signal(&mut self, name: &str) -> Result<()> {
         if self.try_exit()?.is_some() {
             bail!("{} already exited; its output:\n{}", self.name, self.tail());
@@ -134,6 +145,41 @@ impl Drop for TestProcess {
         if matches!(self.try_exit(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A process paused by [`TestProcess::pause`]; resumed when dropped.
+#[derive(Debug)]
+#[must_use = "the process is resumed when the guard drops"]
+pub struct Paused {
+    pid: u32,
+    resumed: bool,
+}
+
+impl Paused {
+    /// Resumes the process (SIGCONT).
+    pub fn resume(mut self) -> Result<()> {
+        self.resumed = true;
+        let status = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -CONT {} failed", self.pid);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if !self.resumed {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(self.pid.to_string())
+                .status();
         }
     }
 }
