@@ -107,14 +107,24 @@ impl TestProcess {
     }
 
     /// Pauses the process with SIGSTOP, as a stalled host would be: its sockets stay open
-    /// and connections are accepted, but nothing answers. The guard resumes it (SIGCONT)
-    /// when dropped, so that a failing test never leaves it stopped.
+    /// and connections are accepted, but nothing answers. Returns once every thread has
+    /// stopped (a signal is delivered asynchronously: a busy thread can still answer a
+    /// request for a moment after `kill` returns). The guard resumes it (SIGCONT) when
+    /// dropped, so that a failing test never leaves it stopped.
     pub fn pause(&mut self) -> Result<Paused> {
         self.signal("STOP")?;
-        Ok(Paused {
+        let paused = Paused {
             pid: self.child.id(),
             resumed: false,
-        })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !threads_stopped(paused.pid) {
+            if Instant::now() > deadline {
+                bail!("{} did not stop within 10 s of SIGSTOP", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(paused)
     }
 
     fn signal(&mut self, name: &str) -> Result<()> {
@@ -147,6 +157,21 @@ impl Drop for TestProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
+fn threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
 
 /// A process paused by [`TestProcess::pause`]; resumed when dropped.
