@@ -416,6 +416,8 @@ fn measure_system(
         seeds: Vec::new(),
         policy: crate::bench::BenchPolicy::PreferActive,
         hedge_ms: 0,
+        paused_node: false,
+        pause_seconds: 0,
     };
     let warm_up = GetBench {
         seconds: 3,
