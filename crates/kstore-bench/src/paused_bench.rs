@@ -199,7 +199,7 @@ fn measure(
         );
         let paused = pause_during(runtime, &mut nodes[0], bench, pause_at, &target)?;
         let after = client.stats();
-        wait_live(runtime, &client)?;
+        wait_live(&client)?;
         let pause_start_p99 = window_p99(&paused, pause_at, PAUSE_START);
         rows.push(Row {
             policy: name,
@@ -240,8 +240,9 @@ fn pause_during(
     })
 }
 
-/// Waits until the client sees every node live again, then a little longer.
-fn wait_live(runtime: &tokio::runtime::Runtime, client: &Client) -> Result<()> {
+/// Waits until the client sees every node live again, then a little longer. (The client's
+/// view is kept by its own task on the runtime's worker.)
+fn wait_live(client: &Client) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while client
         .view()
@@ -254,7 +255,7 @@ fn wait_live(runtime: &tokio::runtime::Runtime, client: &Client) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    runtime.block_on(tokio::time::sleep(Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_secs(2));
     Ok(())
 }
 
