@@ -81,8 +81,8 @@ impl ClientBuilder {
 
     /// The most hedges as a share of calls, between 0 and 1 (default 0.1), so that hedging
     /// cannot double the load on a cluster that is slow everywhere. Passing over a copy that
-    /// has not answered within its share of the deadline is not counted: it is what keeps
-    /// a read answering while a node is paused.
+    /// has not answered within its share of the deadline (what keeps a read answering while
+    /// a node is paused) has a budget of its own, half the calls.
     pub fn hedge_budget(mut self, share: f64) -> Self {
         self.hedge_budget = share;
         self

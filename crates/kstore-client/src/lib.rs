@@ -424,6 +424,10 @@ impl routing::Nodes for ReadContext<'_> {
         self.inner.cache.suspect(node_id);
     }
 
+    fn answered(&self, node_id: &str) {
+        self.inner.cache.answered(node_id);
+    }
+
     fn refresh(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async {
             self.inner.cache.refresh(&self.inner.channels).await;

@@ -1,11 +1,14 @@
-//! Hedging: when a read asks the next copy of its plan while the copy it asked is merely
-//! slow. The delay is fixed or follows recent latency (a quantile of this client's answered
-//! calls, Gets and MultiGets apart), and a budget keeps hedges to a share of the calls, so
-//! that hedging cannot double the load on a cluster that is slow everywhere.
+//! Hedging, and the budgets of asking a second copy: when a read asks the next copy of its
+//! plan while the copy it asked is merely slow. The delay is fixed or follows recent latency
+//! (a quantile of this client's answered calls, Gets and MultiGets apart), and a budget keeps
+//! hedges to a tenth of the calls by default, so that hedging cannot double the load on a
+//! cluster that is slow everywhere.
 //!
 //! Hedging is for the tail of normal latency. A copy that stalls outright (a paused process)
-//! is passed over by the read's stall timer whatever the hedge and its budget say: see
-//! [`kstore_core::routing::stall_after`].
+//! is passed over by the read's stall timer after its share of the deadline (see
+//! [`kstore_core::routing::stall_after`]), under a budget of its own that is far looser
+//! (half the calls): enough for one stalled node among two or more, which the client then
+//! asks last, but not for asking everything twice when every node is overloaded.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -114,10 +117,14 @@ impl Latencies {
     }
 }
 
-/// The hedge budget: a token bucket, counted in thousandths of a token. Each first call a
-/// read makes earns `share` of a token, a hedge spends one; the bucket starts with a few
-/// tokens (so that a new client's first reads can hedge) and keeps at most the earnings of
-/// the last thousand calls, so that hedges saved up in quiet times cannot double a burst.
+/// The share of calls that may be passed over for stalling (the failover budget).
+const FAILOVER_SHARE: f64 = 0.5;
+
+/// A budget: a token bucket, counted in thousandths of a token. Each first call a read
+/// makes earns `share` of a token, a hedge (or failover) spends one; the bucket starts with
+/// a few tokens (so that a new client's first reads can use it) and keeps at most the
+/// earnings of the last thousand calls, so that tokens saved up in quiet times cannot double
+/// a burst.
 #[derive(Debug)]
 struct Budget {
     milli_tokens: u64,
@@ -130,9 +137,11 @@ impl Budget {
     const START: u64 = 10 * Self::TOKEN;
 
     fn new(share: f64) -> Self {
+        let earned_per_call = (share.clamp(0.0, 1.0) * Self::TOKEN as f64).round() as u64;
         Budget {
-            milli_tokens: Self::START,
-            earned_per_call: (share.clamp(0.0, 1.0) * Self::TOKEN as f64).round() as u64,
+            // A tenth of the capacity, at least ten tokens.
+            milli_tokens: (earned_per_call * 100).max(Self::START),
+            earned_per_call,
         }
     }
 
@@ -155,12 +164,13 @@ impl Budget {
     }
 }
 
-/// A client's hedging state: recent latencies and the budget.
+/// A client's hedging state: recent latencies and the budgets.
 #[derive(Debug)]
 pub(crate) struct Hedger {
     gets: Mutex<Latencies>,
     multi_gets: Mutex<Latencies>,
     budget: Mutex<Budget>,
+    failovers: Mutex<Budget>,
 }
 
 impl Hedger {
@@ -170,6 +180,7 @@ impl Hedger {
             gets: Mutex::default(),
             multi_gets: Mutex::default(),
             budget: Mutex::new(Budget::new(share)),
+            failovers: Mutex::new(Budget::new(FAILOVER_SHARE)),
         }
     }
 
@@ -201,17 +212,27 @@ impl Hedger {
         self.latencies(op).record(latency);
     }
 
-    /// Counts a read's first call towards the budget.
+    /// Counts a read's first call towards the budgets.
     pub(crate) fn first_call(&self) {
-        self.budget
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .earn();
+        for budget in [&self.budget, &self.failovers] {
+            budget
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .earn();
+        }
     }
 
     /// Takes a hedge from the budget; false if it is spent.
     pub(crate) fn try_hedge(&self) -> bool {
         self.budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .spend()
+    }
+
+    /// Takes a failover past a stalled copy from its budget; false if it is spent.
+    pub(crate) fn try_failover(&self) -> bool {
+        self.failovers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .spend()
@@ -283,6 +304,25 @@ mod tests {
         }
         let hedges = (0..1_000).take_while(|_| hedger.try_hedge()).count();
         assert_eq!(hedges, 100);
+    }
+
+    #[test]
+    fn failovers_have_a_looser_budget_of_their_own() {
+        let hedger = Hedger::new(0.0);
+        // Fifty to start with (a tenth of the thousand calls' worth), then half the calls.
+        let first = (0..1_000).take_while(|_| hedger.try_failover()).count();
+        assert_eq!(first, 50);
+        assert!(hedger.try_hedge(), "the hedge budget is another");
+        for _ in 0..100 {
+            hedger.first_call();
+        }
+        let next = (0..1_000).take_while(|_| hedger.try_failover()).count();
+        assert_eq!(next, 50);
+        for _ in 0..10_000 {
+            hedger.first_call();
+        }
+        let saved = (0..10_000).take_while(|_| hedger.try_failover()).count();
+        assert_eq!(saved, 500, "at most a thousand calls' worth");
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!   partition's holders instead (a misroute) patches the view, and the rest of the plan is
 //!   made again from it;
 //! - a copy that has not answered after the hedge delay (within the hedge budget) or after
-//!   its share of the time left (always: this is what passes over a paused node before the
-//!   failure detector notices it) gets the next copy asked as well;
+//!   its share of the time left (within the far looser failover budget: this is what passes
+//!   over a paused node before the failure detector notices it) gets the next copy asked as
+//!   well, and a copy that stalled is asked last by later reads for a while;
 //! - the first answer for a key wins and the other calls are dropped; no node is asked twice
 //!   for a partition, hedges included; when every copy failed, one fresh view is fetched
 //!   and the read planned again.
@@ -75,9 +76,11 @@ pub(crate) trait Nodes {
     fn call(&self, op: Op, target: &Target, keys: Vec<Vec<u8>>, deadline: Instant) -> CallFuture;
     /// Patches the view from the holders a node named.
     fn correct(&self, holders: &PartitionHolders);
-    /// Notes that a node did not answer (unreachable, or stalled), until the view says
-    /// otherwise.
+    /// Notes that a node did not answer (unreachable, or stalled): it is asked last for a
+    /// while.
     fn unresponsive(&self, node_id: &str);
+    /// Notes that a node answered a call.
+    fn answered(&self, node_id: &str);
     /// Fetches a fresh view, and waits for it.
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// Fetches a fresh view in the background.
@@ -279,12 +282,18 @@ impl<N: Nodes> Race<'_, N> {
                 call.stall_at = None;
                 call.hedge_at = None;
                 let node = call.target.node_id.clone();
-                let next = self.fanout.move_on(id);
-                if !next.is_empty() {
+                if self.fanout.copies_left(id) == 0 {
+                    continue;
+                }
+                // It stalled: asked last for a while, whether or not this read moves on.
+                self.nodes.unresponsive(&node);
+                if self.hedger.try_failover() {
                     tracing::debug!(node = %node, "no answer within its share of the deadline");
                     self.counters.failovers.fetch_add(1, Ordering::Relaxed);
-                    self.nodes.unresponsive(&node);
+                    let next = self.fanout.move_on(id);
                     self.send(next, Sent::AfterStall);
+                } else {
+                    tracing::debug!(node = %node, "a stalled copy kept: the failover budget is spent");
                 }
             } else if call.hedge_at.is_some_and(|at| at <= now) {
                 call.hedge_at = None;
@@ -306,6 +315,7 @@ impl<N: Nodes> Race<'_, N> {
         match outcome {
             CallOutcome::Answered { keys, holders } if keys.len() == call.keys.len() => {
                 call.ended = Some((elapsed, None));
+                self.nodes.answered(&call.target.node_id);
                 self.hedger.record(self.read.op, elapsed);
                 for hint in &holders {
                     self.nodes.correct(hint);

@@ -132,6 +132,8 @@ impl Nodes for Fake {
         self.unresponsive.lock().unwrap().push(node_id.into());
     }
 
+    fn answered(&self, _: &str) {}
+
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         Box::pin(async {})
@@ -236,6 +238,22 @@ async fn three_copies_get_a_third_of_the_time_each() {
         "{elapsed:?}"
     );
     assert_eq!(get(&counters.failovers), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_failover_budget_spent_a_stalled_copy_is_waited_for() {
+    let fake = Fake::new(
+        &[(3, &["active", "standby"])],
+        &[("active", Behaviour::Stalls), ("standby", Behaviour::After(1))],
+    );
+    let hedger = Hedger::new(0.1);
+    while hedger.try_failover() {}
+    let (results, elapsed, counters) = read_through(&fake, Op::Get, &[3], None, &hedger).await;
+    assert!(matches!(results[0], Err(ReadError::TimedOut { .. })));
+    assert_eq!(elapsed, SECOND);
+    assert_eq!(get(&counters.failovers), 0);
+    // It stalled all the same: later reads ask it last.
+    assert_eq!(*fake.unresponsive.lock().unwrap(), ["active"]);
 }
 
 #[tokio::test(start_paused = true)]
