@@ -38,6 +38,8 @@ struct Row {
     hedge: String,
     calm: Latencies,
     paused: Latencies,
+    /// The 1-minute load average after each phase (the machine is shared).
+    load: (f64, f64),
     /// p99 of the reads sent in the pause's first two seconds, in microseconds.
     pause_start_p99: Option<u64>,
     /// Hedges won and sent, and failovers, over the fault phase.
@@ -191,6 +193,7 @@ fn measure(
             bench.rate, bench.seconds
         );
         let calm = runtime.block_on(open_loop("no fault", &target, bench, 1))?;
+        let load_calm = load_average();
         let before = client.stats();
         let pause_at = Duration::from_secs(bench.seconds) / 4;
         eprintln!(
@@ -198,6 +201,7 @@ fn measure(
             bench.pause_seconds, pause_at
         );
         let paused = pause_during(runtime, &mut nodes[0], bench, pause_at, &target)?;
+        let load_paused = load_average();
         let after = client.stats();
         wait_live(&client)?;
         let pause_start_p99 = window_p99(&paused, pause_at, PAUSE_START);
@@ -206,6 +210,7 @@ fn measure(
             hedge: describe(hedge),
             calm,
             paused,
+            load: (load_calm, load_paused),
             pause_start_p99,
             hedges_won: after.hedges_won - before.hedges_won,
             hedges_sent: after.hedges_sent - before.hedges_sent,
@@ -276,6 +281,14 @@ fn window_p99(latencies: &Latencies, from: Duration, length: Duration) -> Option
     Some(window[((window.len() - 1) as f64 * 0.99).round() as usize])
 }
 
+/// Returns the machine's 1-minute load average.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn describe(hedge: Hedge) -> String {
     match hedge {
         Hedge::Off => "off".into(),
@@ -313,7 +326,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
         Duration::from_secs(bench.seconds) / 4,
     );
     println!(
-        "{:<13} {:<15} {:<11} {:>8} {:>8} {:>9} {:>8} {:>7} {:>14} {:>9} {:>9}",
+        "{:<13} {:<15} {:<11} {:>8} {:>8} {:>9} {:>8} {:>7} {:>14} {:>9} {:>9} {:>5}",
         "policy",
         "hedging",
         "phase",
@@ -324,11 +337,15 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
         "errors",
         "p99 pause 2s",
         "hedges",
-        "failovers"
+        "failovers",
+        "load"
     );
     let ms = |us: u64| us as f64 / 1000.0;
     for row in rows {
-        for (phase, latencies) in [("no fault", &row.calm), ("node paused", &row.paused)] {
+        for (phase, latencies, load) in [
+            ("no fault", &row.calm, row.load.0),
+            ("node paused", &row.paused, row.load.1),
+        ] {
             let h = &latencies.response;
             let paused = phase == "node paused";
             let pause_start = match (paused, row.pause_start_p99) {
@@ -344,7 +361,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
                 (String::new(), String::new())
             };
             println!(
-                "{:<13} {:<15} {:<11} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>7} {:>14} {:>9} {:>9}",
+                "{:<13} {:<15} {:<11} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>7} {:>14} {:>9} {:>9} {:>5.1}",
                 row.policy,
                 row.hedge,
                 phase,
@@ -355,12 +372,14 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
                 latencies.errors,
                 pause_start,
                 hedges,
-                failovers
+                failovers,
+                load
             );
         }
     }
     println!(
         "(hedges: won/sent; failovers: copies asked because the one before had not answered \
-         within its share of the deadline; both over the fault phase)"
+         within its share of the deadline; both over the fault phase; load: the machine's \
+         1-minute load average after the phase)"
     );
 }

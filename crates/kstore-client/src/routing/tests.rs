@@ -244,7 +244,10 @@ async fn three_copies_get_a_third_of_the_time_each() {
 async fn with_the_failover_budget_spent_a_stalled_copy_is_waited_for() {
     let fake = Fake::new(
         &[(3, &["active", "standby"])],
-        &[("active", Behaviour::Stalls), ("standby", Behaviour::After(1))],
+        &[
+            ("active", Behaviour::Stalls),
+            ("standby", Behaviour::After(1)),
+        ],
     );
     let hedger = Hedger::new(0.1);
     while hedger.try_failover() {}
