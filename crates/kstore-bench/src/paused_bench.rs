@@ -9,8 +9,8 @@
 //! phase in, then resumed. node-1 holds the active of about a third of the partitions and a
 //! standby of another third. Reads go out on schedule whatever the answers do, so a read that
 //! waits on the paused node shows in the percentiles. The p99 of the reads sent in the
-//! pause's first two seconds (before and while gossip marks the node suspect) is shown
-//! apart. Figures are reported, never asserted.
+//! pause's first two seconds (before and while gossip marks the node suspect), and of those
+//! sent after the node is resumed, are shown apart. Figures are reported, never asserted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,8 @@ struct Row {
     load: (f64, f64),
     /// p99 of the reads sent in the pause's first two seconds, in microseconds.
     pause_start_p99: Option<u64>,
+    /// p99 of the reads sent after the node was resumed, in microseconds.
+    resumed_p99: Option<u64>,
     /// Hedges won and sent, and failovers, over the fault phase.
     hedges_won: u64,
     hedges_sent: u64,
@@ -205,6 +207,12 @@ fn measure(
         let after = client.stats();
         wait_live(&client)?;
         let pause_start_p99 = window_p99(&paused, pause_at, PAUSE_START);
+        let resumed_at = pause_at + Duration::from_secs(bench.pause_seconds);
+        let resumed_p99 = window_p99(
+            &paused,
+            resumed_at,
+            Duration::from_secs(bench.seconds).saturating_sub(resumed_at),
+        );
         rows.push(Row {
             policy: name,
             hedge: describe(hedge),
@@ -212,6 +220,7 @@ fn measure(
             paused,
             load: (load_calm, load_paused),
             pause_start_p99,
+            resumed_p99,
             hedges_won: after.hedges_won - before.hedges_won,
             hedges_sent: after.hedges_sent - before.hedges_sent,
             failovers: after.failovers - before.failovers,
@@ -326,7 +335,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
         Duration::from_secs(bench.seconds) / 4,
     );
     println!(
-        "{:<13} {:<15} {:<11} {:>8} {:>8} {:>9} {:>8} {:>7} {:>14} {:>9} {:>9} {:>5}",
+        "{:<13} {:<15} {:<11} {:>8} {:>8} {:>9} {:>8} {:>7} {:>13} {:>12} {:>9} {:>9} {:>5}",
         "policy",
         "hedging",
         "phase",
@@ -336,6 +345,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
         "max ms",
         "errors",
         "p99 pause 2s",
+        "p99 resumed",
         "hedges",
         "failovers",
         "load"
@@ -348,10 +358,11 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
         ] {
             let h = &latencies.response;
             let paused = phase == "node paused";
-            let pause_start = match (paused, row.pause_start_p99) {
+            let window = |p99: Option<u64>| match (paused, p99) {
                 (true, Some(us)) => format!("{:.3}", ms(us)),
                 _ => String::new(),
             };
+            let (pause_start, resumed) = (window(row.pause_start_p99), window(row.resumed_p99));
             let (hedges, failovers) = if paused {
                 (
                     format!("{}/{}", row.hedges_won, row.hedges_sent),
@@ -361,7 +372,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
                 (String::new(), String::new())
             };
             println!(
-                "{:<13} {:<15} {:<11} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>7} {:>14} {:>9} {:>9} {:>5.1}",
+                "{:<13} {:<15} {:<11} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>7} {:>13} {:>12} {:>9} {:>9} {:>5.1}",
                 row.policy,
                 row.hedge,
                 phase,
@@ -371,6 +382,7 @@ fn print_rows(bench: &GetBench, held: &str, rows: &[Row]) {
                 ms(h.max()),
                 latencies.errors,
                 pause_start,
+                resumed,
                 hedges,
                 failovers,
                 load
