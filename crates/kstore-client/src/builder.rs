@@ -228,3 +228,39 @@ impl ClientBuilder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds with one bad setting; the seed is never asked, since settings are checked
+    /// first.
+    async fn refused(builder: ClientBuilder) -> String {
+        match builder.seeds(["127.0.0.1:1"]).build().await {
+            Err(error @ BuildError::InvalidSetting { .. }) => error.to_string(),
+            Err(error) => panic!("not a setting error: {error}"),
+            Ok(_) => panic!("built"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_named_before_any_seed_is_asked() {
+        let error = refused(Client::builder().hedge_budget(1.5)).await;
+        assert!(
+            error.contains("hedge_budget") && error.contains("1.5"),
+            "{error}"
+        );
+        let error = refused(Client::builder().request_timeout(Duration::ZERO)).await;
+        assert!(error.contains("request_timeout"), "{error}");
+        let error =
+            refused(Client::builder().read_policy(ReadPolicy::AnyReplica { max_lag: -1 })).await;
+        assert!(error.contains("max_lag -1"), "{error}");
+        let inverted = Hedge::Percentile {
+            quantile: 0.9,
+            min: Duration::from_millis(9),
+            max: Duration::from_millis(1),
+        };
+        let error = refused(Client::builder().hedge(inverted)).await;
+        assert!(error.starts_with("bad client setting hedge:"), "{error}");
+    }
+}
