@@ -7,7 +7,9 @@
 //! answered within its share of the time left (a paused or overloaded node that the failure
 //! detector has not noticed yet) gets the next holder asked as well, and the first answer
 //! wins ([`forward_keys`]). A MultiGet's keys go one call per holder, and a call that fails
-//! or stalls sends its keys on to their partitions' next holders.
+//! or stalls sends its keys on to their partitions' next holders. A holder that stalled is
+//! asked last for a while ([`AVOID_FOR`]), so that reads forwarded before gossip calls it
+//! suspect do not each wait on it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -35,18 +37,49 @@ pub const FORWARD_STALLS: &str = "kstore_forward_stalls_total";
 /// How long connecting to a holder may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a holder that stalled a forwarded call is asked last (longer than the failure
+/// detector takes to call a silent node suspect).
+pub const AVOID_FOR: Duration = Duration::from_secs(2);
+
 /// The most peers a node keeps a channel to; past it (nodes that came and went on other
 /// addresses) the cache starts afresh.
 const MAX_PEERS: usize = 1_024;
 
 /// Channels to the other nodes, by gRPC address, made on first use and reused (a channel
-/// reconnects by itself).
+/// reconnects by itself), and the nodes that stalled a forwarded call lately.
 #[derive(Debug, Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Node ids, and until when they are asked last.
+    stalled: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Peers {
+    /// Notes that a holder did not answer a forwarded call within its share of the time:
+    /// it is asked last for [`AVOID_FOR`].
+    pub fn stalled(&self, node_id: &str) {
+        self.stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node_id.to_owned(), std::time::Instant::now() + AVOID_FOR);
+    }
+
+    /// Returns the holders in the same order, except that those which stalled lately come
+    /// last.
+    pub fn order(&self, mut targets: Vec<Target>) -> Vec<Target> {
+        let mut stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stalled.is_empty() {
+            return targets;
+        }
+        let now = std::time::Instant::now();
+        stalled.retain(|_, until| *until > now);
+        targets.sort_by_key(|target| stalled.contains_key(&target.node_id));
+        targets
+    }
+
     /// Returns a Query client for the node at `address`.
     pub fn client(&self, address: &str) -> Result<QueryClient<Channel>, String> {
         let mut channels = self
@@ -112,12 +145,14 @@ pub type CallResult<R> = Result<Vec<Option<R>>, Status>;
 /// keys in one `call(holder, keys, timeout)`; a call that fails with a status another holder
 /// could answer differently (unavailable, cancelled, deadline exceeded), or that has not
 /// answered within its share of the time left, sends its keys on to their partitions' next
-/// holders; the first answer for a key wins. Returns what came of each key by `deadline`
-/// (on tokio's clock, so that tests can pause it).
+/// holders; the first answer for a key wins; `on_stall` hears of each holder passed over.
+/// Returns what came of each key by `deadline` (on tokio's clock, so that tests can pause
+/// it).
 pub async fn forward_keys<R, F, Fut>(
     mut fanout: FanOut,
     deadline: Instant,
     mut call: F,
+    mut on_stall: impl FnMut(&Target),
 ) -> Vec<Forwarded<R>>
 where
     R: Send + 'static,
@@ -128,18 +163,18 @@ where
     let mut results: Vec<Option<Forwarded<R>>> = (0..fanout.keys()).map(|_| None).collect();
     let mut running: Running<R> = tokio::task::JoinSet::new();
     // When each running call's keys go on to their next holders as well.
-    let mut stalls: Vec<(Instant, GroupId)> = Vec::new();
+    let mut stalls: Vec<(Instant, GroupId, Target)> = Vec::new();
     // Partitions that a holder did not answer in time.
     let mut timed_out: BTreeSet<u32> = BTreeSet::new();
     let mut send = |groups: Vec<Group>,
                     fanout: &FanOut,
                     running: &mut Running<R>,
-                    stalls: &mut Vec<(Instant, GroupId)>| {
+                    stalls: &mut Vec<(Instant, GroupId, Target)>| {
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);
         for group in groups {
             if let Some(share) = fanout.stall_after(group.id, remaining) {
-                stalls.push((now + share, group.id));
+                stalls.push((now + share, group.id, group.target.clone()));
             }
             let answer = call(&group.target, &group.keys, remaining);
             running.spawn(async move { (group.id, group.keys, answer.await) });
@@ -148,11 +183,11 @@ where
     let first = fanout.start();
     send(first, &fanout, &mut running, &mut stalls);
     while !fanout.is_done() && !running.is_empty() {
-        let next_stall = stalls.iter().map(|(at, _)| *at).min();
+        let next_stall = stalls.iter().map(|(at, _, _)| *at).min();
         tokio::select! {
             joined = running.join_next() => {
                 let Some(Ok((group, sent, answer))) = joined else { continue };
-                stalls.retain(|(_, g)| *g != group);
+                stalls.retain(|(_, g, _)| *g != group);
                 let next = match answer {
                     Ok(answers) if answers.len() == sent.len() => {
                         let mut retry = Vec::new();
@@ -189,11 +224,13 @@ where
             }
             _ = tokio::time::sleep_until(next_stall.unwrap_or(deadline)), if next_stall.is_some() => {
                 let now = Instant::now();
-                let due: Vec<GroupId> =
-                    stalls.iter().filter(|(at, _)| *at <= now).map(|(_, g)| *g).collect();
-                stalls.retain(|(at, _)| *at > now);
-                for group in due {
+                let (due, waiting) = std::mem::take(&mut stalls)
+                    .into_iter()
+                    .partition::<Vec<_>, _>(|(at, _, _)| *at <= now);
+                stalls = waiting;
+                for (_, group, target) in due {
                     metrics::counter!(FORWARD_STALLS).increment(1);
+                    on_stall(&target);
                     timed_out.extend(fanout.partitions_of(group).iter().copied());
                     let next = fanout.move_on(group);
                     send(next, &fanout, &mut running, &mut stalls);
@@ -311,7 +348,7 @@ mod tests {
                 }
             }
         };
-        let outcomes = forward_keys(fanout, started + timeout, call).await;
+        let outcomes = forward_keys(fanout, started + timeout, call, |_| {}).await;
         let calls = calls.lock().unwrap().clone();
         (outcomes, started.elapsed(), calls)
     }
@@ -451,6 +488,16 @@ mod tests {
         .await;
         assert_eq!(answered_by(&outcomes[0]), Some("b"));
         assert_eq!(elapsed, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn holders_that_stalled_lately_are_asked_last() {
+        let peers = Peers::default();
+        let plan = vec![target("a"), target("b"), target("c")];
+        assert_eq!(peers.order(plan.clone()), plan);
+        peers.stalled("a");
+        let ids: Vec<String> = peers.order(plan).into_iter().map(|t| t.node_id).collect();
+        assert_eq!(ids, ["b", "c", "a"]);
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl QueryService {
         let view = self.view.borrow().clone();
         let this_node = self.registry.node_id();
         FanOut::new(key_partitions, |partition| {
-            forward_plan(&view, partition, this_node)
+            self.peers.order(forward_plan(&view, partition, this_node))
         })
     }
 
@@ -136,7 +136,8 @@ impl QueryService {
                 Ok(vec![Some(response.into_inner())])
             }
         };
-        let forwarded = forward::forward_keys(fanout, deadline.into(), call).await;
+        let stalled = |target: &Target| self.peers.stalled(&target.node_id);
+        let forwarded = forward::forward_keys(fanout, deadline.into(), call, stalled).await;
         let outcome = forwarded.into_iter().next().unwrap_or(Forwarded::NoHolder);
         count_forwarded("get", &outcome);
         match outcome {
@@ -467,8 +468,10 @@ impl QueryService {
                     .collect())
             }
         };
+        let peers = self.peers.clone();
         tokio::spawn(async move {
-            let outcomes = forward::forward_keys(fanout, deadline.into(), call).await;
+            let stalled = |target: &Target| peers.stalled(&target.node_id);
+            let outcomes = forward::forward_keys(fanout, deadline.into(), call, stalled).await;
             forwarded
                 .into_iter()
                 .zip(outcomes)
