@@ -406,10 +406,12 @@ fn a_paused_active_is_passed_over_by_default_for_get_multi_get_and_forwarded_rea
         let expected_single = &expected[&single];
         let pair = (paused_id, standby.as_str());
         // Well within the deadline: the default hedges (after at most 50 ms); without
-        // hedging, the paused copy gets half the deadline.
+        // hedging, the paused copy gets half the deadline. The bounds leave room for a busy
+        // machine: what they tell apart is waiting on the paused node until the deadline
+        // (the answer would not come at all) or for its share (not with the default).
         let (answer, took_get) = get_default;
         check_passed_over("default Get", &single, &answer?, expected_single, pair)?;
-        ensure!(took_get < timeout / 4, "default Get took {took_get:?}");
+        ensure!(took_get < timeout / 2, "default Get took {took_get:?}");
         let (answer, took_get_no_hedge) = get_no_hedge;
         let answer = answer?;
         check_passed_over("Get, no hedging", &single, &answer, expected_single, pair)?;
@@ -425,7 +427,7 @@ fn a_paused_active_is_passed_over_by_default_for_get_multi_get_and_forwarded_rea
         ensure!(no_hedge.stats().failovers >= 1, "{:?}", no_hedge.stats());
         let mut took_multi = Vec::new();
         for (what, (results, took), limit) in [
-            ("default MultiGet", &multi_default, timeout / 4),
+            ("default MultiGet", &multi_default, timeout / 2),
             ("MultiGet, no hedging", &multi_no_hedge, timeout * 3 / 4),
         ] {
             ensure!(*took < limit, "{what} took {took:?}");
