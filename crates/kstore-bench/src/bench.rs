@@ -272,9 +272,10 @@ pub struct GetBench {
     /// would; `--customers` must match the keys the cluster holds.
     #[arg(long, value_delimiter = ',')]
     pub seeds: Vec<String>,
-    /// With `--seeds`: the client's read policy.
-    #[arg(long, value_enum, default_value_t = BenchPolicy::PreferActive)]
-    pub policy: BenchPolicy,
+    /// With `--seeds`: the client's read policy (default prefer-active). With
+    /// `--paused-node`: measure this policy only (default: prefer-active and any-replica).
+    #[arg(long, value_enum)]
+    pub policy: Option<BenchPolicy>,
     /// With `--seeds`: hedge a read after this many milliseconds (0: never). With
     /// `--paused-node`: the hedged configurations' delay (0: the client's default, after the
     /// p99 of recent latency, 5–50 ms).
@@ -811,7 +812,8 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
         .enable_all()
         .build()?;
     let max_lag = 10_000;
-    let policy = match bench.policy {
+    let chosen = bench.policy.unwrap_or(BenchPolicy::PreferActive);
+    let policy = match chosen {
         BenchPolicy::ActiveOnly => ReadPolicy::ActiveOnly,
         BenchPolicy::PreferActive => ReadPolicy::PreferActive { max_lag },
         BenchPolicy::AnyReplica => ReadPolicy::AnyReplica { max_lag },
@@ -856,7 +858,7 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
     println!(
         "reads through kstore-client ({:?}, hedge {} ms) against {} nodes of a running cluster, \
          {} customers",
-        bench.policy,
+        chosen,
         bench.hedge_ms,
         view.nodes.len(),
         bench.customers

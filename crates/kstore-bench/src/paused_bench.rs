@@ -2,7 +2,8 @@
 //! 3-node cluster is SIGSTOPped, against the same reads with no fault.
 //!
 //! The bench starts a 3-node cluster (one standby per partition), loads `--customers`
-//! customers, and for each read policy (PreferActive, AnyReplica), without and with hedging
+//! customers, and for each read policy (PreferActive and AnyReplica, or the one `--policy`
+//! names), without and with hedging
 //! (`--hedge-ms`, or the client's default: after the p99 of recent latency, 5–50 ms),
 //! builds a fresh client and runs two phases of `--seconds` at `--rate` Gets/s, open loop as
 //! in `bench get`: no fault, then node-1 SIGSTOPped `--pause-seconds` from a quarter of the
@@ -23,7 +24,7 @@ use kstore_core::cluster::{Liveness, Role};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, Started};
 
-use crate::bench::{GetBench, Latencies, ReadTarget, open_loop};
+use crate::bench::{BenchPolicy, GetBench, Latencies, ReadTarget, open_loop};
 use crate::cluster_bench::{self, Node};
 
 /// The node that is paused.
@@ -163,16 +164,18 @@ fn measure(
         ms => Hedge::After(Duration::from_millis(ms)),
     };
     let max_lag = 10_000;
-    let configs = [
-        (
-            "PreferActive",
-            ReadPolicy::PreferActive { max_lag },
-            Hedge::Off,
-        ),
-        ("PreferActive", ReadPolicy::PreferActive { max_lag }, hedged),
-        ("AnyReplica", ReadPolicy::AnyReplica { max_lag }, Hedge::Off),
-        ("AnyReplica", ReadPolicy::AnyReplica { max_lag }, hedged),
-    ];
+    let policies = match bench.policy {
+        None => vec![BenchPolicy::PreferActive, BenchPolicy::AnyReplica],
+        Some(policy) => vec![policy],
+    };
+    let configs = policies.into_iter().flat_map(|policy| {
+        let (name, policy) = match policy {
+            BenchPolicy::ActiveOnly => ("ActiveOnly", ReadPolicy::ActiveOnly),
+            BenchPolicy::PreferActive => ("PreferActive", ReadPolicy::PreferActive { max_lag }),
+            BenchPolicy::AnyReplica => ("AnyReplica", ReadPolicy::AnyReplica { max_lag }),
+        };
+        [(name, policy, Hedge::Off), (name, policy, hedged)]
+    });
     let mut rows = Vec::new();
     for (name, policy, hedge) in configs {
         let client = runtime.block_on(
