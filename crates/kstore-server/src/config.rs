@@ -716,8 +716,10 @@ fn is_host(text: &str) -> bool {
 /// `KSTORE_KAFKA__BOOTSTRAP_SERVERS` to `["kafka", "bootstrap.servers"]`.
 fn env_key_path(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix("KSTORE_")?.to_ascii_lowercase();
-    // Variables that are not configuration (the log filter, the test broker) are skipped.
-    if rest.is_empty() || ["log", "kafka_bootstrap", "kafka_port"].contains(&rest.as_str()) {
+    // Variables that are not configuration (the log filter, the test broker, where xtask
+    // built the binaries a benchmark starts) are skipped.
+    let tools = ["log", "kafka_bootstrap", "kafka_port", "bin_dir"];
+    if rest.is_empty() || tools.contains(&rest.as_str()) {
         return None;
     }
     let mut parts = rest.split("__");
@@ -845,6 +847,7 @@ mod tests {
                 ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
                 ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
                 ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
+                ("KSTORE_BIN_DIR", "/ignored/target/debug"),
             ],
             MINIMAL,
         )

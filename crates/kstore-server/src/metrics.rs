@@ -83,6 +83,7 @@ pub const ALL: &[&str] = &[
     DISK_READS,
     READ_LATENCY,
     crate::grpc::forward::FORWARDED_READS,
+    crate::grpc::forward::FORWARD_STALLS,
     crate::gossip::MEMBERS,
     crate::gossip::VIEW_VERSION,
     crate::gossip::BAD_VALUES,

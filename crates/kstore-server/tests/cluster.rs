@@ -306,7 +306,8 @@ fn counter(metrics: &str, name: &str) -> f64 {
 }
 
 #[test]
-fn with_a_cluster_secret_only_members_that_know_it_join_and_forgeries_are_counted() -> Result<()> {
+fn with_a_cluster_secret_only_members_that_know_it_join_snapshot_or_forward_and_forgeries_are_counted()
+-> Result<()> {
     run_async(async {
         let secret = "0123456789abcdef0123456789abcdef-cluster";
         let mut scenario = Scenario::new("cluster-gossip-secret", 4).await?;
@@ -350,6 +351,60 @@ fn with_a_cluster_secret_only_members_that_know_it_join_and_forgeries_are_counte
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         drop((forger, wrong, member));
+
+        // Only nodes may fetch snapshots or send reads marked as forwarded.
+        use kstore_proto::v1::FetchSnapshotRequest;
+        use kstore_proto::v1::peer_client::PeerClient;
+        use tonic_types::StatusExt;
+        let refused = |status: &tonic::Status| {
+            status.code() == tonic::Code::Unauthenticated
+                && status
+                    .get_details_error_info()
+                    .is_some_and(|i| i.reason == "CLUSTER_SECRET_REQUIRED")
+        };
+        fn with_token<T>(token: Option<&str>, request: &mut tonic::Request<T>) {
+            if let Some(token) = token {
+                let value = format!("Bearer {token}").parse().unwrap();
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+        let uri = scenario.grpc_uri(&mut node.process)?;
+        let mut peer = PeerClient::connect(uri).await?;
+        for token in [None, Some("not-the-cluster-secret-0123456789abc")] {
+            let mut fetch = tonic::Request::new(FetchSnapshotRequest {
+                store: "features".into(),
+                partition: 0,
+            });
+            with_token(token, &mut fetch);
+            match peer.fetch_snapshot(fetch).await {
+                Err(status) => ensure!(refused(&status), "snapshot with {token:?}: {status:?}"),
+                Ok(_) => bail!("a snapshot was sent to a caller with {token:?}"),
+            }
+        }
+        let forwarded = |token: Option<&str>| {
+            let mut get = tonic::Request::new(GetRequest {
+                store: "features".into(),
+                key: b"c-1".to_vec(),
+                ..Default::default()
+            });
+            get.metadata_mut()
+                .insert("kstore-forwarded-from", "node-7".parse().unwrap());
+            with_token(token, &mut get);
+            get
+        };
+        let status = node.client.get(forwarded(None)).await.unwrap_err();
+        ensure!(
+            refused(&status),
+            "forwarded read without the secret: {status:?}"
+        );
+        // With it, the read is the node's to answer (once it holds the key's partition).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(status) = node.client.get(forwarded(Some(secret))).await {
+            ensure!(!refused(&status), "refused with the secret: {status:?}");
+            ensure!(Instant::now() < deadline, "after 60 s: {status:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
         let status = node.process.terminate(Duration::from_secs(60))?;
         ensure!(status.success(), "exit: {status}");
         Ok(())

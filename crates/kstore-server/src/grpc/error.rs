@@ -85,6 +85,14 @@ pub enum ReadError {
         /// The copy's lag.
         lag: i64,
     },
+    /// The read was forwarded and no holder answered before the deadline.
+    #[error("no answer for partition {partition} before the deadline (asked {})", asked.join(", "))]
+    NoAnswer {
+        /// The partition.
+        partition: u32,
+        /// The holders asked, in order.
+        asked: Vec<String>,
+    },
     /// The store failed.
     #[error("reading partition {partition} failed: {message}")]
     Store {
@@ -128,6 +136,7 @@ impl ReadError {
             ReadError::TooManyKeys { .. } => ErrorReason::TooManyKeys,
             ReadError::PartitionNotHosted { .. } => ErrorReason::PartitionNotHosted,
             ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
+            ReadError::NoAnswer { .. } => ErrorReason::NoAnswer,
             ReadError::Store { .. } => ErrorReason::StoreError,
             ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
             ReadError::ClusterSecretRequired => ErrorReason::ClusterSecretRequired,
@@ -150,6 +159,7 @@ impl ReadError {
             ReadError::PositionNotReached { .. }
             | ReadError::DrainInProgress
             | ReadError::BackupsNotConfigured => Code::FailedPrecondition,
+            ReadError::NoAnswer { .. } => Code::DeadlineExceeded,
             ReadError::Store { .. } | ReadError::BackupFailed { .. } => Code::Internal,
             ReadError::AdminTokenRequired | ReadError::ClusterSecretRequired => {
                 Code::Unauthenticated
@@ -188,6 +198,10 @@ impl ReadError {
                 put("min_input_offset", wanted.to_string());
                 put("input_offset", input_offset.to_string());
                 put("lag", lag.to_string());
+            }
+            ReadError::NoAnswer { partition, asked } => {
+                put("partition", partition.to_string());
+                put("asked", asked.join(","));
             }
             ReadError::Store { partition, .. } => put("partition", partition.to_string()),
             ReadError::KeyTooLarge { limit, .. } => put("limit", limit.to_string()),
