@@ -201,6 +201,67 @@ impl LimitsConfig {
     }
 }
 
+/// TLS on the gRPC port, and for the calls this node makes to other nodes (forwarded reads,
+/// Peer snapshots). Certificates and CAs are read again on SIGHUP and when their files
+/// change; a set that does not load or verify is refused and the one in use kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct TlsConfig {
+    /// The node's certificate chain (PEM), leaf first. It must name the node's advertised
+    /// host (`advertise-host`, or the gRPC address's IP) as a subject alternative name, and
+    /// allow both server and client authentication (the node presents it to its peers).
+    pub cert: PathBuf,
+    /// The node's private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA (PEM) that signs the nodes' certificates: a node verifies the nodes it calls
+    /// with it, by their advertised host.
+    pub ca: PathBuf,
+    /// The CA (PEM) that signs client certificates. Set, it turns mutual TLS on: every
+    /// caller (clients, and the other nodes, which present their node certificate) must
+    /// present a certificate it signed. Empty: any client may connect.
+    pub client_ca: PathBuf,
+    /// How often the files are checked for changes, in milliseconds.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            ca: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            reload_interval_ms: 5_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether mutual TLS is on (`client-ca` set).
+    pub fn mutual(&self) -> bool {
+        !self.client_ca.as_os_str().is_empty()
+    }
+
+    /// Checks the keys, naming the first bad one (the files are read when the node starts).
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("tls.{key}"),
+                    reason: "must be set (a PEM file) when [tls] is present".into(),
+                });
+            }
+        }
+        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return Err(ConfigError::Invalid {
+                key: "tls.reload-interval-ms".into(),
+                reason: "must be between 100 and 3600000".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl BackupConfig {
     /// Whether a backup location is set.
     pub fn enabled(&self) -> bool {
@@ -317,6 +378,9 @@ pub struct NodeConfig {
     pub memory: MemoryConfig,
     /// Limits on what callers and peers may ask of the node at once.
     pub limits: LimitsConfig,
+    /// TLS for gRPC; absent, gRPC is plaintext (reads travel unencrypted; the cluster
+    /// secret still guards the calls only nodes may make).
+    pub tls: Option<TlsConfig>,
     /// librdkafka settings for every client of the node, passed through verbatim.
     pub kafka: BTreeMap<String, String>,
 }
@@ -366,6 +430,7 @@ impl Default for NodeConfig {
             probes: ProbesConfig::default(),
             memory: MemoryConfig::default(),
             limits: LimitsConfig::default(),
+            tls: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -640,6 +705,9 @@ impl NodeConfig {
             return invalid("read-wait-ms", "must be at most 60000");
         }
         self.limits.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
         }

@@ -84,6 +84,8 @@ pub const ALL: &[&str] = &[
     READ_LATENCY,
     crate::grpc::forward::FORWARDED_READS,
     crate::grpc::forward::FORWARD_STALLS,
+    crate::tls::TLS_RELOADS,
+    crate::tls::TLS_HANDSHAKE_FAILURES,
     crate::gossip::MEMBERS,
     crate::gossip::VIEW_VERSION,
     crate::gossip::BAD_VALUES,

@@ -43,6 +43,9 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    /// The TLS certificates cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Gossip could not start.
     #[error(transparent)]
     Gossip(#[from] GossipError),
@@ -133,6 +136,25 @@ pub fn run(
         .local_addr()
         .map_err(|error| listen_error(error.to_string()))?;
     tracing::info!(address = %bound, "serving gRPC");
+    // The node's certificate must name the host it is advertised as: that is the name its
+    // peers and clients verify.
+    let tls = match &config.tls {
+        Some(settings) => {
+            let advertised = config.advertised(bound);
+            let tls = crate::tls::Tls::load(settings.clone(), crate::tls::host_of(&advertised))?;
+            runtime.spawn(tls.clone().watch());
+            Some(tls)
+        }
+        None => {
+            if !bound.ip().is_loopback() {
+                tracing::warn!(
+                    address = %bound,
+                    "gRPC is plaintext beyond loopback: reads travel unencrypted (set [tls])"
+                );
+            }
+            None
+        }
+    };
 
     let gossip = runtime.block_on(Gossip::start(
         &config,
@@ -180,6 +202,7 @@ pub fn run(
                 )
                 .with_limits(&config.limits),
             ),
+            tls: tls.clone(),
         },
         processor.value_type_url().map(str::to_owned),
         {
@@ -231,7 +254,8 @@ pub fn run(
                     config.cluster_secret.clone(),
                     memory,
                 )
-                .with_limits(&config.limits),
+                .with_limits(&config.limits)
+                .with_tls(tls.clone()),
             ),
             backups: backups.clone(),
         },

@@ -247,6 +247,7 @@ fn main() -> ExitCode {
     }
     tracing::info!(node_id = %config.node_id, app_id = %config.app_id, "kstore-node starting");
     let processor = node::builtin_processor(&config);
+    kstore_server::tls::install_crypto_provider();
     match node::run(config, processor, shutdown) {
         Ok(()) => {
             tracing::info!("kstore-node stopped cleanly");

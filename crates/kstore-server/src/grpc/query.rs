@@ -88,6 +88,13 @@ impl QueryService {
         }
     }
 
+    /// The service with reads forwarded to other nodes over `tls` (the node's identity), if
+    /// set.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.peers = Arc::new(Peers::with_tls(tls));
+        self
+    }
+
     /// Whether a read of this key is better answered elsewhere: the local copy is still
     /// restoring (a partition just assigned here, replaying its changelog) and a live copy
     /// on another node is much fresher. Returns that partition.
