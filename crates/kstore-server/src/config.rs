@@ -972,6 +972,39 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_a_certificate_key_and_ca_and_unknown_keys_are_named() {
+        let half = [MINIMAL, &["tls.cert=/etc/kstore-tls/tls.crt"]].concat();
+        let error = load(&[], &half).unwrap_err().to_string();
+        assert!(
+            error.contains("tls.key") && error.contains("must be set"),
+            "{error}"
+        );
+        let whole = [
+            MINIMAL,
+            &[
+                "tls.cert=/etc/kstore-tls/tls.crt",
+                "tls.key=/etc/kstore-tls/tls.key",
+                "tls.ca=/etc/kstore-tls/ca.crt",
+            ],
+        ]
+        .concat();
+        let config = load(&[], &whole).unwrap();
+        let tls = config.tls.unwrap();
+        assert!(!tls.mutual());
+        assert_eq!(tls.reload_interval_ms, 5_000);
+        let mutual = [whole.as_slice(), &["tls.client-ca=/etc/kstore-tls/ca.crt"]].concat();
+        assert!(load(&[], &mutual).unwrap().tls.unwrap().mutual());
+        let typo = [whole.as_slice(), &["tls.client-cert=/x"]].concat();
+        let error = load(&[], &typo).unwrap_err().to_string();
+        assert!(error.contains("client-cert"), "{error}");
+        let fast = [whole.as_slice(), &["tls.reload-interval-ms=1"]].concat();
+        let error = load(&[], &fast).unwrap_err().to_string();
+        assert!(error.contains("tls.reload-interval-ms"), "{error}");
+        // Without [tls] gRPC is plaintext.
+        assert!(load(&[], MINIMAL).unwrap().tls.is_none());
+    }
+
+    #[test]
     fn seeds_come_comma_separated_from_flags_and_the_environment() {
         let config = load(&[("KSTORE_SEEDS", "10.0.0.1:7946, 10.0.0.2:7946")], MINIMAL).unwrap();
         assert_eq!(config.seeds, ["10.0.0.1:7946", "10.0.0.2:7946"]);

@@ -443,7 +443,92 @@ pub fn host_of(address: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+
     use super::*;
+
+    /// Writes a CA and a node certificate for 127.0.0.1 into `dir`; returns the settings.
+    fn write_set(dir: &Path, ca: &CertifiedIssuer<'static, KeyPair>) -> TlsConfig {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, ca).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("node-key.pem"), key.serialize_pem()).unwrap();
+        TlsConfig {
+            cert: dir.join("node.pem"),
+            key: dir.join("node-key.pem"),
+            ca: dir.join("ca.pem"),
+            client_ca: dir.join("ca.pem"),
+            ..TlsConfig::default()
+        }
+    }
+
+    fn new_ca() -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_changed_set_is_seen_and_used_and_a_bad_one_is_refused_keeping_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca();
+        let settings = write_set(dir.path(), &ca);
+        let tls = Tls::load(settings.clone(), "127.0.0.1").unwrap();
+        assert!(!tls.files_changed());
+        let first = tls.fingerprint();
+
+        // A key that does not fit the certificate: refused, the old set kept.
+        std::fs::write(
+            &settings.key,
+            KeyPair::generate().unwrap().serialize_pem() + "\n",
+        )
+        .unwrap();
+        assert!(tls.files_changed());
+        assert!(!tls.reload("test"));
+        assert!(
+            !tls.files_changed(),
+            "a refused set is not read again until it changes"
+        );
+        assert_eq!(tls.fingerprint(), first);
+
+        // A good new set: used.
+        write_set(dir.path(), &ca);
+        assert!(tls.reload("test"));
+        assert_ne!(tls.fingerprint(), first);
+
+        // A certificate from another CA than tls.ca: refused, naming the key.
+        let stranger = new_ca();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &stranger).unwrap();
+        std::fs::write(&settings.cert, cert.pem()).unwrap();
+        std::fs::write(&settings.key, key.serialize_pem()).unwrap();
+        let error = load(&settings, "127.0.0.1").unwrap_err();
+        assert_eq!(error.key, "cert", "{error}");
+        assert!(error.to_string().contains("tls.ca"), "{error}");
+    }
+
+    #[test]
+    fn a_certificate_must_name_the_advertised_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = write_set(dir.path(), &new_ca());
+        let error = Tls::load(settings, "kstore-0.kstore-peers").unwrap_err();
+        assert_eq!(error.key, "cert", "{error}");
+        assert!(
+            error.to_string().contains("kstore-0.kstore-peers"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn the_host_of_an_address_drops_port_and_brackets() {
