@@ -551,3 +551,56 @@ impl Secure {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_makes_certificates_that_openssl_verifies_for_their_purposes() -> Result<()> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("no openssl here; skipped");
+            return Ok(());
+        }
+        let dir = std::env::temp_dir().join(format!("kstore-xtask-secure-{}", std::process::id()));
+        let secure = Secure::make(&dir);
+        let checked = (|| -> Result<()> {
+            let secure = secure?;
+            assert_eq!(secure.cluster_secret.len(), 64);
+            for (purpose, cert) in [
+                ("sslserver", "node.pem"),
+                ("sslclient", "node.pem"),
+                ("sslclient", "client.pem"),
+            ] {
+                let output = Command::new("openssl")
+                    .args(["verify", "-CAfile", "ca.pem", "-purpose", purpose, cert])
+                    .current_dir(&dir)
+                    .output()?;
+                assert!(
+                    output.status.success(),
+                    "{cert} for {purpose}: {}",
+                    String::from_utf8_lossy(&output.stdout)
+                );
+            }
+            let text = Command::new("openssl")
+                .args([
+                    "x509",
+                    "-noout",
+                    "-ext",
+                    "subjectAltName",
+                    "-in",
+                    "node.pem",
+                ])
+                .current_dir(&dir)
+                .output()?;
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(
+                text.contains("IP Address:127.0.0.1") && text.contains("DNS:localhost"),
+                "{text}"
+            );
+            Ok(())
+        })();
+        let _ = fs::remove_dir_all(&dir);
+        checked
+    }
+}

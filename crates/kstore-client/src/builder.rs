@@ -158,7 +158,15 @@ impl ClientBuilder {
                     first = Some(answer);
                     break;
                 }
-                Err(reason) => tried.push((seed.clone(), reason)),
+                Err(reason) => {
+                    #[cfg(feature = "tls")]
+                    let reason = if self.tls.is_some() {
+                        crate::tls::explain_refusal(reason)
+                    } else {
+                        reason
+                    };
+                    tried.push((seed.clone(), reason));
+                }
             }
         }
         let first = first.ok_or(BuildError::Unreachable { tried })?;

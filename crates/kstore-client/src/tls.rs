@@ -74,3 +74,26 @@ pub fn tls_from_files(
     }
     Ok(tls)
 }
+
+/// Adds what a dropped TLS connection most likely means to a failed call's `reason`. Under
+/// TLS 1.3 a node checks the client's certificate after the client has finished its side of
+/// the handshake, so a refused certificate reaches the client only as a closed connection;
+/// the node's log says which check failed.
+pub(crate) fn explain_refusal(reason: String) -> String {
+    let dropped = [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "stream closed",
+        "fatal alert",
+    ];
+    if dropped.iter().any(|said| reason.contains(said)) {
+        format!(
+            "{reason} (the node closed the TLS connection: with mutual TLS it refuses a client \
+             without a certificate, or with one its client CA did not sign, or one that is \
+             expired or not yet valid; its log says which)"
+        )
+    } else {
+        reason
+    }
+}

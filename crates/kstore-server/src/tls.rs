@@ -236,11 +236,11 @@ impl Tls {
                         }
                         Ok(Err(error)) => {
                             metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                            tracing::debug!(%error, ?remote, "TLS handshake failed");
+                            tracing::info!(%error, ?remote, "TLS handshake failed");
                         }
                         Err(_) => {
                             metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                            tracing::debug!(?remote, "TLS handshake timed out");
+                            tracing::info!(?remote, "TLS handshake timed out");
                         }
                     }
                 });
