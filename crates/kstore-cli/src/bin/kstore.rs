@@ -47,13 +47,26 @@ struct Connect {
 struct TlsArgs {
     /// The CA (PEM) that signs the nodes' certificates; without it, with --cert, the
     /// system's root certificates are trusted.
-    #[arg(long, env = "KSTORE_CA")]
+    #[arg(long, env = "KSTORE_CA", value_name = "PEM")]
     ca: Option<std::path::PathBuf>,
     /// The client certificate (PEM) to present, for nodes that require one (mutual TLS).
-    #[arg(long, env = "KSTORE_CERT", requires = "key")]
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        value_name = "PEM",
+        env = "KSTORE_CERT",
+        requires = "tls_key"
+    )]
     cert: Option<std::path::PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "KSTORE_KEY", requires = "cert")]
+    // Not `key`: that is `get`'s positional argument.
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        value_name = "PEM",
+        env = "KSTORE_KEY",
+        requires = "tls_cert"
+    )]
     key: Option<std::path::PathBuf>,
 }
 
@@ -677,4 +690,45 @@ async fn backup_verify(
         eprintln!("kstore backup: no backups to verify");
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_flags_reach_every_read_command() {
+        let cli = Cli::try_parse_from([
+            "kstore",
+            "get",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "customer-1",
+        ])
+        .unwrap();
+        let Command::Get { connect, key, .. } = cli.command else {
+            panic!("not get");
+        };
+        assert_eq!(key, "customer-1");
+        assert_eq!(
+            connect.tls.key.as_deref(),
+            Some(std::path::Path::new("k.pem"))
+        );
+        assert!(connect.tls.config().unwrap_err().contains("ca.pem"));
+        assert!(
+            Cli::try_parse_from(["kstore", "metadata", "--cert", "c.pem"]).is_err(),
+            "a certificate without its key"
+        );
+    }
 }
