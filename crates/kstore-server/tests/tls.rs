@@ -361,6 +361,26 @@ fn mutual_tls_cluster_reads_refuses_bad_certificates_and_rotates_without_failing
             "node-1 forwarded no read ({before} then {after})"
         );
 
+        // Copies bootstrapped from peers' snapshots, fetched over TLS with the node's
+        // certificate; none was refused as unreachable.
+        let mut fetched = 0.0;
+        for address in &metrics {
+            let text = http_get(address, "/metrics")?;
+            for line in text.lines() {
+                if line.starts_with("kstore_snapshots_fetched_total") && line.contains("\"ok\"") {
+                    fetched += line.rsplit(' ').next().unwrap_or("0").parse::<f64>()?;
+                }
+                ensure!(
+                    !(line.starts_with("kstore_snapshot_refusals_total")
+                        && line.contains("unreachable")),
+                    "a peer's snapshot was unreachable: {line}"
+                );
+            }
+        }
+        eprintln!("snapshots fetched from peers over TLS: {fetched}");
+        // node-1 ingested everything before the others joined: their copies came from it.
+        ensure!(fetched > 0.0, "no snapshot was fetched from a peer");
+
         // Callers the nodes must refuse.
         for (name, case, logged) in [
             (None, "no client certificate", "no certificates"),
