@@ -37,7 +37,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{NodeConfig, ProcessingGuarantee};
-use crate::kafka::{client_config, set_default};
+use crate::kafka::{client_config, group_consumer_config, set_default};
 use crate::processor::Processor;
 use crate::standby::{CopyEvent, Copies};
 use delivery::{DeliveryTracker, lock};
@@ -138,7 +138,7 @@ pub fn run(
         partition_mismatch: config.partition_mismatch,
     };
 
-    let mut producer_config = client.clone();
+    let mut producer_config = client;
     producer_config
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random");
@@ -174,15 +174,7 @@ pub fn run(
         metrics.clone(),
     )));
 
-    let mut consumer_config = client;
-    consumer_config
-        .set("group.id", config.group_id())
-        .set("group.instance.id", &config.node_id)
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed");
-    set_default(&mut consumer_config, "auto.offset.reset", "earliest");
+    let consumer_config = group_consumer_config(&config);
     let consumer: BaseConsumer<IngestContext> = consumer_config
         .create_with_context(IngestContext {
             engine: engine.clone(),

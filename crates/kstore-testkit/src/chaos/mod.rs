@@ -47,7 +47,9 @@ pub enum Fault {
     Kill,
     /// SIGSTOP of one node for a while, then SIGCONT.
     Pause,
-    /// Every node in turn stops (SIGTERM) and starts again within the session timeout.
+    /// Every node in turn stops (SIGTERM) and starts again within the session timeout, for
+    /// [`RollingOptions::rounds`] rounds at [`RollingOptions::pace`]; the assignment must be
+    /// the same after every round as before it.
     RollingRestart,
     /// A fourth node joins.
     ScaleOut,
@@ -116,6 +118,35 @@ pub struct ChaosOptions {
     pub session_timeout: Duration,
     /// The randomized nemesis, for [`Fault::Random`].
     pub soak: SoakOptions,
+    /// How [`Fault::RollingRestart`] restarts the nodes.
+    pub rolling: RollingOptions,
+    /// Settings every node gets on top of the scenario's (`key=value`, as `--set` takes them),
+    /// such as `kafka.debug=cgrp`.
+    pub node_settings: Vec<String>,
+}
+
+/// How a rolling restart goes.
+#[derive(Debug, Clone)]
+pub struct RollingOptions {
+    /// How many times every node is restarted, one after another. The assignment is compared
+    /// before and after each round.
+    pub rounds: u32,
+    /// When the next node is stopped.
+    pub pace: RestartPace,
+    /// How long a stopped node stays down before it is started again: zero, as a supervisor
+    /// restarts it, or longer than the session timeout, so that the group moves its
+    /// partitions and must hand them back once it returns.
+    pub downtime: Duration,
+}
+
+/// When a rolling restart stops the next node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPace {
+    /// Once every partition has a live active and a live standby again (a careful operator).
+    Settle,
+    /// This long after the previous node was started again, whatever the cluster is doing
+    /// (a supervisor: SIGTERM, start again as soon as the process has exited, next node).
+    After(Duration),
 }
 
 /// How the randomized nemesis runs.
@@ -151,6 +182,12 @@ impl ChaosOptions {
                 seed: 1,
                 disk_bytes: 256 << 20,
             },
+            rolling: RollingOptions {
+                rounds: 1,
+                pace: RestartPace::After(Duration::from_secs(5)),
+                downtime: Duration::ZERO,
+            },
+            node_settings: Vec::new(),
         }
     }
 }
@@ -190,6 +227,9 @@ pub struct ChaosReport {
     pub violations: u64,
     /// Records the nodes logged as handed over again after they were folded (skipped).
     pub redelivered: u64,
+    /// What the fault itself checks and found wrong, such as a rolling restart round that
+    /// moved an active or rebuilt a copy.
+    pub fault_problems: Vec<String>,
 }
 
 impl ChaosReport {
@@ -242,6 +282,7 @@ impl ChaosReport {
             !self.state_exact,
             format!("the final state is not exact: {:?}", self.mismatches),
         );
+        problems.extend(self.fault_problems.iter().cloned());
         problems
     }
 }
@@ -316,6 +357,7 @@ impl Cluster {
         ]
         .into_iter()
         .chain(self.soak_settings())
+        .chain(self.options.node_settings.iter().cloned())
         .collect()
     }
 
@@ -645,7 +687,11 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     let fault_budget = match fault {
         Fault::Kill => options.session_timeout + Duration::from_secs(20),
         Fault::Pause => options.pause + Duration::from_secs(5),
-        Fault::RollingRestart => Duration::from_secs(45),
+        // A round: three restarts (a few seconds each, plus the pace and the downtime), then
+        // settling.
+        Fault::RollingRestart => {
+            (Duration::from_secs(40) + options.rolling.downtime * 3) * options.rolling.rounds.max(1)
+        }
         Fault::ScaleOut | Fault::ScaleIn => Duration::from_secs(25),
         Fault::Random => options.soak.duration + Duration::from_secs(30),
     };
@@ -688,7 +734,8 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     tokio::time::sleep(options.before_fault).await;
     let fault_started = Instant::now();
     let mut notes = Vec::new();
-    inject(cluster, fault, &mut notes).await?;
+    let mut fault_problems = Vec::new();
+    inject(cluster, fault, &mut notes, &mut fault_problems).await?;
     let fault_ended = Instant::now();
     tokio::time::sleep(options.after_fault).await;
     stop.store(true, Ordering::Relaxed);
@@ -734,17 +781,20 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     report.state_exact = state_exact;
     report.mismatches = mismatches;
     report.notes = notes;
+    report.fault_problems = fault_problems;
     report.audit = audit;
     report.violations = count_in_logs(&logs, "exactly-once violation");
     report.redelivered = count_in_logs(&logs, "handed over a record already folded");
     Ok(report)
 }
 
-/// Injects the fault and waits until the cluster has dealt with it.
+/// Injects the fault and waits until the cluster has dealt with it. What the fault's own
+/// checks find wrong goes to `problems` (the run goes on, so that the report is whole).
 async fn inject(
     cluster: &mut Cluster,
     fault: Fault,
     notes: &mut Vec<(String, String)>,
+    problems: &mut Vec<String>,
 ) -> Result<()> {
     let options = cluster.options.clone();
     match fault {
@@ -803,42 +853,7 @@ async fn inject(
                 .await?;
             Ok(())
         }
-        Fault::RollingRestart => {
-            let members = ["node-1", "node-2", "node-3"];
-            let before = assignment(&cluster.view().await?, options.partitions);
-            let mut replayed_from_zero = 0;
-            for id in members {
-                let status = cluster.process(id)?.terminate(Duration::from_secs(60))?;
-                ensure!(status.success(), "{id} exit after SIGTERM: {status}");
-                cluster.start(id)?;
-                cluster
-                    .wait_complete(&members, Duration::from_secs(120))
-                    .await?;
-                replayed_from_zero += restores_from_zero(cluster.process(id)?);
-            }
-            let after = assignment(&cluster.view().await?, options.partitions);
-            notes.push((
-                "assignment kept".into(),
-                if after == before {
-                    "yes".into()
-                } else {
-                    format!("no: {before:?} became {after:?}")
-                },
-            ));
-            notes.push((
-                "partitions replayed from zero".into(),
-                replayed_from_zero.to_string(),
-            ));
-            ensure!(
-                after == before,
-                "the assignment moved: {before:?} became {after:?}"
-            );
-            ensure!(
-                replayed_from_zero == 0,
-                "{replayed_from_zero} partitions replayed from zero"
-            );
-            Ok(())
-        }
+        Fault::RollingRestart => rolling_restart(cluster, notes, problems).await,
         Fault::ScaleOut => {
             let started = Instant::now();
             cluster.start("node-4")?;
@@ -884,15 +899,139 @@ async fn inject(
     }
 }
 
-/// Counts the partitions a node's latest run restored from changelog offset 0 (a replay of
-/// everything) rather than from its local store.
-fn restores_from_zero(process: &TestProcess) -> usize {
-    process
-        .output()
-        .lines()
-        .filter(|l| l.contains("partition assigned; restoring its changelog tail"))
-        .filter(|l| l.contains("changelog_offset=0 "))
-        .count()
+/// Restarts every node in turn, [`RollingOptions::rounds`] times, at
+/// [`RollingOptions::pace`]; after each round, once the cluster has settled, compares the
+/// assignment (as Metadata reports it) with the one before the round and counts what the
+/// round replayed. A round that moved an active or rebuilt a copy is a problem.
+async fn rolling_restart(
+    cluster: &mut Cluster,
+    notes: &mut Vec<(String, String)>,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let options = cluster.options.clone();
+    let members = cluster.running();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let logs = options.dir.join(&cluster.app);
+    let mut moved = Vec::new();
+    let mut replayed_total = 0;
+    let mut rebuilt_total = 0;
+    for round in 1..=options.rolling.rounds {
+        let before = assignment(
+            &cluster.wait_complete(&members, SETTLE_TIMEOUT).await?,
+            options.partitions,
+        );
+        let replayed_before = sum_in_logs(&logs, ACTIVATED, "records");
+        let rebuilt_before = count_in_logs(&logs, COLD_COPY);
+        let mut exits = Vec::new();
+        for (turn, id) in members.iter().enumerate() {
+            let stopping = Instant::now();
+            let process = cluster.process(id)?;
+            let status = process.terminate(Duration::from_secs(60))?;
+            if !status.success() {
+                // A supervisor starts it again all the same; the run goes on.
+                let output = process.output();
+                let why = output
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("stopped error="))
+                    .unwrap_or_default();
+                problems.push(format!("round {round}: {id} exited with {status}: {why}"));
+            }
+            exits.push(stopping.elapsed().as_millis());
+            if !options.rolling.downtime.is_zero() {
+                cluster.node(id)?.process = None;
+                tokio::time::sleep(options.rolling.downtime).await;
+            }
+            cluster.start(id)?;
+            let started = Instant::now();
+            if turn + 1 == members.len() {
+                break;
+            }
+            match options.rolling.pace {
+                RestartPace::Settle => {
+                    cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+                }
+                RestartPace::After(pace) => {
+                    tokio::time::sleep(pace.saturating_sub(started.elapsed())).await;
+                }
+            }
+        }
+        let after = assignment(
+            &cluster.wait_complete(&members, SETTLE_TIMEOUT).await?,
+            options.partitions,
+        );
+        let replayed = sum_in_logs(&logs, ACTIVATED, "records") - replayed_before;
+        let rebuilt = count_in_logs(&logs, COLD_COPY) - rebuilt_before;
+        replayed_total += replayed;
+        rebuilt_total += rebuilt;
+        let kept = if after == before {
+            "kept".to_owned()
+        } else {
+            moved.push(round);
+            format!("MOVED: {before:?} became {after:?}")
+        };
+        let summary = format!(
+            "assignment {kept}; {replayed} changelog records replayed; {rebuilt} copies \
+             rebuilt; SIGTERM to exit {exits:?} ms"
+        );
+        eprintln!("chaos: rolling restart round {round}: {summary}");
+        notes.push((format!("round {round}"), summary));
+    }
+    notes.push((
+        "rounds that kept the assignment".into(),
+        format!(
+            "{} of {}",
+            options.rolling.rounds as usize - moved.len(),
+            options.rolling.rounds
+        ),
+    ));
+    notes.push(("records replayed".into(), replayed_total.to_string()));
+    notes.push(("copies rebuilt".into(), rebuilt_total.to_string()));
+    if !moved.is_empty() {
+        problems.push(format!("rolling restart rounds {moved:?} moved the assignment"));
+    }
+    if rebuilt_total > 0 {
+        problems.push(format!("a rolling restart rebuilt {rebuilt_total} copies"));
+    }
+    Ok(())
+}
+
+/// How long the cluster may take to have every partition served again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a node logs when a partition turns active, with the changelog records its restore
+/// replayed (`records=`).
+const ACTIVATED: &str = "restore finished; the partition is active";
+
+/// What a node logs when it opens a copy it had no files for.
+const COLD_COPY: &str = "warm=false";
+
+/// Sums the numeric field `field` of every line of every node log under `dir` that contains
+/// `what`.
+fn sum_in_logs(dir: &std::path::Path, what: &str, field: &str) -> u64 {
+    let prefix = format!("{field}=");
+    node_logs(dir)
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|word| word.strip_prefix(&prefix))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Every node log under `dir`.
+fn node_logs(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
 }
 
 /// Now, in milliseconds since the Unix epoch.
@@ -904,13 +1043,8 @@ fn unix_ms() -> i64 {
 
 /// Counts the lines of every node log under `dir` that contain `what`.
 fn count_in_logs(dir: &std::path::Path, what: &str) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+    node_logs(dir)
+        .iter()
         .map(|log| log.lines().filter(|l| l.contains(what)).count() as u64)
         .sum()
 }
@@ -1066,5 +1200,6 @@ fn summarize(
         audit: Audit::default(),
         violations: 0,
         redelivered: 0,
+        fault_problems: Vec::new(),
     }
 }
