@@ -44,6 +44,9 @@ pub struct Chaos {
     /// (0s: at once; beyond the 10 s session timeout its partitions move, and must come back).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub downtime: std::time::Duration,
+    /// Stop each node of the rolling restart with kill -9 (a crash) instead of SIGTERM.
+    #[arg(long)]
+    pub kill: bool,
     /// A setting every node gets, as `kstore-node --set` takes it (repeatable), such as
     /// `kafka.debug=cgrp` (librdkafka's debug lines show with `KSTORE_LOG=info,librdkafka=debug`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -81,6 +84,7 @@ pub fn run(options: &Chaos) -> Result<()> {
     settings.rolling.rounds = options.rounds.max(1);
     settings.rolling.pace = options.pace;
     settings.rolling.downtime = options.downtime;
+    settings.rolling.kill = options.kill;
     settings.node_settings = options.node_settings.clone();
 
     let mut reports = Vec::new();

@@ -311,6 +311,7 @@ const MANAGED_KAFKA_KEYS: &[&str] = &[
     "enable.idempotence",
     "partitioner",
     "partition.assignment.strategy",
+    "group.remote.assignor",
     "enable.partition.eof",
 ];
 
@@ -518,6 +519,22 @@ impl NodeConfig {
         }
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
+        }
+        if self
+            .kafka
+            .get("group.protocol")
+            .is_some_and(|p| !p.eq_ignore_ascii_case("classic"))
+        {
+            // Measured against the classic protocol (see DESIGN.md, "Membership and
+            // metadata"): under KIP-848 the session timeout is the broker's (at least 45 s by
+            // default), and a node restarted after a crash is refused the group
+            // (UNRELEASED_INSTANCE_ID) until its old session expires.
+            return invalid(
+                "kafka.group.protocol",
+                "must be classic: under the consumer protocol (KIP-848) the session timeout \
+                 is the broker's and a node restarted after a crash is refused the group until \
+                 its old session expires",
+            );
         }
         if let Some(key) = self
             .kafka
@@ -797,6 +814,16 @@ mod tests {
                 .contains("ingest-niceness")
         );
         assert!(message(load(&[], &["oops"])).contains("key=value"));
+        assert!(
+            message(load(
+                &[],
+                &[MINIMAL, &["kafka.group.protocol=consumer"]].concat()
+            ))
+            .contains("kafka.group.protocol")
+        );
+        assert!(
+            message(load(&[], &[MINIMAL, &["group-assignor=sticky"]].concat())).contains("sticky")
+        );
         for (setting, key) in [
             ("cluster-id=a b", "cluster-id"),
             ("gossip-address=nowhere", "gossip-address"),

@@ -27,54 +27,28 @@ pub const DLQ_OFFSET_HEADER: &str = "kstore.source.offset";
 /// Set when the dead letter's value was cut to fit; holds the original size in bytes.
 pub const DLQ_TRUNCATED_HEADER: &str = "kstore.truncated-from";
 
-/// Settings that concern the input's consumer group only: the group consumer gets them, the
-/// node's other clients (producer, changelog consumer, admin) do not, since librdkafka
-/// refuses `group.protocol=consumer` next to the classic protocol's settings they inherit.
-pub const GROUP_CONSUMER_KEYS: &[&str] = &["group.protocol", "group.remote.assignor"];
-
-/// The classic protocol's settings that librdkafka refuses under `group.protocol=consumer`
-/// (the broker decides them there).
-const CLASSIC_ONLY_KEYS: &[&str] = &["session.timeout.ms", "heartbeat.interval.ms"];
-
 /// Returns the client settings every Kafka client of the node starts from: the user's
-/// `kafka.*` keys, verbatim, except those of the group consumer alone.
+/// `kafka.*` keys, verbatim.
 pub fn client_config(config: &NodeConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka {
-        if !GROUP_CONSUMER_KEYS.contains(&key.as_str()) {
-            client.set(key, value);
-        }
+        client.set(key, value);
     }
     client
 }
 
 /// Returns the settings of the input's group consumer: the node's client settings, its
-/// group, static membership (`group.instance.id` = node id), the configured assignor, and
-/// exactly-once reading.
-///
-/// Under `kafka.group.protocol=consumer` (KIP-848) the broker assigns: the assignor is
-/// `kafka.group.remote.assignor` (the broker's default if unset), and the classic
-/// protocol's session and heartbeat settings are left out.
+/// group with static membership (`group.instance.id` = node id), the configured assignor
+/// (classic protocol), and exactly-once reading.
 pub fn group_consumer_config(config: &NodeConfig) -> ClientConfig {
     let mut consumer = client_config(config);
-    for key in GROUP_CONSUMER_KEYS {
-        if let Some(value) = config.kafka.get(*key) {
-            consumer.set(*key, value);
-        }
-    }
-    if config.kafka.get("group.protocol").map(String::as_str) == Some("consumer") {
-        for key in CLASSIC_ONLY_KEYS {
-            consumer.remove(key);
-        }
-    } else {
-        consumer.set(
-            "partition.assignment.strategy",
-            config.group_assignor.kafka_name(),
-        );
-    }
     consumer
         .set("group.id", config.group_id())
         .set("group.instance.id", &config.node_id)
+        .set(
+            "partition.assignment.strategy",
+            config.group_assignor.kafka_name(),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed");

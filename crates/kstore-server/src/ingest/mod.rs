@@ -229,7 +229,18 @@ fn poll_loop(
         engine.follow_copies(consumer)?;
         match message {
             Some(Ok(message)) => engine.handle(&message, consumer)?,
-            Some(Err(error)) => tracing::warn!(%error, "consumer error"),
+            Some(Err(error)) => {
+                // A fatal error (another process took this node's group.instance.id) stops
+                // the consumer for good: ingest ends rather than sit out of the group.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(%code, reason, "fatal consumer error; ingest stops");
+                    return Err(IngestError::Kafka {
+                        during: "consuming",
+                        source: KafkaError::MessageConsumptionFatal(code),
+                    });
+                }
+                tracing::warn!(%error, "consumer error");
+            }
             None => {}
         }
         if engine.txn_due() {

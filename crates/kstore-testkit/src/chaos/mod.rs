@@ -133,6 +133,8 @@ pub struct RollingOptions {
     pub rounds: u32,
     /// When the next node is stopped.
     pub pace: RestartPace,
+    /// Whether nodes are stopped with `kill -9` (a crash) instead of SIGTERM.
+    pub kill: bool,
     /// How long a stopped node stays down before it is started again: zero, as a supervisor
     /// restarts it, or longer than the session timeout, so that the group moves its
     /// partitions and must hand them back once it returns.
@@ -185,6 +187,7 @@ impl ChaosOptions {
             rolling: RollingOptions {
                 rounds: 1,
                 pace: RestartPace::After(Duration::from_secs(5)),
+                kill: false,
                 downtime: Duration::ZERO,
             },
             node_settings: Vec::new(),
@@ -476,18 +479,37 @@ impl Cluster {
 
     /// Waits until the view shows every partition with one live active and one live
     /// standby, all on `members`, and every member running.
+    /// A node that answers no Metadata for a moment (a busy machine) is asked again; a node
+    /// that exited fails the wait at once.
     async fn wait_complete(&mut self, members: &[&str], timeout: Duration) -> Result<ClusterView> {
         let deadline = Instant::now() + timeout;
         loop {
-            let view = self.view().await?;
-            if complete(&view, members, self.options.partitions) {
-                return Ok(view);
-            }
+            let unanswered = match self.view().await {
+                Ok(view) if complete(&view, members, self.options.partitions) => return Ok(view),
+                Ok(_) => None,
+                Err(error) if self.any_exited()? => return Err(error),
+                Err(error) => Some(error),
+            };
             if Instant::now() > deadline {
-                bail!("the cluster did not settle on {members:?} within {timeout:?}");
+                bail!(
+                    "the cluster did not settle on {members:?} within {timeout:?}{}",
+                    unanswered.map_or_else(String::new, |e| format!(": {e}"))
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether a node that should run has exited.
+    fn any_exited(&mut self) -> Result<bool> {
+        for node in &mut self.nodes {
+            if let Some(process) = node.process.as_mut()
+                && process.try_exit()?.is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn stop_all(&mut self) {
@@ -926,8 +948,16 @@ async fn rolling_restart(
         for (turn, id) in members.iter().enumerate() {
             let stopping = Instant::now();
             let process = cluster.process(id)?;
-            let status = process.terminate(Duration::from_secs(60))?;
-            if !status.success() {
+            // A crash has no exit status worth checking.
+            let status = if options.rolling.kill {
+                process.kill9()?;
+                None
+            } else {
+                Some(process.terminate(Duration::from_secs(60))?)
+            };
+            if let Some(status) = status
+                && !status.success()
+            {
                 // A supervisor starts it again all the same; the run goes on.
                 let output = process.output();
                 let why = output
