@@ -923,25 +923,32 @@ async fn inject(
 
 /// Restarts every node in turn, [`RollingOptions::rounds`] times, at
 /// [`RollingOptions::pace`]; after each round, once the cluster has settled, compares the
-/// assignment (as Metadata reports it) with the one before the round and counts what the
-/// round replayed. A round that moved an active or rebuilt a copy is a problem.
+/// assignment (as Metadata reports it) with the one before the round, and counts the
+/// changelog records the round replayed and the copies it rebuilt.
+///
+/// A round that moved an active is a problem. So is a replay or a rebuilt copy in a round in
+/// which every node came back by SIGTERM and at once and the group did not rebalance (its
+/// generation, as the nodes report it, stayed the same): then every node rejoined as the
+/// static member it was, and nothing may move even for a while. A round in which the group
+/// did rebalance (a member missed its session timeout: a slow restart, a stalled broker) is
+/// noted with its generations.
 async fn rolling_restart(
     cluster: &mut Cluster,
     notes: &mut Vec<(String, String)>,
     problems: &mut Vec<String>,
 ) -> Result<()> {
     let options = cluster.options.clone();
+    let rolling = options.rolling.clone();
     let members = cluster.running();
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
     let logs = options.dir.join(&cluster.app);
     let mut moved = Vec::new();
+    let mut rebalanced = Vec::new();
     let mut replayed_total = 0;
     let mut rebuilt_total = 0;
-    for round in 1..=options.rolling.rounds {
-        let before = assignment(
-            &cluster.wait_complete(&members, SETTLE_TIMEOUT).await?,
-            options.partitions,
-        );
+    for round in 1..=rolling.rounds {
+        let view = cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+        let (before, generation_before) = (assignment(&view, options.partitions), generation(&view));
         let replayed_before = sum_in_logs(&logs, ACTIVATED, "records");
         let rebuilt_before = count_in_logs(&logs, COLD_COPY);
         let mut exits = Vec::new();
@@ -949,7 +956,7 @@ async fn rolling_restart(
             let stopping = Instant::now();
             let process = cluster.process(id)?;
             // A crash has no exit status worth checking.
-            let status = if options.rolling.kill {
+            let status = if rolling.kill {
                 process.kill9()?;
                 None
             } else {
@@ -968,16 +975,16 @@ async fn rolling_restart(
                 problems.push(format!("round {round}: {id} exited with {status}: {why}"));
             }
             exits.push(stopping.elapsed().as_millis());
-            if !options.rolling.downtime.is_zero() {
+            if !rolling.downtime.is_zero() {
                 cluster.node(id)?.process = None;
-                tokio::time::sleep(options.rolling.downtime).await;
+                tokio::time::sleep(rolling.downtime).await;
             }
             cluster.start(id)?;
             let started = Instant::now();
             if turn + 1 == members.len() {
                 break;
             }
-            match options.rolling.pace {
+            match rolling.pace {
                 RestartPace::Settle => {
                     cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
                 }
@@ -986,10 +993,8 @@ async fn rolling_restart(
                 }
             }
         }
-        let after = assignment(
-            &cluster.wait_complete(&members, SETTLE_TIMEOUT).await?,
-            options.partitions,
-        );
+        let view = cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+        let (after, generation_after) = (assignment(&view, options.partitions), generation(&view));
         let replayed = sum_in_logs(&logs, ACTIVATED, "records") - replayed_before;
         let rebuilt = count_in_logs(&logs, COLD_COPY) - rebuilt_before;
         replayed_total += replayed;
@@ -1000,30 +1005,50 @@ async fn rolling_restart(
             moved.push(round);
             format!("MOVED: {before:?} became {after:?}")
         };
+        let group = if generation_after == generation_before {
+            format!("no rebalance (generation {generation_after})")
+        } else {
+            rebalanced.push(round);
+            format!("rebalanced: generation {generation_before} to {generation_after}")
+        };
         let summary = format!(
-            "assignment {kept}; {replayed} changelog records replayed; {rebuilt} copies \
-             rebuilt; SIGTERM to exit {exits:?} ms"
+            "assignment {kept}; group {group}; {replayed} changelog records replayed; \
+             {rebuilt} copies rebuilt; SIGTERM to exit {exits:?} ms"
         );
         eprintln!("chaos: rolling restart round {round}: {summary}");
         notes.push((format!("round {round}"), summary));
+        let quick = !rolling.kill && rolling.downtime.is_zero();
+        if quick && generation_after == generation_before && (replayed > 0 || rebuilt > 0) {
+            problems.push(format!(
+                "rolling restart round {round} replayed {replayed} changelog records and \
+                 rebuilt {rebuilt} copies, though no member left the group"
+            ));
+        }
     }
+    let rounds = rolling.rounds as usize;
     notes.push((
         "rounds that kept the assignment".into(),
-        format!(
-            "{} of {}",
-            options.rolling.rounds as usize - moved.len(),
-            options.rolling.rounds
-        ),
+        format!("{} of {rounds}", rounds - moved.len()),
+    ));
+    notes.push((
+        "rounds the group rebalanced in".into(),
+        format!("{} of {rounds} {rebalanced:?}", rebalanced.len()),
     ));
     notes.push(("records replayed".into(), replayed_total.to_string()));
     notes.push(("copies rebuilt".into(), rebuilt_total.to_string()));
     if !moved.is_empty() {
         problems.push(format!("rolling restart rounds {moved:?} moved the assignment"));
     }
-    if rebuilt_total > 0 {
-        problems.push(format!("a rolling restart rebuilt {rebuilt_total} copies"));
-    }
     Ok(())
+}
+
+/// The latest consumer-group generation any node reports.
+fn generation(view: &ClusterView) -> i32 {
+    view.nodes
+        .iter()
+        .map(|n| n.group_generation)
+        .max()
+        .unwrap_or_default()
 }
 
 /// How long the cluster may take to have every partition served again.
