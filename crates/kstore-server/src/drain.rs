@@ -2,6 +2,11 @@
 //! static member from the consumer group so that the other members take its partitions over
 //! at once (not after `session.timeout.ms`), keeps answering reads from its copies until
 //! their new actives run, then stops.
+//!
+//! Leaving the group goes over the node's own Kafka security settings (TLS, SASL). If it
+//! cannot (settings kstore's connections do not speak, brokers that refuse or cannot be
+//! reached), the partitions move only once the session timeout passes: the drain logs that
+//! as a warning and counts it in [`LEAVE_FALLBACKS`], never silently.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +16,20 @@ use kstore_core::cluster::{ClusterView, Liveness};
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
-use crate::group;
+use crate::group::{self, LeaveError};
+use crate::kafka::connect::Connector;
 
 /// How long removing the member from the group may take.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
+
+/// Drains that could not remove the node's static member from the consumer group, so that
+/// its partitions moved only after the session timeout, by reason: `settings` (the
+/// `kafka.*` security settings are not ones kstore's own connections speak) or `broker`
+/// (no broker could be reached, or one refused).
+pub const LEAVE_FALLBACKS: &str = "kstore_drain_leave_fallbacks_total";
 
 /// The switch that Admin Drain (or SIGTERM with `drain-on-shutdown`) turns.
 #[derive(Debug)]
@@ -62,19 +77,41 @@ pub fn hand_over(config: &NodeConfig, owned: &[i32], view: &watch::Receiver<Arc<
         .get("bootstrap.servers")
         .map(String::as_str)
         .unwrap_or_default();
-    let security = config.kafka.get("security.protocol").map(String::as_str);
-    match group::remove_static_member(
-        bootstrap,
-        security,
-        config.group_id(),
-        &config.node_id,
-        LEAVE_TIMEOUT,
-    ) {
+    let left = Connector::from_settings(&config.kafka)
+        .map_err(LeaveError::from)
+        .and_then(|connector| {
+            group::remove_static_member(
+                &connector,
+                bootstrap,
+                config.group_id(),
+                &config.node_id,
+                LEAVE_TIMEOUT,
+            )
+        });
+    match left {
         Ok(()) => tracing::info!(
             ?owned,
             "left the consumer group; the other members take the partitions over"
         ),
-        Err(error) => tracing::warn!(%error, "cannot leave the consumer group"),
+        Err(error) => {
+            let reason = match error {
+                LeaveError::Settings(_) => "settings",
+                LeaveError::Failed { .. } => "broker",
+            };
+            metrics::counter!(LEAVE_FALLBACKS, "reason" => reason).increment(1);
+            let session_timeout_ms = config
+                .kafka
+                .get("session.timeout.ms")
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .unwrap_or(DEFAULT_SESSION_TIMEOUT_MS);
+            tracing::warn!(
+                %error,
+                session_timeout_ms,
+                ?owned,
+                "cannot leave the consumer group: the partitions move to the other members \
+                 only once the session timeout passes"
+            );
+        }
     }
     let deadline = started + Duration::from_millis(config.drain_timeout_ms);
     loop {
