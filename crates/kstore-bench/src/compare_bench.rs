@@ -414,8 +414,10 @@ fn measure_system(
         remote_nice: None,
         port: bench.port,
         seeds: Vec::new(),
-        policy: crate::bench::BenchPolicy::PreferActive,
+        policy: None,
         hedge_ms: 0,
+        paused_node: false,
+        pause_seconds: 0,
     };
     let warm_up = GetBench {
         seconds: 3,
