@@ -145,3 +145,120 @@ pub fn hand_over(config: &NodeConfig, owned: &[i32], view: &watch::Receiver<Arc<
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use metrics::{
+        Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+
+    use super::*;
+
+    /// Keeps the counters a test's code increments, by name and labels.
+    #[derive(Debug, Default)]
+    struct Counters(Arc<Mutex<BTreeMap<String, u64>>>);
+
+    #[derive(Debug)]
+    struct One {
+        name: String,
+        counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    }
+
+    impl CounterFn for One {
+        fn increment(&self, value: u64) {
+            *self
+                .counts
+                .lock()
+                .unwrap()
+                .entry(self.name.clone())
+                .or_default() += value;
+        }
+
+        fn absolute(&self, value: u64) {
+            self.counts.lock().unwrap().insert(self.name.clone(), value);
+        }
+    }
+
+    impl Recorder for Counters {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            Counter::from_arc(Arc::new(One {
+                name: format!("{}{{{}}}", key.name(), labels.join(",")),
+                counts: self.0.clone(),
+            }))
+        }
+
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    fn config(kafka: &[&str]) -> NodeConfig {
+        let mut overrides = vec![
+            "node-id=n1".to_owned(),
+            "input-topic=orders".to_owned(),
+            // Nothing to wait for once the LeaveGroup failed: the test is about that failure.
+            "drain-timeout-ms=0".to_owned(),
+        ];
+        overrides.extend(kafka.iter().map(|k| format!("kafka.{k}")));
+        NodeConfig::load(None, [], &overrides).unwrap()
+    }
+
+    /// Drains `config`'s node and returns the fallbacks it counted.
+    fn fallbacks_of_a_drain(config: &NodeConfig) -> BTreeMap<String, u64> {
+        let recorder = Counters::default();
+        let (_sender, view) = watch::channel(Arc::new(ClusterView::default()));
+        metrics::with_local_recorder(&recorder, || hand_over(config, &[0, 1], &view));
+        recorder.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_drain_that_cannot_reach_a_broker_counts_a_fallback() {
+        // Port 1 on loopback: refused at once.
+        let config = config(&["bootstrap.servers=127.0.0.1:1"]);
+        let counts = fallbacks_of_a_drain(&config);
+        assert_eq!(
+            counts.get(&format!("{LEAVE_FALLBACKS}{{reason=broker}}")),
+            Some(&1),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_drain_with_settings_its_connection_does_not_speak_counts_a_fallback() {
+        let config = config(&[
+            "bootstrap.servers=127.0.0.1:1",
+            "security.protocol=ssl",
+            "ssl.keystore.location=/etc/kstore/kafka/node.p12",
+        ]);
+        let counts = fallbacks_of_a_drain(&config);
+        assert_eq!(
+            counts.get(&format!("{LEAVE_FALLBACKS}{{reason=settings}}")),
+            Some(&1),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_without_partitions_has_nothing_to_hand_over() {
+        let config = config(&["bootstrap.servers=127.0.0.1:1"]);
+        let recorder = Counters::default();
+        let (_sender, view) = watch::channel(Arc::new(ClusterView::default()));
+        metrics::with_local_recorder(&recorder, || hand_over(&config, &[], &view));
+        assert!(recorder.0.lock().unwrap().is_empty());
+    }
+}

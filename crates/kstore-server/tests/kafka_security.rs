@@ -201,6 +201,11 @@ async fn ingest_exactly_once_then_drain(name: &str, security: Vec<(String, Strin
     // Without leaving the group, a drained static member's partitions would wait this long.
     let session_timeout = Duration::from_secs(60);
     scenario.extra = node_settings(&security);
+    // The default, said here because it is what the test is about: transactions over TLS
+    // and SASL.
+    scenario
+        .extra
+        .push("processing-guarantee=exactly-once".into());
     scenario.extra.push(format!(
         "kafka.session.timeout.ms={}",
         session_timeout.as_millis()
