@@ -292,6 +292,11 @@ impl Connector {
         })
     }
 
+    /// Returns whether the connections use TLS or SASL (anything but PLAINTEXT).
+    pub fn is_secured(&self) -> bool {
+        self.protocol != SecurityProtocol::Plaintext
+    }
+
     /// The protocol, and the mechanism where SASL is used: `SASL_SSL with SCRAM-SHA-512`.
     pub fn describe(&self) -> String {
         match &self.sasl {
@@ -815,6 +820,7 @@ mod tests {
     fn plaintext_is_the_default_and_needs_nothing() {
         let connector = Connector::from_settings(&settings(&[])).unwrap();
         assert_eq!(connector.describe(), "PLAINTEXT");
+        assert!(!connector.is_secured());
     }
 
     #[test]
