@@ -891,6 +891,7 @@ mod tests {
             &[
                 ("KSTORE_MEMORY__BLOCK_CACHE_BYTES", "8388608"),
                 ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+                ("KSTORE_KAFKA__SASL_PASSWORD", "from-a-secret"),
                 ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
                 ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
                 ("KSTORE_BIN_DIR", "/ignored/target/debug"),
@@ -902,6 +903,11 @@ mod tests {
         assert_eq!(
             config.kafka.get("session.timeout.ms").map(String::as_str),
             Some("6000")
+        );
+        // The way docs/OPERATIONS.md tells to give the SASL password.
+        assert_eq!(
+            config.kafka.get("sasl.password").map(String::as_str),
+            Some("from-a-secret")
         );
         assert_eq!(
             config.processing_guarantee,
