@@ -14,6 +14,7 @@ mod chaos;
 mod client_bench;
 mod cluster_bench;
 mod compare_bench;
+mod ghz;
 mod paused_bench;
 mod restore_bench;
 

@@ -33,6 +33,31 @@ pub enum MismatchPolicy {
     Dlq,
 }
 
+/// How the consumer group places the partitions' actives on the nodes (Kafka's
+/// `partition.assignment.strategy`, classic protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupAssignor {
+    /// Kafka's range assignor over the members sorted by `group.instance.id` (the node id):
+    /// whenever the same nodes are in the group, each owns the same partitions, whatever
+    /// happened before. A rebalance is eager: every partition's ingest pauses while it runs.
+    Range,
+    /// Kafka's cooperative-sticky assignor: a rebalance pauses only the partitions that
+    /// move, but where they go depends on what each member reports owning, which a
+    /// restarted process or a member that missed its session timeout reports empty.
+    CooperativeSticky,
+}
+
+impl GroupAssignor {
+    /// The librdkafka name of the assignor.
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            GroupAssignor::Range => "range",
+            GroupAssignor::CooperativeSticky => "cooperative-sticky",
+        }
+    }
+}
+
 /// Which processor folds the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -353,6 +378,9 @@ pub struct NodeConfig {
     /// How long a drain waits for the other members to run the node's partitions before the
     /// node stops anyway, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// How the consumer group places the actives: `range` (a node gets the same partitions
+    /// back whenever the same nodes are in the group) or `cooperative-sticky`.
+    pub group_assignor: GroupAssignor,
     /// Whether a copy found on disk at start is read whole to check every block's checksum
     /// before it is used; a damaged copy is moved aside and recovered (from the newest good
     /// backup, then its changelog). Costs one sequential read of the copy.
@@ -421,6 +449,7 @@ impl Default for NodeConfig {
             standby_retention_ms: 600_000,
             drain_on_shutdown: false,
             drain_timeout_ms: 120_000,
+            group_assignor: GroupAssignor::Range,
             verify_checksums_on_open: true,
             verify_interval_ms: 86_400_000,
             store_flush_interval_ms: 30_000,
@@ -477,6 +506,7 @@ const MANAGED_KAFKA_KEYS: &[&str] = &[
     "enable.idempotence",
     "partitioner",
     "partition.assignment.strategy",
+    "group.remote.assignor",
     "enable.partition.eof",
 ];
 
@@ -711,6 +741,22 @@ impl NodeConfig {
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
         }
+        if self
+            .kafka
+            .get("group.protocol")
+            .is_some_and(|p| !p.eq_ignore_ascii_case("classic"))
+        {
+            // Measured against the classic protocol (see DESIGN.md, "Membership and
+            // metadata"): under KIP-848 the session timeout is the broker's (at least 45 s by
+            // default), and a node restarted after a crash is refused the group
+            // (UNRELEASED_INSTANCE_ID) until its old session expires.
+            return invalid(
+                "kafka.group.protocol",
+                "must be classic: under the consumer protocol (KIP-848) the session timeout \
+                 is the broker's and a node restarted after a crash is refused the group until \
+                 its old session expires",
+            );
+        }
         if let Some(key) = self
             .kafka
             .keys()
@@ -913,6 +959,7 @@ mod tests {
             &[
                 ("KSTORE_MEMORY__BLOCK_CACHE_BYTES", "8388608"),
                 ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+                ("KSTORE_KAFKA__SASL_PASSWORD", "from-a-secret"),
                 ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
                 ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
                 ("KSTORE_BIN_DIR", "/ignored/target/debug"),
@@ -924,6 +971,11 @@ mod tests {
         assert_eq!(
             config.kafka.get("session.timeout.ms").map(String::as_str),
             Some("6000")
+        );
+        // The way docs/OPERATIONS.md tells to give the SASL password.
+        assert_eq!(
+            config.kafka.get("sasl.password").map(String::as_str),
+            Some("from-a-secret")
         );
         assert_eq!(
             config.processing_guarantee,
@@ -1087,6 +1139,16 @@ mod tests {
                 .contains("ingest-niceness")
         );
         assert!(message(load(&[], &["oops"])).contains("key=value"));
+        assert!(
+            message(load(
+                &[],
+                &[MINIMAL, &["kafka.group.protocol=consumer"]].concat()
+            ))
+            .contains("kafka.group.protocol")
+        );
+        assert!(
+            message(load(&[], &[MINIMAL, &["group-assignor=sticky"]].concat())).contains("sticky")
+        );
         for (setting, key) in [
             ("cluster-id=a b", "cluster-id"),
             ("gossip-address=nowhere", "gossip-address"),

@@ -82,6 +82,7 @@ pub const ALL: &[&str] = &[
     PARTITION_ROLE,
     DISK_READS,
     READ_LATENCY,
+    crate::drain::LEAVE_FALLBACKS,
     crate::grpc::forward::FORWARDED_READS,
     crate::grpc::forward::FORWARD_STALLS,
     crate::tls::TLS_RELOADS,

@@ -16,6 +16,7 @@ use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
+use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
@@ -30,6 +31,9 @@ use crate::topics::{self, TopicError};
 /// How often the node looks at the input's end offsets (for lag) and publishes metrics.
 const LAG_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long the start-up check of the Kafka security settings waits for a broker.
+const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,6 +41,13 @@ pub enum NodeError {
     /// The topics are missing or do not fit together.
     #[error(transparent)]
     Topics(#[from] TopicError),
+    /// The `kafka.*` security settings cannot be used (a file they name, a missing key).
+    #[error(transparent)]
+    KafkaSettings(SettingsError),
+    /// The brokers refused the `kafka.*` security settings (an untrusted certificate, wrong
+    /// credentials).
+    #[error(transparent)]
+    KafkaRefused(ConnectError),
     /// Ingest failed.
     #[error(transparent)]
     Ingest(#[from] IngestError),
@@ -67,6 +78,46 @@ pub enum NodeError {
     Runtime(#[from] std::io::Error),
 }
 
+/// Checks at start that the brokers accept the node's Kafka security settings, over the
+/// path the drain's LeaveGroup takes (TLS, SASL). Wrong settings stop the node with what to
+/// fix, rather than leaving librdkafka to retry them forever; a broker that cannot be
+/// reached now is only logged (librdkafka keeps trying); settings that kstore's own
+/// connections do not speak are logged as what they cost: a drain then waits for the
+/// session timeout. PLAINTEXT has nothing to check, and its nodes start as before.
+fn check_kafka_security(config: &NodeConfig) -> Result<(), NodeError> {
+    let connector = match Connector::from_settings(&config.kafka) {
+        Ok(connector) => connector,
+        Err(error @ SettingsError::Unsupported { .. }) => {
+            tracing::warn!(
+                %error,
+                "a drained node cannot leave the consumer group with these settings: its \
+                 partitions will move only after the session timeout"
+            );
+            return Ok(());
+        }
+        Err(error) => return Err(NodeError::KafkaSettings(error)),
+    };
+    if !connector.is_secured() {
+        return Ok(());
+    }
+    let bootstrap = config
+        .kafka
+        .get("bootstrap.servers")
+        .map(String::as_str)
+        .unwrap_or_default();
+    match connector.check(bootstrap, KAFKA_CHECK_TIMEOUT) {
+        Ok(broker) => {
+            tracing::info!(%broker, security = %connector.describe(), "the brokers accept the node's Kafka security settings");
+            Ok(())
+        }
+        Err(error) if error.is_configuration() => Err(NodeError::KafkaRefused(error)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check the Kafka security settings now; the Kafka clients keep trying");
+            Ok(())
+        }
+    }
+}
+
 /// Returns the processor the configuration names.
 pub fn builtin_processor(config: &NodeConfig) -> Box<dyn Processor> {
     match config.processor {
@@ -82,6 +133,7 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
+    check_kafka_security(&config)?;
     let client = crate::kafka::client_config(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

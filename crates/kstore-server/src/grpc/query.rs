@@ -270,14 +270,15 @@ impl QueryService {
     }
 
     fn read_metadata(&self, copy: &PartitionCopy, position: Position) -> ReadMetadata {
+        let (lag, input_end_seen_ms) = copy.lag_and_seen_at(position);
         ReadMetadata {
             partition: copy.partition as u32,
             node_id: self.registry.node_id().to_owned(),
             role: copy.role() as i32,
             changelog_offset: position.changelog_next,
             input_offset: position.input_next,
-            lag: copy.lag_at(position),
-            input_end_seen_ms: copy.input_end_seen().1,
+            lag,
+            input_end_seen_ms,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Kafka plumbing that ingest, the state updater and point-in-time restore share: the record
 //! headers kstore writes, one builder for the node's client settings, sending and flushing
 //! with librdkafka's queue in mind, and the CPU priority of the threads that talk to Kafka.
+//! [`connect`] opens connections of kstore's own (outside librdkafka) with the same
+//! security settings.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use crate::config::NodeConfig;
+
+pub mod connect;
 
 /// The header of a changelog record that holds the input offset that produced it.
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
@@ -35,6 +39,25 @@ pub fn client_config(config: &NodeConfig) -> ClientConfig {
         client.set(key, value);
     }
     client
+}
+
+/// Returns the settings of the input's group consumer: the node's client settings, its
+/// group with static membership (`group.instance.id` = node id), the configured assignor
+/// (classic protocol), and exactly-once reading.
+pub fn group_consumer_config(config: &NodeConfig) -> ClientConfig {
+    let mut consumer = client_config(config);
+    consumer
+        .set("group.id", config.group_id())
+        .set("group.instance.id", &config.node_id)
+        .set(
+            "partition.assignment.strategy",
+            config.group_assignor.kafka_name(),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    set_default(&mut consumer, "auto.offset.reset", "earliest");
+    consumer
 }
 
 /// Sets a client setting unless the user's `kafka.*` settings already chose one.
