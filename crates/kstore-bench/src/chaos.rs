@@ -208,6 +208,13 @@ fn print_table(settings: &ChaosOptions, reports: &[ChaosReport]) {
         for example in &r.audit.examples {
             println!("  {}: {example}", r.fault.name());
         }
+        if !r.audit.most_behind.is_empty() {
+            println!(
+                "  {}: furthest behind: {}",
+                r.fault.name(),
+                r.audit.most_behind
+            );
+        }
     }
 }
 
@@ -229,6 +236,7 @@ fn report_json(r: &ChaosReport) -> serde_json::Value {
         "wrong_answers": r.audit.wrong_answers,
         "understated_lags": r.audit.understated_lags,
         "max_time_behind_ms": r.audit.max_time_behind.as_millis() as u64,
+        "most_behind_answer": r.audit.most_behind,
         "exactly_once_violations": r.violations,
         "redelivered_records": r.redelivered,
         "duplicate_inputs": r.audit.duplicate_inputs,

@@ -37,6 +37,8 @@ pub struct Answer {
     pub key: usize,
     /// The node that answered.
     pub node: String,
+    /// The role of the copy that answered (`ROLE_ACTIVE`, `ROLE_STANDBY`, …).
+    pub role: String,
     /// The partition the answer names.
     pub partition: u32,
     /// The next input offset it states it reflects.
@@ -67,6 +69,8 @@ pub struct Audit {
     /// The longest an answer was behind: from the append of the first record it does not
     /// reflect to the answer.
     pub max_time_behind: Duration,
+    /// The answer that was furthest behind, described (empty if none was).
+    pub most_behind: String,
     /// Events the input topic holds more than once.
     pub duplicate_inputs: u64,
     /// Events sent that the input topic does not hold.
@@ -261,7 +265,21 @@ fn check_lag(
         && *appended < answer.answered_ms
     {
         let behind = Duration::from_millis((answer.answered_ms - appended) as u64);
-        audit.max_time_behind = audit.max_time_behind.max(behind);
+        if behind > audit.max_time_behind {
+            audit.max_time_behind = behind;
+            audit.most_behind = format!(
+                "{} from {} ({}) of partition {} at {} states input before offset {} and lag \
+                 {}; the first record it does not reflect was appended {} ms earlier",
+                keys[answer.key],
+                answer.node,
+                answer.role,
+                answer.partition,
+                answer.answered_ms,
+                answer.input_offset,
+                answer.lag,
+                behind.as_millis()
+            );
+        }
     }
     if answer.input_end_seen_ms <= 0 {
         return;

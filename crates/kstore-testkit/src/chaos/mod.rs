@@ -662,6 +662,7 @@ async fn read_once(
                 };
                 return Ok(Answer {
                     key: key_index,
+                    role: read.role().as_str_name().to_string(),
                     node: read.node_id,
                     partition: read.partition,
                     input_offset: read.input_offset,
