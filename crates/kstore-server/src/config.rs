@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::processor::wasm::WasmConfig;
+
 /// How the node commits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -33,12 +35,55 @@ pub enum MismatchPolicy {
     Dlq,
 }
 
-/// Which processor folds the input.
+/// Which built-in processor folds the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessorKind {
     /// The built-in fraud features per customer from JSON order events.
     Features,
+}
+
+/// The processor that folds the input: a built-in one by name (`processor = "features"`),
+/// or a WebAssembly module (`processor = { wasm = "module.wasm", … }`, see
+/// [`WasmConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ProcessorConfig {
+    /// A processor built into the node.
+    Builtin(ProcessorKind),
+    /// A module loaded at start.
+    Wasm(WasmConfig),
+}
+
+impl<'de> Deserialize<'de> for ProcessorConfig {
+    // By hand rather than untagged, so that a bad name or a bad key of the table is named
+    // in the error rather than "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ProcessorConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a built-in processor's name or a table such as { wasm = \"module.wasm\" }",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                ProcessorKind::deserialize(serde::de::value::StrDeserializer::new(name))
+                    .map(ProcessorConfig::Builtin)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                WasmConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ProcessorConfig::Wasm)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Memory that all of the node's RocksDB stores share.
@@ -225,7 +270,7 @@ pub struct NodeConfig {
     /// Exactly-once (default) or at-least-once.
     pub processing_guarantee: ProcessingGuarantee,
     /// The processor that folds the input.
-    pub processor: ProcessorKind,
+    pub processor: ProcessorConfig,
     /// The longest a transaction stays open, in milliseconds.
     pub commit_interval_ms: u64,
     /// The most input records in one transaction.
@@ -326,7 +371,7 @@ impl Default for NodeConfig {
             store: "features".into(),
             state_dir: PathBuf::from("kstore-state"),
             processing_guarantee: ProcessingGuarantee::ExactlyOnce,
-            processor: ProcessorKind::Features,
+            processor: ProcessorConfig::Builtin(ProcessorKind::Features),
             commit_interval_ms: 100,
             max_transaction_records: 20_000,
             max_transaction_bytes: 64 << 20,
@@ -623,6 +668,7 @@ impl NodeConfig {
             return invalid("read-wait-ms", "must be at most 60000");
         }
         self.limits.validate()?;
+        self.validate_processor()?;
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
         }
@@ -635,6 +681,30 @@ impl NodeConfig {
                 &format!("kafka.{key}"),
                 "is managed by kstore and cannot be set",
             );
+        }
+        Ok(())
+    }
+
+    /// Checks a module's settings (the module file is loaded when the node starts), and
+    /// that no output goes to a topic of kstore's own.
+    fn validate_processor(&self) -> Result<(), ConfigError> {
+        let ProcessorConfig::Wasm(wasm) = &self.processor else {
+            return Ok(());
+        };
+        wasm.validate().map_err(|error| ConfigError::Invalid {
+            key: format!("processor.{}", error.key),
+            reason: error.reason,
+        })?;
+        let own = [
+            self.input_topic.clone(),
+            self.changelog_topic(),
+            self.dlq_topic(),
+        ];
+        if let Some((name, topic)) = wasm.outputs.iter().find(|(_, topic)| own.contains(topic)) {
+            return Err(ConfigError::Invalid {
+                key: format!("processor.outputs.{name}"),
+                reason: format!("{topic} is the input, changelog or dead-letter topic"),
+            });
         }
         Ok(())
     }
