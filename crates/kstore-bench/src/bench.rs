@@ -44,6 +44,11 @@ pub struct IngestBench {
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// A node setting, `key=value`, for every node (repeatable): for example
+    /// `--set processor.wasm=features.wasm --set processor.outputs.alerts=alerts` measures
+    /// the features processor as a WebAssembly module.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
 }
 
 struct Measurement {
@@ -126,11 +131,12 @@ fn measure(
     for i in 1..=bench.nodes.max(1) {
         let node_dir = dir.path().join(format!("node-{i}"));
         std::fs::create_dir_all(&node_dir)?;
-        let extra = [
+        let mut extra = vec![
             format!("processing-guarantee={guarantee}"),
             format!("node-id=bench-node-{i}"),
             format!("seeds={}", seeds.join(",")),
         ];
+        extra.extend(bench.settings.iter().cloned());
         let mut node = start_bench_node(node_binary, kafka, &app, &input, &node_dir, &extra)?;
         seeds.push(node.logged_address("gossiping", Duration::from_secs(60))?);
         nodes.push(node);
@@ -272,12 +278,24 @@ pub struct GetBench {
     /// would; `--customers` must match the keys the cluster holds.
     #[arg(long, value_delimiter = ',')]
     pub seeds: Vec<String>,
-    /// With `--seeds`: the client's read policy.
-    #[arg(long, value_enum, default_value_t = BenchPolicy::PreferActive)]
-    pub policy: BenchPolicy,
-    /// With `--seeds`: hedge a read after this many milliseconds (0: never).
+    /// With `--seeds`: the client's read policy (default prefer-active). With
+    /// `--paused-node`: measure this policy only (default: prefer-active and any-replica).
+    #[arg(long, value_enum)]
+    pub policy: Option<BenchPolicy>,
+    /// With `--seeds`: hedge a read after this many milliseconds (0: never). With
+    /// `--paused-node`: the hedged configurations' delay (0: the client's default, after the
+    /// p99 of recent latency, 5–50 ms).
     #[arg(long, default_value_t = 0)]
     pub hedge_ms: u64,
+    /// Start a 3-node cluster (one standby per partition) and measure Get through
+    /// kstore-client for PreferActive and AnyReplica, each without and with hedging: with no
+    /// fault, and while one node is SIGSTOPped (see `--pause-seconds`).
+    #[arg(long, conflicts_with_all = ["seeds", "remote_nice"])]
+    pub paused_node: bool,
+    /// With `--paused-node`: how long the node stays stopped in each fault phase (from a
+    /// quarter of `--seconds` in).
+    #[arg(long, default_value_t = 5)]
+    pub pause_seconds: u64,
 }
 
 /// The read policies `bench get --seeds` can use.
@@ -312,8 +330,12 @@ pub(crate) struct Latencies {
 const SETTLE: Duration = Duration::from_secs(15);
 
 /// Measures Get latency at a fixed rate, idle and while ingesting, and MultiGet of 100 keys.
-/// With `--seeds`, measures a running cluster through the smart client instead.
+/// With `--seeds`, measures a running cluster through the smart client instead; with
+/// `--paused-node`, a cluster of its own through the smart client, under a paused node.
 pub fn get(bench: &GetBench) -> Result<()> {
+    if bench.paused_node {
+        return crate::paused_bench::run(bench);
+    }
     if !bench.seeds.is_empty() {
         return get_through_client(bench);
     }
@@ -796,7 +818,8 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
         .enable_all()
         .build()?;
     let max_lag = 10_000;
-    let policy = match bench.policy {
+    let chosen = bench.policy.unwrap_or(BenchPolicy::PreferActive);
+    let policy = match chosen {
         BenchPolicy::ActiveOnly => ReadPolicy::ActiveOnly,
         BenchPolicy::PreferActive => ReadPolicy::PreferActive { max_lag },
         BenchPolicy::AnyReplica => ReadPolicy::AnyReplica { max_lag },
@@ -841,7 +864,7 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
     println!(
         "reads through kstore-client ({:?}, hedge {} ms) against {} nodes of a running cluster, \
          {} customers",
-        bench.policy,
+        chosen,
         bench.hedge_ms,
         view.nodes.len(),
         bench.customers
@@ -867,12 +890,14 @@ fn get_through_client(bench: &GetBench) -> Result<()> {
     let reads = after_get.reads - before.reads;
     println!(
         "Get routing: {reads} reads, {:.2}% answered by the first host, {} by a fallback, \
-         {} hedges sent ({} won), {} misroutes corrected, {} metadata refreshes",
+         {} hedges sent ({} won), {} failovers past a stalled copy, {} misroutes corrected, \
+         {} metadata refreshes",
         100.0 * (after_get.first_hop_answers - before.first_hop_answers) as f64
             / reads.max(1) as f64,
         after_get.fallback_answers - before.fallback_answers,
         after_get.hedges_sent - before.hedges_sent,
         after_get.hedges_won - before.hedges_won,
+        after_get.failovers - before.failovers,
         after_get.misroutes_corrected - before.misroutes_corrected,
         after_get.metadata_refreshes - before.metadata_refreshes
     );

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use kstore_testkit::TestKafka;
 use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
-use kstore_testkit::chaos::{self, ChaosOptions, ChaosReport, Fault};
+use kstore_testkit::chaos::{self, ChaosOptions, ChaosReport, Fault, RestartPace};
 use serde_json::json;
 
 /// What `chaos` runs.
@@ -31,6 +31,26 @@ pub struct Chaos {
     /// Reads per second.
     #[arg(long, default_value_t = 1_000)]
     pub read_rate: u64,
+    /// Rounds of the rolling restart: every node is restarted once per round, and the
+    /// assignment is compared before and after each.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// When the rolling restart stops the next node: a duration after the previous node was
+    /// started again (as a supervisor does, without waiting for the cluster), or `settle`
+    /// (once every partition has a live active and standby again).
+    #[arg(long, default_value = "5s", value_parser = parse_pace)]
+    pub pace: RestartPace,
+    /// How long the rolling restart keeps each stopped node down before starting it again
+    /// (0s: at once; beyond the 10 s session timeout its partitions move, and must come back).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub downtime: std::time::Duration,
+    /// Stop each node of the rolling restart with kill -9 (a crash) instead of SIGTERM.
+    #[arg(long)]
+    pub kill: bool,
+    /// A setting every node gets, as `kstore-node --set` takes it (repeatable), such as
+    /// `kafka.debug=cgrp` (librdkafka's debug lines show with `KSTORE_LOG=info,librdkafka=debug`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub node_settings: Vec<String>,
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
@@ -61,6 +81,11 @@ pub fn run(options: &Chaos) -> Result<()> {
     settings.read_rate = options.read_rate;
     settings.soak.duration = options.duration;
     settings.soak.seed = options.seed;
+    settings.rolling.rounds = options.rounds.max(1);
+    settings.rolling.pace = options.pace;
+    settings.rolling.downtime = options.downtime;
+    settings.rolling.kill = options.kill;
+    settings.node_settings = options.node_settings.clone();
 
     let mut reports = Vec::new();
     for fault in faults {
@@ -232,9 +257,27 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(seconds))
 }
 
+/// Parses the rolling restart's pace: `settle`, or a duration.
+fn parse_pace(text: &str) -> Result<RestartPace, String> {
+    if text.trim() == "settle" {
+        return Ok(RestartPace::Settle);
+    }
+    parse_duration(text).map(RestartPace::After)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pace_is_settle_or_a_duration() {
+        assert_eq!(parse_pace("settle"), Ok(RestartPace::Settle));
+        assert_eq!(
+            parse_pace("5s"),
+            Ok(RestartPace::After(std::time::Duration::from_secs(5)))
+        );
+        assert!(parse_pace("soon").is_err());
+    }
 
     #[test]
     fn durations_read_as_a_user_writes_them() {

@@ -53,12 +53,13 @@ pub struct ClusterBench {
 }
 
 /// A node of the benchmark's cluster.
-struct Node {
-    id: String,
-    process: TestProcess,
-    client: QueryClient<Channel>,
-    metrics: String,
-    gossip: String,
+pub(crate) struct Node {
+    pub(crate) id: String,
+    pub(crate) process: TestProcess,
+    pub(crate) client: QueryClient<Channel>,
+    pub(crate) metrics: String,
+    pub(crate) gossip: String,
+    pub(crate) grpc: String,
 }
 
 pub fn cluster(bench: &ClusterBench) -> Result<()> {
@@ -97,7 +98,8 @@ pub fn cluster(bench: &ClusterBench) -> Result<()> {
     Ok(())
 }
 
-async fn start(
+/// Starts node `id` of the cluster `app`, joining the gossip of `seeds`.
+pub(crate) async fn start(
     node_binary: &Path,
     kafka: &TestKafka,
     app: &str,
@@ -136,6 +138,7 @@ async fn start(
         client,
         metrics,
         gossip,
+        grpc,
     })
 }
 
@@ -163,7 +166,11 @@ type Layout = Vec<Vec<(String, Role)>>;
 /// Waits until every partition has had one live active and one live standby, both caught
 /// up with the input (lag 0 in `node`'s view), on the same nodes for three seconds, and
 /// returns the view.
-async fn wait_settled(node: &mut Node, partitions: u32, nodes: usize) -> Result<ClusterView> {
+pub(crate) async fn wait_settled(
+    node: &mut Node,
+    partitions: u32,
+    nodes: usize,
+) -> Result<ClusterView> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut stable_since: Option<(Instant, Layout)> = None;
     loop {

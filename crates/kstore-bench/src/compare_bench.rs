@@ -9,7 +9,13 @@
 //!    forwards, the baseline forwards to the owner `queryMetadataForKey` names);
 //! 3. Get latency while `kstore produce` sends events at `--ingest-rate`;
 //! 4. failed reads, and the RSS of its processes (JVM included) sampled throughout: peak, and
-//!    steady (the median while idle), and its state's size on disk.
+//!    steady (the median while idle);
+//! 5. the same Get phases measured by ghz, an independent gRPC load tool (see [`crate::ghz`]),
+//!    and on kstore ghz's `grpc.health.v1.Health/Check` (a call that does no work: the
+//!    node's floor);
+//! 6. its state's size on disk right after the ingest, once the system has stopped (each
+//!    flushes its memtables at close), and after a full compaction of every RocksDB store
+//!    found in its state directory (opened offline with the options it wrote).
 //!
 //! It writes `target/bench/compare.json`, `compare.md` (the table) and two SVG charts: read
 //! latency over time for both, and ingest throughput.
@@ -29,6 +35,7 @@ use kstore_testkit::process::TestProcess;
 use serde_json::json;
 
 use crate::bench::{GetBench, Latencies, ReadTarget, open_loop, rss};
+use crate::ghz::{self, Call, Ghz, GhzLatencies};
 
 /// What `bench compare` measures.
 #[derive(Debug, Clone, clap::Args)]
@@ -77,6 +84,19 @@ struct SystemResult {
     peak_rss_bytes: u64,
     steady_rss_bytes: u64,
     state_bytes: u64,
+    /// The state's size once the system stopped, and after compacting it offline.
+    stopped_state_bytes: u64,
+    compacted_state_bytes: u64,
+    /// ghz's measurements, if ghz is installed.
+    ghz: Option<GhzPhases>,
+}
+
+/// What ghz measured of one system.
+struct GhzPhases {
+    get_idle: GhzLatencies,
+    get_under_ingest: GhzLatencies,
+    /// Health/Check, idle (kstore only: the baseline serves no health service).
+    health_idle: Option<GhzLatencies>,
 }
 
 /// Samples the summed RSS of a set of processes in the background.
@@ -414,8 +434,10 @@ fn measure_system(
         remote_nice: None,
         port: bench.port,
         seeds: Vec::new(),
-        policy: crate::bench::BenchPolicy::PreferActive,
+        policy: None,
         hedge_ms: 0,
+        paused_node: false,
+        pause_seconds: 0,
     };
     let warm_up = GetBench {
         seconds: 3,
@@ -435,9 +457,40 @@ fn measure_system(
         open_loop("Get, idle", &target, &reads, 1),
     ))?;
     let idle_to = Instant::now();
+    let ghz_target = &grpc[0];
+    let ghz_keys: Vec<String> = (0..1_000u32)
+        .map(|i| {
+            kstore_cli::generator::OrderGenerator::customer_id(i * (bench.customers / 1_000).max(1))
+        })
+        .collect();
+    let run_ghz = |ghz: &Ghz, call: Call, phase: &str| -> Result<GhzLatencies> {
+        let load = ghz::Load {
+            rps: bench.read_rate,
+            duration: Duration::from_secs(bench.seconds),
+            concurrency: GHZ_CONCURRENCY,
+        };
+        let run = || ghz.run(call, ghz_target, load, &ghz_keys, dir);
+        runtime.block_on(with_bar(name, phase, bench.seconds as f64, async {
+            tokio::task::block_in_place(run)
+        }))
+    };
+    let found_ghz = Ghz::find_or_install();
+    let ghz_idle = match &found_ghz {
+        Some(ghz) => {
+            let get = run_ghz(ghz, Call::Get, "ghz Get, idle")?;
+            let health = match name {
+                "kstore" => Some(run_ghz(ghz, Call::HealthCheck, "ghz Health/Check, idle")?),
+                _ => None,
+            };
+            Some((get, health))
+        }
+        None => None,
+    };
 
     let end_before: i64 = kafka.end_offsets(input, bench.partitions)?.iter().sum();
-    let count = bench.ingest_rate * (bench.seconds + 2);
+    // Long enough for both generators' phases under ingest.
+    let phases = if found_ghz.is_some() { 2 } else { 1 };
+    let count = bench.ingest_rate * (phases * bench.seconds + 2);
     let args: Vec<String> = [
         "produce",
         "--topic",
@@ -470,6 +523,14 @@ fn measure_system(
         bench.seconds as f64,
         open_loop("Get, under ingest", &target, &reads, 1),
     ))?;
+    let ghz = match (&found_ghz, ghz_idle) {
+        (Some(ghz), Some((get_idle, health_idle))) => Some(GhzPhases {
+            get_idle,
+            get_under_ingest: run_ghz(ghz, Call::Get, "ghz Get, under ingest")?,
+            health_idle,
+        }),
+        _ => None,
+    };
     let produced = producer.wait_exit(Duration::from_secs(120))?;
     if !produced.success() {
         bail!(
@@ -491,6 +552,12 @@ fn measure_system(
     }
     let (peak_rss_bytes, steady_rss_bytes) = sampler.finish(idle_from, idle_to);
     nodes.check_alive()?;
+    nodes.stop();
+    let stopped_state_bytes: u64 = state_dirs.iter().map(|d| dir_bytes(d)).sum();
+    for state_dir in state_dirs {
+        compact_offline(state_dir)?;
+    }
+    let compacted_state_bytes: u64 = state_dirs.iter().map(|d| dir_bytes(d)).sum();
     Ok(SystemResult {
         name,
         ingest_events_per_second,
@@ -502,7 +569,43 @@ fn measure_system(
         peak_rss_bytes,
         steady_rss_bytes,
         state_bytes,
+        stopped_state_bytes,
+        compacted_state_bytes,
+        ghz,
     })
+}
+
+/// Workers ghz calls from (over one connection): enough for the read rate at a few
+/// milliseconds per call.
+const GHZ_CONCURRENCY: u32 = 16;
+
+/// Compacts every RocksDB database under `dir` fully, each opened with the options and
+/// column families its OPTIONS file records (so each system's own compression and table
+/// settings are kept).
+fn compact_offline(dir: &Path) -> Result<()> {
+    if dir.join("CURRENT").is_file() {
+        let (options, families) = rocksdb::Options::load_latest(
+            dir,
+            rocksdb::Env::new()?,
+            true,
+            rocksdb::Cache::new_lru_cache(8 << 20),
+        )
+        .with_context(|| format!("reading the RocksDB options of {}", dir.display()))?;
+        let names: Vec<String> = families.iter().map(|f| f.name().to_owned()).collect();
+        let db = rocksdb::DB::open_cf_descriptors(&options, dir, families)
+            .with_context(|| format!("opening {} to compact it", dir.display()))?;
+        for name in &names {
+            let family = db.cf_handle(name).context("a column family just opened")?;
+            db.compact_range_cf(&family, None::<&[u8]>, None::<&[u8]>);
+        }
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_type()?.is_dir() {
+            compact_offline(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 pub fn compare(bench: &CompareBench) -> Result<()> {
@@ -657,13 +760,60 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
             false,
         ),
         (
-            "state on disk".into(),
+            "state on disk, after the ingest".into(),
             mib(k.state_bytes),
             mib(s.state_bytes),
             "MiB",
             false,
         ),
+        (
+            "state on disk, stopped".into(),
+            mib(k.stopped_state_bytes),
+            mib(s.stopped_state_bytes),
+            "MiB",
+            false,
+        ),
+        (
+            "state on disk, compacted".into(),
+            mib(k.compacted_state_bytes),
+            mib(s.compacted_state_bytes),
+            "MiB",
+            false,
+        ),
     ]);
+    if let (Some(kg), Some(sg)) = (&k.ghz, &s.ghz) {
+        for (phase, of) in [
+            (
+                "idle",
+                (|g: &GhzPhases| &g.get_idle) as fn(&GhzPhases) -> &GhzLatencies,
+            ),
+            ("under ingest", |g: &GhzPhases| &g.get_under_ingest),
+        ] {
+            for (name, at) in [
+                (
+                    "p50",
+                    (|l: &GhzLatencies| l.p50_ms) as fn(&GhzLatencies) -> f64,
+                ),
+                ("p99", |l: &GhzLatencies| l.p99_ms),
+                ("p99.9", |l: &GhzLatencies| l.p999_ms),
+            ] {
+                rows.push((
+                    format!("ghz: Get {name}, {phase}"),
+                    at(of(kg)),
+                    at(of(sg)),
+                    "ms",
+                    false,
+                ));
+            }
+        }
+        rows.push((
+            "ghz: failed reads".into(),
+            (kg.get_idle.errors + kg.get_under_ingest.errors) as f64,
+            (sg.get_idle.errors + sg.get_under_ingest.errors) as f64,
+            "",
+            false,
+        ));
+    }
     let mut table = String::new();
     table.push_str(&format!(
         "{} node(s) each, {} partitions, {} events over {} customers (1 in {MALFORMED_EVERY} \
@@ -707,6 +857,28 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
             value(*sv)
         ));
     }
+    match (&k.ghz, &s.ghz) {
+        (Some(kg), Some(_)) => {
+            table.push_str(&format!(
+                "\nghz {} ({} workers over one connection, {} calls/s, the same keys in turn): \
+                 kstore's Health/Check (no work) idle p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; \
+                 its Get p99 idle is {:.2}× that, and under ingest {:.2}× its idle p99.\n",
+                ghz::VERSION,
+                GHZ_CONCURRENCY,
+                bench.read_rate,
+                kg.health_idle.as_ref().map_or(0.0, |h| h.p50_ms),
+                kg.health_idle.as_ref().map_or(0.0, |h| h.p99_ms),
+                kg.health_idle.as_ref().map_or(0.0, |h| h.p999_ms),
+                kg.get_idle.p99_ms / kg.health_idle.as_ref().map_or(f64::NAN, |h| h.p99_ms),
+                kg.get_under_ingest.p99_ms / kg.get_idle.p99_ms,
+            ));
+        }
+        _ => table.push_str(&format!(
+            "\nghz was not found, so no independent tool checked the read latencies; install \
+             it with `{}` and run again.\n",
+            ghz::install_command()
+        )),
+    }
     for r in results {
         table.push_str(&format!(
             "\n{}: ingest phase sent {} events; {}",
@@ -744,6 +916,23 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
             "peak_rss_bytes": r.peak_rss_bytes,
             "steady_rss_bytes": r.steady_rss_bytes,
             "state_bytes": r.state_bytes,
+            "stopped_state_bytes": r.stopped_state_bytes,
+            "compacted_state_bytes": r.compacted_state_bytes,
+            "ghz": r.ghz.as_ref().map(|g| {
+                let latency = |l: &GhzLatencies| json!({
+                    "calls": l.count,
+                    "errors": l.errors,
+                    "p50_ms": l.p50_ms,
+                    "p99_ms": l.p99_ms,
+                    "p999_ms": l.p999_ms,
+                });
+                json!({
+                    "version": ghz::VERSION,
+                    "get_idle": latency(&g.get_idle),
+                    "get_under_ingest": latency(&g.get_under_ingest),
+                    "health_check_idle": g.health_idle.as_ref().map(latency),
+                })
+            }),
         })
     };
     let report = json!({

@@ -14,6 +14,8 @@ mod chaos;
 mod client_bench;
 mod cluster_bench;
 mod compare_bench;
+mod ghz;
+mod paused_bench;
 mod restore_bench;
 
 use std::process::ExitCode;
@@ -36,6 +38,8 @@ enum Command {
     /// One node's sustained ingest rate, exactly-once and at-least-once, and its RSS.
     Ingest(bench::IngestBench),
     /// Get latency at a fixed rate (open loop), idle and while ingesting; MultiGet of 100 keys.
+    /// With `--paused-node`: Get through kstore-client on a 3-node cluster, with no fault and
+    /// while one node is SIGSTOPped, per read policy, with and without hedging.
     Get(bench::GetBench),
     /// The state updater's catch-up rate, standby lag under ingest, and how soon a killed
     /// node is suspect and dead.

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use kstore_client::{Answer, Attempt};
+use kstore_client::{Answer, Attempt, Sent};
 use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
 use serde_json::{Value, json};
 
@@ -177,11 +177,14 @@ fn describe_attempt(attempt: &Attempt) -> String {
         None => "answered".to_owned(),
         Some(error) => error.to_string(),
     };
+    let sent = match attempt.sent {
+        Sent::First => String::new(),
+        sent => format!(" ({sent})"),
+    };
     format!(
-        "{} at {}{} after {:.1} ms: {what}",
+        "{} at {}{sent} after {:.1} ms: {what}",
         attempt.node_id,
         attempt.address,
-        if attempt.hedge { " (hedge)" } else { "" },
         attempt.elapsed.as_secs_f64() * 1000.0
     )
 }

@@ -34,6 +34,14 @@ pub enum BuildError {
         /// The seed's cluster.
         found: String,
     },
+    /// A setting is out of range.
+    #[error("bad client setting {setting}: {reason}")]
+    InvalidSetting {
+        /// The setting (the builder method's name).
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The cluster serves no store of that name.
     #[error("the cluster serves no store {store:?}; it serves {served:?}")]
     UnknownStore {
@@ -80,6 +88,32 @@ pub enum AttemptError {
     },
 }
 
+/// Why a copy was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Sent {
+    /// It is the plan's first copy.
+    First,
+    /// The copy asked before it failed, or no longer held the partition.
+    AfterFailure,
+    /// The copy asked before had not answered after the hedge delay.
+    Hedge,
+    /// The copy asked before had not answered within its share of the deadline (a stalled
+    /// or paused node).
+    AfterStall,
+}
+
+impl std::fmt::Display for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sent::First => "first",
+            Sent::AfterFailure => "after a failure",
+            Sent::Hedge => "hedge",
+            Sent::AfterStall => "after a stall",
+        })
+    }
+}
+
 /// One attempt of a read: which node was asked, and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
@@ -87,9 +121,9 @@ pub struct Attempt {
     pub node_id: String,
     /// Its gRPC address.
     pub address: String,
-    /// Whether it was a hedge (sent while an earlier attempt was still waiting).
-    pub hedge: bool,
-    /// How long it took.
+    /// Why it was asked.
+    pub sent: Sent,
+    /// How long it took (or ran, if it was cancelled or out of time).
     pub elapsed: Duration,
     /// `None` if it answered.
     pub error: Option<AttemptError>,
@@ -102,6 +136,14 @@ pub enum ReadError {
     /// The key is empty (checked before any network call).
     #[error("the key is empty")]
     EmptyKey,
+    /// A per-read option is out of range (checked before any network call).
+    #[error("bad read option {option}: {reason}")]
+    InvalidOption {
+        /// The option (the field of `ReadOptions`).
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The key is longer than the nodes accept (checked before any network call).
     #[error("the key has {len} bytes; the limit is {limit}")]
     KeyTooLarge {
@@ -126,8 +168,9 @@ pub enum ReadError {
         /// Each attempt and why it failed.
         attempts: Vec<Attempt>,
     },
-    /// No copy answered within the request timeout.
-    #[error("no answer for partition {partition} within {timeout:?}: {}", describe_attempts(.attempts))]
+    /// No copy answered within the request timeout. Under `ActiveOnly` (or when no other
+    /// copy is within `max_lag`) the one copy asked had the whole timeout.
+    #[error("no answer for partition {partition} before the deadline ({timeout:?}): {}", describe_attempts(.attempts))]
     TimedOut {
         /// The partition.
         partition: u32,
@@ -166,8 +209,8 @@ fn describe_attempts(attempts: &[Attempt]) -> String {
     attempts
         .iter()
         .map(|a| match &a.error {
-            Some(error) => format!("{} ({}): {error}", a.node_id, a.address),
-            None => format!("{} ({}): answered", a.node_id, a.address),
+            Some(error) => format!("{} ({}, {}): {error}", a.node_id, a.address, a.sent),
+            None => format!("{} ({}, {}): answered", a.node_id, a.address, a.sent),
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -177,7 +220,9 @@ impl ReadError {
     /// Returns the partition the read was for, if it got that far.
     pub fn partition(&self) -> Option<u32> {
         match self {
-            ReadError::EmptyKey | ReadError::KeyTooLarge { .. } => None,
+            ReadError::EmptyKey
+            | ReadError::InvalidOption { .. }
+            | ReadError::KeyTooLarge { .. } => None,
             ReadError::NoCopy { partition, .. }
             | ReadError::Failed { partition, .. }
             | ReadError::TimedOut { partition, .. }
@@ -193,6 +238,7 @@ impl ReadError {
             | ReadError::TimedOut { attempts, .. }
             | ReadError::Rejected { attempts, .. } => attempts,
             ReadError::EmptyKey
+            | ReadError::InvalidOption { .. }
             | ReadError::KeyTooLarge { .. }
             | ReadError::NoCopy { .. }
             | ReadError::Decode { .. } => &[],

@@ -1,6 +1,6 @@
 //! The kstore smart client: reads go in one hop to a node that holds a copy of the key's
 //! partition, found with Kafka's partitioner and a cached view of the cluster; they fall back
-//! to other copies when that node is busy or gone, and can be hedged.
+//! to other copies when that node fails, stalls or is slow, and can be hedged.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -24,57 +24,41 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A copy that does not answer is not waited for until the deadline: after its share of the
+//! time left (half of it when one other copy qualifies) the next copy of the plan is asked
+//! as well, and the first answer wins, so a paused or overloaded node delays a read without
+//! failing it, before the failure detector has noticed anything. Hedging (by default after
+//! the 99th percentile of recent latency, within a budget) asks the next copy sooner when
+//! the first is merely slow.
+//!
 //! Every read is sent with `no_forward`: a node whose copy moved away answers
 //! `PARTITION_NOT_HOSTED` with the partition's holders, the client patches its view from
 //! them and asks the right node at once, so a stale view is corrected, not hidden behind a
 //! server-side forward. The view is kept by a `WatchMetadata` stream, polled as a backstop,
 //! and never lost to a failed refresh.
 
+mod builder;
 mod channels;
 pub mod error;
+mod hedge;
 mod metadata;
+mod routing;
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kstore_core::cluster::ClusterView;
 use kstore_core::partitioner::partition_for_key;
 use kstore_core::routing::{Target, plan};
-use kstore_proto::v1::query_client::QueryClient;
-use kstore_proto::v1::{ErrorReason, GetRequest, MultiGetRequest, PartitionHolders, get_response};
-use prost::Message as _;
-use tokio::task::JoinSet;
-use tonic_types::StatusExt;
+use kstore_proto::v1::{PartitionHolders, get_response};
 
-pub use error::{Attempt, AttemptError, BuildError, ReadError};
+pub use builder::ClientBuilder;
+pub use error::{Attempt, AttemptError, BuildError, ReadError, Sent};
+pub use hedge::Hedge;
 pub use kstore_core::cluster::Role;
 pub use kstore_core::routing::ReadPolicy;
 pub use metadata::StoreShape;
-
-/// The type URL of kstore's PartitionHolders status detail.
-const PARTITION_HOLDERS_TYPE_URL: &str = "type.googleapis.com/kstore.v1.PartitionHolders";
-
-/// When a read is sent to a second copy while the first has not answered.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Hedge {
-    /// Never: a copy that does not answer is given up only at the request timeout (or
-    /// when it fails).
-    Off,
-    /// After a fixed delay.
-    After(Duration),
-    /// After the given quantile of this client's recent read latencies (for example 0.95),
-    /// kept between `min` and `max`.
-    Percentile {
-        /// The quantile, between 0 and 1.
-        quantile: f64,
-        /// The shortest delay.
-        min: Duration,
-        /// The longest delay.
-        max: Duration,
-    },
-}
 
 /// Per-read settings that override the client's.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -132,8 +116,9 @@ pub struct Route {
 
 /// What the client has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
-    /// Reads started.
+    /// Reads started (a MultiGet counts one per key).
     pub reads: u64,
     /// Reads answered by the first node asked.
     pub first_hop_answers: u64,
@@ -143,6 +128,9 @@ pub struct Stats {
     pub hedges_sent: u64,
     /// Hedges whose answer came first.
     pub hedges_won: u64,
+    /// Copies asked because the one asked before had not answered within its share of the
+    /// deadline (a stalled or paused node).
+    pub failovers: u64,
     /// Misroutes (PARTITION_NOT_HOSTED) corrected from the holders the node named.
     pub misroutes_corrected: u64,
     /// Views fetched from a node (refreshes; the watch stream comes on top).
@@ -150,184 +138,14 @@ pub struct Stats {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    reads: AtomicU64,
-    first_hop_answers: AtomicU64,
-    fallback_answers: AtomicU64,
-    hedges_sent: AtomicU64,
-    hedges_won: AtomicU64,
-    misroutes_corrected: AtomicU64,
-}
-
-/// Configures a [`Client`].
-#[derive(Debug, Clone)]
-pub struct ClientBuilder {
-    seeds: Vec<String>,
-    store: String,
-    cluster_id: Option<String>,
-    policy: ReadPolicy,
-    hedge: Hedge,
-    hedge_budget: f64,
-    request_timeout: Duration,
-    connect_timeout: Duration,
-    poll_interval: Duration,
-    max_key_bytes: usize,
-    #[cfg(feature = "tls")]
-    tls: Option<tonic::transport::ClientTlsConfig>,
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        ClientBuilder {
-            seeds: Vec::new(),
-            store: "features".into(),
-            cluster_id: None,
-            policy: ReadPolicy::default(),
-            hedge: Hedge::Off,
-            hedge_budget: 0.1,
-            request_timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_millis(500),
-            poll_interval: Duration::from_secs(10),
-            max_key_bytes: 64 << 10,
-            #[cfg(feature = "tls")]
-            tls: None,
-        }
-    }
-}
-
-impl ClientBuilder {
-    /// The gRPC addresses (`host:port`) of nodes to learn the cluster from; any one that
-    /// answers will do.
-    pub fn seeds<S: Into<String>>(mut self, seeds: impl IntoIterator<Item = S>) -> Self {
-        self.seeds = seeds.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// The store to read (default `features`).
-    pub fn store(mut self, store: impl Into<String>) -> Self {
-        self.store = store.into();
-        self
-    }
-
-    /// Refuses nodes of any other cluster (default: the cluster of the first seed that
-    /// answers).
-    pub fn cluster_id(mut self, cluster_id: impl Into<String>) -> Self {
-        self.cluster_id = Some(cluster_id.into());
-        self
-    }
-
-    /// The default read policy (default `PreferActive { max_lag: 10_000 }`).
-    pub fn read_policy(mut self, policy: ReadPolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// The default hedging (default off).
-    pub fn hedge(mut self, hedge: Hedge) -> Self {
-        self.hedge = hedge;
-        self
-    }
-
-    /// The most hedges as a share of reads (default 0.1), so that hedging cannot double the
-    /// load on a cluster that is slow everywhere.
-    pub fn hedge_budget(mut self, share: f64) -> Self {
-        self.hedge_budget = share.clamp(0.0, 1.0);
-        self
-    }
-
-    /// How long a read may take, all attempts included (default 1 s).
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// How long connecting to a node may take (default 500 ms).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How often the view is fetched whatever the watch stream does (default 10 s).
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
-    /// The longest key the client sends (default 64 KiB, the nodes' default).
-    pub fn max_key_bytes(mut self, limit: usize) -> Self {
-        self.max_key_bytes = limit;
-        self
-    }
-
-    /// Connects to the nodes over TLS.
-    #[cfg(feature = "tls")]
-    pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// Learns the cluster from the first seed that answers and starts keeping its view.
-    /// Fails with every seed tried and why if none answers, or if the cluster is not the
-    /// one asked for or does not serve the store.
-    pub async fn build(self) -> Result<Client, BuildError> {
-        if self.seeds.is_empty() {
-            return Err(BuildError::NoSeeds);
-        }
-        let channels = Arc::new(channels::Channels::new(
-            self.connect_timeout,
-            #[cfg(feature = "tls")]
-            self.tls.clone(),
-        ));
-        let mut tried = Vec::new();
-        let mut first = None;
-        for seed in &self.seeds {
-            let channel = channels.get(seed).map_err(|reason| BuildError::BadSeed {
-                seed: seed.clone(),
-                reason,
-            })?;
-            match metadata::fetch(channel).await {
-                Ok(answer) => {
-                    if let Some(expected) = &self.cluster_id
-                        && answer.cluster_id != *expected
-                    {
-                        return Err(BuildError::WrongCluster {
-                            seed: seed.clone(),
-                            expected: expected.clone(),
-                            found: answer.cluster_id,
-                        });
-                    }
-                    first = Some(answer);
-                    break;
-                }
-                Err(reason) => tried.push((seed.clone(), reason)),
-            }
-        }
-        let first = first.ok_or(BuildError::Unreachable { tried })?;
-        let cache = Arc::new(metadata::MetadataCache::new(&first, self.seeds.clone()));
-        let store = cache
-            .store(&self.store)
-            .ok_or_else(|| BuildError::UnknownStore {
-                store: self.store.clone(),
-                served: cache.store_names(),
-            })?;
-        let keeper = tokio::spawn(
-            cache
-                .clone()
-                .keep_current(channels.clone(), self.poll_interval),
-        );
-        Ok(Client {
-            inner: Arc::new(Inner {
-                builder: self,
-                partitions: store.partitions,
-                cache,
-                channels,
-                counters: Counters::default(),
-                latencies: Mutex::new(Latencies::default()),
-                read_seed: AtomicU64::new(0),
-                _keeper: KeeperTask(keeper),
-            }),
-        })
-    }
+pub(crate) struct Counters {
+    pub(crate) reads: AtomicU64,
+    pub(crate) first_hop_answers: AtomicU64,
+    pub(crate) fallback_answers: AtomicU64,
+    pub(crate) hedges_sent: AtomicU64,
+    pub(crate) hedges_won: AtomicU64,
+    pub(crate) failovers: AtomicU64,
+    pub(crate) misroutes_corrected: AtomicU64,
 }
 
 /// A handle on a kstore cluster. Cheap to clone; clones share connections and the view.
@@ -337,57 +155,24 @@ pub struct Client {
 }
 
 #[derive(Debug)]
-struct Inner {
-    builder: ClientBuilder,
-    partitions: u32,
-    cache: Arc<metadata::MetadataCache>,
-    channels: Arc<channels::Channels>,
-    counters: Counters,
-    latencies: Mutex<Latencies>,
-    read_seed: AtomicU64,
-    _keeper: KeeperTask,
+pub(crate) struct Inner {
+    pub(crate) builder: ClientBuilder,
+    pub(crate) partitions: u32,
+    pub(crate) cache: Arc<metadata::MetadataCache>,
+    pub(crate) channels: Arc<channels::Channels>,
+    pub(crate) counters: Counters,
+    pub(crate) hedger: hedge::Hedger,
+    pub(crate) read_seed: AtomicU64,
+    pub(crate) _keeper: KeeperTask,
 }
 
 #[derive(Debug)]
-struct KeeperTask(tokio::task::JoinHandle<()>);
+pub(crate) struct KeeperTask(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for KeeperTask {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Recent read latencies, for percentile hedging.
-#[derive(Debug, Default)]
-struct Latencies {
-    recent: std::collections::VecDeque<Duration>,
-}
-
-impl Latencies {
-    const KEEP: usize = 1_024;
-
-    fn record(&mut self, latency: Duration) {
-        if self.recent.len() == Self::KEEP {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(latency);
-    }
-
-    fn quantile(&self, q: f64) -> Option<Duration> {
-        if self.recent.len() < 20 {
-            return None;
-        }
-        let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
-        sorted.sort_unstable();
-        let index = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-        Some(sorted[index])
-    }
-}
-
-/// What one attempt came to.
-enum Outcome {
-    Answered(kstore_proto::v1::GetResponse),
-    Failed(AttemptError, Option<PartitionHolders>),
 }
 
 impl Client {
@@ -426,6 +211,7 @@ impl Client {
             fallback_answers: get(&c.fallback_answers),
             hedges_sent: get(&c.hedges_sent),
             hedges_won: get(&c.hedges_won),
+            failovers: get(&c.failovers),
             misroutes_corrected: get(&c.misroutes_corrected),
             metadata_refreshes: self.inner.cache.refreshes.load(Ordering::Relaxed),
         }
@@ -452,8 +238,74 @@ impl Client {
         options: &ReadOptions,
     ) -> Result<Answer<Vec<u8>>, ReadError> {
         let partition = self.check_key(key)?;
-        let response = self.read(key, partition, options).await?;
-        Ok(response)
+        let keys = [key];
+        let read = self.read_of(routing::Op::Get, &keys, vec![partition], options)?;
+        let context = ReadContext::new(&self.inner, options);
+        let mut results =
+            routing::read(&context, &self.inner.hedger, &self.inner.counters, &read).await;
+        results.pop().unwrap_or(Err(ReadError::Failed {
+            partition,
+            attempts: Vec::new(),
+        }))
+    }
+
+    /// Reads many keys with the client's defaults: see [`Client::multi_get_with`].
+    pub async fn multi_get(&self, keys: &[&[u8]]) -> Vec<Result<Answer<Vec<u8>>, ReadError>> {
+        self.multi_get_with(keys, &ReadOptions::default()).await
+    }
+
+    /// Reads many keys, answered in the order given: one MultiGet per node the keys' plans
+    /// ask first, in parallel; a node's keys go on to their partitions' next copies when it
+    /// fails, stalls past its share of the deadline, or (hedging) is slow; a key a node no
+    /// longer holds is asked of the holders it names. A key's failure is its own; the call
+    /// itself does not fail.
+    pub async fn multi_get_with(
+        &self,
+        keys: &[&[u8]],
+        options: &ReadOptions,
+    ) -> Vec<Result<Answer<Vec<u8>>, ReadError>> {
+        let mut results: Vec<Option<Result<Answer<Vec<u8>>, ReadError>>> =
+            keys.iter().map(|_| None).collect();
+        // Bad keys fail on their own, before any network call.
+        let mut good: Vec<usize> = Vec::with_capacity(keys.len());
+        let mut partitions = Vec::with_capacity(keys.len());
+        for (index, key) in keys.iter().enumerate() {
+            match self.check_key(key) {
+                Ok(partition) => {
+                    good.push(index);
+                    partitions.push(partition);
+                }
+                Err(error) => results[index] = Some(Err(error)),
+            }
+        }
+        if !good.is_empty() {
+            let good_keys: Vec<&[u8]> = good.iter().map(|&i| keys[i]).collect();
+            match self.read_of(routing::Op::MultiGet, &good_keys, partitions, options) {
+                Ok(read) => {
+                    let context = ReadContext::new(&self.inner, options);
+                    let answers =
+                        routing::read(&context, &self.inner.hedger, &self.inner.counters, &read)
+                            .await;
+                    for (index, answer) in good.into_iter().zip(answers) {
+                        results[index] = Some(answer);
+                    }
+                }
+                Err(error) => {
+                    for index in good {
+                        results[index] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or(Err(ReadError::Failed {
+                    partition: 0,
+                    attempts: Vec::new(),
+                }))
+            })
+            .collect()
     }
 
     /// Returns the key's partition, or why the key is refused before any network call.
@@ -471,406 +323,125 @@ impl Client {
         Ok(partition_for_key(key, self.inner.partitions))
     }
 
-    /// Returns the plan for a read of `partition`, leaving out nodes already asked.
-    fn plan(&self, partition: u32, options: &ReadOptions, asked: &[String]) -> Vec<Target> {
+    /// Returns a read of `keys` with the client's settings and the read's own, or why the
+    /// read's own are refused.
+    fn read_of<'a>(
+        &self,
+        op: routing::Op,
+        keys: &'a [&'a [u8]],
+        partitions: Vec<u32>,
+        options: &ReadOptions,
+    ) -> Result<routing::Read<'a>, ReadError> {
+        let builder = &self.inner.builder;
+        let hedge = options.hedge.unwrap_or(builder.hedge);
+        if let Err(reason) = hedge.validate() {
+            return Err(ReadError::InvalidOption {
+                option: "hedge",
+                reason,
+            });
+        }
+        let timeout = options.timeout.unwrap_or(builder.request_timeout);
+        if timeout.is_zero() {
+            return Err(ReadError::InvalidOption {
+                option: "timeout",
+                reason: "a read needs some time".into(),
+            });
+        }
+        let policy = options.policy.unwrap_or(builder.policy);
+        Ok(routing::Read {
+            op,
+            keys,
+            partitions,
+            timeout,
+            hedge: self.inner.hedger.delay(hedge, op),
+            policy: format!("{policy:?}"),
+        })
+    }
+}
+
+/// A read's way to the cluster: the client's view and connections, under the read's policy.
+struct ReadContext<'a> {
+    inner: &'a Inner,
+    policy: ReadPolicy,
+    min_input_offset: Option<i64>,
+    settings: routing::calls::CallSettings,
+}
+
+impl<'a> ReadContext<'a> {
+    fn new(inner: &'a Inner, options: &ReadOptions) -> Self {
+        ReadContext {
+            inner,
+            policy: options.policy.unwrap_or(inner.builder.policy),
+            min_input_offset: options.min_input_offset,
+            settings: routing::calls::CallSettings {
+                store: inner.builder.store.clone(),
+                min_input_offset: options.min_input_offset,
+            },
+        }
+    }
+}
+
+impl routing::Nodes for ReadContext<'_> {
+    fn plan(&self, partition: u32, asked: &[String]) -> Vec<Target> {
         let view = self.inner.cache.view();
-        let policy = options.policy.unwrap_or(self.inner.builder.policy);
         let seed = self.inner.read_seed.fetch_add(1, Ordering::Relaxed);
         let channels = &self.inner.channels;
         plan(
             &view,
             partition,
-            policy,
-            options.min_input_offset,
-            &|a| channels.in_flight(a),
+            self.policy,
+            self.min_input_offset,
+            &|address| channels.in_flight(address),
             seed,
         )
         .into_iter()
-        .filter(|t| !asked.contains(&t.node_id))
+        .filter(|target| !asked.contains(&target.node_id))
         .collect()
     }
 
-    fn hedge_delay(&self, hedge: Hedge) -> Option<Duration> {
-        match hedge {
-            Hedge::Off => None,
-            Hedge::After(delay) => Some(delay),
-            Hedge::Percentile { quantile, min, max } => Some(
-                self.inner
-                    .latencies
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .quantile(quantile)
-                    .unwrap_or(max)
-                    .clamp(min, max),
-            ),
-        }
-    }
-
-    fn hedge_allowed(&self) -> bool {
-        let reads = self.inner.counters.reads.load(Ordering::Relaxed) as f64;
-        let hedges = self.inner.counters.hedges_sent.load(Ordering::Relaxed) as f64;
-        // A small allowance lets the first reads of a client hedge too.
-        hedges < reads * self.inner.builder.hedge_budget + 10.0
-    }
-
-    /// One read: the plan's first copy; the next when one fails (at once) or does not answer
-    /// within the hedge delay; the holders a misrouted answer names patch the view and the
-    /// plan; all within the request timeout.
-    async fn read(
+    fn call(
         &self,
-        key: &[u8],
-        partition: u32,
-        options: &ReadOptions,
-    ) -> Result<Answer<Vec<u8>>, ReadError> {
-        let counters = &self.inner.counters;
-        counters.reads.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let timeout = options
-            .timeout
-            .unwrap_or(self.inner.builder.request_timeout);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let hedge = self.hedge_delay(options.hedge.unwrap_or(self.inner.builder.hedge));
-        let policy = options.policy.unwrap_or(self.inner.builder.policy);
-
-        let mut plan = self.plan(partition, options, &[]);
-        if plan.is_empty() {
-            // Maybe the view is stale: one refresh, then plan again.
-            self.refresh().await;
-            plan = self.plan(partition, options, &[]);
-        }
-        if plan.is_empty() {
-            return Err(ReadError::NoCopy {
-                partition,
-                policy: format!("{policy:?}"),
-            });
-        }
-        let mut route = Route {
-            partition,
-            plan: plan.iter().map(|t| t.node_id.clone()).collect(),
-            attempts: Vec::new(),
-        };
-        let mut pending = plan.into_iter();
-        let mut asked: Vec<String> = Vec::new();
-        let mut running: JoinSet<(usize, Instant, Outcome)> = JoinSet::new();
-        // Attempt index → (target, is hedge).
-        let mut sent: Vec<(Target, bool)> = Vec::new();
-        let mut replanned = false;
-        let mut hedge_at = hedge.map(|d| tokio::time::Instant::now() + d);
-
-        let start = |target: Target,
-                     is_hedge: bool,
-                     running: &mut JoinSet<_>,
-                     sent: &mut Vec<(Target, bool)>,
-                     asked: &mut Vec<String>| {
-            let index = sent.len();
-            asked.push(target.node_id.clone());
-            let attempt = self.attempt(key, &target, options, deadline);
-            sent.push((target, is_hedge));
-            running.spawn(async move {
-                let begun = Instant::now();
-                (index, begun, attempt.await)
-            });
-        };
-        if let Some(first) = pending.next() {
-            start(first, false, &mut running, &mut sent, &mut asked);
-        }
-        loop {
-            let hedge_due = hedge_at.filter(|_| running.len() == 1);
-            tokio::select! {
-                joined = running.join_next(), if !running.is_empty() => {
-                    let Some(Ok((index, begun, outcome))) = joined else { continue };
-                    let (target, is_hedge) = sent[index].clone();
-                    let elapsed = begun.elapsed();
-                    match outcome {
-                        Outcome::Answered(response) => {
-                            route.attempts.push(Attempt {
-                                node_id: target.node_id.clone(),
-                                address: target.address.clone(),
-                                hedge: is_hedge,
-                                elapsed,
-                                error: None,
-                            });
-                            // The others still running are cancelled when `running` drops.
-                            for (other, (t, h)) in sent.iter().enumerate() {
-                                if other != index && !route.attempts.iter().any(|a| a.node_id == t.node_id) {
-                                    route.attempts.push(Attempt {
-                                        node_id: t.node_id.clone(),
-                                        address: t.address.clone(),
-                                        hedge: *h,
-                                        elapsed: Duration::ZERO,
-                                        error: Some(AttemptError::Cancelled),
-                                    });
-                                }
-                            }
-                            if index == 0 {
-                                counters.first_hop_answers.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                counters.fallback_answers.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if is_hedge {
-                                counters.hedges_won.fetch_add(1, Ordering::Relaxed);
-                            }
-                            self.inner
-                                .latencies
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .record(started.elapsed());
-                            return Ok(answer_of(response, partition, route));
-                        }
-                        Outcome::Failed(error, hint) => {
-                            route.attempts.push(Attempt {
-                                node_id: target.node_id.clone(),
-                                address: target.address.clone(),
-                                hedge: is_hedge,
-                                elapsed,
-                                error: Some(error.clone()),
-                            });
-                            match &error {
-                                AttemptError::Status { code, .. } if !retriable(*code) => {
-                                    return Err(ReadError::Rejected { partition, error, attempts: route.attempts });
-                                }
-                                AttemptError::NotHosted => {
-                                    if let Some(hint) = hint {
-                                        self.inner.cache.apply_hint(&hint);
-                                        counters.misroutes_corrected.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    // The rest of the plan came from the stale view.
-                                    pending = self.plan(partition, options, &asked).into_iter();
-                                    let cache = self.inner.cache.clone();
-                                    let channels = self.inner.channels.clone();
-                                    tokio::spawn(async move { cache.refresh(&channels).await });
-                                }
-                                AttemptError::Unreachable(_) | AttemptError::TimedOut => {
-                                    self.inner.cache.suspect(&target.node_id);
-                                }
-                                _ => {}
-                            }
-                            if running.is_empty() {
-                                let mut next = pending.next();
-                                if next.is_none() && !replanned {
-                                    // Every planned copy failed: fetch a fresh view once.
-                                    replanned = true;
-                                    self.refresh().await;
-                                    pending = self.plan(partition, options, &asked).into_iter();
-                                    next = pending.next();
-                                }
-                                match next {
-                                    Some(target) => start(target, false, &mut running, &mut sent, &mut asked),
-                                    None => return Err(ReadError::Failed { partition, attempts: route.attempts }),
-                                }
-                            }
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(hedge_due.unwrap_or(deadline)), if hedge_due.is_some() => {
-                    hedge_at = None;
-                    if self.hedge_allowed() && let Some(target) = pending.next() {
-                        counters.hedges_sent.fetch_add(1, Ordering::Relaxed);
-                        start(target, true, &mut running, &mut sent, &mut asked);
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    for (t, h) in &sent {
-                        if !route.attempts.iter().any(|a| a.node_id == t.node_id) {
-                            route.attempts.push(Attempt {
-                                node_id: t.node_id.clone(),
-                                address: t.address.clone(),
-                                hedge: *h,
-                                elapsed: started.elapsed(),
-                                error: Some(AttemptError::TimedOut),
-                            });
-                        }
-                    }
-                    return Err(ReadError::TimedOut { partition, timeout, attempts: route.attempts });
-                }
-            }
-        }
-    }
-
-    /// One attempt: a Get with `no_forward`, to one node, until `deadline`.
-    fn attempt(
-        &self,
-        key: &[u8],
+        op: routing::Op,
         target: &Target,
-        options: &ReadOptions,
+        keys: Vec<Vec<u8>>,
         deadline: tokio::time::Instant,
-    ) -> impl std::future::Future<Output = Outcome> + Send + 'static {
-        let request = GetRequest {
-            store: self.inner.builder.store.clone(),
-            key: key.to_vec(),
-            partition: None,
-            options: Some(kstore_proto::v1::ReadOptions {
-                min_input_offset: options.min_input_offset,
-                no_forward: true,
-            }),
-        };
-        let channel = self.inner.channels.start_read(&target.address);
-        async move {
-            let (channel, _in_flight) = match channel {
-                Ok(channel) => channel,
-                Err(reason) => return Outcome::Failed(AttemptError::Unreachable(reason), None),
-            };
-            let mut client = QueryClient::new(channel);
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            match tokio::time::timeout_at(deadline, client.get(request)).await {
-                Ok(Ok(response)) => Outcome::Answered(response.into_inner()),
-                Ok(Err(status)) => classify(&status),
-                Err(_) => Outcome::Failed(AttemptError::TimedOut, None),
-            }
-        }
+    ) -> routing::CallFuture {
+        routing::calls::call(
+            &self.inner.channels,
+            &self.settings,
+            op,
+            target,
+            keys,
+            deadline,
+        )
     }
 
-    /// Reads many keys: grouped by the node each one's plan asks first, one MultiGet per
-    /// node in parallel; the keys of a group that fails (or that a node no longer holds)
-    /// are read again one by one through their fallbacks. A key's failure is its own; the
-    /// call itself does not fail.
-    pub async fn multi_get(&self, keys: &[&[u8]]) -> Vec<Result<Answer<Vec<u8>>, ReadError>> {
-        let options = ReadOptions::default();
-        let mut results: Vec<Option<Result<Answer<Vec<u8>>, ReadError>>> = vec![None; keys.len()];
-        let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
-        for (index, key) in keys.iter().enumerate() {
-            match self.check_key(key) {
-                Err(error) => results[index] = Some(Err(error)),
-                // A key with no copy planned goes the single-key way, which says why.
-                Ok(partition) => {
-                    if let Some(target) = self.plan(partition, &options, &[]).into_iter().next() {
-                        groups
-                            .entry((target.node_id, target.address))
-                            .or_default()
-                            .push(index);
-                    }
-                }
-            }
-        }
-        let timeout = self.inner.builder.request_timeout;
-        let mut calls = JoinSet::new();
-        for ((node_id, address), indexes) in groups {
-            let request = MultiGetRequest {
-                store: self.inner.builder.store.clone(),
-                keys: indexes.iter().map(|&i| keys[i].to_vec()).collect(),
-                options: Some(kstore_proto::v1::ReadOptions {
-                    min_input_offset: None,
-                    no_forward: true,
-                }),
-            };
-            let channel = self.inner.channels.start_read(&address);
-            calls.spawn(async move {
-                let answer = async {
-                    let (channel, _in_flight) = channel.ok()?;
-                    let mut request = tonic::Request::new(request);
-                    request.set_timeout(timeout);
-                    let response =
-                        tokio::time::timeout(timeout, QueryClient::new(channel).multi_get(request))
-                            .await
-                            .ok()?
-                            .ok()?;
-                    Some(response.into_inner())
-                };
-                (node_id, address, indexes, answer.await)
-            });
-        }
-        while let Some(Ok((node_id, address, indexes, answer))) = calls.join_next().await {
-            let Some(answer) = answer else { continue };
-            for hint in &answer.holders {
-                self.inner.cache.apply_hint(hint);
-            }
-            for (index, result) in indexes.into_iter().zip(answer.results) {
-                if result.error != 0 {
-                    continue;
-                }
-                if let Some(response) = result.result {
-                    let partition = partition_for_key(keys[index], self.inner.partitions);
-                    let route = Route {
-                        partition,
-                        plan: vec![node_id.clone()],
-                        attempts: vec![Attempt {
-                            node_id: node_id.clone(),
-                            address: address.clone(),
-                            hedge: false,
-                            elapsed: Duration::ZERO,
-                            error: None,
-                        }],
-                    };
-                    self.inner.counters.reads.fetch_add(1, Ordering::Relaxed);
-                    self.inner
-                        .counters
-                        .first_hop_answers
-                        .fetch_add(1, Ordering::Relaxed);
-                    results[index] = Some(Ok(answer_of(response, partition, route)));
-                }
-            }
-        }
-        // What no group answered goes through the single-key path and its fallbacks.
-        let mut retries = JoinSet::new();
-        for (index, result) in results.iter().enumerate() {
-            if result.is_none() {
-                let client = self.clone();
-                let key = keys[index].to_vec();
-                retries.spawn(async move { (index, client.get_with(&key, &options).await) });
-            }
-        }
-        while let Some(Ok((index, result))) = retries.join_next().await {
-            results[index] = Some(result);
-        }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or(Err(ReadError::Failed {
-                    partition: 0,
-                    attempts: Vec::new(),
-                }))
-            })
-            .collect()
+    fn correct(&self, holders: &PartitionHolders) {
+        self.inner.cache.apply_hint(holders);
+    }
+
+    fn unresponsive(&self, node_id: &str) {
+        self.inner.cache.suspect(node_id);
+    }
+
+    fn answered(&self, node_id: &str) {
+        self.inner.cache.answered(node_id);
+    }
+
+    fn refresh(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {
+            self.inner.cache.refresh(&self.inner.channels).await;
+        })
+    }
+
+    fn refresh_later(&self) {
+        let cache = self.inner.cache.clone();
+        let channels = self.inner.channels.clone();
+        tokio::spawn(async move { cache.refresh(&channels).await });
     }
 }
 
-/// Whether another copy may answer where this one failed with `code`.
-fn retriable(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-            | tonic::Code::Internal
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted
-    )
-}
-
-/// Turns a node's error answer into an attempt error, with the holders it named.
-fn classify(status: &tonic::Status) -> Outcome {
-    let reason = status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default();
-    if reason == ErrorReason::PartitionNotHosted.as_str_name() {
-        let hint = tonic_types::pb::Status::decode(status.details())
-            .ok()
-            .and_then(|rich| {
-                rich.details
-                    .into_iter()
-                    .find(|any| any.type_url == PARTITION_HOLDERS_TYPE_URL)
-            })
-            .and_then(|any| PartitionHolders::decode(any.value.as_slice()).ok());
-        return Outcome::Failed(AttemptError::NotHosted, hint);
-    }
-    let error = match status.code() {
-        tonic::Code::Unavailable if reason.is_empty() => {
-            AttemptError::Unreachable(status.message().to_owned())
-        }
-        tonic::Code::DeadlineExceeded => AttemptError::TimedOut,
-        code => AttemptError::Status {
-            code,
-            reason,
-            message: status.message().to_owned(),
-        },
-    };
-    Outcome::Failed(error, None)
-}
-
-fn answer_of(
+pub(crate) fn answer_of(
     response: kstore_proto::v1::GetResponse,
     partition: u32,
     route: Route,

@@ -3,10 +3,14 @@
 //! answer carries. A node's entry is versioned (incarnation, then gossip version): older
 //! news never replaces newer. Concurrent refreshes share one call. The client learns every
 //! node from the views, so the seeds it started with can all be replaced over time.
+//!
+//! A node that this client saw fail or stall is asked last for a while ([`AVOID_FOR`]),
+//! whatever views arrive meanwhile: gossip needs about a second to call it suspect, and a
+//! view that still says it is live must not send every read back to it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use kstore_core::cluster::{ClusterView, CopyInfo, Liveness, NodeEntry};
@@ -21,6 +25,10 @@ const REFRESH_SPACING: Duration = Duration::from_millis(100);
 
 /// How long one Metadata call may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a node that failed or stalled a call is asked last, unless it answers meanwhile.
+/// Longer than the failure detector takes to call a silent node suspect.
+pub(crate) const AVOID_FOR: Duration = Duration::from_secs(2);
 
 /// A store the cluster serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +47,8 @@ pub(crate) struct MetadataCache {
     cluster_id: String,
     seeds: Vec<String>,
     refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Nodes that failed or stalled a call, and until when they are asked last.
+    avoided: Mutex<HashMap<String, Instant>>,
     pub(crate) refreshes: AtomicU64,
     pub(crate) hints_applied: AtomicU64,
 }
@@ -52,6 +62,7 @@ impl MetadataCache {
             cluster_id: first.cluster_id.clone(),
             seeds,
             refresh: tokio::sync::Mutex::new(None),
+            avoided: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
             hints_applied: AtomicU64::new(0),
         };
@@ -119,13 +130,30 @@ impl MetadataCache {
                 );
             }
         }
-        let incoming = ClusterView::from_proto(answer);
+        let mut incoming = ClusterView::from_proto(answer);
+        self.mark_avoided(&mut incoming);
         let mut view = self
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *view = Arc::new(merge(&view, incoming));
         true
+    }
+
+    /// Marks the nodes this client avoids as suspect in `view` (forgetting those whose time
+    /// is up).
+    fn mark_avoided(&self, view: &mut ClusterView) {
+        let mut avoided = self
+            .avoided
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        avoided.retain(|_, until| *until > now);
+        for node in &mut view.nodes {
+            if avoided.contains_key(&node.node_id) && node.liveness == Liveness::Live {
+                node.liveness = Liveness::Suspect;
+            }
+        }
     }
 
     /// Patches the cache from the holders a `PARTITION_NOT_HOSTED` answer named: the
@@ -171,13 +199,18 @@ impl MetadataCache {
                 patched.nodes.push(node);
             }
         }
+        self.mark_avoided(&mut patched);
         *view = Arc::new(patched);
         self.hints_applied.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Marks a node suspect in the cache (it failed to answer), until the next view says
-    /// otherwise.
+    /// Marks a node suspect in the cache (it failed or stalled a call): it is asked last for
+    /// [`AVOID_FOR`], whatever views arrive meanwhile, unless it answers a call.
     pub(crate) fn suspect(&self, node_id: &str) {
+        self.avoided
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node_id.to_owned(), Instant::now() + AVOID_FOR);
         let mut view = self
             .view
             .write()
@@ -192,6 +225,18 @@ impl MetadataCache {
                 node.liveness = Liveness::Suspect;
             }
             *view = Arc::new(patched);
+        }
+    }
+
+    /// Notes that a node answered a call: it is no longer avoided (the next view says how
+    /// live it is).
+    pub(crate) fn answered(&self, node_id: &str) {
+        let mut avoided = self
+            .avoided
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !avoided.is_empty() {
+            avoided.remove(node_id);
         }
     }
 
@@ -398,6 +443,22 @@ mod tests {
         foreign.cluster_id = "other".into();
         assert!(!cache.install(&foreign));
         assert_eq!(cache.view().nodes.len(), 1);
+    }
+
+    #[test]
+    fn a_node_that_stalled_is_asked_last_across_views_until_it_answers() {
+        let live = |id| node(id, 5, &[(0, Role::Active)]);
+        let cache = MetadataCache::new(&answer(vec![live("node-1")]), Vec::new());
+        let liveness = |cache: &MetadataCache| cache.view().nodes[0].liveness;
+        cache.suspect("node-1");
+        assert_eq!(liveness(&cache), Liveness::Suspect);
+        // A view that still calls it live (gossip has not noticed yet) does not undo it.
+        cache.install(&answer(vec![node("node-1", 6, &[(0, Role::Active)])]));
+        assert_eq!(liveness(&cache), Liveness::Suspect);
+        // Once it answers, the next view is taken as it is.
+        cache.answered("node-1");
+        cache.install(&answer(vec![node("node-1", 7, &[(0, Role::Active)])]));
+        assert_eq!(liveness(&cache), Liveness::Live);
     }
 
     #[test]

@@ -10,6 +10,15 @@
 //! let targets = plan(&view, 3, ReadPolicy::default(), None, &|_| 0, 0);
 //! assert!(targets.is_empty(), "no node holds partition 3 in an empty view");
 //! ```
+//!
+//! A copy that does not answer is not waited for until the read's deadline: each copy asked
+//! gets a share of the time left ([`stall_after`]), then the next copy of the plan is asked as
+//! well, so that a paused or overloaded node delays a read without failing it, whatever the
+//! failure detector has noticed yet. [`fanout`] applies the plans to the keys of a read.
+
+pub mod fanout;
+
+use std::time::Duration;
 
 use crate::cluster::{ClusterView, Holder, Liveness, NodeStatus, Role};
 
@@ -140,6 +149,41 @@ pub fn plan(
         .filter(|h| seen.insert(h.node.node_id.clone()))
         .map(Target::of)
         .collect()
+}
+
+/// Returns where a node that holds no copy of `partition` forwards a read of it, in the order
+/// to ask them: the live holders other than `this_node`, the active first, then the least
+/// lag (see [`ClusterView::forward_targets`]).
+pub fn forward_plan(view: &ClusterView, partition: u32, this_node: &str) -> Vec<Target> {
+    view.forward_targets(partition, this_node)
+        .iter()
+        .map(Target::of)
+        .collect()
+}
+
+/// Returns how long a read waits for the copy it asked last before it asks the next copy of
+/// its plan as well: an even share of the time left (`remaining`) between that copy and the
+/// `copies_left` not asked yet. `None` when no copy is left: the last copy gets all the time
+/// there is.
+///
+/// The copy asked keeps its chance to answer (the first answer wins), and every copy gets at
+/// least its share of the time, so a node that stalls (paused, swapping, in a long
+/// collection) costs a read one share of its deadline, not the read.
+///
+/// ```
+/// use std::time::Duration;
+/// use kstore_core::routing::stall_after;
+/// let second = Duration::from_secs(1);
+/// assert_eq!(stall_after(second, 1), Some(second / 2));
+/// assert_eq!(stall_after(second, 2), Some(second / 3));
+/// assert_eq!(stall_after(second, 0), None);
+/// ```
+pub fn stall_after(remaining: Duration, copies_left: usize) -> Option<Duration> {
+    if copies_left == 0 {
+        return None;
+    }
+    let shares = u32::try_from(copies_left).map_or(u32::MAX, |left| left.saturating_add(1));
+    Some(remaining / shares)
 }
 
 /// A fixed 64-bit mix (splitmix64), so that plans do not depend on a random source.

@@ -35,6 +35,31 @@ pub enum MismatchPolicy {
     Dlq,
 }
 
+/// How the consumer group places the partitions' actives on the nodes (Kafka's
+/// `partition.assignment.strategy`, classic protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupAssignor {
+    /// Kafka's range assignor over the members sorted by `group.instance.id` (the node id):
+    /// whenever the same nodes are in the group, each owns the same partitions, whatever
+    /// happened before. A rebalance is eager: every partition's ingest pauses while it runs.
+    Range,
+    /// Kafka's cooperative-sticky assignor: a rebalance pauses only the partitions that
+    /// move, but where they go depends on what each member reports owning, which a
+    /// restarted process or a member that missed its session timeout reports empty.
+    CooperativeSticky,
+}
+
+impl GroupAssignor {
+    /// The librdkafka name of the assignor.
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            GroupAssignor::Range => "range",
+            GroupAssignor::CooperativeSticky => "cooperative-sticky",
+        }
+    }
+}
+
 /// Which built-in processor folds the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -295,6 +320,10 @@ pub struct NodeConfig {
     /// The bearer token Admin calls must carry; required when `grpc-address` is not a
     /// loopback address and admin is enabled.
     pub admin_token: Option<String>,
+    /// The secret the cluster's nodes share (at least 32 bytes): gossip datagrams carry its
+    /// MAC, and the calls only nodes may make (Peer snapshots, forwarded reads) carry it as
+    /// a bearer token. Required when the node's gRPC or gossip address is not loopback.
+    pub cluster_secret: Option<String>,
     /// The most keys one MultiGet may ask for.
     pub max_multiget_keys: usize,
     /// How long a read with a position bound waits when its request has no deadline.
@@ -333,6 +362,9 @@ pub struct NodeConfig {
     /// How long a drain waits for the other members to run the node's partitions before the
     /// node stops anyway, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// How the consumer group places the actives: `range` (a node gets the same partitions
+    /// back whenever the same nodes are in the group) or `cooperative-sticky`.
+    pub group_assignor: GroupAssignor,
     /// Whether a copy found on disk at start is read whole to check every block's checksum
     /// before it is used; a damaged copy is moved aside and recovered (from the newest good
     /// backup, then its changelog). Costs one sequential read of the copy.
@@ -383,6 +415,7 @@ impl Default for NodeConfig {
             metrics_address: "127.0.0.1:9464".into(),
             admin_enabled: true,
             admin_token: None,
+            cluster_secret: None,
             max_multiget_keys: 1_000,
             read_wait_ms: 1_000,
             ingest_niceness: 10,
@@ -397,6 +430,7 @@ impl Default for NodeConfig {
             standby_retention_ms: 600_000,
             drain_on_shutdown: false,
             drain_timeout_ms: 120_000,
+            group_assignor: GroupAssignor::Range,
             verify_checksums_on_open: true,
             verify_interval_ms: 86_400_000,
             store_flush_interval_ms: 30_000,
@@ -452,6 +486,7 @@ const MANAGED_KAFKA_KEYS: &[&str] = &[
     "enable.idempotence",
     "partitioner",
     "partition.assignment.strategy",
+    "group.remote.assignor",
     "enable.partition.eof",
 ];
 
@@ -661,6 +696,18 @@ impl NodeConfig {
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return invalid("admin-token", "must be at least 16 characters");
         }
+        let beyond_loopback = !grpc.ip().is_loopback() || !gossip.ip().is_loopback();
+        if beyond_loopback && self.cluster_secret.is_none() {
+            return invalid(
+                "cluster-secret",
+                "must be set (at least 32 bytes, the same on every node) when grpc-address or \
+                 gossip-address is not a loopback address: it authenticates gossip and the \
+                 calls only nodes may make (snapshots of this node's stores, forwarded reads)",
+            );
+        }
+        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return invalid("cluster-secret", "must be at least 32 bytes");
+        }
         if self.max_multiget_keys == 0 || self.max_multiget_keys > 100_000 {
             return invalid("max-multiget-keys", "must be between 1 and 100000");
         }
@@ -671,6 +718,22 @@ impl NodeConfig {
         self.validate_processor()?;
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
+        }
+        if self
+            .kafka
+            .get("group.protocol")
+            .is_some_and(|p| !p.eq_ignore_ascii_case("classic"))
+        {
+            // Measured against the classic protocol (see DESIGN.md, "Membership and
+            // metadata"): under KIP-848 the session timeout is the broker's (at least 45 s by
+            // default), and a node restarted after a crash is refused the group
+            // (UNRELEASED_INSTANCE_ID) until its old session expires.
+            return invalid(
+                "kafka.group.protocol",
+                "must be classic: under the consumer protocol (KIP-848) the session timeout \
+                 is the broker's and a node restarted after a crash is refused the group until \
+                 its old session expires",
+            );
         }
         if let Some(key) = self
             .kafka
@@ -769,8 +832,10 @@ fn is_host(text: &str) -> bool {
 /// `KSTORE_KAFKA__BOOTSTRAP_SERVERS` to `["kafka", "bootstrap.servers"]`.
 fn env_key_path(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix("KSTORE_")?.to_ascii_lowercase();
-    // Variables that are not configuration (the log filter, the test broker) are skipped.
-    if rest.is_empty() || ["log", "kafka_bootstrap", "kafka_port"].contains(&rest.as_str()) {
+    // Variables that are not configuration (the log filter, the test broker, where xtask
+    // built the binaries a benchmark starts) are skipped.
+    let tools = ["log", "kafka_bootstrap", "kafka_port", "bin_dir"];
+    if rest.is_empty() || tools.contains(&rest.as_str()) {
         return None;
     }
     let mut parts = rest.split("__");
@@ -898,6 +963,7 @@ mod tests {
                 ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
                 ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
                 ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
+                ("KSTORE_BIN_DIR", "/ignored/target/debug"),
             ],
             MINIMAL,
         )
@@ -917,7 +983,11 @@ mod tests {
     fn admin_beyond_loopback_needs_a_token() {
         let public = [
             MINIMAL,
-            &["grpc-address=0.0.0.0:50051", "advertise-host=10.0.0.1"],
+            &[
+                "grpc-address=0.0.0.0:50051",
+                "advertise-host=10.0.0.1",
+                "cluster-secret=0123456789abcdef0123456789abcdef",
+            ],
         ]
         .concat();
         let error = load(&[], &public).unwrap_err().to_string();
@@ -926,6 +996,27 @@ mod tests {
         assert!(load(&[], &with_token).is_ok());
         let admin_off = [public.as_slice(), &["admin-enabled=false"]].concat();
         assert!(load(&[], &admin_off).is_ok());
+    }
+
+    #[test]
+    fn beyond_loopback_the_nodes_must_share_a_secret() {
+        let public_gossip = [
+            MINIMAL,
+            &["gossip-address=10.0.0.1:7946", "admin-enabled=false"],
+        ]
+        .concat();
+        let error = load(&[], &public_gossip).unwrap_err().to_string();
+        assert!(
+            error.contains("cluster-secret") && error.contains("at least 32 bytes"),
+            "{error}"
+        );
+        let short = [public_gossip.as_slice(), &["cluster-secret=too-short"]].concat();
+        let error = load(&[], &short).unwrap_err().to_string();
+        assert!(error.contains("cluster-secret"), "{error}");
+        let secret = ("KSTORE_CLUSTER_SECRET", "0123456789abcdef0123456789abcdef");
+        assert!(load(&[secret], &public_gossip).is_ok());
+        // On loopback a cluster may run without one (development).
+        assert!(load(&[], MINIMAL).is_ok());
     }
 
     #[test]
@@ -942,7 +1033,14 @@ mod tests {
 
     #[test]
     fn listening_on_every_interface_needs_an_advertised_host() {
-        let everywhere = [MINIMAL, &["gossip-address=0.0.0.0:7946"]].concat();
+        let everywhere = [
+            MINIMAL,
+            &[
+                "gossip-address=0.0.0.0:7946",
+                "cluster-secret=0123456789abcdef0123456789abcdef",
+            ],
+        ]
+        .concat();
         let error = load(&[], &everywhere).unwrap_err().to_string();
         assert!(
             error.contains("advertise-host") && error.contains("gossip-address"),
@@ -1004,6 +1102,16 @@ mod tests {
                 .contains("ingest-niceness")
         );
         assert!(message(load(&[], &["oops"])).contains("key=value"));
+        assert!(
+            message(load(
+                &[],
+                &[MINIMAL, &["kafka.group.protocol=consumer"]].concat()
+            ))
+            .contains("kafka.group.protocol")
+        );
+        assert!(
+            message(load(&[], &[MINIMAL, &["group-assignor=sticky"]].concat())).contains("sticky")
+        );
         for (setting, key) in [
             ("cluster-id=a b", "cluster-id"),
             ("gossip-address=nowhere", "gossip-address"),

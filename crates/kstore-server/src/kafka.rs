@@ -37,6 +37,25 @@ pub fn client_config(config: &NodeConfig) -> ClientConfig {
     client
 }
 
+/// Returns the settings of the input's group consumer: the node's client settings, its
+/// group with static membership (`group.instance.id` = node id), the configured assignor
+/// (classic protocol), and exactly-once reading.
+pub fn group_consumer_config(config: &NodeConfig) -> ClientConfig {
+    let mut consumer = client_config(config);
+    consumer
+        .set("group.id", config.group_id())
+        .set("group.instance.id", &config.node_id)
+        .set(
+            "partition.assignment.strategy",
+            config.group_assignor.kafka_name(),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    set_default(&mut consumer, "auto.offset.reset", "earliest");
+    consumer
+}
+
 /// Sets a client setting unless the user's `kafka.*` settings already chose one.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

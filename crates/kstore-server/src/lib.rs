@@ -6,6 +6,7 @@
 //! The binary `kstore-node` runs the built-in processor; a user's own binary can call
 //! [`node::run`] with a [`processor::Processor`] of its own.
 
+pub mod access;
 pub mod backup;
 pub mod config;
 pub mod drain;

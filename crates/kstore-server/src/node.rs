@@ -181,7 +181,7 @@ pub fn run(
                     config.store.clone(),
                     stores_root.clone(),
                     memory.clone(),
-                    config.admin_token.clone(),
+                    config.cluster_secret.as_deref(),
                 )
                 .with_limits(&config.limits),
             ),
@@ -233,7 +233,7 @@ pub fn run(
                     gossip.view(),
                     config.node_id.clone(),
                     config.store.clone(),
-                    config.admin_token.clone(),
+                    config.cluster_secret.clone(),
                     memory,
                 )
                 .with_limits(&config.limits),

@@ -35,6 +35,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
+use crate::access::{Access, Secret};
 use crate::config::LimitsConfig;
 use crate::grpc::limits::LimitError;
 use crate::registry::Registry;
@@ -72,7 +73,8 @@ pub struct PeerService {
     /// Where checkpoints are made: beside the stores, so that they are hard links.
     scratch: PathBuf,
     memory: SharedMemory,
-    token: Option<String>,
+    /// What a caller must present: the cluster's secret.
+    access: Access,
     /// One per snapshot being sent.
     slots: Arc<Semaphore>,
     slot_limit: usize,
@@ -80,21 +82,24 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    /// The service, with the default limits; with a token, every call must carry it as
-    /// `authorization: Bearer …`.
+    /// The service, with the default limits; with the cluster's secret, every call must
+    /// carry it as `authorization: Bearer …` (only nodes may copy a node's stores).
     pub fn new(
         registry: Arc<Registry>,
         store: String,
         scratch: PathBuf,
         memory: SharedMemory,
-        token: Option<String>,
+        cluster_secret: Option<&str>,
     ) -> Self {
         PeerService {
             registry,
             store,
             scratch,
             memory,
-            token,
+            access: Access {
+                admin: None,
+                cluster: cluster_secret.map(Secret::new),
+            },
             slots: Arc::new(Semaphore::new(0)),
             slot_limit: 0,
             send_timeout: Duration::ZERO,
@@ -301,7 +306,7 @@ impl Peer for PeerService {
         &self,
         request: Request<FetchSnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        crate::grpc::admin::authorize(self.token.as_deref(), &request)?;
+        self.access.node(&request)?;
         let FetchSnapshotRequest { store, partition } = request.into_inner();
         if store != self.store {
             return Err(Status::invalid_argument(format!(
@@ -435,7 +440,8 @@ pub struct SnapshotFetcher {
 }
 
 impl SnapshotFetcher {
-    /// Fetches on `runtime`, choosing peers from `view`, with the default limits.
+    /// Fetches on `runtime`, choosing peers from `view`, with the default limits, presenting
+    /// the cluster's secret (`token`) to them.
     pub fn new(
         runtime: tokio::runtime::Handle,
         view: watch::Receiver<Arc<ClusterView>>,
@@ -598,10 +604,8 @@ impl SnapshotFetcher {
             store: self.store.clone(),
             partition,
         });
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
+        if let Some(token) = &self.token {
+            crate::access::present(&mut request, token);
         }
         let answer = tokio::time::timeout(self.idle_timeout, client.fetch_snapshot(request))
             .await

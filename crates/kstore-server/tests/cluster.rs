@@ -258,9 +258,19 @@ async fn fake_member(
     cluster_id: &str,
     seed: &str,
 ) -> Result<chitchat::ChitchatHandle> {
+    fake_member_with(node_id, cluster_id, seed, None).await
+}
+
+/// Like [`fake_member`], its datagrams authenticated with `secret`.
+async fn fake_member_with(
+    node_id: &str,
+    cluster_id: &str,
+    seed: &str,
+    secret: Option<&str>,
+) -> Result<chitchat::ChitchatHandle> {
     use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
     use kstore_server::gossip::transport::BoundTransport;
-    let (transport, address) = BoundTransport::bind("127.0.0.1:0".parse()?).await?;
+    let (transport, address) = BoundTransport::bind("127.0.0.1:0".parse()?, secret).await?;
     let config = ChitchatConfig {
         chitchat_id: ChitchatId::new(node_id, 1, address),
         cluster_id: cluster_id.into(),
@@ -293,6 +303,112 @@ fn counter(metrics: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+#[test]
+fn with_a_cluster_secret_only_members_that_know_it_join_snapshot_or_forward_and_forgeries_are_counted()
+-> Result<()> {
+    run_async(async {
+        let secret = "0123456789abcdef0123456789abcdef-cluster";
+        let mut scenario = Scenario::new("cluster-gossip-secret", 4).await?;
+        scenario.extra.push("metrics-address=127.0.0.1:0".into());
+        scenario.extra.push(format!("cluster-secret={secret}"));
+        let mut node = Node::start(&scenario, "node-1", "only").await?;
+        let gossip = scenario.wait_gossiping(&mut node.process)?;
+        let metrics_address = scenario.metrics_address(&mut node.process)?;
+
+        // A forger that names the cluster but has no secret, one with a wrong secret, and a
+        // member with the right one.
+        let forger = fake_member("node-8", &scenario.app, &gossip).await?;
+        let wrong = fake_member_with(
+            "node-9",
+            &scenario.app,
+            &gossip,
+            Some("not-the-cluster-secret-0123456789abc"),
+        )
+        .await?;
+        let member = fake_member_with("node-7", &scenario.app, &gossip, Some(secret)).await?;
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let metadata = node.metadata().await?;
+            let seen = |id: &str| metadata.nodes.iter().any(|n| n.node_id == id);
+            let metrics = kstore_testkit::process::http_get(&metrics_address, "/metrics")?;
+            let unauthenticated =
+                counter(&metrics, "kstore_gossip_unauthenticated_datagrams_total");
+            if seen("node-7") && unauthenticated >= 2.0 {
+                // The forgers never got in, however long they tried.
+                ensure!(!seen("node-8") && !seen("node-9"), "{metadata:?}");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "after 60 s: member seen {}, forgers seen {} {}, unauthenticated {unauthenticated}",
+                seen("node-7"),
+                seen("node-8"),
+                seen("node-9")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop((forger, wrong, member));
+
+        // Only nodes may fetch snapshots or send reads marked as forwarded.
+        use kstore_proto::v1::FetchSnapshotRequest;
+        use kstore_proto::v1::peer_client::PeerClient;
+        use tonic_types::StatusExt;
+        let refused = |status: &tonic::Status| {
+            status.code() == tonic::Code::Unauthenticated
+                && status
+                    .get_details_error_info()
+                    .is_some_and(|i| i.reason == "CLUSTER_SECRET_REQUIRED")
+        };
+        fn with_token<T>(token: Option<&str>, request: &mut tonic::Request<T>) {
+            if let Some(token) = token {
+                let value = format!("Bearer {token}").parse().unwrap();
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+        let uri = scenario.grpc_uri(&mut node.process)?;
+        let mut peer = PeerClient::connect(uri).await?;
+        for token in [None, Some("not-the-cluster-secret-0123456789abc")] {
+            let mut fetch = tonic::Request::new(FetchSnapshotRequest {
+                store: "features".into(),
+                partition: 0,
+            });
+            with_token(token, &mut fetch);
+            match peer.fetch_snapshot(fetch).await {
+                Err(status) => ensure!(refused(&status), "snapshot with {token:?}: {status:?}"),
+                Ok(_) => bail!("a snapshot was sent to a caller with {token:?}"),
+            }
+        }
+        let forwarded = |token: Option<&str>| {
+            let mut get = tonic::Request::new(GetRequest {
+                store: "features".into(),
+                key: b"c-1".to_vec(),
+                ..Default::default()
+            });
+            get.metadata_mut()
+                .insert("kstore-forwarded-from", "node-7".parse().unwrap());
+            with_token(token, &mut get);
+            get
+        };
+        let status = node.client.get(forwarded(None)).await.unwrap_err();
+        ensure!(
+            refused(&status),
+            "forwarded read without the secret: {status:?}"
+        );
+        // With it, the read is the node's to answer (once it holds the key's partition).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(status) = node.client.get(forwarded(Some(secret))).await {
+            ensure!(!refused(&status), "refused with the secret: {status:?}");
+            ensure!(Instant::now() < deadline, "after 60 s: {status:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit: {status}");
+        Ok(())
+    })
 }
 
 #[test]

@@ -181,6 +181,7 @@ fn the_image_builds_offline_and_runs_a_node_that_passes_its_probes() -> Result<(
         format!("KSTORE_KAFKA__BOOTSTRAP_SERVERS={}", kafka.bootstrap()),
         "KSTORE_ADVERTISE_HOST=127.0.0.1".into(),
         "KSTORE_ADMIN_TOKEN=image-test-admin-token".into(),
+        "KSTORE_CLUSTER_SECRET=image-test-cluster-secret-of-32-bytes!".into(),
         "KSTORE_GRPC_ADDRESS=0.0.0.0:0".into(),
         "KSTORE_METRICS_ADDRESS=0.0.0.0:0".into(),
         "KSTORE_GOSSIP_ADDRESS=0.0.0.0:0".into(),

@@ -646,3 +646,80 @@ fn a_node_refuses_to_start_with_a_module_that_does_not_fit() -> Result<()> {
         Ok(())
     })
 }
+
+/// Nanoseconds per record, native against the features module, one record per call and in
+/// batches. A measurement, not a check: `cargo test -p kstore-server --test wasm --
+/// --ignored --nocapture nanoseconds_per_call` (see README, Benchmarks).
+#[test]
+#[ignore = "a measurement: run it on its own with --ignored --nocapture"]
+fn nanoseconds_per_call() -> Result<()> {
+    let inputs = order_inputs(50_000, 11);
+    let path = module("features")?;
+    let time = |label: &str, run: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        run()?; // warm up (and compile caches)
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            run()?;
+            best = best.min(started.elapsed().as_nanos() as f64 / inputs.len() as f64);
+        }
+        println!("{label:<40} {best:>8.0} ns/record");
+        Ok(best)
+    };
+    let mut native = FeaturesProcessor::new("alerts");
+    let native_ns = time("native FeaturesProcessor", &mut || {
+        fold_all(&mut native, &inputs);
+        Ok(())
+    })?;
+    let mut one = WasmProcessor::from_config(&wasm_config(&path))?;
+    let one_ns = time("features module, 1 record per call", &mut || {
+        fold_all(&mut one, &inputs);
+        Ok(())
+    })?;
+    // Batches of distinct keys (as the ABI requires), each with the value folded so far.
+    for size in [16usize, 64] {
+        let mut batched = WasmProcessor::from_config(&wasm_config(&path))?;
+        let ns = time(
+            &format!("features module, {size} records per call"),
+            &mut || {
+                let mut values: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+                let mut start = 0;
+                while start < inputs.len() {
+                    let mut end = start;
+                    let mut keys = std::collections::HashSet::new();
+                    while end < inputs.len() && end - start < size && keys.insert(&inputs[end].0) {
+                        end += 1;
+                    }
+                    let batch: Vec<(InputRecord<'_>, Option<&[u8]>)> = inputs[start..end]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (k, v))| {
+                            (
+                                record(0, (start + i) as i64, k, v),
+                                values.get(k).map(Vec::as_slice),
+                            )
+                        })
+                        .collect();
+                    let results = batched.process_batch(&batch);
+                    let updates: Vec<(Vec<u8>, Vec<u8>)> = inputs[start..end]
+                        .iter()
+                        .zip(results)
+                        .filter_map(|((k, _), r)| match r {
+                            Ok(Outcome {
+                                update: Update::Put(v),
+                                ..
+                            }) => Some((k.clone(), v)),
+                            _ => None,
+                        })
+                        .collect();
+                    values.extend(updates);
+                    start = end;
+                }
+                Ok(())
+            },
+        )?;
+        println!("  ratio to native: {:.2}", ns / native_ns);
+    }
+    println!("  1 per call, ratio to native: {:.2}", one_ns / native_ns);
+    Ok(())
+}

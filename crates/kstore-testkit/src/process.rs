@@ -106,6 +106,27 @@ impl TestProcess {
         self.wait_exit(Duration::from_secs(30))
     }
 
+    /// Pauses the process with SIGSTOP, as a stalled host would be: its sockets stay open
+    /// and connections are accepted, but nothing answers. Returns once every thread has
+    /// stopped (a signal is delivered asynchronously: a busy thread can still answer a
+    /// request for a moment after `kill` returns). The guard resumes it (SIGCONT) when
+    /// dropped, so that a failing test never leaves it stopped.
+    pub fn pause(&mut self) -> Result<Paused> {
+        self.signal("STOP")?;
+        let paused = Paused {
+            pid: self.child.id(),
+            resumed: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !threads_stopped(paused.pid) {
+            if Instant::now() > deadline {
+                bail!("{} did not stop within 10 s of SIGSTOP", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(paused)
+    }
+
     fn signal(&mut self, name: &str) -> Result<()> {
         if self.try_exit()?.is_some() {
             bail!("{} already exited; its output:\n{}", self.name, self.tail());
@@ -134,6 +155,56 @@ impl Drop for TestProcess {
         if matches!(self.try_exit(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
+fn threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
+}
+
+/// A process paused by [`TestProcess::pause`]; resumed when dropped.
+#[derive(Debug)]
+#[must_use = "the process is resumed when the guard drops"]
+pub struct Paused {
+    pid: u32,
+    resumed: bool,
+}
+
+impl Paused {
+    /// Resumes the process (SIGCONT).
+    pub fn resume(mut self) -> Result<()> {
+        self.resumed = true;
+        let status = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -CONT {} failed", self.pid);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if !self.resumed {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(self.pid.to_string())
+                .status();
         }
     }
 }

@@ -50,11 +50,13 @@ struct Routing {
     #[arg(long, default_value_t = 10_000)]
     max_lag: i64,
     /// Send the read to the next copy too if the first has not answered after this many
-    /// milliseconds (0: no hedging).
-    #[arg(long, default_value_t = 0)]
-    hedge_ms: u64,
+    /// milliseconds (0: no hedging). Unset: after the 99th percentile of the latency seen
+    /// so far, between 5 and 50 ms. Either way, a copy that has not answered within its
+    /// share of the timeout (half, with one other copy) gets the next copy asked too.
+    #[arg(long)]
+    hedge_ms: Option<u64>,
     /// How long a read may take, in milliseconds.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
 }
 
@@ -353,14 +355,14 @@ async fn connect_client(connect: &Connect, routing: Option<&Routing>) -> Result<
                 max_lag: routing.max_lag,
             },
         };
-        let hedge = match routing.hedge_ms {
-            0 => Hedge::Off,
-            ms => Hedge::After(Duration::from_millis(ms)),
-        };
         builder = builder
             .read_policy(policy)
-            .hedge(hedge)
             .request_timeout(Duration::from_millis(routing.timeout_ms));
+        match routing.hedge_ms {
+            None => {}
+            Some(0) => builder = builder.hedge(Hedge::Off),
+            Some(ms) => builder = builder.hedge(Hedge::After(Duration::from_millis(ms))),
+        }
     }
     builder.build().await.map_err(|error| error.to_string())
 }

@@ -42,6 +42,8 @@ pub const BAD_VALUES: &str = "kstore_gossip_bad_values_total";
 pub const BAD_DATAGRAMS: &str = "kstore_gossip_bad_datagrams_total";
 /// Gossip messages from nodes of another cluster, dropped.
 pub const FOREIGN_CLUSTER_MESSAGES: &str = "kstore_gossip_foreign_cluster_messages_total";
+/// Gossip datagrams without the MAC of the cluster's secret, dropped.
+pub const UNAUTHENTICATED_DATAGRAMS: &str = "kstore_gossip_unauthenticated_datagrams_total";
 
 /// The failure detector's threshold. Chitchat's phi is the time since a node's last
 /// heartbeat over the mean interval between its heartbeats, which arrive through every peer:
@@ -156,7 +158,7 @@ impl Gossip {
             .gossip_address
             .parse()
             .map_err(|_| bind_error("not an address".into()))?;
-        let (transport, bound) = BoundTransport::bind(listen)
+        let (transport, bound) = BoundTransport::bind(listen, config.cluster_secret.as_deref())
             .await
             .map_err(|error| bind_error(format!("{error:#}")))?;
         let address = resolve_advertised(&config.advertised(bound)).await?;
@@ -303,7 +305,7 @@ async fn publish(
     // When each node that is not live was first seen so.
     let mut silent_since: HashMap<ChitchatId, Instant> = HashMap::new();
     // What chitchat dropped, as of the last tick.
-    let mut dropped = (0, 0);
+    let mut dropped = (0, 0, 0);
     // Conflicting processes already reported, so each is logged once.
     let mut conflicts_reported: std::collections::HashSet<(String, u64)> = Default::default();
     loop {
@@ -386,14 +388,23 @@ async fn publish(
     }
 }
 
-/// Publishes what chitchat dropped, and logs it (once per tick, however many).
-fn report_dropped(last: &mut (u64, u64)) {
+/// Publishes what gossip dropped, and logs it (once per tick, however many).
+fn report_dropped(last: &mut (u64, u64, u64)) {
     let now = (
         transport::BAD_DATAGRAMS.load(Ordering::Relaxed),
         transport::FOREIGN_CLUSTER_MESSAGES.load(Ordering::Relaxed),
+        transport::UNAUTHENTICATED_DATAGRAMS.load(Ordering::Relaxed),
     );
     metrics::counter!(BAD_DATAGRAMS).absolute(now.0);
     metrics::counter!(FOREIGN_CLUSTER_MESSAGES).absolute(now.1);
+    metrics::counter!(UNAUTHENTICATED_DATAGRAMS).absolute(now.2);
+    if now.2 > last.2 {
+        tracing::warn!(
+            count = now.2 - last.2,
+            "dropped gossip datagrams without the cluster's MAC (a node with another \
+             cluster-secret, or a forgery)"
+        );
+    }
     if now.0 > last.0 {
         tracing::warn!(
             count = now.0 - last.0,

@@ -1,5 +1,5 @@
 //! The Admin service: operator calls about the node's local stores. A configured token is
-//! required as `authorization: Bearer <token>`.
+//! required as `authorization: Bearer <token>` (see [`crate::access`]).
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::ReadError;
 use super::query::partition_copy;
+use crate::access::{Access, Secret};
 use crate::backup::{Backups, CatalogEntry};
 use crate::drain::Drain;
 use crate::registry::Registry;
@@ -25,7 +26,7 @@ use crate::registry::Registry;
 pub struct AdminService {
     registry: Arc<Registry>,
     store: String,
-    token: Option<String>,
+    access: Access,
     drain: Arc<Drain>,
     backups: Option<Arc<Backups>>,
     view: watch::Receiver<Arc<ClusterView>>,
@@ -42,7 +43,10 @@ impl AdminService {
         AdminService {
             registry,
             store,
-            token,
+            access: Access {
+                admin: token.as_deref().map(Secret::new),
+                cluster: None,
+            },
             drain,
             backups: None,
             view: watch::channel(Arc::new(ClusterView::default())).1,
@@ -88,32 +92,7 @@ impl AdminService {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        authorize(self.token.as_deref(), request)
-    }
-}
-
-/// Checks that a call carries `authorization: Bearer <token>` when a token is configured.
-pub fn authorize<T>(token: Option<&str>, request: &Request<T>) -> Result<(), Status> {
-    let Some(token) = token else {
-        return Ok(());
-    };
-    let presented = request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare without an early exit, so timing does not reveal a prefix.
-    let matches = presented.is_some_and(|p| {
-        p.len() == token.len()
-            && p.bytes()
-                .zip(token.bytes())
-                .fold(0, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if matches {
-        Ok(())
-    } else {
-        Err(ReadError::AdminTokenRequired.into())
+        self.access.admin(request)
     }
 }
 

@@ -85,6 +85,14 @@ pub enum ReadError {
         /// The copy's lag.
         lag: i64,
     },
+    /// The read was forwarded and no holder answered before the deadline.
+    #[error("no answer for partition {partition} before the deadline (asked {})", asked.join(", "))]
+    NoAnswer {
+        /// The partition.
+        partition: u32,
+        /// The holders asked, in order.
+        asked: Vec<String>,
+    },
     /// The store failed.
     #[error("reading partition {partition} failed: {message}")]
     Store {
@@ -96,6 +104,12 @@ pub enum ReadError {
     /// An admin call without the right token.
     #[error("admin calls need `authorization: Bearer <admin-token>`")]
     AdminTokenRequired,
+    /// A call only the cluster's nodes may make, without the cluster's secret.
+    #[error(
+        "only the cluster's nodes may make this call: it needs `authorization: Bearer \
+         <cluster-secret>`"
+    )]
+    ClusterSecretRequired,
     /// A Drain while the node drains or shuts down already.
     #[error("the node is draining or shutting down already")]
     DrainInProgress,
@@ -122,8 +136,10 @@ impl ReadError {
             ReadError::TooManyKeys { .. } => ErrorReason::TooManyKeys,
             ReadError::PartitionNotHosted { .. } => ErrorReason::PartitionNotHosted,
             ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
+            ReadError::NoAnswer { .. } => ErrorReason::NoAnswer,
             ReadError::Store { .. } => ErrorReason::StoreError,
             ReadError::AdminTokenRequired => ErrorReason::AdminTokenRequired,
+            ReadError::ClusterSecretRequired => ErrorReason::ClusterSecretRequired,
             ReadError::DrainInProgress => ErrorReason::DrainInProgress,
             ReadError::BackupsNotConfigured => ErrorReason::BackupsNotConfigured,
             ReadError::BackupFailed { .. } => ErrorReason::BackupFailed,
@@ -143,8 +159,11 @@ impl ReadError {
             ReadError::PositionNotReached { .. }
             | ReadError::DrainInProgress
             | ReadError::BackupsNotConfigured => Code::FailedPrecondition,
+            ReadError::NoAnswer { .. } => Code::DeadlineExceeded,
             ReadError::Store { .. } | ReadError::BackupFailed { .. } => Code::Internal,
-            ReadError::AdminTokenRequired => Code::Unauthenticated,
+            ReadError::AdminTokenRequired | ReadError::ClusterSecretRequired => {
+                Code::Unauthenticated
+            }
         }
     }
 
@@ -180,12 +199,17 @@ impl ReadError {
                 put("input_offset", input_offset.to_string());
                 put("lag", lag.to_string());
             }
+            ReadError::NoAnswer { partition, asked } => {
+                put("partition", partition.to_string());
+                put("asked", asked.join(","));
+            }
             ReadError::Store { partition, .. } => put("partition", partition.to_string()),
             ReadError::KeyTooLarge { limit, .. } => put("limit", limit.to_string()),
             ReadError::TooManyKeys { limit, .. } => put("limit", limit.to_string()),
             ReadError::UnknownStore { served, .. } => put("store", served.clone()),
             ReadError::EmptyKey
             | ReadError::AdminTokenRequired
+            | ReadError::ClusterSecretRequired
             | ReadError::DrainInProgress
             | ReadError::BackupsNotConfigured
             | ReadError::BackupFailed { .. } => {}

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use kstore_core::cluster::ClusterView;
 use kstore_core::partitioner::partition_for_key;
+use kstore_core::routing::fanout::FanOut;
+use kstore_core::routing::{Target, forward_plan};
 use kstore_proto::v1::query_server::Query;
 use kstore_proto::v1::{
     ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
@@ -29,9 +31,11 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tonic_types::StatusExt;
 
 use super::error::ReadError;
-use super::forward::{self, FORWARDED_READS, Peers};
+use super::forward::{self, FORWARDED_READS, Forwarded, Peers};
+use crate::access::Access;
 use crate::config::NodeConfig;
 use crate::registry::{PartitionCopy, Registry};
 use crate::store::{MemoryRead, Position, Positioned};
@@ -53,23 +57,17 @@ pub struct QueryService {
     view: watch::Receiver<Arc<ClusterView>>,
     value_type_url: Option<String>,
     peers: Arc<Peers>,
+    access: Access,
 }
-
-/// How many holders a forwarded read tries, in the view's order, when one cannot be reached.
-const FORWARD_ATTEMPTS: usize = 2;
 
 /// A restoring copy answers for itself unless a live copy elsewhere is at least this many
 /// input records fresher (then the read is forwarded there, and answered locally only if
 /// that fails).
 const RESTORING_FORWARD_MARGIN: i64 = 1_000;
 
-/// Forwarded MultiGets in flight: each gives the indexes of its keys in the request, the
-/// holders to report if it failed, and the holder's answer.
-type ForwardedMultiGets = tokio::task::JoinSet<(
-    Vec<usize>,
-    Vec<PartitionHolders>,
-    Result<MultiGetResponse, String>,
-)>;
+/// What came of forwarding the keys of a MultiGet: each key's index in the request, and its
+/// outcome.
+type ForwardedKeys = tokio::task::JoinHandle<Vec<(usize, u32, Forwarded<KeyResult>)>>;
 
 impl QueryService {
     /// Returns the service; values are returned as `Any` of `value_type_url` if given, and
@@ -82,10 +80,11 @@ impl QueryService {
     ) -> Self {
         QueryService {
             registry,
-            config,
             view,
             value_type_url,
             peers: Arc::new(Peers::default()),
+            access: Access::from_config(&config),
+            config,
         }
     }
 
@@ -106,90 +105,67 @@ impl QueryService {
         (best.copy.lag + RESTORING_FORWARD_MARGIN < copy.lag()).then_some(partition)
     }
 
+    /// Refuses a read marked as forwarded by another node unless it carries the cluster's
+    /// secret: only nodes forward, and a forwarded read is answered by this node's copy
+    /// alone.
+    fn check_forwarded<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if forward::was_forwarded(request) {
+            self.access.node(request)?;
+        }
+        Ok(())
+    }
+
     /// Returns who holds `partition`, as this node's view says.
     fn holders(&self, partition: u32) -> PartitionHolders {
         self.view.borrow().holders_proto(partition)
     }
 
-    /// Forwards a read of `partition` to the best live holder in the view, then to the next
-    /// if that one cannot be reached; `call` makes the call. A holder's answer, error or
-    /// not, is the answer. Without a reachable holder: PARTITION_NOT_HOSTED.
-    async fn forward<T, R, F, Fut>(
+    /// Returns the fan-out of keys of `key_partitions` over their live holders elsewhere,
+    /// as this node's view says.
+    fn forward_fanout(&self, key_partitions: Vec<u32>) -> FanOut {
+        let view = self.view.borrow().clone();
+        let this_node = self.registry.node_id();
+        FanOut::new(key_partitions, |partition| {
+            self.peers.order(forward_plan(&view, partition, this_node))
+        })
+    }
+
+    /// Forwards a Get of `partition` to its live holders (see [`forward::forward_keys`]). A
+    /// holder's answer, error or not, is the answer. With no holder reachable:
+    /// PARTITION_NOT_HOSTED; with none answering before `deadline`: NO_ANSWER.
+    async fn forward_get(
         &self,
-        method: &'static str,
         partition: u32,
-        message: T,
+        request: GetRequest,
         deadline: Instant,
-        call: F,
-    ) -> Result<Response<R>, Status>
-    where
-        T: Clone,
-        F: Fn(
-            kstore_proto::v1::query_client::QueryClient<tonic::transport::Channel>,
-            Request<T>,
-        ) -> Fut,
-        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
-    {
-        let targets: Vec<String> = {
-            let view = self.view.borrow();
-            view.forward_targets(partition, self.registry.node_id())
-                .iter()
-                .take(FORWARD_ATTEMPTS)
-                .map(|h| h.node.grpc_address.clone())
-                .collect()
+    ) -> Result<Response<GetResponse>, Status> {
+        let fanout = self.forward_fanout(vec![partition]);
+        let peers = self.peers.clone();
+        let node_id = self.registry.node_id().to_owned();
+        let secret = self.config.cluster_secret.clone();
+        let call = |target: &Target, _: &[usize], timeout: Duration| {
+            let client = peers.client(&target.address);
+            let request = forward::forwarded(request.clone(), &node_id, secret.as_deref(), timeout);
+            async move {
+                let mut client = client.map_err(Status::unavailable)?;
+                let response = client.get(request).await?;
+                Ok(vec![Some(response.into_inner())])
+            }
         };
-        let attempts = targets.len();
-        for (attempt, address) in targets.into_iter().enumerate() {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                break;
+        let stalled = |target: &Target| self.peers.stalled(&target.node_id);
+        let forwarded = forward::forward_keys(fanout, deadline.into(), call, stalled).await;
+        let outcome = forwarded.into_iter().next().unwrap_or(Forwarded::NoHolder);
+        count_forwarded("get", &outcome);
+        match outcome {
+            Forwarded::Answered(response) => Ok(Response::new(response)),
+            Forwarded::Refused(status) => Err(status),
+            Forwarded::NoAnswer { asked } => Err(ReadError::NoAnswer { partition, asked }.into()),
+            Forwarded::NoHolder => Err(ReadError::PartitionNotHosted {
+                partition,
+                holders: self.holders(partition),
             }
-            // A holder that stalls (paused, or dying before the failure detector notices)
-            // must leave time to ask the next one.
-            let remaining = if attempt + 1 < attempts {
-                remaining / 2
-            } else {
-                remaining
-            };
-            let client = match self.peers.client(&address) {
-                Ok(client) => client,
-                Err(error) => {
-                    tracing::warn!(%error, "a holder's address in the view is unusable");
-                    continue;
-                }
-            };
-            let request = forward::forwarded(message.clone(), self.registry.node_id(), remaining);
-            match call(client, request).await {
-                Ok(response) => {
-                    metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "answered")
-                        .increment(1);
-                    return Ok(response);
-                }
-                // The holder is gone, stalls, or no longer holds the partition: try the next.
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                    ) =>
-                {
-                    tracing::debug!(%address, partition, %status, "forwarding failed");
-                }
-                Err(status) => {
-                    metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "error")
-                        .increment(1);
-                    return Err(status);
-                }
-            }
+            .into()),
         }
-        metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => "no_holder")
-            .increment(1);
-        Err(ReadError::PartitionNotHosted {
-            partition,
-            holders: self.holders(partition),
-        }
-        .into())
     }
 
     /// Describes the store and the cluster view for Metadata and WatchMetadata.
@@ -387,8 +363,8 @@ impl QueryService {
         // Keys of partitions held elsewhere: one forwarded MultiGet per holder, running while
         // the local partitions are read.
         let mut holders = Vec::new();
-        let forwarded = if may_forward {
-            self.forward_multi_get(&request, not_hosted, deadline, &mut results, &mut holders)
+        let forwarded = if may_forward && !not_hosted.is_empty() {
+            Some(self.forward_multi_get(&request, not_hosted, deadline))
         } else {
             for (partition, indexes) in not_hosted {
                 for index in indexes {
@@ -396,7 +372,7 @@ impl QueryService {
                 }
                 holders.push(self.holders(partition));
             }
-            tokio::task::JoinSet::new()
+            None
         };
 
         // One consistent read per partition: from memory on this worker where possible (one
@@ -453,105 +429,110 @@ impl QueryService {
                 }
             }
         }
-        self.collect_forwarded(forwarded, &mut results, &mut holders)
-            .await;
+        if let Some(forwarded) = forwarded {
+            self.collect_forwarded(forwarded, &mut results, &mut holders)
+                .await;
+        }
         Ok(MultiGetResponse { results, holders })
     }
 
-    /// Sends the keys of partitions this node holds no copy of to their best live holders,
-    /// one MultiGet per holder. Keys of partitions without one fail at once with
-    /// PARTITION_NOT_HOSTED, their holders added to `holders`.
+    /// Sends the keys of partitions this node holds no copy of to their live holders, one
+    /// MultiGet per holder (see [`forward::forward_keys`]); runs while the local partitions
+    /// are read.
     fn forward_multi_get(
         &self,
         request: &MultiGetRequest,
         not_hosted: Vec<(u32, Vec<usize>)>,
         deadline: Instant,
-        results: &mut [KeyResult],
-        holders: &mut Vec<PartitionHolders>,
-    ) -> ForwardedMultiGets {
-        let view = self.view.borrow().clone();
-        let mut by_holder: BTreeMap<String, Vec<(u32, Vec<usize>)>> = BTreeMap::new();
-        for (partition, indexes) in not_hosted {
-            match view
-                .forward_targets(partition, self.registry.node_id())
-                .first()
-            {
-                Some(target) => by_holder
-                    .entry(target.node.grpc_address.clone())
-                    .or_default()
-                    .push((partition, indexes)),
-                None => {
-                    for index in indexes {
-                        results[index].error = ErrorReason::PartitionNotHosted as i32;
-                    }
-                    holders.push(view.holders_proto(partition));
-                }
-            }
-        }
-        let mut calls = tokio::task::JoinSet::new();
-        for (address, groups) in by_holder {
-            let indexes: Vec<usize> = groups.iter().flat_map(|(_, i)| i.iter().copied()).collect();
+    ) -> ForwardedKeys {
+        // The forwarded keys, as (index in the request, partition).
+        let forwarded: Vec<(usize, u32)> = not_hosted
+            .iter()
+            .flat_map(|(partition, indexes)| indexes.iter().map(|&i| (i, *partition)))
+            .collect();
+        let fanout = self.forward_fanout(forwarded.iter().map(|&(_, p)| p).collect());
+        let keys: Arc<Vec<Vec<u8>>> = Arc::new(
+            forwarded
+                .iter()
+                .map(|&(i, _)| request.keys[i].clone())
+                .collect(),
+        );
+        let (store, options) = (request.store.clone(), request.options);
+        let peers = self.peers.clone();
+        let node_id = self.registry.node_id().to_owned();
+        let secret = self.config.cluster_secret.clone();
+        let call = move |target: &Target, asked: &[usize], timeout: Duration| {
+            let client = peers.client(&target.address);
             let sub = MultiGetRequest {
-                store: request.store.clone(),
-                keys: indexes.iter().map(|&i| request.keys[i].clone()).collect(),
-                options: request.options,
+                store: store.clone(),
+                keys: asked.iter().map(|&k| keys[k].clone()).collect(),
+                options,
             };
-            let client = self.peers.client(&address);
-            let node_id = self.registry.node_id().to_owned();
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let partitions: Vec<u32> = groups.iter().map(|(p, _)| *p).collect();
-            let holders_if_failed: Vec<PartitionHolders> =
-                partitions.iter().map(|&p| view.holders_proto(p)).collect();
-            calls.spawn(async move {
-                let answer = match client {
-                    Ok(mut client) => client
-                        .multi_get(forward::forwarded(sub, &node_id, remaining))
-                        .await
-                        .map(Response::into_inner)
-                        .map_err(|status| status.to_string()),
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = &answer {
-                    tracing::debug!(%address, error, "forwarding a MultiGet failed");
-                }
-                (indexes, holders_if_failed, answer)
-            });
-        }
-        calls
+            let request = forward::forwarded(sub, &node_id, secret.as_deref(), timeout);
+            let address = target.address.clone();
+            async move {
+                let mut client = client.map_err(Status::unavailable)?;
+                let answer = client.multi_get(request).await.inspect_err(|status| {
+                    tracing::debug!(%address, %status, "forwarding a MultiGet failed");
+                })?;
+                // A key whose partition the holder no longer holds goes to the next holder.
+                Ok(answer
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|result| {
+                        (result.error() != ErrorReason::PartitionNotHosted).then_some(result)
+                    })
+                    .collect())
+            }
+        };
+        let peers = self.peers.clone();
+        tokio::spawn(async move {
+            let stalled = |target: &Target| peers.stalled(&target.node_id);
+            let outcomes = forward::forward_keys(fanout, deadline.into(), call, stalled).await;
+            forwarded
+                .into_iter()
+                .zip(outcomes)
+                .map(|((index, partition), outcome)| (index, partition, outcome))
+                .collect()
+        })
     }
 
-    /// Puts the forwarded answers in place. A holder that failed as a whole fails its keys
-    /// with PARTITION_NOT_HOSTED.
+    /// Puts the forwarded answers in place. A key no holder answered fails with NO_ANSWER,
+    /// one without a reachable holder with PARTITION_NOT_HOSTED (its holders added to
+    /// `holders`), one a holder refused with the holder's reason.
     async fn collect_forwarded(
         &self,
-        mut calls: ForwardedMultiGets,
+        forwarded: ForwardedKeys,
         results: &mut [KeyResult],
         holders: &mut Vec<PartitionHolders>,
     ) {
-        while let Some(joined) = calls.join_next().await {
-            let Ok((indexes, holders_if_failed, answer)) = joined else {
-                continue;
-            };
-            match answer {
-                Ok(answer) if answer.results.len() == indexes.len() => {
-                    metrics::counter!(FORWARDED_READS, "method" => "multi_get", "outcome" => "answered")
-                        .increment(1);
-                    for (index, result) in indexes.into_iter().zip(answer.results) {
-                        results[index].result = result.result;
-                        results[index].error = result.error;
-                    }
-                    holders.extend(answer.holders);
+        let Ok(outcomes) = forwarded.await else {
+            return;
+        };
+        let mut without_holder = std::collections::BTreeSet::new();
+        for (index, partition, outcome) in outcomes {
+            count_forwarded("multi_get", &outcome);
+            match outcome {
+                Forwarded::Answered(answer) => {
+                    results[index].result = answer.result;
+                    results[index].error = answer.error;
                 }
-                _ => {
-                    metrics::counter!(FORWARDED_READS, "method" => "multi_get", "outcome" => "error")
-                        .increment(1);
-                    for index in indexes {
-                        results[index].error = ErrorReason::PartitionNotHosted as i32;
-                    }
-                    holders.extend(holders_if_failed);
+                Forwarded::Refused(status) => {
+                    let reason = status
+                        .get_details_error_info()
+                        .and_then(|info| ErrorReason::from_str_name(&info.reason))
+                        .unwrap_or(ErrorReason::PartitionNotHosted);
+                    results[index].error = reason as i32;
+                }
+                Forwarded::NoAnswer { .. } => results[index].error = ErrorReason::NoAnswer as i32,
+                Forwarded::NoHolder => {
+                    results[index].error = ErrorReason::PartitionNotHosted as i32;
+                    without_holder.insert(partition);
                 }
             }
         }
+        holders.extend(without_holder.into_iter().map(|p| self.holders(p)));
     }
 
     /// Returns the deadline for waiting: the caller's (`grpc-timeout`) less a margin, or
@@ -619,6 +600,17 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Counts a forwarded key by what came of it.
+fn count_forwarded<R>(method: &'static str, outcome: &Forwarded<R>) {
+    let outcome = match outcome {
+        Forwarded::Answered(_) => "answered",
+        Forwarded::Refused(_) => "error",
+        Forwarded::NoAnswer { .. } => "no_answer",
+        Forwarded::NoHolder => "no_holder",
+    };
+    metrics::counter!(FORWARDED_READS, "method" => method, "outcome" => outcome).increment(1);
+}
+
 fn record_latency(method: &'static str, started: Instant, role: Role, outcome: &'static str) {
     metrics::histogram!(
         crate::metrics::READ_LATENCY,
@@ -632,20 +624,17 @@ fn record_latency(method: &'static str, started: Instant, role: Role, outcome: &
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.check_forwarded(&request)?;
         let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);
         let may_forward = may_forward(&request, request.get_ref().options.as_ref());
         let request = request.into_inner();
         if may_forward && let Some(partition) = self.fresher_elsewhere(&request) {
+            // Half the time, so that the local copy can still answer if no holder does.
+            let elsewhere = started + deadline.saturating_duration_since(started) / 2;
             let forwarded = self
-                .forward(
-                    "get",
-                    partition,
-                    request.clone(),
-                    deadline,
-                    |mut client, request| async move { client.get(request).await },
-                )
+                .forward_get(partition, request.clone(), elsewhere)
                 .await;
             if let Ok(answer) = forwarded {
                 record_latency("get", started, Role::Unspecified, "forwarded");
@@ -663,15 +652,7 @@ impl Query for QueryService {
                 Ok(Response::new(response))
             }
             Err((ReadError::PartitionNotHosted { partition, .. }, _)) if may_forward => {
-                let answer = self
-                    .forward(
-                        "get",
-                        partition,
-                        request,
-                        deadline,
-                        |mut client, request| async move { client.get(request).await },
-                    )
-                    .await;
+                let answer = self.forward_get(partition, request, deadline).await;
                 let outcome = match &answer {
                     Ok(_) => "forwarded",
                     Err(_) => "forward_failed",
@@ -690,6 +671,7 @@ impl Query for QueryService {
         &self,
         request: Request<MultiGetRequest>,
     ) -> Result<Response<MultiGetResponse>, Status> {
+        self.check_forwarded(&request)?;
         let _in_flight = self.registry.read_started();
         let started = Instant::now();
         let deadline = self.deadline(&request);

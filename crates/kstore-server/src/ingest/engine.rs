@@ -159,10 +159,13 @@ impl ConsumerContext for IngestContext {
             // staleness stated, until its partition runs elsewhere.
             engine.copies.revoke(*partition);
         }
-        engine
-            .registry
-            .set_group_generation(group_generation(consumer));
-        tracing::info!(?revoked, "partitions revoked");
+        let generation = group_generation(consumer);
+        engine.registry.set_group_generation(generation);
+        tracing::info!(
+            ?revoked,
+            group_generation = generation,
+            "partitions revoked"
+        );
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -173,11 +176,16 @@ impl ConsumerContext for IngestContext {
                     tracing::error!(%error, "pausing newly assigned partitions failed");
                 }
                 let mut engine = lock(&self.engine);
-                engine
-                    .registry
-                    .set_group_generation(group_generation(consumer));
+                let generation = group_generation(consumer);
+                engine.registry.set_group_generation(generation);
                 let input = engine.config.input_topic.clone();
-                for partition in partitions_of(partitions, &input) {
+                let assigned = partitions_of(partitions, &input);
+                tracing::info!(
+                    ?assigned,
+                    group_generation = generation,
+                    "partitions assigned"
+                );
+                for partition in assigned {
                     engine.assign(partition);
                 }
                 engine.registry.mark_ready();

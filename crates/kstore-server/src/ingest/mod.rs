@@ -38,7 +38,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{NodeConfig, ProcessingGuarantee};
-use crate::kafka::{client_config, group_generation, set_default};
+use crate::kafka::{client_config, group_consumer_config, group_generation, set_default};
 use crate::probes::Pulse;
 use crate::processor::Processor;
 use crate::standby::{Copies, CopyEvent};
@@ -145,7 +145,7 @@ pub fn run(
         partition_mismatch: config.partition_mismatch,
     };
 
-    let mut producer_config = client.clone();
+    let mut producer_config = client;
     producer_config
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random");
@@ -181,15 +181,7 @@ pub fn run(
         metrics.clone(),
     )));
 
-    let mut consumer_config = client;
-    consumer_config
-        .set("group.id", config.group_id())
-        .set("group.instance.id", &config.node_id)
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed");
-    set_default(&mut consumer_config, "auto.offset.reset", "earliest");
+    let consumer_config = group_consumer_config(&config);
     let consumer: BaseConsumer<IngestContext> = consumer_config
         .create_with_context(IngestContext {
             engine: engine.clone(),
@@ -250,7 +242,18 @@ fn poll_loop(
         engine.follow_copies(consumer)?;
         match message {
             Some(Ok(message)) => engine.handle(&message, consumer)?,
-            Some(Err(error)) => tracing::warn!(%error, "consumer error"),
+            Some(Err(error)) => {
+                // A fatal error (another process took this node's group.instance.id) stops
+                // the consumer for good: ingest ends rather than sit out of the group.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(%code, reason, "fatal consumer error; ingest stops");
+                    return Err(IngestError::Kafka {
+                        during: "consuming",
+                        source: KafkaError::MessageConsumptionFatal(code),
+                    });
+                }
+                tracing::warn!(%error, "consumer error");
+            }
             None => {}
         }
         if engine.txn_due() {

@@ -47,7 +47,9 @@ pub enum Fault {
     Kill,
     /// SIGSTOP of one node for a while, then SIGCONT.
     Pause,
-    /// Every node in turn stops (SIGTERM) and starts again within the session timeout.
+    /// Every node in turn stops (SIGTERM) and starts again within the session timeout, for
+    /// [`RollingOptions::rounds`] rounds at [`RollingOptions::pace`]; the assignment must be
+    /// the same after every round as before it.
     RollingRestart,
     /// A fourth node joins.
     ScaleOut,
@@ -124,6 +126,37 @@ pub struct ChaosOptions {
     pub session_timeout: Duration,
     /// The randomized nemesis, for [`Fault::Random`].
     pub soak: SoakOptions,
+    /// How [`Fault::RollingRestart`] restarts the nodes.
+    pub rolling: RollingOptions,
+    /// Settings every node gets on top of the scenario's (`key=value`, as `--set` takes them),
+    /// such as `kafka.debug=cgrp`.
+    pub node_settings: Vec<String>,
+}
+
+/// How a rolling restart goes.
+#[derive(Debug, Clone)]
+pub struct RollingOptions {
+    /// How many times every node is restarted, one after another. The assignment is compared
+    /// before and after each round.
+    pub rounds: u32,
+    /// When the next node is stopped.
+    pub pace: RestartPace,
+    /// Whether nodes are stopped with `kill -9` (a crash) instead of SIGTERM.
+    pub kill: bool,
+    /// How long a stopped node stays down before it is started again: zero, as a supervisor
+    /// restarts it, or longer than the session timeout, so that the group moves its
+    /// partitions and must hand them back once it returns.
+    pub downtime: Duration,
+}
+
+/// When a rolling restart stops the next node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPace {
+    /// Once every partition has a live active and a live standby again (a careful operator).
+    Settle,
+    /// This long after the previous node was started again, whatever the cluster is doing
+    /// (a supervisor: SIGTERM, start again as soon as the process has exited, next node).
+    After(Duration),
 }
 
 /// How the randomized nemesis runs.
@@ -159,6 +192,13 @@ impl ChaosOptions {
                 seed: 1,
                 disk_bytes: 256 << 20,
             },
+            rolling: RollingOptions {
+                rounds: 1,
+                pace: RestartPace::After(Duration::from_secs(5)),
+                kill: false,
+                downtime: Duration::ZERO,
+            },
+            node_settings: Vec::new(),
         }
     }
 }
@@ -198,6 +238,9 @@ pub struct ChaosReport {
     pub violations: u64,
     /// Records the nodes logged as handed over again after they were folded (skipped).
     pub redelivered: u64,
+    /// What the fault itself checks and found wrong, such as a rolling restart round that
+    /// moved an active or rebuilt a copy.
+    pub fault_problems: Vec<String>,
 }
 
 impl ChaosReport {
@@ -250,6 +293,7 @@ impl ChaosReport {
             !self.state_exact,
             format!("the final state is not exact: {:?}", self.mismatches),
         );
+        problems.extend(self.fault_problems.iter().cloned());
         problems
     }
 }
@@ -324,6 +368,7 @@ impl Cluster {
         ]
         .into_iter()
         .chain(self.soak_settings())
+        .chain(self.options.node_settings.iter().cloned())
         .collect()
     }
 
@@ -451,18 +496,37 @@ impl Cluster {
 
     /// Waits until the view shows every partition with one live active and one live
     /// standby, all on `members`, and every member running.
+    /// A node that answers no Metadata for a moment (a busy machine) is asked again; a node
+    /// that exited fails the wait at once.
     async fn wait_complete(&mut self, members: &[&str], timeout: Duration) -> Result<ClusterView> {
         let deadline = Instant::now() + timeout;
         loop {
-            let view = self.view().await?;
-            if complete(&view, members, self.options.partitions) {
-                return Ok(view);
-            }
+            let unanswered = match self.view().await {
+                Ok(view) if complete(&view, members, self.options.partitions) => return Ok(view),
+                Ok(_) => None,
+                Err(error) if self.any_exited()? => return Err(error),
+                Err(error) => Some(error),
+            };
             if Instant::now() > deadline {
-                bail!("the cluster did not settle on {members:?} within {timeout:?}");
+                bail!(
+                    "the cluster did not settle on {members:?} within {timeout:?}{}",
+                    unanswered.map_or_else(String::new, |e| format!(": {e}"))
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether a node that should run has exited.
+    fn any_exited(&mut self) -> Result<bool> {
+        for node in &mut self.nodes {
+            if let Some(process) = node.process.as_mut()
+                && process.try_exit()?.is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn stop_all(&mut self) {
@@ -662,7 +726,11 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     let fault_budget = match fault {
         Fault::Kill => options.session_timeout + Duration::from_secs(20),
         Fault::Pause => options.pause + Duration::from_secs(5),
-        Fault::RollingRestart => Duration::from_secs(45),
+        // A round: three restarts (a few seconds each, plus the pace and the downtime), then
+        // settling.
+        Fault::RollingRestart => {
+            (Duration::from_secs(40) + options.rolling.downtime * 3) * options.rolling.rounds.max(1)
+        }
         Fault::ScaleOut | Fault::ScaleIn => Duration::from_secs(25),
         Fault::FullDisk | Fault::DamageCopy => Duration::from_secs(40),
         Fault::Random => options.soak.duration + Duration::from_secs(30),
@@ -706,7 +774,8 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     tokio::time::sleep(options.before_fault).await;
     let fault_started = Instant::now();
     let mut notes = Vec::new();
-    inject(cluster, fault, &mut notes).await?;
+    let mut fault_problems = Vec::new();
+    inject(cluster, fault, &mut notes, &mut fault_problems).await?;
     let fault_ended = Instant::now();
     tokio::time::sleep(options.after_fault).await;
     stop.store(true, Ordering::Relaxed);
@@ -752,17 +821,20 @@ async fn scenario(kafka: &TestKafka, cluster: &mut Cluster, fault: Fault) -> Res
     report.state_exact = state_exact;
     report.mismatches = mismatches;
     report.notes = notes;
+    report.fault_problems = fault_problems;
     report.audit = audit;
     report.violations = count_in_logs(&logs, "exactly-once violation");
     report.redelivered = count_in_logs(&logs, "handed over a record already folded");
     Ok(report)
 }
 
-/// Injects the fault and waits until the cluster has dealt with it.
+/// Injects the fault and waits until the cluster has dealt with it. What the fault's own
+/// checks find wrong goes to `problems` (the run goes on, so that the report is whole).
 async fn inject(
     cluster: &mut Cluster,
     fault: Fault,
     notes: &mut Vec<(String, String)>,
+    problems: &mut Vec<String>,
 ) -> Result<()> {
     let options = cluster.options.clone();
     match fault {
@@ -821,42 +893,7 @@ async fn inject(
                 .await?;
             Ok(())
         }
-        Fault::RollingRestart => {
-            let members = ["node-1", "node-2", "node-3"];
-            let before = assignment(&cluster.view().await?, options.partitions);
-            let mut replayed_from_zero = 0;
-            for id in members {
-                let status = cluster.process(id)?.terminate(Duration::from_secs(60))?;
-                ensure!(status.success(), "{id} exit after SIGTERM: {status}");
-                cluster.start(id)?;
-                cluster
-                    .wait_complete(&members, Duration::from_secs(120))
-                    .await?;
-                replayed_from_zero += restores_from_zero(cluster.process(id)?);
-            }
-            let after = assignment(&cluster.view().await?, options.partitions);
-            notes.push((
-                "assignment kept".into(),
-                if after == before {
-                    "yes".into()
-                } else {
-                    format!("no: {before:?} became {after:?}")
-                },
-            ));
-            notes.push((
-                "partitions replayed from zero".into(),
-                replayed_from_zero.to_string(),
-            ));
-            ensure!(
-                after == before,
-                "the assignment moved: {before:?} became {after:?}"
-            );
-            ensure!(
-                replayed_from_zero == 0,
-                "{replayed_from_zero} partitions replayed from zero"
-            );
-            Ok(())
-        }
+        Fault::RollingRestart => rolling_restart(cluster, notes, problems).await,
         Fault::ScaleOut => {
             let started = Instant::now();
             cluster.start("node-4")?;
@@ -924,15 +961,175 @@ async fn inject(
     }
 }
 
-/// Counts the partitions a node's latest run restored from changelog offset 0 (a replay of
-/// everything) rather than from its local store.
-fn restores_from_zero(process: &TestProcess) -> usize {
-    process
-        .output()
-        .lines()
-        .filter(|l| l.contains("partition assigned; restoring its changelog tail"))
-        .filter(|l| l.contains("changelog_offset=0 "))
-        .count()
+/// Restarts every node in turn, [`RollingOptions::rounds`] times, at
+/// [`RollingOptions::pace`]; after each round, once the cluster has settled, compares the
+/// assignment (as Metadata reports it) with the one before the round, and counts the
+/// changelog records the round replayed and the copies it rebuilt.
+///
+/// A round that moved an active is a problem. So is a replay or a rebuilt copy in a round in
+/// which every node came back by SIGTERM and at once and the group did not rebalance (its
+/// generation, as the nodes report it, stayed the same): then every node rejoined as the
+/// static member it was, and nothing may move even for a while. A round in which the group
+/// did rebalance (a member missed its session timeout: a slow restart, a stalled broker) is
+/// noted with its generations.
+async fn rolling_restart(
+    cluster: &mut Cluster,
+    notes: &mut Vec<(String, String)>,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let options = cluster.options.clone();
+    let rolling = options.rolling.clone();
+    let members = cluster.running();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let logs = options.dir.join(&cluster.app);
+    let mut moved = Vec::new();
+    let mut rebalanced = Vec::new();
+    let mut replayed_total = 0;
+    let mut rebuilt_total = 0;
+    for round in 1..=rolling.rounds {
+        let view = cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+        let (before, generation_before) =
+            (assignment(&view, options.partitions), generation(&view));
+        let replayed_before = sum_in_logs(&logs, ACTIVATED, "records");
+        let rebuilt_before = count_in_logs(&logs, COLD_COPY);
+        let mut exits = Vec::new();
+        for (turn, id) in members.iter().enumerate() {
+            let stopping = Instant::now();
+            let process = cluster.process(id)?;
+            // A crash has no exit status worth checking.
+            let status = if rolling.kill {
+                process.kill9()?;
+                None
+            } else {
+                Some(process.terminate(Duration::from_secs(60))?)
+            };
+            if let Some(status) = status
+                && !status.success()
+            {
+                // A supervisor starts it again all the same; the run goes on.
+                let output = process.output();
+                let why = output
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("stopped error="))
+                    .unwrap_or_default();
+                problems.push(format!("round {round}: {id} exited with {status}: {why}"));
+            }
+            exits.push(stopping.elapsed().as_millis());
+            if !rolling.downtime.is_zero() {
+                cluster.node(id)?.process = None;
+                tokio::time::sleep(rolling.downtime).await;
+            }
+            cluster.start(id)?;
+            let started = Instant::now();
+            if turn + 1 == members.len() {
+                break;
+            }
+            match rolling.pace {
+                RestartPace::Settle => {
+                    cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+                }
+                RestartPace::After(pace) => {
+                    tokio::time::sleep(pace.saturating_sub(started.elapsed())).await;
+                }
+            }
+        }
+        let view = cluster.wait_complete(&members, SETTLE_TIMEOUT).await?;
+        let (after, generation_after) = (assignment(&view, options.partitions), generation(&view));
+        let replayed = sum_in_logs(&logs, ACTIVATED, "records") - replayed_before;
+        let rebuilt = count_in_logs(&logs, COLD_COPY) - rebuilt_before;
+        replayed_total += replayed;
+        rebuilt_total += rebuilt;
+        let kept = if after == before {
+            "kept".to_owned()
+        } else {
+            moved.push(round);
+            format!("MOVED: {before:?} became {after:?}")
+        };
+        let group = if generation_after == generation_before {
+            format!("no rebalance (generation {generation_after})")
+        } else {
+            rebalanced.push(round);
+            format!("rebalanced: generation {generation_before} to {generation_after}")
+        };
+        let summary = format!(
+            "assignment {kept}; group {group}; {replayed} changelog records replayed; \
+             {rebuilt} copies rebuilt; SIGTERM to exit {exits:?} ms"
+        );
+        eprintln!("chaos: rolling restart round {round}: {summary}");
+        notes.push((format!("round {round}"), summary));
+        let quick = !rolling.kill && rolling.downtime.is_zero();
+        if quick && generation_after == generation_before && (replayed > 0 || rebuilt > 0) {
+            problems.push(format!(
+                "rolling restart round {round} replayed {replayed} changelog records and \
+                 rebuilt {rebuilt} copies, though no member left the group"
+            ));
+        }
+    }
+    let rounds = rolling.rounds as usize;
+    notes.push((
+        "rounds that kept the assignment".into(),
+        format!("{} of {rounds}", rounds - moved.len()),
+    ));
+    notes.push((
+        "rounds the group rebalanced in".into(),
+        format!("{} of {rounds} {rebalanced:?}", rebalanced.len()),
+    ));
+    notes.push(("records replayed".into(), replayed_total.to_string()));
+    notes.push(("copies rebuilt".into(), rebuilt_total.to_string()));
+    if !moved.is_empty() {
+        problems.push(format!(
+            "rolling restart rounds {moved:?} moved the assignment"
+        ));
+    }
+    Ok(())
+}
+
+/// The latest consumer-group generation any node reports.
+fn generation(view: &ClusterView) -> i32 {
+    view.nodes
+        .iter()
+        .map(|n| n.group_generation)
+        .max()
+        .unwrap_or_default()
+}
+
+/// How long the cluster may take to have every partition served again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a node logs when a partition turns active, with the changelog records its restore
+/// replayed (`records=`).
+const ACTIVATED: &str = "restore finished; the partition is active";
+
+/// What a node logs when it opens a copy it had no files for.
+const COLD_COPY: &str = "warm=false";
+
+/// Sums the numeric field `field` of every line of every node log under `dir` that contains
+/// `what`.
+fn sum_in_logs(dir: &std::path::Path, what: &str, field: &str) -> u64 {
+    let prefix = format!("{field}=");
+    node_logs(dir)
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|word| word.strip_prefix(&prefix))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Every node log under `dir`.
+fn node_logs(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
 }
 
 /// Now, in milliseconds since the Unix epoch.
@@ -944,13 +1141,8 @@ fn unix_ms() -> i64 {
 
 /// Counts the lines of every node log under `dir` that contain `what`.
 fn count_in_logs(dir: &std::path::Path, what: &str) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+    node_logs(dir)
+        .iter()
         .map(|log| log.lines().filter(|l| l.contains(what)).count() as u64)
         .sum()
 }
@@ -1106,5 +1298,6 @@ fn summarize(
         audit: Audit::default(),
         violations: 0,
         redelivered: 0,
+        fault_problems: Vec::new(),
     }
 }
