@@ -373,7 +373,8 @@ fn a_node_running_the_features_module_stores_what_the_native_processor_would() -
     run_async(async {
         let partitions = 4;
         let mut scenario = Scenario::new("wasm-features", partitions).await?;
-        let alerts_topic = format!("{}-alerts", scenario.app);
+        // A topic of its own, which the node creates as it does its alerts topic.
+        let alerts_topic = format!("{}-module-alerts", scenario.app);
         use_module(
             &mut scenario,
             &module("features")?,
