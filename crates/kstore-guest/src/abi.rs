@@ -28,6 +28,15 @@ use std::fmt;
 /// The ABI version this crate speaks; a module's `kstore_abi_version` export returns it.
 pub const ABI_VERSION: i32 = 1;
 
+/// The export that returns the module's ABI version.
+pub const EXPORT_ABI_VERSION: &str = "kstore_abi_version";
+/// The export that returns where the node writes a batch.
+pub const EXPORT_INPUT: &str = "kstore_input";
+/// The export that folds a batch.
+pub const EXPORT_FOLD: &str = "kstore_fold";
+/// The optional export that returns the last panic's message.
+pub const EXPORT_PANIC_MESSAGE: &str = "kstore_panic_message";
+
 const ABSENT: u32 = u32::MAX;
 
 /// One input record, as a fold sees it.

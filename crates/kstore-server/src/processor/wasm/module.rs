@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use kstore_guest::ABI_VERSION;
+use kstore_guest::abi::{EXPORT_ABI_VERSION, EXPORT_FOLD, EXPORT_INPUT, EXPORT_PANIC_MESSAGE};
 use wasmtime::{
     Engine, ExternType, FuncType, Instance, InstancePre, Linker, Memory, Module, OptLevel,
     ResourceLimiter, Store, Trap, TypedFunc, ValType, WasmParams, WasmResults,
@@ -215,19 +216,19 @@ impl LoadedModule {
             "a 32-bit memory",
             &|e| matches!(e, ExternType::Memory(m) if !m.is_64() && !m.is_shared()),
         )?;
-        check("kstore_abi_version", "a function () -> i32", &|e| {
+        check(EXPORT_ABI_VERSION, "a function () -> i32", &|e| {
             is_func(e, &[], &[ValType::I32])
         })?;
-        check("kstore_input", "a function (i32) -> i32", &|e| {
+        check(EXPORT_INPUT, "a function (i32) -> i32", &|e| {
             is_func(e, &[ValType::I32], &[ValType::I32])
         })?;
-        check("kstore_fold", "a function (i32) -> i64", &|e| {
+        check(EXPORT_FOLD, "a function (i32) -> i64", &|e| {
             is_func(e, &[ValType::I32], &[ValType::I64])
         })?;
-        let has_panic_message = match module.get_export("kstore_panic_message") {
+        let has_panic_message = match module.get_export(EXPORT_PANIC_MESSAGE) {
             None => false,
             Some(_) => {
-                check("kstore_panic_message", "a function () -> i64", &|e| {
+                check(EXPORT_PANIC_MESSAGE, "a function () -> i64", &|e| {
                     is_func(e, &[], &[ValType::I64])
                 })?;
                 true
@@ -260,7 +261,7 @@ impl LoadedModule {
             .and_then(|()| live.abi_version.call(&mut live.store, ()))
             .map_err(|error| ModuleError::Instantiate {
                 path: loaded.path.clone(),
-                reason: format!("kstore_abi_version failed: {}", trap_reason(&error)),
+                reason: format!("{EXPORT_ABI_VERSION} failed: {}", trap_reason(&error)),
             })?;
         if version != ABI_VERSION {
             return Err(ModuleError::AbiVersion {
@@ -312,11 +313,11 @@ impl LoadedModule {
                 trap_reason(&error)
             }
         })?;
-        let abi_version = typed(&instance, &mut store, "kstore_abi_version")?;
-        let input = typed(&instance, &mut store, "kstore_input")?;
-        let fold = typed(&instance, &mut store, "kstore_fold")?;
+        let abi_version = typed(&instance, &mut store, EXPORT_ABI_VERSION)?;
+        let input = typed(&instance, &mut store, EXPORT_INPUT)?;
+        let fold = typed(&instance, &mut store, EXPORT_FOLD)?;
         let panic_message = if self.has_panic_message {
-            Some(typed(&instance, &mut store, "kstore_panic_message")?)
+            Some(typed(&instance, &mut store, EXPORT_PANIC_MESSAGE)?)
         } else {
             None
         };
