@@ -1073,6 +1073,52 @@ mod tests {
     }
 
     #[test]
+    fn a_processor_is_a_built_in_name_or_a_module_table() {
+        let config = load(&[], MINIMAL).unwrap();
+        assert_eq!(
+            config.processor,
+            ProcessorConfig::Builtin(ProcessorKind::Features)
+        );
+        let config = load(
+            &[],
+            &[
+                MINIMAL,
+                &[
+                    "processor.wasm=/m/features.wasm",
+                    "processor.outputs.alerts=fraud-alerts",
+                    "processor.fuel-per-record=5000",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let ProcessorConfig::Wasm(wasm) = &config.processor else {
+            panic!("{:?}", config.processor);
+        };
+        assert_eq!(wasm.wasm, PathBuf::from("/m/features.wasm"));
+        assert_eq!(wasm.outputs["alerts"], "fraud-alerts");
+        assert_eq!(wasm.fuel_per_record, 5000);
+        assert_eq!(wasm.max_memory_bytes, 64 << 20);
+
+        let message = |overrides: &[&str]| {
+            load(&[], &[MINIMAL, overrides].concat())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(message(&["processor=scoring"]).contains("scoring"));
+        assert!(message(&["processor.wasm=m.wasm", "processor.fuel=1"]).contains("fuel"));
+        assert!(
+            message(&["processor.wasm=m.wasm", "processor.fuel-per-record=10"])
+                .contains("processor.fuel-per-record")
+        );
+        assert!(message(&["processor.outputs.alerts=x"]).contains("processor.wasm"));
+        assert!(
+            message(&["processor.wasm=m.wasm", "processor.outputs.alerts=orders"])
+                .contains("processor.outputs.alerts")
+        );
+    }
+
+    #[test]
     fn errors_name_the_bad_key() {
         let message = |result: Result<NodeConfig, ConfigError>| result.unwrap_err().to_string();
         assert!(
