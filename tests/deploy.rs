@@ -734,3 +734,53 @@ fn every_alert_has_a_runbook_section() -> Result<()> {
     ensure!(alerts >= 6, "{alerts} alerts");
     Ok(())
 }
+
+#[test]
+fn tls_files_come_from_a_tls_secret_mounted_whole() -> Result<()> {
+    let Deployed {
+        set,
+        container,
+        config,
+        ..
+    } = deployed()?;
+    let tls = config.tls.as_ref().context("[tls] in the ConfigMap")?;
+    let pod = set
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .context("pod spec")?;
+    for (key, path, file) in [
+        ("cert", &tls.cert, "tls.crt"),
+        ("key", &tls.key, "tls.key"),
+        ("ca", &tls.ca, "ca.crt"),
+        ("client-ca", &tls.client_ca, "ca.crt"),
+    ] {
+        ensure!(
+            path.file_name() == Some(file.as_ref()),
+            "tls.{key} is the kubernetes.io/tls Secret's {file}"
+        );
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+            .with_context(|| format!("tls.{key} is not on a mounted volume"))?;
+        // The kubelet never updates a subPath mount: renewed certificates would not arrive.
+        ensure!(mount.sub_path.is_none(), "the TLS Secret is mounted whole");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .context("the TLS volume")?;
+        ensure!(
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref())
+                == Some("kstore-tls"),
+            "tls.{key} comes from the kstore-tls Secret"
+        );
+    }
+    Ok(())
+}

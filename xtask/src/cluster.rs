@@ -46,6 +46,11 @@ pub struct Up {
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// Serve gRPC over mutual TLS, with a cluster secret: makes a CA, a node certificate
+    /// (for 127.0.0.1 and localhost) and a client certificate in the cluster's directory
+    /// (with the `openssl` command, so that xtask stays free of native code).
+    #[arg(long)]
+    pub secure: bool,
 }
 
 /// The checkout that `cargo xtask` runs in. Read at run time (cargo sets it for `cargo run`),
@@ -90,6 +95,11 @@ pub fn up(up: &Up) -> Result<()> {
     let dir = cluster_dir();
     fs::create_dir_all(&dir)?;
     let template = workspace_root().join("deploy").join("kstore-node.toml");
+    let secure = if up.secure {
+        Some(Secure::make(&dir.join("tls"))?)
+    } else {
+        None
+    };
     let gossip_address = |i: u16| format!("127.0.0.1:{}", FIRST_GOSSIP_PORT + i);
     let mut nodes = Vec::new();
     for i in 0..up.nodes {
@@ -122,6 +132,13 @@ pub fn up(up: &Up) -> Result<()> {
         ] {
             command.arg("--set").arg(setting);
         }
+        if let Some(secure) = &secure {
+            for setting in secure.node_settings() {
+                command.arg("--set").arg(setting);
+            }
+            // Through the environment, not the command line that `ps` shows.
+            command.env("KSTORE_CLUSTER_SECRET", &secure.cluster_secret);
+        }
         let pid = spawn_detached(command, &log)?;
         nodes.push(
             json!({"id": id, "pid": pid, "grpc": grpc, "metrics": metrics,
@@ -148,6 +165,11 @@ pub fn up(up: &Up) -> Result<()> {
         "broker": {"bootstrap": broker.bootstrap(), "port": up.port, "started_by_up": broker_started},
         "nodes": nodes,
         "producer": {"pid": producer_pid, "log": producer_log, "rate": up.rate},
+        "tls": secure.as_ref().map(|s| json!({
+            "ca": s.dir.join("ca.pem"),
+            "cert": s.dir.join("client.pem"),
+            "key": s.dir.join("client-key.pem"),
+        })),
     });
     fs::write(cluster_file(), serde_json::to_string_pretty(&cluster)?)?;
 
@@ -249,12 +271,14 @@ fn kstore_metadata(cluster: &serde_json::Value, seeds: &[&str]) -> Result<std::p
     let bin = cluster["bin"]
         .as_str()
         .context("cluster.json names no binaries; `cargo xtask down` and `up` again")?;
-    Command::new(Path::new(bin).join("kstore"))
-        .arg("metadata")
-        .arg("--seeds")
-        .arg(seeds.join(","))
-        .output()
-        .context("running kstore metadata")
+    let mut command = Command::new(Path::new(bin).join("kstore"));
+    command.arg("metadata").arg("--seeds").arg(seeds.join(","));
+    for flag in ["ca", "cert", "key"] {
+        if let Some(path) = cluster["tls"][flag].as_str() {
+            command.arg(format!("--{flag}")).arg(path);
+        }
+    }
+    command.output().context("running kstore metadata")
 }
 
 pub fn down() -> Result<()> {
@@ -369,6 +393,26 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
     println!();
     println!("try:");
     println!("  cargo xtask status");
+    if let Some(tls) = cluster["tls"].as_object() {
+        let file = |key: &str| tls.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+        let (ca, cert, key) = (file("ca"), file("cert"), file("key"));
+        println!("  kstore get --seeds {grpc} --ca {ca} --cert {cert} --key {key} customer-000042");
+        println!("  grpcurl -cacert {ca} -cert {cert} -key {key} {grpc} list");
+        println!(
+            "  grpcurl -cacert {ca} -cert {cert} -key {key} -d '{{\"store\": \"features\", \"key\": \"'$(printf customer-000042 | base64)'\"}}' {grpc} kstore.v1.Query/Get"
+        );
+        println!("  grpcurl -cacert {ca} -cert {cert} -key {key} {grpc} kstore.v1.Query/Metadata");
+        println!("  curl -s http://{metrics}/metrics | grep kstore_tls_");
+        println!("  tail -f {}", first["log"].as_str().unwrap_or_default());
+        println!("  cargo xtask down");
+        println!();
+        println!(
+            "(gRPC is mutual TLS: a caller without a certificate signed by {ca} is refused; \
+             rotate with new files in {} and `kill -HUP` the nodes)",
+            Path::new(ca).parent().unwrap_or(Path::new(".")).display()
+        );
+        return;
+    }
     println!("  grpcurl -plaintext {grpc} list");
     println!("  grpcurl -plaintext {grpc} describe kstore.v1.Query");
     println!(
@@ -384,4 +428,179 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
         "(any node answers any key: a node that holds no copy of the key's partition forwards the"
     );
     println!(" read once to a node that does; the answer names the node that answered)");
+}
+
+/// The files and secret of a `--secure` cluster.
+struct Secure {
+    dir: PathBuf,
+    cluster_secret: String,
+}
+
+impl Secure {
+    /// Makes a CA, a node certificate (server and client authentication, for 127.0.0.1 and
+    /// localhost) and a client certificate in `dir` with the `openssl` command, and a
+    /// cluster secret.
+    fn make(dir: &Path) -> Result<Secure> {
+        fs::create_dir_all(dir)?;
+        let openssl = |args: &[&str]| -> Result<String> {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .context("running openssl (install it: `cargo xtask up --secure` makes the certificates with it)")?;
+            if !output.status.success() {
+                bail!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "365",
+            "-subj",
+            "/CN=kstore local CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&ca)?;
+        for (name, extensions) in [
+            (
+                "node",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let (key, csr, cert, ext) = (
+                format!("{name}-key.pem"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            fs::write(
+                dir.join(&ext),
+                format!(
+                    "{extensions}keyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n"
+                ),
+            )?;
+            let subject = format!("/CN=kstore-{name}");
+            let mut request = vec!["req"];
+            request.extend(ec);
+            request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+            openssl(&request)?;
+            let serial = format!(
+                "0x{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_nanos()
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-set_serial",
+                &serial,
+                "-days",
+                "365",
+                "-out",
+                &cert,
+                "-extfile",
+                &ext,
+            ])?;
+            fs::remove_file(dir.join(&csr))?;
+            fs::remove_file(dir.join(&ext))?;
+        }
+        let cluster_secret = openssl(&["rand", "-hex", "32"])?;
+        Ok(Secure {
+            dir: dir.to_owned(),
+            cluster_secret,
+        })
+    }
+
+    /// The nodes' `[tls]` settings: their certificate, the CA for both their peers and
+    /// their clients (mutual TLS).
+    fn node_settings(&self) -> Vec<String> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            format!("tls.cert={}", file("node.pem")),
+            format!("tls.key={}", file("node-key.pem")),
+            format!("tls.ca={}", file("ca.pem")),
+            format!("tls.client-ca={}", file("ca.pem")),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_makes_certificates_that_openssl_verifies_for_their_purposes() -> Result<()> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("no openssl here; skipped");
+            return Ok(());
+        }
+        let dir = std::env::temp_dir().join(format!("kstore-xtask-secure-{}", std::process::id()));
+        let secure = Secure::make(&dir);
+        let checked = (|| -> Result<()> {
+            let secure = secure?;
+            assert_eq!(secure.cluster_secret.len(), 64);
+            for (purpose, cert) in [
+                ("sslserver", "node.pem"),
+                ("sslclient", "node.pem"),
+                ("sslclient", "client.pem"),
+            ] {
+                let output = Command::new("openssl")
+                    .args(["verify", "-CAfile", "ca.pem", "-purpose", purpose, cert])
+                    .current_dir(&dir)
+                    .output()?;
+                assert!(
+                    output.status.success(),
+                    "{cert} for {purpose}: {}",
+                    String::from_utf8_lossy(&output.stdout)
+                );
+            }
+            let text = Command::new("openssl")
+                .args([
+                    "x509",
+                    "-noout",
+                    "-ext",
+                    "subjectAltName",
+                    "-in",
+                    "node.pem",
+                ])
+                .current_dir(&dir)
+                .output()?;
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(
+                text.contains("IP Address:127.0.0.1") && text.contains("DNS:localhost"),
+                "{text}"
+            );
+            Ok(())
+        })();
+        let _ = fs::remove_dir_all(&dir);
+        checked
+    }
 }

@@ -201,9 +201,21 @@ fn kafka(action: KafkaAction, broker: Broker) -> Result<()> {
 fn test(port: u16, cargo_test_args: &[String]) -> Result<()> {
     setup::run()?;
     cargo(&["fmt", "--all", "--check"])?;
+    // Every feature (the client's `tls` among them), then the client alone without its
+    // features, as a user who does not ask for TLS builds it.
     cargo(&[
         "clippy",
         "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&[
+        "clippy",
+        "-p",
+        "kstore-client",
         "--all-targets",
         "--",
         "-D",

@@ -880,6 +880,18 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
         )),
     }
     for r in results {
+        for (phase, l) in r
+            .ghz
+            .iter()
+            .flat_map(|g| [("idle", &g.get_idle), ("under ingest", &g.get_under_ingest)])
+        {
+            if l.errors > 0 {
+                table.push_str(&format!(
+                    "\n{}: ghz Get {phase}: {} of {} calls failed: {}",
+                    r.name, l.errors, l.count, l.error_kinds
+                ));
+            }
+        }
         table.push_str(&format!(
             "\n{}: ingest phase sent {} events; {}",
             r.name,
@@ -922,6 +934,7 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
                 let latency = |l: &GhzLatencies| json!({
                     "calls": l.count,
                     "errors": l.errors,
+                    "error_kinds": l.error_kinds,
                     "p50_ms": l.p50_ms,
                     "p99_ms": l.p99_ms,
                     "p999_ms": l.p999_ms,

@@ -45,8 +45,9 @@ pub struct Load {
 pub struct GhzLatencies {
     /// Calls made.
     pub count: u64,
-    /// Calls that did not answer OK.
+    /// Calls that did not answer OK, and what ghz says of them (its error distribution).
     pub errors: u64,
+    pub error_kinds: String,
     /// p50, p99 and p99.9 of the answered calls, in milliseconds (computed from every call's
     /// latency, which ghz lists in its JSON report).
     pub p50_ms: f64,
@@ -212,6 +213,10 @@ fn latencies(report: &Value) -> Result<GhzLatencies> {
     Ok(GhzLatencies {
         count,
         errors: count - answered.len() as u64,
+        error_kinds: match &report["errorDistribution"] {
+            Value::Object(kinds) if !kinds.is_empty() => report["errorDistribution"].to_string(),
+            _ => String::new(),
+        },
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         p999_ms: at(0.999),

@@ -207,6 +207,7 @@ fn run(
     let target = AdminTarget {
         seeds: vec![address.clone()],
         token: None,
+        tls: None,
         timeout: Duration::from_secs(1_800),
     };
     let backup = |label: &str| -> Result<(f64, kstore_proto::v1::BackupInfo)> {

@@ -27,20 +27,25 @@ pub struct AdminTarget {
     pub token: Option<String>,
     /// How long one call may take.
     pub timeout: Duration,
+    /// TLS to the nodes, if they serve it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl AdminTarget {
     async fn channel(&self, address: &str) -> Result<Channel> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = if address.contains("://") {
             address.to_owned()
         } else {
-            format!("http://{address}")
+            format!("{scheme}://{address}")
         };
-        Ok(Endpoint::from_shared(uri)?
+        let mut endpoint = Endpoint::from_shared(uri)?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(self.timeout)
-            .connect()
-            .await?)
+            .timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>> {

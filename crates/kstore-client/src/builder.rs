@@ -115,7 +115,9 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects to the nodes over TLS.
+    /// Connects to the nodes over TLS: seeds and the addresses the cluster view advertises
+    /// are dialed with `https`, each verified by the host of its address (see
+    /// [`tls_from_files`](crate::tls_from_files)).
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
         self.tls = Some(tls);
@@ -156,7 +158,15 @@ impl ClientBuilder {
                     first = Some(answer);
                     break;
                 }
-                Err(reason) => tried.push((seed.clone(), reason)),
+                Err(reason) => {
+                    #[cfg(feature = "tls")]
+                    let reason = if self.tls.is_some() {
+                        crate::tls::explain_refusal(reason)
+                    } else {
+                        reason
+                    };
+                    tried.push((seed.clone(), reason));
+                }
             }
         }
         let first = first.ok_or(BuildError::Unreachable { tried })?;

@@ -245,3 +245,19 @@ impl ReadError {
         }
     }
 }
+
+/// Describes a status with the chain of errors behind it: a connection that failed says
+/// why (a TLS handshake's certificate error, say), not only "transport error".
+pub(crate) fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let said = error.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = error.source();
+    }
+    text
+}

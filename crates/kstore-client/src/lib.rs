@@ -43,6 +43,8 @@ pub mod error;
 mod hedge;
 mod metadata;
 mod routing;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,8 @@ pub use hedge::Hedge;
 pub use kstore_core::cluster::Role;
 pub use kstore_core::routing::ReadPolicy;
 pub use metadata::StoreShape;
+#[cfg(feature = "tls")]
+pub use tls::{TlsFileError, tls_from_files};
 
 /// Per-read settings that override the client's.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

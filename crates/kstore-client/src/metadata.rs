@@ -337,7 +337,7 @@ pub(crate) async fn fetch(channel: tonic::transport::Channel) -> Result<Metadata
     request.set_timeout(METADATA_TIMEOUT);
     match tokio::time::timeout(METADATA_TIMEOUT, client.metadata(request)).await {
         Ok(Ok(answer)) => Ok(answer.into_inner()),
-        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Ok(Err(status)) => Err(crate::error::describe_status(&status)),
         Err(_) => Err(format!("no answer within {METADATA_TIMEOUT:?}")),
     }
 }

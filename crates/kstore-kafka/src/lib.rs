@@ -3,6 +3,8 @@
 //!
 //! - [`wire`]: one blocking connection to a broker, for calls librdkafka does not offer
 //!   (a drained node's LeaveGroup naming its `group.instance.id`);
+//! - [`sasl`]: SASL authentication on such a connection (PLAIN, SCRAM-SHA-256/512), for a
+//!   broker behind SASL; TLS is the caller's (the node's), which needs native crypto;
 //! - [`admin`]: whether a broker answers, a topic's partition count, creating a topic;
 //! - [`local`]: the broker that `deploy/kafka/pom.xml` pins, started from Maven's jars.
 //!
@@ -11,4 +13,5 @@
 
 pub mod admin;
 pub mod local;
+pub mod sasl;
 pub mod wire;

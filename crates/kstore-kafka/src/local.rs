@@ -50,6 +50,45 @@ const CLUSTER_ID: &str = "a3N0b3JlLXRlc3Ricm9rZQ";
 pub struct Broker {
     port: u16,
     state_dir: PathBuf,
+    secure: Option<SecureListeners>,
+}
+
+/// Listeners with TLS and SASL, for testing clients against a secured broker. The broker
+/// keeps its PLAINTEXT listener on its port (health checks, topic admin and its own
+/// traffic use it) and adds:
+///
+/// - an SSL listener that requires a client certificate signed by a CA it trusts (mTLS);
+/// - a SASL_SSL listener with SCRAM-SHA-256 and SCRAM-SHA-512 over TLS, without client
+///   certificates.
+///
+/// The certificates are PEM files made by the caller (this crate builds no crypto); the
+/// SCRAM users are created when the broker's storage is formatted (KRaft keeps them in its
+/// metadata), so they must be given before the broker's first start in its state directory.
+#[derive(Debug, Clone)]
+pub struct SecureListeners {
+    /// The SSL listener's port.
+    pub ssl_port: u16,
+    /// The SASL_SSL listener's port.
+    pub sasl_ssl_port: u16,
+    /// The broker's certificate chain (PEM), leaf first.
+    pub certificate_chain: PathBuf,
+    /// The broker's private key (PEM, PKCS#8, unencrypted).
+    pub private_key: PathBuf,
+    /// The CA certificates (PEM) the SSL listener trusts for client certificates.
+    pub client_ca: PathBuf,
+    /// SCRAM credentials to create.
+    pub scram_users: Vec<ScramUser>,
+}
+
+/// A SCRAM credential on the broker.
+#[derive(Debug, Clone)]
+pub struct ScramUser {
+    /// `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: String,
+    /// The user name.
+    pub name: String,
+    /// The password.
+    pub password: String,
 }
 
 /// What `Broker::start` found or did.
@@ -81,7 +120,32 @@ impl Broker {
     /// system's temporary directory.
     pub fn on_port(port: u16) -> Self {
         let state_dir = std::env::temp_dir().join(format!("kstore-kafka-{port}"));
-        Broker { port, state_dir }
+        Broker {
+            port,
+            state_dir,
+            secure: None,
+        }
+    }
+
+    /// Adds TLS and SASL listeners (see [`SecureListeners`]) to the broker's config. A
+    /// broker already running on the port is reused as it is.
+    pub fn with_secure_listeners(mut self, listeners: SecureListeners) -> Self {
+        self.secure = Some(listeners);
+        self
+    }
+
+    /// Returns the SSL listener's bootstrap address, if the broker has one.
+    pub fn ssl_bootstrap(&self) -> Option<String> {
+        self.secure
+            .as_ref()
+            .map(|s| format!("127.0.0.1:{}", s.ssl_port))
+    }
+
+    /// Returns the SASL_SSL listener's bootstrap address, if the broker has one.
+    pub fn sasl_ssl_bootstrap(&self) -> Option<String> {
+        self.secure
+            .as_ref()
+            .map(|s| format!("127.0.0.1:{}", s.sasl_ssl_port))
     }
 
     /// Returns the bootstrap address, `127.0.0.1:<port>`.
@@ -251,7 +315,15 @@ impl Broker {
     /// still hold its controller port after its client port closed).
     fn wait_ports_free(&self) -> Result<()> {
         let deadline = Instant::now() + PORTS_FREE_TIMEOUT;
-        for port in [self.port, self.controller_port()] {
+        let secure_ports = self
+            .secure
+            .as_ref()
+            .map(|s| vec![s.ssl_port, s.sasl_ssl_port])
+            .unwrap_or_default();
+        for port in [self.port, self.controller_port()]
+            .into_iter()
+            .chain(secure_ports)
+        {
             while let Err(error) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                 if Instant::now() > deadline {
                     bail!(
@@ -397,16 +469,27 @@ impl Broker {
         let data = self.state_dir.join("data");
         let port = self.port;
         let controller = self.controller_port();
+        let mut listeners = format!("PLAINTEXT://127.0.0.1:{port}");
+        let mut protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT".to_owned();
+        let mut security = String::new();
+        if let Some(secure) = &self.secure {
+            listeners.push_str(&format!(
+                ",SSL://127.0.0.1:{},SASL_SSL://127.0.0.1:{}",
+                secure.ssl_port, secure.sasl_ssl_port
+            ));
+            protocols.push_str(",SSL:SSL,SASL_SSL:SASL_SSL");
+            security = secure.properties()?;
+        }
         let server = format!(
             "# Written by kstore-kafka for a local development and test broker.\n\
              process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners={listeners},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners={listeners}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             listener.security.protocol.map={protocols}\n\
              log.dirs={data}\n\
              num.partitions=1\n\
              auto.create.topics.enable=false\n\
@@ -419,7 +502,8 @@ impl Broker {
              share.coordinator.state.topic.min.isr=1\n\
              group.initial.rebalance.delay.ms=0\n\
              group.min.session.timeout.ms=1000\n\
-             log.retention.hours=24\n",
+             log.retention.hours=24\n\
+             {security}",
             data = data.display()
         );
         fs::write(self.state_dir.join("server.properties"), server)?;
@@ -451,6 +535,17 @@ impl Broker {
                 "-c",
             ])
             .arg(self.state_dir.join("server.properties"))
+            .args(self.secure.iter().flat_map(|secure| {
+                secure.scram_users.iter().flat_map(|user| {
+                    [
+                        "--add-scram".to_owned(),
+                        format!(
+                            "{}=[name={},password={}]",
+                            user.mechanism, user.name, user.password
+                        ),
+                    ]
+                })
+            }))
             .output()
             .context("running java (is Java 17+ installed?)")?;
         if !output.status.success() {
@@ -461,6 +556,35 @@ impl Broker {
             );
         }
         Ok(())
+    }
+}
+
+impl SecureListeners {
+    /// The broker settings of the two listeners. The key and chain go inline (a PEM key
+    /// store given as a file must be encrypted, inline it need not be), with their line
+    /// breaks escaped as a properties file wants them.
+    fn properties(&self) -> Result<String> {
+        let read = |path: &Path| {
+            fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))
+                .map(|pem| pem.trim().replace('\n', "\\n"))
+        };
+        let chain = read(&self.certificate_chain)?;
+        let key = read(&self.private_key)?;
+        let scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;";
+        Ok(format!(
+            "ssl.keystore.type=PEM\n\
+             ssl.keystore.certificate.chain={chain}\n\
+             ssl.keystore.key={key}\n\
+             ssl.truststore.type=PEM\n\
+             ssl.truststore.location={truststore}\n\
+             listener.name.ssl.ssl.client.auth=required\n\
+             listener.name.sasl_ssl.ssl.client.auth=none\n\
+             listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512\n\
+             listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}\n\
+             listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}\n",
+            truststore = self.client_ca.display(),
+        ))
     }
 }
 

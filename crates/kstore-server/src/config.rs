@@ -271,6 +271,67 @@ impl LimitsConfig {
     }
 }
 
+/// TLS on the gRPC port, and for the calls this node makes to other nodes (forwarded reads,
+/// Peer snapshots). Certificates and CAs are read again on SIGHUP and when their files
+/// change; a set that does not load or verify is refused and the one in use kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct TlsConfig {
+    /// The node's certificate chain (PEM), leaf first. It must name the node's advertised
+    /// host (`advertise-host`, or the gRPC address's IP) as a subject alternative name, and
+    /// allow both server and client authentication (the node presents it to its peers).
+    pub cert: PathBuf,
+    /// The node's private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA (PEM) that signs the nodes' certificates: a node verifies the nodes it calls
+    /// with it, by their advertised host.
+    pub ca: PathBuf,
+    /// The CA (PEM) that signs client certificates. Set, it turns mutual TLS on: every
+    /// caller (clients, and the other nodes, which present their node certificate) must
+    /// present a certificate it signed. Empty: any client may connect.
+    pub client_ca: PathBuf,
+    /// How often the files are checked for changes, in milliseconds.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            ca: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            reload_interval_ms: 5_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether mutual TLS is on (`client-ca` set).
+    pub fn mutual(&self) -> bool {
+        !self.client_ca.as_os_str().is_empty()
+    }
+
+    /// Checks the keys, naming the first bad one (the files are read when the node starts).
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("tls.{key}"),
+                    reason: "must be set (a PEM file) when [tls] is present".into(),
+                });
+            }
+        }
+        if !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return Err(ConfigError::Invalid {
+                key: "tls.reload-interval-ms".into(),
+                reason: "must be between 100 and 3600000".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl BackupConfig {
     /// Whether a backup location is set.
     pub fn enabled(&self) -> bool {
@@ -390,6 +451,9 @@ pub struct NodeConfig {
     pub memory: MemoryConfig,
     /// Limits on what callers and peers may ask of the node at once.
     pub limits: LimitsConfig,
+    /// TLS for gRPC; absent, gRPC is plaintext (reads travel unencrypted; the cluster
+    /// secret still guards the calls only nodes may make).
+    pub tls: Option<TlsConfig>,
     /// librdkafka settings for every client of the node, passed through verbatim.
     pub kafka: BTreeMap<String, String>,
 }
@@ -440,6 +504,7 @@ impl Default for NodeConfig {
             probes: ProbesConfig::default(),
             memory: MemoryConfig::default(),
             limits: LimitsConfig::default(),
+            tls: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -716,6 +781,9 @@ impl NodeConfig {
         }
         self.limits.validate()?;
         self.validate_processor()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         if !self.kafka.contains_key("bootstrap.servers") {
             return invalid("kafka.bootstrap.servers", "must be set");
         }
@@ -961,6 +1029,7 @@ mod tests {
             &[
                 ("KSTORE_MEMORY__BLOCK_CACHE_BYTES", "8388608"),
                 ("KSTORE_KAFKA__SESSION_TIMEOUT_MS", "6000"),
+                ("KSTORE_KAFKA__SASL_PASSWORD", "from-a-secret"),
                 ("KSTORE_PROCESSING_GUARANTEE", "at-least-once"),
                 ("KSTORE_KAFKA_BOOTSTRAP", "ignored:1"),
                 ("KSTORE_BIN_DIR", "/ignored/target/debug"),
@@ -972,6 +1041,11 @@ mod tests {
         assert_eq!(
             config.kafka.get("session.timeout.ms").map(String::as_str),
             Some("6000")
+        );
+        // The way docs/OPERATIONS.md tells to give the SASL password.
+        assert_eq!(
+            config.kafka.get("sasl.password").map(String::as_str),
+            Some("from-a-secret")
         );
         assert_eq!(
             config.processing_guarantee,
@@ -1017,6 +1091,39 @@ mod tests {
         assert!(load(&[secret], &public_gossip).is_ok());
         // On loopback a cluster may run without one (development).
         assert!(load(&[], MINIMAL).is_ok());
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_key_and_ca_and_unknown_keys_are_named() {
+        let half = [MINIMAL, &["tls.cert=/etc/kstore-tls/tls.crt"]].concat();
+        let error = load(&[], &half).unwrap_err().to_string();
+        assert!(
+            error.contains("tls.key") && error.contains("must be set"),
+            "{error}"
+        );
+        let whole = [
+            MINIMAL,
+            &[
+                "tls.cert=/etc/kstore-tls/tls.crt",
+                "tls.key=/etc/kstore-tls/tls.key",
+                "tls.ca=/etc/kstore-tls/ca.crt",
+            ],
+        ]
+        .concat();
+        let config = load(&[], &whole).unwrap();
+        let tls = config.tls.unwrap();
+        assert!(!tls.mutual());
+        assert_eq!(tls.reload_interval_ms, 5_000);
+        let mutual = [whole.as_slice(), &["tls.client-ca=/etc/kstore-tls/ca.crt"]].concat();
+        assert!(load(&[], &mutual).unwrap().tls.unwrap().mutual());
+        let typo = [whole.as_slice(), &["tls.client-cert=/x"]].concat();
+        let error = load(&[], &typo).unwrap_err().to_string();
+        assert!(error.contains("client-cert"), "{error}");
+        let fast = [whole.as_slice(), &["tls.reload-interval-ms=1"]].concat();
+        let error = load(&[], &fast).unwrap_err().to_string();
+        assert!(error.contains("tls.reload-interval-ms"), "{error}");
+        // Without [tls] gRPC is plaintext.
+        assert!(load(&[], MINIMAL).unwrap().tls.is_none());
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! call RemoveMembersFromConsumerGroup (KIP-345), which is a LeaveGroup request (v3 and
 //! later) that names the member's `group.instance.id`. This module sends exactly that, to
 //! the group's coordinator, with the Kafka protocol as the `kafka-protocol` crate encodes
-//! it. It speaks PLAINTEXT only: behind TLS or SASL the partitions move after the session
-//! timeout instead, and the drain says so.
+//! it, over a connection with the node's own security settings (TLS, SASL PLAIN or SCRAM:
+//! [`crate::kafka::connect`]).
 
 use std::time::Duration;
 
@@ -18,7 +18,8 @@ use kafka_protocol::messages::{
     LeaveGroupResponse,
 };
 use kafka_protocol::protocol::StrBytes;
-use kstore_kafka::wire::Connection;
+
+use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 
 /// FindCoordinator v4 (batched keys, flexible): Kafka 3.0 and later.
 const FIND_COORDINATOR_VERSION: i16 = 4;
@@ -29,15 +30,9 @@ const LEAVE_GROUP_VERSION: i16 = 5;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LeaveError {
-    /// The client settings use a security protocol this module does not speak.
-    #[error(
-        "removing a static member needs a PLAINTEXT listener, and security.protocol is \
-         {protocol}; the partitions move after session.timeout.ms instead"
-    )]
-    Unsupported {
-        /// The configured security protocol.
-        protocol: String,
-    },
+    /// The node's `kafka.*` security settings cannot be used for this connection.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     /// The brokers could not be reached or answered with an error.
     #[error("removing static member {instance_id} from group {group}: {reason}")]
     Failed {
@@ -45,27 +40,20 @@ pub enum LeaveError {
         group: String,
         /// The member's group.instance.id.
         instance_id: String,
-        /// What went wrong.
+        /// What went wrong, broker by broker.
         reason: String,
     },
 }
 
 /// Removes the static member `instance_id` from `group`, through the first of `bootstrap`
-/// (comma-separated `host:port`) that answers.
+/// (comma-separated `host:port`) that answers, connecting as `connector` says.
 pub fn remove_static_member(
+    connector: &Connector,
     bootstrap: &str,
-    security_protocol: Option<&str>,
     group: &str,
     instance_id: &str,
     timeout: Duration,
 ) -> Result<(), LeaveError> {
-    if let Some(protocol) = security_protocol
-        && !protocol.eq_ignore_ascii_case("plaintext")
-    {
-        return Err(LeaveError::Unsupported {
-            protocol: protocol.into(),
-        });
-    }
     let failed = |reason: String| LeaveError::Failed {
         group: group.into(),
         instance_id: instance_id.into(),
@@ -77,7 +65,7 @@ pub fn remove_static_member(
         .map(str::trim)
         .filter(|b| !b.is_empty())
     {
-        match leave_through(broker, group, instance_id, timeout) {
+        match leave_through(connector, broker, group, instance_id, timeout) {
             Ok(()) => return Ok(()),
             Err(error) => errors.push(format!("{broker}: {error}")),
         }
@@ -86,18 +74,22 @@ pub fn remove_static_member(
 }
 
 fn leave_through(
+    connector: &Connector,
     broker: &str,
     group: &str,
     instance_id: &str,
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut connection = Connection::open(broker, timeout).map_err(|e| e.to_string())?;
+    let failure = |address: &str, error| connector.call_failure(address, error).to_string();
+    let mut connection = connector
+        .connect(broker, timeout)
+        .map_err(|e: ConnectError| e.to_string())?;
     let find = FindCoordinatorRequest::default()
         .with_key_type(0)
         .with_coordinator_keys(vec![StrBytes::from_string(group.into())]);
     let found: FindCoordinatorResponse = connection
         .call(ApiKey::FindCoordinator, find, FIND_COORDINATOR_VERSION)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failure(broker, e))?;
     let coordinator = found
         .coordinators
         .first()
@@ -109,7 +101,9 @@ fn leave_through(
     let mut coordinator = if address == broker {
         connection
     } else {
-        Connection::open(&address, timeout).map_err(|e| e.to_string())?
+        connector
+            .connect(&address, timeout)
+            .map_err(|e| e.to_string())?
     };
     let leave = LeaveGroupRequest::default()
         .with_group_id(GroupId(StrBytes::from_string(group.into())))
@@ -121,7 +115,7 @@ fn leave_through(
         ]);
     let left: LeaveGroupResponse = coordinator
         .call(ApiKey::LeaveGroup, leave, LEAVE_GROUP_VERSION)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failure(&address, e))?;
     if let Some(error) = left.error_code.err() {
         return Err(format!("leaving the group: {error:?}"));
     }

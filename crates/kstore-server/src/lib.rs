@@ -24,4 +24,5 @@ pub mod registry;
 pub mod snapshot;
 pub mod standby;
 pub mod store;
+pub mod tls;
 pub mod topics;

@@ -16,6 +16,7 @@ use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
+use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
@@ -31,6 +32,9 @@ use crate::topics::{self, TopicError};
 /// How often the node looks at the input's end offsets (for lag) and publishes metrics.
 const LAG_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long the start-up check of the Kafka security settings waits for a broker.
+const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,12 +42,22 @@ pub enum NodeError {
     /// The topics are missing or do not fit together.
     #[error(transparent)]
     Topics(#[from] TopicError),
+    /// The `kafka.*` security settings cannot be used (a file they name, a missing key).
+    #[error(transparent)]
+    KafkaSettings(SettingsError),
+    /// The brokers refused the `kafka.*` security settings (an untrusted certificate, wrong
+    /// credentials).
+    #[error(transparent)]
+    KafkaRefused(ConnectError),
     /// Ingest failed.
     #[error(transparent)]
     Ingest(#[from] IngestError),
     /// The gRPC server failed.
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    /// The TLS certificates cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Gossip could not start.
     #[error(transparent)]
     Gossip(#[from] GossipError),
@@ -65,6 +79,46 @@ pub enum NodeError {
     Runtime(#[from] std::io::Error),
 }
 
+/// Checks at start that the brokers accept the node's Kafka security settings, over the
+/// path the drain's LeaveGroup takes (TLS, SASL). Wrong settings stop the node with what to
+/// fix, rather than leaving librdkafka to retry them forever; a broker that cannot be
+/// reached now is only logged (librdkafka keeps trying); settings that kstore's own
+/// connections do not speak are logged as what they cost: a drain then waits for the
+/// session timeout. PLAINTEXT has nothing to check, and its nodes start as before.
+fn check_kafka_security(config: &NodeConfig) -> Result<(), NodeError> {
+    let connector = match Connector::from_settings(&config.kafka) {
+        Ok(connector) => connector,
+        Err(error @ SettingsError::Unsupported { .. }) => {
+            tracing::warn!(
+                %error,
+                "a drained node cannot leave the consumer group with these settings: its \
+                 partitions will move only after the session timeout"
+            );
+            return Ok(());
+        }
+        Err(error) => return Err(NodeError::KafkaSettings(error)),
+    };
+    if !connector.is_secured() {
+        return Ok(());
+    }
+    let bootstrap = config
+        .kafka
+        .get("bootstrap.servers")
+        .map(String::as_str)
+        .unwrap_or_default();
+    match connector.check(bootstrap, KAFKA_CHECK_TIMEOUT) {
+        Ok(broker) => {
+            tracing::info!(%broker, security = %connector.describe(), "the brokers accept the node's Kafka security settings");
+            Ok(())
+        }
+        Err(error) if error.is_configuration() => Err(NodeError::KafkaRefused(error)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check the Kafka security settings now; the Kafka clients keep trying");
+            Ok(())
+        }
+    }
+}
+
 /// Returns the processor the configuration names: a built-in one, or a WebAssembly module
 /// loaded and checked now (a module that does not load is an error naming its file).
 pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, ModuleError> {
@@ -84,6 +138,7 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), NodeError> {
     let config = Arc::new(config);
+    check_kafka_security(&config)?;
     let client = crate::kafka::client_config(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -138,6 +193,25 @@ pub fn run(
         .local_addr()
         .map_err(|error| listen_error(error.to_string()))?;
     tracing::info!(address = %bound, "serving gRPC");
+    // The node's certificate must name the host it is advertised as: that is the name its
+    // peers and clients verify.
+    let tls = match &config.tls {
+        Some(settings) => {
+            let advertised = config.advertised(bound);
+            let tls = crate::tls::Tls::load(settings.clone(), crate::tls::host_of(&advertised))?;
+            runtime.spawn(tls.clone().watch());
+            Some(tls)
+        }
+        None => {
+            if !bound.ip().is_loopback() {
+                tracing::warn!(
+                    address = %bound,
+                    "gRPC is plaintext beyond loopback: reads travel unencrypted (set [tls])"
+                );
+            }
+            None
+        }
+    };
 
     let gossip = runtime.block_on(Gossip::start(
         &config,
@@ -185,6 +259,7 @@ pub fn run(
                 )
                 .with_limits(&config.limits),
             ),
+            tls: tls.clone(),
         },
         processor.value_type_url().map(str::to_owned),
         {
@@ -236,7 +311,8 @@ pub fn run(
                     config.cluster_secret.clone(),
                     memory,
                 )
-                .with_limits(&config.limits),
+                .with_limits(&config.limits)
+                .with_tls(tls.clone()),
             ),
             backups: backups.clone(),
         },

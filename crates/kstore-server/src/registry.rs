@@ -73,7 +73,17 @@ impl PartitionCopy {
 
     /// Returns how many input records a copy at `position` does not reflect yet.
     pub fn lag_at(&self, position: Position) -> i64 {
-        (self.input_end() - position.input_next).max(0)
+        self.lag_and_seen_at(position).0
+    }
+
+    /// Returns how many input records a copy at `position` does not reflect as of the last
+    /// look at the input's end, and when that look was (ms since the Unix epoch, 0 before
+    /// the first), both from one look: a lag from one look stated with the time of a later
+    /// one would understate it.
+    pub fn lag_and_seen_at(&self, position: Position) -> (i64, i64) {
+        let (end, seen_ms) = self.input_end_seen();
+        let end = end.max(self.position().input_next);
+        ((end - position.input_next).max(0), seen_ms)
     }
 }
 

@@ -433,6 +433,7 @@ pub struct SnapshotFetcher {
     node_id: String,
     store: String,
     token: Option<String>,
+    tls: Option<Arc<crate::tls::Tls>>,
     memory: SharedMemory,
     max_files: usize,
     disk_margin: u64,
@@ -456,12 +457,19 @@ impl SnapshotFetcher {
             node_id,
             store,
             token,
+            tls: None,
             memory,
             max_files: 0,
             disk_margin: 0,
             idle_timeout: Duration::ZERO,
         }
         .with_limits(&LimitsConfig::default())
+    }
+
+    /// The fetcher dialing peers over TLS with the node's identity, if `tls` is set.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The fetcher with `limits`: the most files a snapshot may hold, the free space its
@@ -592,13 +600,15 @@ impl SnapshotFetcher {
             address: address.to_owned(),
             reason,
         };
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .tcp_nodelay(true);
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector(tls.connector()).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
         let mut client = PeerClient::new(channel).max_decoding_message_size(CHUNK_BYTES * 2);
         let mut request = Request::new(FetchSnapshotRequest {
             store: self.store.clone(),

@@ -93,6 +93,7 @@ fn admin_target(uri: &str) -> AdminTarget {
     AdminTarget {
         seeds: vec![uri.trim_start_matches("http://").to_owned()],
         token: None,
+        tls: None,
         timeout: Duration::from_secs(120),
     }
 }

@@ -38,6 +38,52 @@ struct Connect {
     /// Print JSON (one object per line) instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS to the nodes: set any of these and every node is dialed with https.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// The CA (PEM) that signs the nodes' certificates; without it, with --cert, the
+    /// system's root certificates are trusted.
+    #[arg(long, env = "KSTORE_CA", value_name = "PEM")]
+    ca: Option<std::path::PathBuf>,
+    /// The client certificate (PEM) to present, for nodes that require one (mutual TLS).
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        value_name = "PEM",
+        env = "KSTORE_CERT",
+        requires = "tls_key"
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    // Not `key`: that is `get`'s positional argument.
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        value_name = "PEM",
+        env = "KSTORE_KEY",
+        requires = "tls_cert"
+    )]
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client's TLS settings, if any flag is set.
+    fn config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        kstore_client::tls_from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )
+        .map(Some)
+        .map_err(|error| error.to_string())
+    }
 }
 
 /// How reads are routed.
@@ -168,6 +214,8 @@ struct AdminConnect {
     /// The nodes' admin token, if they require one.
     #[arg(long, env = "KSTORE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Only these partitions, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     partitions: Vec<u32>,
@@ -204,6 +252,9 @@ enum BackupAction {
 
 fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
+    // One crypto provider for the whole process (rustls panics when it must pick one of
+    // several linked in).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let read = |connect: &Connect, routing: Option<&Routing>, work| -> ExitCode {
         let runtime = match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime,
@@ -364,6 +415,9 @@ async fn connect_client(connect: &Connect, routing: Option<&Routing>) -> Result<
             Some(ms) => builder = builder.hedge(Hedge::After(Duration::from_millis(ms))),
         }
     }
+    if let Some(tls) = connect.tls.config()? {
+        builder = builder.tls(tls);
+    }
     builder.build().await.map_err(|error| error.to_string())
 }
 
@@ -488,10 +542,18 @@ async fn run_backup(action: BackupAction) -> ExitCode {
         | BackupAction::List { connect }
         | BackupAction::Verify { connect, .. } => connect,
     };
+    let tls = match connect.tls.config() {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("kstore backup: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let target = backup::AdminTarget {
         seeds: connect.seeds.clone(),
         token: connect.admin_token.clone(),
         timeout: Duration::from_secs(connect.timeout_s),
+        tls,
     };
     let (json, partitions) = (connect.json, connect.partitions.clone());
     let outcome = match action {
@@ -628,4 +690,45 @@ async fn backup_verify(
         eprintln!("kstore backup: no backups to verify");
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_flags_reach_every_read_command() {
+        let cli = Cli::try_parse_from([
+            "kstore",
+            "get",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "customer-1",
+        ])
+        .unwrap();
+        let Command::Get { connect, key, .. } = cli.command else {
+            panic!("not get");
+        };
+        assert_eq!(key, "customer-1");
+        assert_eq!(
+            connect.tls.key.as_deref(),
+            Some(std::path::Path::new("k.pem"))
+        );
+        assert!(connect.tls.config().unwrap_err().contains("ca.pem"));
+        assert!(
+            Cli::try_parse_from(["kstore", "metadata", "--cert", "c.pem"]).is_err(),
+            "a certificate without its key"
+        );
+    }
 }

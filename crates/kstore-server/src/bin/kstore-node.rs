@@ -208,6 +208,8 @@ fn main() -> ExitCode {
         )
         .with(kstore_server::gossip::transport::DropCounter)
         .init();
+    // One rustls crypto provider for the process, before anything builds a TLS config.
+    kstore_server::kafka::connect::install_crypto_provider();
     let args = Args::parse();
     if let Some(NodeCommand::Probe {
         probe: which,
@@ -253,6 +255,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    kstore_server::tls::install_crypto_provider();
     match node::run(config, processor, shutdown) {
         Ok(()) => {
             tracing::info!("kstore-node stopped cleanly");

@@ -12,7 +12,7 @@
 //! suspect do not each wait on it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kstore_core::routing::Target;
@@ -50,11 +50,21 @@ const MAX_PEERS: usize = 1_024;
 #[derive(Debug, Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    /// The node's TLS identity: set, other nodes are dialed over TLS with it.
+    tls: Option<Arc<crate::tls::Tls>>,
     /// Node ids, and until when they are asked last.
     stalled: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Peers {
+    /// Peers dialed over TLS with the node's identity, if `tls` is set.
+    pub fn with_tls(tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        Peers {
+            tls,
+            ..Peers::default()
+        }
+    }
+
     /// Notes that a holder did not answer a forwarded call within its share of the time:
     /// it is asked last for [`AVOID_FOR`].
     pub fn stalled(&self, node_id: &str) {
@@ -93,7 +103,10 @@ impl Peers {
             .map_err(|error| format!("{address:?} is not an address: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+            None => endpoint.connect_lazy(),
+        };
         if channels.len() >= MAX_PEERS {
             channels.clear();
         }

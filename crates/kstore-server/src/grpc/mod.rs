@@ -57,6 +57,9 @@ pub struct Operations {
     pub backups: Option<Arc<crate::backup::Backups>>,
     /// The Peer service (snapshots for other nodes).
     pub peer: Option<crate::snapshot::PeerService>,
+    /// The node's TLS identity: set, the port serves TLS only, and reads are forwarded over
+    /// TLS.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
@@ -70,12 +73,15 @@ pub async fn serve(
     value_type_url: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
-    let query = QueryServer::new(QueryService::new(
-        registry.clone(),
-        config.clone(),
-        view.clone(),
-        value_type_url,
-    ));
+    let query = QueryServer::new(
+        QueryService::new(
+            registry.clone(),
+            config.clone(),
+            view.clone(),
+            value_type_url,
+        )
+        .with_tls(operations.tls.clone()),
+    );
     let admin = config.admin_enabled.then(|| {
         AdminServer::new(
             AdminService::new(
@@ -137,7 +143,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    Server::builder()
+    let router = Server::builder()
         // A connection whose peer is gone (not merely slow) is closed within a minute, and
         // with it every stream and slot it held.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -153,9 +159,19 @@ pub async fn serve(
             operations
                 .peer
                 .map(|peer| PeerServer::new(peer).max_encoding_message_size(4 << 20)),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        );
+    match operations.tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(incoming), shutdown)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
 
@@ -183,6 +199,7 @@ mod tests {
                 drain: Arc::new(crate::drain::Drain::new(Arc::default(), false)),
                 backups: None,
                 peer: None,
+                tls: None,
             },
             None,
             async move {

@@ -88,6 +88,13 @@ impl QueryService {
         }
     }
 
+    /// The service with reads forwarded to other nodes over `tls` (the node's identity), if
+    /// set.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.peers = Arc::new(Peers::with_tls(tls));
+        self
+    }
+
     /// Whether a read of this key is better answered elsewhere: the local copy is still
     /// restoring (a partition just assigned here, replaying its changelog) and a live copy
     /// on another node is much fresher. Returns that partition.
@@ -263,14 +270,15 @@ impl QueryService {
     }
 
     fn read_metadata(&self, copy: &PartitionCopy, position: Position) -> ReadMetadata {
+        let (lag, input_end_seen_ms) = copy.lag_and_seen_at(position);
         ReadMetadata {
             partition: copy.partition as u32,
             node_id: self.registry.node_id().to_owned(),
             role: copy.role() as i32,
             changelog_offset: position.changelog_next,
             input_offset: position.input_next,
-            lag: copy.lag_at(position),
-            input_end_seen_ms: copy.input_end_seen().1,
+            lag,
+            input_end_seen_ms,
         }
     }
 

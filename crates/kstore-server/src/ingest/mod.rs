@@ -230,6 +230,12 @@ fn poll_loop(
     let mut empty_since: Option<Instant> = None;
     while !shutdown.load(Ordering::Relaxed) {
         pulse.beat();
+        // What became of the copies is acted on before polling, never between a poll and
+        // the handling of the record it returned: a copy that failed aborts the open
+        // transaction and rewinds its partitions, and a record polled before that rewind
+        // would be folded past it, moving the redelivery guard beyond the rewound records,
+        // which would then be skipped as folded already and lost.
+        lock(engine).follow_copies(consumer)?;
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
         let message = consumer.poll(POLL_TIMEOUT);
         let mut engine = lock(engine);
@@ -239,7 +245,6 @@ fn poll_loop(
         if let Some(reason) = registry.fatal() {
             return Err(IngestError::Node(reason));
         }
-        engine.follow_copies(consumer)?;
         match message {
             Some(Ok(message)) => engine.handle(&message, consumer)?,
             Some(Err(error)) => {

@@ -51,7 +51,11 @@ impl Drop for Scenario {
 
 impl Scenario {
     pub async fn new(name: &str, partitions: u32) -> Result<Self> {
-        let kafka = kstore_testkit::kafka();
+        Self::on(kstore_testkit::kafka(), name, partitions).await
+    }
+
+    /// A scenario on another broker than the shared one (a secured broker of a test's own).
+    pub async fn on(kafka: &'static TestKafka, name: &str, partitions: u32) -> Result<Self> {
         let app = kafka.unique_name(name);
         let input = format!("{app}-orders");
         kafka.create_topic(&input, partitions).await?;

@@ -1,6 +1,8 @@
 //! Kafka plumbing that ingest, the state updater and point-in-time restore share: the record
 //! headers kstore writes, one builder for the node's client settings, sending and flushing
 //! with librdkafka's queue in mind, and the CPU priority of the threads that talk to Kafka.
+//! [`connect`] opens connections of kstore's own (outside librdkafka) with the same
+//! security settings.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use crate::config::NodeConfig;
+
+pub mod connect;
 
 /// The header of a changelog record that holds the input offset that produced it.
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
