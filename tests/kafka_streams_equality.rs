@@ -409,6 +409,7 @@ impl Expected {
                         offset: record.offset,
                         key,
                         value: record.value.as_deref(),
+                        ..InputRecord::default()
                     };
                     match processor.process(&input, values.get(key).map(Vec::as_slice)) {
                         Ok(outcome) => {
@@ -842,7 +843,8 @@ impl KstoreNode {
             format!("cluster-id={app}"),
         ];
         let config = NodeConfig::load(None, [], &settings)?;
-        let processor = kstore_server::node::builtin_processor(&config);
+        let processor =
+            kstore_server::node::configured_processor(&config).expect("the built-in processor");
         let shutdown = Arc::new(AtomicBool::new(false));
         let stop = shutdown.clone();
         let thread = std::thread::Builder::new()

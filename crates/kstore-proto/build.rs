@@ -28,7 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");
+    // Without the `grpc` feature, only the messages (no tonic).
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
         .file_descriptor_set_path(descriptor_set)
         .compile_with_config(config, &protos, &["../../proto"])?;
     Ok(())

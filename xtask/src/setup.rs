@@ -8,7 +8,9 @@
 //! system's OpenSSL (TLS and SASL/SCRAM), found through pkg-config; the Kafka broker needs
 //! Java 17+ and Maven, and the Kafka Streams baseline (`bench/kafka-streams-baseline`, built
 //! by Maven with protoc and its gRPC plugin from Maven Central) a Java 17+ compiler. Running as root on Debian or Ubuntu, missing packages are installed
-//! with apt-get; otherwise the exact command to run is printed.
+//! with apt-get; otherwise the exact command to run is printed. The WebAssembly processor's
+//! tests build `kstore-guest`'s modules for `wasm32-unknown-unknown`, a rustup target that
+//! setup adds (`rustup target add wasm32-unknown-unknown`).
 
 use std::path::Path;
 use std::process::Command;
@@ -73,6 +75,7 @@ const REQUIREMENTS: &[Requirement] = &[
 /// Checks every requirement, installs what is missing where it can, and fails naming what
 /// is still missing.
 pub fn run() -> Result<()> {
+    wasm_target()?;
     let missing: Vec<&Requirement> = REQUIREMENTS.iter().filter(|r| !(r.present)()).collect();
     if missing.is_empty() {
         eprintln!("setup: everything the build needs is installed");
@@ -117,6 +120,47 @@ pub fn run() -> Result<()> {
     }
     eprintln!("setup: installed {}", packages.join(" "));
     Ok(())
+}
+
+/// The Rust target that WebAssembly modules (`kstore-guest`) are built for.
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+/// Adds the WebAssembly target with rustup, unless the toolchain has it already.
+fn wasm_target() -> Result<()> {
+    if wasm_target_present() {
+        return Ok(());
+    }
+    if !on_path("rustup") {
+        bail!(
+            "the Rust target {WASM_TARGET} (for kstore-guest's modules) is missing and rustup is \
+             not on PATH: install the target for your toolchain"
+        );
+    }
+    eprintln!("setup: running rustup target add {WASM_TARGET}");
+    let status = Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .status()
+        .context("running rustup")?;
+    if !status.success() || !wasm_target_present() {
+        bail!("`rustup target add {WASM_TARGET}` failed ({status}): run it yourself, then again");
+    }
+    eprintln!("setup: installed the Rust target {WASM_TARGET}");
+    Ok(())
+}
+
+/// Whether the toolchain that builds the workspace has the WebAssembly target's standard
+/// library (its sysroot holds `lib/rustlib/wasm32-unknown-unknown`).
+fn wasm_target_present() -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(output) = Command::new(rustc).args(["--print", "sysroot"]).output() else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&output.stdout);
+    Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(WASM_TARGET)
+        .join("lib")
+        .is_dir()
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {

@@ -44,6 +44,11 @@ pub struct IngestBench {
     /// The broker's port.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// A node setting, `key=value`, for every node (repeatable): for example
+    /// `--set processor.wasm=features.wasm --set processor.outputs.alerts=alerts` measures
+    /// the features processor as a WebAssembly module.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
 }
 
 struct Measurement {
@@ -126,11 +131,12 @@ fn measure(
     for i in 1..=bench.nodes.max(1) {
         let node_dir = dir.path().join(format!("node-{i}"));
         std::fs::create_dir_all(&node_dir)?;
-        let extra = [
+        let mut extra = vec![
             format!("processing-guarantee={guarantee}"),
             format!("node-id=bench-node-{i}"),
             format!("seeds={}", seeds.join(",")),
         ];
+        extra.extend(bench.settings.iter().cloned());
         let mut node = start_bench_node(node_binary, kafka, &app, &input, &node_dir, &extra)?;
         seeds.push(node.logged_address("gossiping", Duration::from_secs(60))?);
         nodes.push(node);

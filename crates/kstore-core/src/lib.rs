@@ -2,6 +2,7 @@
 //! I/O, so that they can be unit- and property-tested without Kafka.
 
 pub mod cluster;
+pub mod features;
 pub mod keys;
 pub mod orders;
 pub mod partitioner;

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::processor::wasm::WasmConfig;
+
 /// How the node commits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -58,12 +60,55 @@ impl GroupAssignor {
     }
 }
 
-/// Which processor folds the input.
+/// Which built-in processor folds the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessorKind {
     /// The built-in fraud features per customer from JSON order events.
     Features,
+}
+
+/// The processor that folds the input: a built-in one by name (`processor = "features"`),
+/// or a WebAssembly module (`processor = { wasm = "module.wasm", … }`, see
+/// [`WasmConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ProcessorConfig {
+    /// A processor built into the node.
+    Builtin(ProcessorKind),
+    /// A module loaded at start.
+    Wasm(WasmConfig),
+}
+
+impl<'de> Deserialize<'de> for ProcessorConfig {
+    // By hand rather than untagged, so that a bad name or a bad key of the table is named
+    // in the error rather than "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ProcessorConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a built-in processor's name or a table such as { wasm = \"module.wasm\" }",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+                ProcessorKind::deserialize(serde::de::value::StrDeserializer::new(name))
+                    .map(ProcessorConfig::Builtin)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                WasmConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ProcessorConfig::Wasm)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Memory that all of the node's RocksDB stores share.
@@ -311,7 +356,7 @@ pub struct NodeConfig {
     /// Exactly-once (default) or at-least-once.
     pub processing_guarantee: ProcessingGuarantee,
     /// The processor that folds the input.
-    pub processor: ProcessorKind,
+    pub processor: ProcessorConfig,
     /// The longest a transaction stays open, in milliseconds.
     pub commit_interval_ms: u64,
     /// The most input records in one transaction.
@@ -422,7 +467,7 @@ impl Default for NodeConfig {
             store: "features".into(),
             state_dir: PathBuf::from("kstore-state"),
             processing_guarantee: ProcessingGuarantee::ExactlyOnce,
-            processor: ProcessorKind::Features,
+            processor: ProcessorConfig::Builtin(ProcessorKind::Features),
             commit_interval_ms: 100,
             max_transaction_records: 20_000,
             max_transaction_bytes: 64 << 20,
@@ -735,6 +780,7 @@ impl NodeConfig {
             return invalid("read-wait-ms", "must be at most 60000");
         }
         self.limits.validate()?;
+        self.validate_processor()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -766,6 +812,30 @@ impl NodeConfig {
                 &format!("kafka.{key}"),
                 "is managed by kstore and cannot be set",
             );
+        }
+        Ok(())
+    }
+
+    /// Checks a module's settings (the module file is loaded when the node starts), and
+    /// that no output goes to a topic of kstore's own.
+    fn validate_processor(&self) -> Result<(), ConfigError> {
+        let ProcessorConfig::Wasm(wasm) = &self.processor else {
+            return Ok(());
+        };
+        wasm.validate().map_err(|error| ConfigError::Invalid {
+            key: format!("processor.{}", error.key),
+            reason: error.reason,
+        })?;
+        let own = [
+            self.input_topic.clone(),
+            self.changelog_topic(),
+            self.dlq_topic(),
+        ];
+        if let Some((name, topic)) = wasm.outputs.iter().find(|(_, topic)| own.contains(topic)) {
+            return Err(ConfigError::Invalid {
+                key: format!("processor.outputs.{name}"),
+                reason: format!("{topic} is the input, changelog or dead-letter topic"),
+            });
         }
         Ok(())
     }
@@ -1106,6 +1176,52 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("advertise-host")
+        );
+    }
+
+    #[test]
+    fn a_processor_is_a_built_in_name_or_a_module_table() {
+        let config = load(&[], MINIMAL).unwrap();
+        assert_eq!(
+            config.processor,
+            ProcessorConfig::Builtin(ProcessorKind::Features)
+        );
+        let config = load(
+            &[],
+            &[
+                MINIMAL,
+                &[
+                    "processor.wasm=/m/features.wasm",
+                    "processor.outputs.alerts=fraud-alerts",
+                    "processor.fuel-per-record=5000",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let ProcessorConfig::Wasm(wasm) = &config.processor else {
+            panic!("{:?}", config.processor);
+        };
+        assert_eq!(wasm.wasm, PathBuf::from("/m/features.wasm"));
+        assert_eq!(wasm.outputs["alerts"], "fraud-alerts");
+        assert_eq!(wasm.fuel_per_record, 5000);
+        assert_eq!(wasm.max_memory_bytes, 64 << 20);
+
+        let message = |overrides: &[&str]| {
+            load(&[], &[MINIMAL, overrides].concat())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(message(&["processor=scoring"]).contains("scoring"));
+        assert!(message(&["processor.wasm=m.wasm", "processor.fuel=1"]).contains("fuel"));
+        assert!(
+            message(&["processor.wasm=m.wasm", "processor.fuel-per-record=10"])
+                .contains("processor.fuel-per-record")
+        );
+        assert!(message(&["processor.outputs.alerts=x"]).contains("processor.wasm"));
+        assert!(
+            message(&["processor.wasm=m.wasm", "processor.outputs.alerts=orders"])
+                .contains("processor.outputs.alerts")
         );
     }
 

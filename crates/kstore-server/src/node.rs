@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tonic::transport::server::TcpIncoming;
 
 use crate::backup::{self, Backups};
-use crate::config::{NodeConfig, ProcessorKind};
+use crate::config::{NodeConfig, ProcessorConfig, ProcessorKind};
 use crate::drain::{self, Drain};
 use crate::gossip::{Gossip, GossipError, SelfState};
 use crate::grpc::{self, GrpcError};
@@ -20,6 +20,7 @@ use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
+use crate::processor::wasm::{ModuleError, WasmProcessor};
 use crate::registry::Registry;
 use crate::registry::Watchdog;
 use crate::snapshot::{PeerService, SnapshotFetcher};
@@ -118,11 +119,15 @@ fn check_kafka_security(config: &NodeConfig) -> Result<(), NodeError> {
     }
 }
 
-/// Returns the processor the configuration names.
-pub fn builtin_processor(config: &NodeConfig) -> Box<dyn Processor> {
-    match config.processor {
-        ProcessorKind::Features => Box::new(FeaturesProcessor::new(config.alerts_topic())),
-    }
+/// Returns the processor the configuration names: a built-in one, or a WebAssembly module
+/// loaded and checked now (a module that does not load is an error naming its file).
+pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, ModuleError> {
+    Ok(match &config.processor {
+        ProcessorConfig::Builtin(ProcessorKind::Features) => {
+            Box::new(FeaturesProcessor::new(config.alerts_topic()))
+        }
+        ProcessorConfig::Wasm(wasm) => Box::new(WasmProcessor::from_config(wasm)?),
+    })
 }
 
 /// Runs a node with `processor` until `shutdown` is set (then it commits what is open and

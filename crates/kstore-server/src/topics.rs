@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, ProcessorConfig};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -89,7 +89,19 @@ pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topol
             input_partitions: partitions,
         });
     }
-    for topic in [config.dlq_topic(), config.alerts_topic()] {
+    // A module's outputs too: a record for a topic that does not exist would abort every
+    // transaction that writes one.
+    let outputs = match &config.processor {
+        ProcessorConfig::Wasm(wasm) => wasm.outputs.values().cloned().collect(),
+        ProcessorConfig::Builtin(_) => Vec::new(),
+    };
+    let mut topics = vec![config.dlq_topic(), config.alerts_topic()];
+    for topic in outputs {
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    for topic in topics {
         ensure(config, client, &topic, partitions, &[]).await?;
     }
     Ok(Topology { partitions })

@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail, ensure};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
-use kstore_proto::v1::CustomerFeatures;
 use kstore_server::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
@@ -23,147 +22,7 @@ use rdkafka::producer::FutureRecord;
 
 mod common;
 
-use common::{Scenario, expected_features, run_async};
-
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
-
-/// Recomputes the headline features of one customer straight from its events, without the
-/// fold, so that the fold itself is checked too.
-fn check_against_events(features: &CustomerFeatures, events: &[&OrderEvent]) -> Result<()> {
-    let last = events
-        .iter()
-        .map(|e| e.event_time_ms)
-        .max()
-        .context("no events")?;
-    let first = events
-        .iter()
-        .map(|e| e.event_time_ms)
-        .min()
-        .context("no events")?;
-    let hour = |t: i64| t.div_euclid(HOUR_MS);
-    let minute = |t: i64| t.div_euclid(60_000);
-    let in_1h = |e: &&&OrderEvent| minute(e.event_time_ms) > minute(last) - 60;
-    let in_24h = |e: &&&OrderEvent| hour(e.event_time_ms) > hour(last) - 24;
-    let in_7d = |e: &&&OrderEvent| hour(e.event_time_ms) > hour(last) - 168;
-    let distinct = |filter: &dyn Fn(&&&OrderEvent) -> bool, field: fn(&OrderEvent) -> &str| {
-        let mut values: Vec<&str> = events.iter().filter(filter).map(|e| field(e)).collect();
-        values.sort_unstable();
-        values.dedup();
-        values.len() as u32
-    };
-    let within = |horizon: i64| move |e: &&&OrderEvent| e.event_time_ms > last - horizon;
-    let free_24h = |e: &&&OrderEvent| e.free_delivery && e.event_time_ms > last - DAY_MS;
-
-    ensure!(features.orders_total == events.len() as u64, "orders_total");
-    ensure!(
-        features.amount_total_cents == events.iter().map(|e| e.amount_cents).sum::<i64>(),
-        "amount"
-    );
-    ensure!(
-        features.first_seen_ms == first && features.last_seen_ms == last,
-        "first/last seen"
-    );
-    let window = |f: &dyn Fn(&&&OrderEvent) -> bool| {
-        let orders = events.iter().filter(f).count() as u64;
-        let amount = events.iter().filter(f).map(|e| e.amount_cents).sum::<i64>();
-        (orders, amount)
-    };
-    let stored = |w: &Option<kstore_proto::v1::WindowTotals>| {
-        w.as_ref()
-            .map(|w| (w.orders, w.amount_cents))
-            .unwrap_or_default()
-    };
-    ensure!(stored(&features.last_1h) == window(&in_1h), "last_1h");
-    ensure!(stored(&features.last_24h) == window(&in_24h), "last_24h");
-    ensure!(stored(&features.last_7d) == window(&in_7d), "last_7d");
-    ensure!(
-        features.distinct_addresses_24h == distinct(&within(DAY_MS), |e| &e.delivery_address),
-        "addr 24h"
-    );
-    ensure!(
-        features.distinct_addresses_30d == distinct(&within(30 * DAY_MS), |e| &e.delivery_address),
-        "addr 30d"
-    );
-    ensure!(
-        features.distinct_instruments_30d
-            == distinct(&within(30 * DAY_MS), |e| &e.payment_instrument),
-        "instruments 30d"
-    );
-    ensure!(
-        features.free_delivery_orders_24h
-            == events
-                .iter()
-                .filter(in_24h)
-                .filter(|e| e.free_delivery)
-                .count() as u64,
-        "free delivery orders 24h"
-    );
-    let free_addresses = distinct(&free_24h, |e| &e.delivery_address);
-    ensure!(
-        features.free_delivery_addresses_24h == free_addresses,
-        "free delivery addresses 24h"
-    );
-    ensure!(
-        features.subscription_abuse == (free_addresses > 3),
-        "abuse flag"
-    );
-    Ok(())
-}
-
-/// Checks every customer's stored state against the events, and that each key sits in its
-/// partition's store.
-fn assert_exact_state(scenario: &Scenario, nodes: &[&str], events: &[OrderEvent]) -> Result<()> {
-    let end = scenario
-        .kafka
-        .end_offsets(&scenario.input, scenario.partitions)?;
-    assert_exact_state_at(scenario, nodes, events, &end)
-}
-
-/// Like [`assert_exact_state`], for stores that reflect the input up to `positions` (next
-/// offsets by partition), which `events` must be exactly.
-fn assert_exact_state_at(
-    scenario: &Scenario,
-    nodes: &[&str],
-    events: &[OrderEvent],
-    positions: &[i64],
-) -> Result<()> {
-    let stores = scenario.read_stores_at(nodes, positions)?;
-    let expected = expected_features(events);
-    let mut by_customer: HashMap<&str, Vec<&OrderEvent>> = HashMap::new();
-    for event in events {
-        by_customer
-            .entry(&event.customer_id)
-            .or_default()
-            .push(event);
-    }
-    let mut stored_keys = 0;
-    for (partition, values) in &stores {
-        for (customer, features) in values {
-            stored_keys += 1;
-            let want = partition_for_key(customer.as_bytes(), scenario.partitions) as i32;
-            ensure!(
-                want == *partition,
-                "{customer} is stored in partition {partition}, not {want}"
-            );
-            let expected = expected
-                .get(customer)
-                .with_context(|| format!("unexpected key {customer}"))?;
-            ensure!(
-                features == expected,
-                "{customer}: stored {features:?}\nexpected {expected:?}"
-            );
-            check_against_events(features, &by_customer[customer.as_str()])
-                .with_context(|| format!("{customer} differs from its events"))?;
-        }
-    }
-    ensure!(
-        stored_keys == expected.len(),
-        "stored {stored_keys} customers, expected {}",
-        expected.len()
-    );
-    Ok(())
-}
+use common::{Scenario, assert_exact_state, assert_exact_state_at, expected_features, run_async};
 
 /// Counts the alerts the built-in processor must emit for these events.
 fn expected_alerts(events: &[OrderEvent]) -> Result<usize> {
@@ -178,6 +37,7 @@ fn expected_alerts(events: &[OrderEvent]) -> Result<usize> {
             offset: 0,
             key: event.customer_id.as_bytes(),
             value: Some(&json),
+            ..InputRecord::default()
         };
         let outcome =
             processor.process(&record, values.get(&event.customer_id).map(Vec::as_slice))?;

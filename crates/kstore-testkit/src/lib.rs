@@ -17,6 +17,7 @@ pub use kstore_kafka::local as broker;
 pub mod audit;
 pub mod chaos;
 mod fixture;
+pub mod guest;
 pub mod process;
 
 pub use fixture::{PORT_ENV, TestKafka, kafka};

@@ -248,7 +248,13 @@ fn main() -> ExitCode {
         }
     }
     tracing::info!(node_id = %config.node_id, app_id = %config.app_id, "kstore-node starting");
-    let processor = node::builtin_processor(&config);
+    let processor = match node::configured_processor(&config) {
+        Ok(processor) => processor,
+        Err(error) => {
+            eprintln!("kstore-node: invalid value for `processor.wasm`: {error}");
+            return ExitCode::from(2);
+        }
+    };
     kstore_server::tls::install_crypto_provider();
     match node::run(config, processor, shutdown) {
         Ok(()) => {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -30,7 +30,7 @@ use crate::kafka::{
     DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, flush, group_generation, send,
 };
 use crate::probes::Pulse;
-use crate::processor::{InputRecord, Outcome, Processor, Update};
+use crate::processor::{InputRecord, Outcome, Processor, RecordHeader, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
 use crate::store::{PartitionStore, StoreError};
@@ -464,12 +464,15 @@ impl Engine {
         txn.first_offset.entry(partition).or_insert(offset);
         txn.next_offset.insert(partition, offset + 1);
 
+        let headers = record_headers(message);
         let record = InputRecord {
             topic: message.topic(),
             partition,
             offset,
             key: message.key().unwrap_or_default(),
             value: message.payload(),
+            timestamp_ms: message.timestamp().to_millis(),
+            headers: &headers,
         };
         let Engine {
             limits,
@@ -839,6 +842,19 @@ impl Engine {
         }
         self.stores.clear();
     }
+}
+
+/// Returns a record's headers as a processor sees them (no allocation for a record without).
+fn record_headers<'a>(message: &'a BorrowedMessage<'_>) -> Vec<RecordHeader<'a>> {
+    message.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .map(|header| RecordHeader {
+                key: header.key,
+                value: header.value,
+            })
+            .collect()
+    })
 }
 
 /// Returns the key's value as the open transaction sees it: its pending update if it has

@@ -173,6 +173,7 @@ mod tests {
             offset: 7,
             key,
             value: Some(value),
+            ..InputRecord::default()
         }
     }
 

@@ -6,9 +6,13 @@
 //! exactly-once only means "exact" if the fold itself is deterministic.
 
 pub mod features;
+pub mod wasm;
 
 /// One record from the input topic, as the processor sees it.
-#[derive(Debug, Clone, Copy)]
+///
+/// Build one with `..InputRecord::default()` for the fields you do not set, so that a field
+/// added later does not break your code.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct InputRecord<'a> {
     /// The input topic.
     pub topic: &'a str,
@@ -19,6 +23,19 @@ pub struct InputRecord<'a> {
     /// The record key; never empty (records without a key go to the dead-letter topic).
     pub key: &'a [u8],
     /// The record value, if any.
+    pub value: Option<&'a [u8]>,
+    /// The record's Kafka timestamp, in milliseconds since the Unix epoch, if it has one.
+    pub timestamp_ms: Option<i64>,
+    /// The record's headers, in order (a name may repeat).
+    pub headers: &'a [RecordHeader<'a>],
+}
+
+/// One header of an input record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader<'a> {
+    /// The header's name.
+    pub key: &'a str,
+    /// Its value, if any.
     pub value: Option<&'a [u8]>,
 }
 
