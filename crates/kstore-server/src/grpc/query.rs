@@ -60,10 +60,10 @@ pub struct QueryService {
     access: Access,
 }
 
-/// A restoring copy answers for itself unless a live copy elsewhere is at least this many
-/// input records fresher (then the read is forwarded there, and answered locally only if
-/// that fails).
-const RESTORING_FORWARD_MARGIN: i64 = 1_000;
+/// A copy that is not the active (a standby, or a copy restoring) answers for itself unless
+/// a live copy elsewhere is at least this many input records fresher (then the read is
+/// forwarded there, and answered locally only if that fails).
+const STALE_COPY_FORWARD_MARGIN: i64 = 1_000;
 
 /// What came of forwarding the keys of a MultiGet: each key's index in the request, and its
 /// outcome.
@@ -95,13 +95,15 @@ impl QueryService {
         self
     }
 
-    /// Whether a read of this key is better answered elsewhere: the local copy is still
-    /// restoring (a partition just assigned here, replaying its changelog) and a live copy
-    /// on another node is much fresher. Returns that partition.
+    /// Whether a read of this key is better answered elsewhere: the local copy is not the
+    /// active (a partition just assigned here replaying its changelog, or a standby behind,
+    /// for example one just rebuilt from an old backup because its disk had no room for a
+    /// peer's snapshot) and a live copy on another node is much fresher. Returns that
+    /// partition.
     fn fresher_elsewhere(&self, request: &GetRequest) -> Option<u32> {
         let partition = self.partition_of(&request.key, request.partition).ok()?;
         let copy = self.registry.get(partition as i32)?;
-        if copy.role() != Role::Restoring {
+        if copy.role() == Role::Active {
             return None;
         }
         let view = self.view.borrow();
@@ -109,7 +111,7 @@ impl QueryService {
             .forward_targets(partition, self.registry.node_id())
             .into_iter()
             .next()?;
-        (best.copy.lag + RESTORING_FORWARD_MARGIN < copy.lag()).then_some(partition)
+        (best.copy.lag + STALE_COPY_FORWARD_MARGIN < copy.lag()).then_some(partition)
     }
 
     /// Refuses a read marked as forwarded by another node unless it carries the cluster's
@@ -800,6 +802,131 @@ mod tests {
         assert_eq!(read.changelog_offset, 5);
         assert_eq!(read.input_offset, 40);
         assert_eq!(read.lag, 60);
+    }
+
+    /// Serves `service` on a loopback port; returns its address.
+    async fn serve_query(service: QueryService) -> String {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = incoming.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(kstore_proto::v1::query_server::QueryServer::new(service))
+                .serve_with_incoming(incoming),
+        );
+        address
+    }
+
+    /// A view in which node `n2`, live at `address`, holds `partition` as its active with
+    /// `lag`.
+    fn view_with_active_elsewhere(
+        address: &str,
+        partition: u32,
+        lag: i64,
+    ) -> watch::Receiver<Arc<ClusterView>> {
+        let node = kstore_core::cluster::NodeEntry {
+            node_id: "n2".into(),
+            incarnation: 1,
+            version: 1,
+            gossip_address: String::new(),
+            grpc_address: address.into(),
+            group_generation: 1,
+            status: kstore_core::cluster::NodeStatus::Running,
+            liveness: kstore_core::cluster::Liveness::Live,
+            conflicting: false,
+            load: Default::default(),
+            copies: vec![kstore_core::cluster::CopyInfo {
+                partition,
+                role: Role::Active,
+                changelog_offset: 0,
+                input_offset: 0,
+                lag,
+            }],
+            copy_errors: Default::default(),
+        };
+        let view = ClusterView {
+            cluster_id: "test".into(),
+            version: 1,
+            nodes: vec![node],
+        };
+        watch::channel(Arc::new(view)).1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_far_behind_a_live_active_forwards_the_read_and_one_close_answers_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"customer-7";
+        let partition = partition_for_key(key, PARTITIONS);
+        // n2's active: current.
+        let active_registry = Arc::new(Registry::new("n2", PARTITIONS));
+        let current = Position {
+            changelog_next: 9_000,
+            input_next: 9_000,
+        };
+        active_registry.track(
+            partition as i32,
+            store_with(&dir.path().join("n2"), &[key], current),
+            Role::Active,
+            current,
+        );
+        active_registry.set_input_end(partition as i32, 9_000, std::time::SystemTime::now());
+        let active = serve_query(service(active_registry)).await;
+        // n1's standby: rebuilt from an old backup, 5,000 records behind.
+        let standby_registry = Arc::new(Registry::new("n1", PARTITIONS));
+        let behind = Position {
+            changelog_next: 4_000,
+            input_next: 4_000,
+        };
+        standby_registry.track(
+            partition as i32,
+            store_with(&dir.path().join("n1"), &[key], behind),
+            Role::Standby,
+            behind,
+        );
+        standby_registry.set_input_end(partition as i32, 9_000, std::time::SystemTime::now());
+
+        for (active_lag, answered_by, input_offset) in [
+            (0, "n2", 9_000),
+            (STALE_COPY_FORWARD_MARGIN + 10, "n2", 9_000),
+            // Fresher, but by less than the margin: the standby answers for itself.
+            (5_000 - STALE_COPY_FORWARD_MARGIN + 1, "n1", 4_000),
+        ] {
+            let standby = QueryService::new(
+                standby_registry.clone(),
+                Arc::new(NodeConfig::default()),
+                view_with_active_elsewhere(&active, partition, active_lag),
+                None,
+            );
+            let answer = standby.get(get_request(key)).await.unwrap().into_inner();
+            let read = answer.read.unwrap();
+            assert_eq!(
+                (read.node_id.as_str(), read.input_offset),
+                (answered_by, input_offset),
+                "active lag {active_lag}"
+            );
+            assert_eq!(answer.value, Some(get_response::Value::Raw(key.repeat(50))));
+        }
+
+        // The read marked as not to be forwarded is answered by the standby, as it is.
+        let standby = QueryService::new(
+            standby_registry.clone(),
+            Arc::new(NodeConfig::default()),
+            view_with_active_elsewhere(&active, partition, 0),
+            None,
+        );
+        let mut request = get_request(key);
+        request.get_mut().options = Some(ReadOptions {
+            no_forward: true,
+            ..ReadOptions::default()
+        });
+        let read = standby
+            .get(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .read
+            .unwrap();
+        assert_eq!((read.node_id.as_str(), read.role()), ("n1", Role::Standby));
     }
 
     #[tokio::test]
