@@ -111,7 +111,23 @@ impl QueryService {
             .forward_targets(partition, self.registry.node_id())
             .into_iter()
             .next()?;
-        (best.copy.lag + STALE_COPY_FORWARD_MARGIN < copy.lag()).then_some(partition)
+        // By position as well as by lag: a copy whose node has not yet looked at the input's
+        // end (one just rebuilt from nothing) states no lag, however far behind it is.
+        let trails_by =
+            (best.copy.input_offset - copy.position().input_next).max(copy.lag() - best.copy.lag);
+        (trails_by > STALE_COPY_FORWARD_MARGIN).then_some(partition)
+    }
+
+    /// The end of `partition`'s input as far as the cluster view shows: the furthest any
+    /// holder has seen (what it reflects plus its lag). At most the true end.
+    fn input_end_in_view(&self, partition: u32) -> i64 {
+        self.view
+            .borrow()
+            .holders(partition)
+            .iter()
+            .map(|holder| holder.copy.input_offset + holder.copy.lag)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Refuses a read marked as forwarded by another node unless it carries the cluster's
@@ -272,7 +288,13 @@ impl QueryService {
     }
 
     fn read_metadata(&self, copy: &PartitionCopy, position: Position) -> ReadMetadata {
-        let (lag, input_end_seen_ms) = copy.lag_and_seen_at(position);
+        let (mut lag, input_end_seen_ms) = copy.lag_and_seen_at(position);
+        if !copy.input_end_known() {
+            // Before this node's first look at the input's end: at least as far behind as the
+            // cluster's other copies show, not 0.
+            let end = self.input_end_in_view(copy.partition as u32);
+            lag = lag.max(end - position.input_next);
+        }
         ReadMetadata {
             partition: copy.partition as u32,
             node_id: self.registry.node_id().to_owned(),
@@ -817,11 +839,12 @@ mod tests {
         address
     }
 
-    /// A view in which node `n2`, live at `address`, holds `partition` as its active with
-    /// `lag`.
+    /// A view in which node `n2`, live at `address`, holds `partition` as its active,
+    /// reflecting the input before `input_offset`, with `lag`.
     fn view_with_active_elsewhere(
         address: &str,
         partition: u32,
+        input_offset: i64,
         lag: i64,
     ) -> watch::Receiver<Arc<ClusterView>> {
         let node = kstore_core::cluster::NodeEntry {
@@ -838,8 +861,8 @@ mod tests {
             copies: vec![kstore_core::cluster::CopyInfo {
                 partition,
                 role: Role::Active,
-                changelog_offset: 0,
-                input_offset: 0,
+                changelog_offset: input_offset,
+                input_offset,
                 lag,
             }],
             copy_errors: Default::default(),
@@ -894,7 +917,7 @@ mod tests {
             let standby = QueryService::new(
                 standby_registry.clone(),
                 Arc::new(NodeConfig::default()),
-                view_with_active_elsewhere(&active, partition, active_lag),
+                view_with_active_elsewhere(&active, partition, 9_000 - active_lag, active_lag),
                 None,
             );
             let answer = standby.get(get_request(key)).await.unwrap().into_inner();
@@ -911,22 +934,62 @@ mod tests {
         let standby = QueryService::new(
             standby_registry.clone(),
             Arc::new(NodeConfig::default()),
-            view_with_active_elsewhere(&active, partition, 0),
+            view_with_active_elsewhere(&active, partition, 9_000, 0),
             None,
         );
-        let mut request = get_request(key);
-        request.get_mut().options = Some(ReadOptions {
-            no_forward: true,
-            ..ReadOptions::default()
-        });
+        let no_forward = || {
+            let mut request = get_request(key);
+            request.get_mut().options = Some(ReadOptions {
+                no_forward: true,
+                ..ReadOptions::default()
+            });
+            request
+        };
         let read = standby
-            .get(request)
+            .get(no_forward())
             .await
             .unwrap()
             .into_inner()
             .read
             .unwrap();
         assert_eq!((read.node_id.as_str(), read.role()), ("n1", Role::Standby));
+
+        // A copy rebuilt from nothing, before its node has looked at the input's end: it
+        // forwards by position, and, asked not to, states the lag the view shows, not 0.
+        let empty_registry = Arc::new(Registry::new("n1", PARTITIONS));
+        let nothing = Position::default();
+        empty_registry.track(
+            partition as i32,
+            PartitionStore::open(&dir.path().join("n1-empty"), &memory()).unwrap(),
+            Role::Restoring,
+            nothing,
+        );
+        let restoring = QueryService::new(
+            empty_registry,
+            Arc::new(NodeConfig::default()),
+            view_with_active_elsewhere(&active, partition, 8_500, 500),
+            None,
+        );
+        let read = restoring
+            .get(get_request(key))
+            .await
+            .unwrap()
+            .into_inner()
+            .read
+            .unwrap();
+        assert_eq!((read.node_id.as_str(), read.input_offset), ("n2", 9_000));
+        let answer = restoring.get(no_forward()).await.unwrap().into_inner();
+        assert!(!answer.found);
+        let read = answer.read.unwrap();
+        assert_eq!(
+            (
+                read.node_id.as_str(),
+                read.input_offset,
+                read.lag,
+                read.input_end_seen_ms
+            ),
+            ("n1", 0, 9_000, 0)
+        );
     }
 
     #[tokio::test]
