@@ -19,7 +19,10 @@ use serde_json::json;
 
 /// The input topic and app id of the local cluster, as in `deploy/kstore-node.toml`.
 const INPUT_TOPIC: &str = "orders";
-const FIRST_GRPC_PORT: u16 = 50051;
+/// Below the ephemeral port range (32768 and up on Linux), so that no process's outgoing
+/// connection (a broker connection of a node started a moment earlier) can hold a port
+/// before its node listens on it.
+const FIRST_GRPC_PORT: u16 = 25051;
 const FIRST_METRICS_PORT: u16 = 9464;
 const FIRST_GOSSIP_PORT: u16 = 7946;
 /// How long one call to the broker may take.

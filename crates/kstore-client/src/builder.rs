@@ -165,6 +165,15 @@ impl ClientBuilder {
                     } else {
                         reason
                     };
+                    #[cfg(not(feature = "tls"))]
+                    let tls_configured = false;
+                    #[cfg(feature = "tls")]
+                    let tls_configured = self.tls.is_some();
+                    let reason = if tls_configured {
+                        reason
+                    } else {
+                        explain_plaintext_to_tls(reason)
+                    };
                     tried.push((seed.clone(), reason));
                 }
             }
@@ -236,6 +245,20 @@ impl ClientBuilder {
             );
         }
         Ok(())
+    }
+}
+
+/// Adds what a plaintext call's failure most likely means when the node speaks TLS: its
+/// first bytes (a TLS record) read as an HTTP/2 frame of an impossible size.
+fn explain_plaintext_to_tls(reason: String) -> String {
+    if reason.contains("frame with invalid size") {
+        format!(
+            "{reason} (the node answered with something other than plaintext HTTP/2, most \
+             likely TLS: give its CA, and with mutual TLS a client certificate and key: \
+             --ca, --cert, --key or KSTORE_CA, KSTORE_CERT, KSTORE_KEY)"
+        )
+    } else {
+        reason
     }
 }
 

@@ -394,6 +394,25 @@ fn mutual_tls_cluster_reads_refuses_bad_certificates_and_rotates_without_failing
             let tls = client_tls(&pki, name)?;
             expect_refused(&nodes[1], &addresses[1], &scenario.app, tls, case, logged).await?;
         }
+        // A client without TLS is told that the node most likely speaks TLS, and how to
+        // give it what it needs.
+        let plaintext = Client::builder()
+            .seeds([addresses[1].clone()])
+            .cluster_id(scenario.app.clone())
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .await;
+        match plaintext {
+            Ok(_) => bail!("a plaintext client was answered by a TLS node"),
+            Err(error) => {
+                let error = error.to_string();
+                eprintln!("plaintext client: {error}");
+                ensure!(
+                    error.contains("most likely TLS") && error.contains("--ca"),
+                    "a plaintext client's error does not say the node speaks TLS: {error}"
+                );
+            }
+        }
 
         // Rotation: new node certificates (a new key too), then SIGHUP, while a reader loops.
         let stop = Arc::new(AtomicBool::new(false));

@@ -29,7 +29,7 @@ struct Connect {
         long,
         env = "KSTORE_SEEDS",
         value_delimiter = ',',
-        default_value = "127.0.0.1:50051"
+        default_value = "127.0.0.1:25051"
     )]
     seeds: Vec<String>,
     /// The store.
@@ -208,7 +208,7 @@ struct AdminConnect {
         long,
         env = "KSTORE_SEEDS",
         value_delimiter = ',',
-        default_value = "127.0.0.1:50051"
+        default_value = "127.0.0.1:25051"
     )]
     seeds: Vec<String>,
     /// The nodes' admin token, if they require one.
