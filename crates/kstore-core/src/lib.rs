@@ -9,3 +9,4 @@ pub mod partitioner;
 pub mod placement;
 pub mod probes;
 pub mod routing;
+pub mod scan;

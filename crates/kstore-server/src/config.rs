@@ -387,6 +387,8 @@ pub struct NodeConfig {
     pub cluster_secret: Option<String>,
     /// The most keys one MultiGet may ask for.
     pub max_multiget_keys: usize,
+    /// The most keys one Scan page returns.
+    pub max_scan_page: usize,
     /// How long a read with a position bound waits when its request has no deadline.
     pub read_wait_ms: u64,
     /// The niceness (0..=19) of ingestion: the ingest thread, and the Kafka client and
@@ -481,6 +483,7 @@ impl Default for NodeConfig {
             admin_token: None,
             cluster_secret: None,
             max_multiget_keys: 1_000,
+            max_scan_page: 1_000,
             read_wait_ms: 1_000,
             ingest_niceness: 10,
             cluster_id: "kstore".into(),
@@ -775,6 +778,9 @@ impl NodeConfig {
         }
         if self.max_multiget_keys == 0 || self.max_multiget_keys > 100_000 {
             return invalid("max-multiget-keys", "must be between 1 and 100000");
+        }
+        if self.max_scan_page == 0 || self.max_scan_page > 100_000 {
+            return invalid("max-scan-page", "must be between 1 and 100000");
         }
         if self.read_wait_ms > 60_000 {
             return invalid("read-wait-ms", "must be at most 60000");

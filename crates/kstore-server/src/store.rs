@@ -20,8 +20,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use kstore_core::scan::KeyRange;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteBufferManager,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    WriteBatch, WriteBufferManager,
 };
 
 use crate::config::MemoryConfig;
@@ -163,6 +165,15 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// The values of several keys (`None`: not found), in the order asked.
 pub type Values = Vec<Option<Vec<u8>>>;
 
+/// One page of a scan: keys and values in the scan's order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The keys and their values.
+    pub entries: Vec<KeyValue>,
+    /// Whether the range holds keys past the page.
+    pub more: bool,
+}
+
 /// Values read together with the position of the store they were read from, in one
 /// snapshot: they reflect exactly the input before `position.input_next` (data and position
 /// are written in one batch).
@@ -267,10 +278,24 @@ impl PartitionStore {
                 MemoryRead::NeedsDisk => return Ok(MemoryRead::NeedsDisk),
             }
         }
+        Ok(match self.position_in(&options)? {
+            MemoryRead::Answered(position) => MemoryRead::Answered(Positioned {
+                value: values,
+                position,
+            }),
+            MemoryRead::NeedsDisk => MemoryRead::NeedsDisk,
+        })
+    }
+
+    /// Reads the store's position with `options` (their snapshot, their read tier).
+    fn position_in(
+        &self,
+        options: &rocksdb::ReadOptions,
+    ) -> Result<MemoryRead<Position>, StoreError> {
         let meta = self.meta_cf();
         let mut offsets = [0i64; 2];
         for (slot, key) in [CHANGELOG_OFFSET_KEY, INPUT_OFFSET_KEY].iter().enumerate() {
-            let stored = match self.db.get_cf_opt(meta, key, &options) {
+            let stored = match self.db.get_cf_opt(meta, key, options) {
                 Ok(stored) => stored,
                 Err(error) if error.kind() == rocksdb::ErrorKind::Incomplete => {
                     return Ok(MemoryRead::NeedsDisk);
@@ -279,12 +304,9 @@ impl PartitionStore {
             };
             offsets[slot] = self.stored_offset(key, stored)?;
         }
-        Ok(MemoryRead::Answered(Positioned {
-            value: values,
-            position: Position {
-                changelog_next: offsets[0],
-                input_next: offsets[1],
-            },
+        Ok(MemoryRead::Answered(Position {
+            changelog_next: offsets[0],
+            input_next: offsets[1],
         }))
     }
 
@@ -462,6 +484,59 @@ impl PartitionStore {
         engine
             .create_new_backup_flush(&self.db, true)
             .map_err(self.rocks())
+    }
+
+    /// Returns the first keys of `range` in key order (from its end, if `descending`), with
+    /// their values and the store's position, all from one snapshot: at most `limit` keys,
+    /// and no more once their keys and values reach `max_bytes` (at least one key is always
+    /// returned). `more` says whether the range holds keys past the page. May read from disk.
+    pub fn scan_page(
+        &self,
+        range: &KeyRange,
+        descending: bool,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Positioned<ScanPage>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_snapshot(&snapshot);
+        let mode = match (descending, &range.from, &range.to) {
+            (false, Some(from), _) => IteratorMode::From(from, Direction::Forward),
+            (false, None, _) => IteratorMode::Start,
+            (true, _, Some(to)) => IteratorMode::From(to, Direction::Reverse),
+            (true, _, None) => IteratorMode::End,
+        };
+        let mut page = ScanPage::default();
+        let mut bytes = 0;
+        let mut iterate = rocksdb::ReadOptions::default();
+        iterate.set_snapshot(&snapshot);
+        for item in self.db.iterator_opt(mode, iterate) {
+            let (key, value) = item.map_err(self.rocks())?;
+            if !range.contains(&key) {
+                let before_the_range = if descending {
+                    range.to.as_deref().is_some_and(|to| &*key >= to)
+                } else {
+                    range.from.as_deref().is_some_and(|from| &*key < from)
+                };
+                if before_the_range {
+                    continue;
+                }
+                break;
+            }
+            if page.entries.len() >= limit || (bytes >= max_bytes && !page.entries.is_empty()) {
+                page.more = true;
+                break;
+            }
+            bytes += key.len() + value.len();
+            page.entries.push((key.to_vec(), value.to_vec()));
+        }
+        match self.position_in(&options)? {
+            MemoryRead::Answered(position) => Ok(Positioned {
+                value: page,
+                position,
+            }),
+            MemoryRead::NeedsDisk => unreachable!("a read that may use the disk answers"),
+        }
     }
 
     /// Returns every key and value, in key order. For tests and small stores only.
@@ -729,6 +804,58 @@ mod tests {
                 None => proptest::prop_assert!(bytes.len() != 8 || bytes[0] & 0x80 != 0),
             }
         }
+    }
+
+    #[test]
+    fn a_scan_pages_through_its_range_in_order_with_the_position_of_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartitionStore::open(dir.path(), &test_memory()).unwrap();
+        let keys: Vec<Vec<u8>> = (0u32..50)
+            .map(|i| format!("k{i:03}").into_bytes())
+            .collect();
+        let updates = keys
+            .iter()
+            .map(|k| (k.clone(), Some(k.repeat(2))))
+            .chain([(b"other".to_vec(), Some(b"x".to_vec()))])
+            .collect();
+        let position = Position {
+            changelog_next: 7,
+            input_next: 51,
+        };
+        store.apply(&updates, position).unwrap();
+        for descending in [false, true] {
+            let range = KeyRange::with_prefix(b"k0");
+            let mut seen = Vec::new();
+            let mut rest = range.clone();
+            loop {
+                let page = store.scan_page(&rest, descending, 7, usize::MAX).unwrap();
+                assert_eq!(page.position, position);
+                for (key, value) in &page.value.entries {
+                    assert_eq!(value, &key.repeat(2));
+                }
+                seen.extend(page.value.entries.iter().map(|(k, _)| k.clone()));
+                if !page.value.more {
+                    break;
+                }
+                assert_eq!(page.value.entries.len(), 7);
+                rest = range.after(seen.last().unwrap(), descending);
+            }
+            let mut expected = keys.clone();
+            if descending {
+                expected.reverse();
+            }
+            assert_eq!(seen, expected, "descending: {descending}");
+        }
+        // A byte budget ends a page early, but never before its first key.
+        let page = store
+            .scan_page(&KeyRange::between(b"k010", b"k020").unwrap(), false, 100, 1)
+            .unwrap();
+        assert_eq!(page.value.entries.len(), 1);
+        assert!(page.value.more);
+        let empty = store
+            .scan_page(&KeyRange::with_prefix(b"zz"), true, 10, usize::MAX)
+            .unwrap();
+        assert_eq!(empty.value, ScanPage::default());
     }
 
     #[test]

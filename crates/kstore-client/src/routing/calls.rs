@@ -122,7 +122,8 @@ fn key_error(reason: ErrorReason) -> AttemptError {
         | ErrorReason::UnknownStore
         | ErrorReason::PartitionOutOfRange
         | ErrorReason::WrongPartition
-        | ErrorReason::TooManyKeys => tonic::Code::InvalidArgument,
+        | ErrorReason::TooManyKeys
+        | ErrorReason::InvalidRange => tonic::Code::InvalidArgument,
         ErrorReason::PositionNotReached
         | ErrorReason::DrainInProgress
         | ErrorReason::BackupsNotConfigured => tonic::Code::FailedPrecondition,

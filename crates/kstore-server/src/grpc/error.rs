@@ -51,6 +51,9 @@ pub enum ReadError {
         /// The key's partition.
         expected: u32,
     },
+    /// A Scan's range cannot be scanned.
+    #[error("{0}")]
+    InvalidRange(#[from] kstore_core::scan::RangeError),
     /// Too many keys in one MultiGet.
     #[error("{count} keys in one MultiGet; the limit is {limit}")]
     TooManyKeys {
@@ -134,6 +137,7 @@ impl ReadError {
             ReadError::PartitionOutOfRange { .. } => ErrorReason::PartitionOutOfRange,
             ReadError::WrongPartition { .. } => ErrorReason::WrongPartition,
             ReadError::TooManyKeys { .. } => ErrorReason::TooManyKeys,
+            ReadError::InvalidRange(_) => ErrorReason::InvalidRange,
             ReadError::PartitionNotHosted { .. } => ErrorReason::PartitionNotHosted,
             ReadError::PositionNotReached { .. } => ErrorReason::PositionNotReached,
             ReadError::NoAnswer { .. } => ErrorReason::NoAnswer,
@@ -154,7 +158,8 @@ impl ReadError {
             | ReadError::UnknownStore { .. }
             | ReadError::PartitionOutOfRange { .. }
             | ReadError::WrongPartition { .. }
-            | ReadError::TooManyKeys { .. } => Code::InvalidArgument,
+            | ReadError::TooManyKeys { .. }
+            | ReadError::InvalidRange(_) => Code::InvalidArgument,
             ReadError::PartitionNotHosted { .. } => Code::Unavailable,
             ReadError::PositionNotReached { .. }
             | ReadError::DrainInProgress
@@ -208,6 +213,7 @@ impl ReadError {
             ReadError::TooManyKeys { limit, .. } => put("limit", limit.to_string()),
             ReadError::UnknownStore { served, .. } => put("store", served.clone()),
             ReadError::EmptyKey
+            | ReadError::InvalidRange(_)
             | ReadError::AdminTokenRequired
             | ReadError::ClusterSecretRequired
             | ReadError::DrainInProgress

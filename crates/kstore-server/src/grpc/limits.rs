@@ -5,7 +5,7 @@
 //! otherwise (load shedding: nothing queues, so a flood costs the node one refusal per
 //! call, never memory or time). The slot is held until the call's response body ends or is
 //! dropped, so a WatchMetadata stream holds its slot for as long as it is open; Get,
-//! MultiGet and Metadata share one pool of slots and are cut off at the request timeout.
+//! MultiGet, Metadata and Scan share one pool of slots and are cut off at the request timeout.
 //! FetchSnapshot slots belong to the sending thread instead (see `snapshot`), since a
 //! stalled receiver never lets its body end.
 //!
@@ -179,6 +179,7 @@ fn limited(path: &str) -> Option<(&'static str, Kind)> {
         "Get" => Some(("Get", Kind::Read)),
         "MultiGet" => Some(("MultiGet", Kind::Read)),
         "Metadata" => Some(("Metadata", Kind::Read)),
+        "Scan" => Some(("Scan", Kind::Read)),
         "WatchMetadata" => Some(("WatchMetadata", Kind::Watch)),
         _ => None,
     }

@@ -25,7 +25,7 @@ use kstore_proto::v1::query_server::Query;
 use kstore_proto::v1::{
     ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
     MultiGetRequest, MultiGetResponse, PartitionHolders, ReadMetadata, ReadOptions, Role,
-    StoreInfo, get_response,
+    ScanEntry, ScanRequest, ScanResponse, StoreInfo, get_response, scan_entry,
 };
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -38,7 +38,7 @@ use super::forward::{self, FORWARDED_READS, Forwarded, Peers};
 use crate::access::Access;
 use crate::config::NodeConfig;
 use crate::registry::{PartitionCopy, Registry};
-use crate::store::{MemoryRead, Position, Positioned};
+use crate::store::{MemoryRead, Position, Positioned, ScanPage};
 
 /// Answers a bounded read this long before the caller's deadline, so that the answer (an
 /// error carrying the copy's position) still reaches the caller.
@@ -64,6 +64,13 @@ pub struct QueryService {
 /// a live copy elsewhere is at least this many input records fresher (then the read is
 /// forwarded there, and answered locally only if that fails).
 const STALE_COPY_FORWARD_MARGIN: i64 = 1_000;
+
+/// How many keys a Scan page holds when the request gives no limit.
+const DEFAULT_SCAN_PAGE: usize = 100;
+
+/// A Scan page ends once its keys and values hold this many bytes (well within gRPC's
+/// default 4 MiB message limit together with the rest of the answer).
+const MAX_SCAN_PAGE_BYTES: usize = 3 << 20;
 
 /// What came of forwarding the keys of a MultiGet: each key's index in the request, and its
 /// outcome.
@@ -343,6 +350,66 @@ impl QueryService {
             .await
             .map_err(|message| (ReadError::Store { partition, message }, role))?;
         Ok(self.response(read.value, self.read_metadata(&copy, read.position)))
+    }
+
+    /// Reads one page of a partition's keys from this node's copy.
+    async fn scan_page(&self, request: ScanRequest) -> Result<ScanResponse, (ReadError, Role)> {
+        let none = |error| (error, Role::Unspecified);
+        self.check_store(&request.store).map_err(none)?;
+        let partitions = self.registry.partitions();
+        if request.partition >= partitions {
+            return Err(none(ReadError::PartitionOutOfRange {
+                partition: request.partition,
+                partitions,
+            }));
+        }
+        let range =
+            kstore_core::scan::KeyRange::of_request(&request.prefix, &request.from, &request.to)
+                .map_err(|error| none(error.into()))?;
+        let range = match &request.after {
+            Some(after) => range.after(after, request.descending),
+            None => range,
+        };
+        let limit = match request.limit as usize {
+            0 => DEFAULT_SCAN_PAGE,
+            asked => asked,
+        }
+        .min(self.config.max_scan_page);
+        let copy = self.copy(request.partition).map_err(none)?;
+        let role = copy.role();
+        let reader = copy.clone();
+        let descending = request.descending;
+        let read = tokio::task::spawn_blocking(move || {
+            reader
+                .store
+                .scan_page(&range, descending, limit, MAX_SCAN_PAGE_BYTES)
+        })
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|read| read.map_err(|error| error.to_string()))
+        .map_err(|message| {
+            let partition = request.partition;
+            (ReadError::Store { partition, message }, role)
+        })?;
+        let ScanPage { entries, more } = read.value;
+        let entries = entries
+            .into_iter()
+            .map(|(key, bytes)| ScanEntry {
+                key,
+                value: Some(match &self.value_type_url {
+                    Some(type_url) => scan_entry::Value::Message(prost_types::Any {
+                        type_url: type_url.clone(),
+                        value: bytes,
+                    }),
+                    None => scan_entry::Value::Raw(bytes),
+                }),
+            })
+            .collect();
+        Ok(ScanResponse {
+            entries,
+            more,
+            read: Some(self.read_metadata(&copy, read.position)),
+        })
     }
 
     async fn multi_get(
@@ -726,6 +793,25 @@ impl Query for QueryService {
         Ok(Response::new(self.metadata_of(&view)))
     }
 
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let _in_flight = self.registry.read_started();
+        let started = Instant::now();
+        match self.scan_page(request.into_inner()).await {
+            Ok(response) => {
+                let role = response
+                    .read
+                    .as_ref()
+                    .map_or(Role::Unspecified, |r| r.role());
+                record_latency("scan", started, role, "found");
+                Ok(Response::new(response))
+            }
+            Err((error, role)) => {
+                record_latency("scan", started, role, error.reason().as_str_name());
+                Err(error.into())
+            }
+        }
+    }
+
     type WatchMetadataStream =
         std::pin::Pin<Box<dyn Stream<Item = Result<MetadataResponse, Status>> + Send>>;
 
@@ -990,6 +1076,107 @@ mod tests {
             ),
             ("n1", 0, 9_000, 0)
         );
+    }
+
+    #[tokio::test]
+    async fn a_scan_pages_through_a_partition_in_key_order_and_refuses_bad_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = 1u32;
+        let keys: Vec<Vec<u8>> = (0..25)
+            .map(|i| format!("key-{i:02}").into_bytes())
+            .collect();
+        let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let position = Position {
+            changelog_next: 30,
+            input_next: 25,
+        };
+        let registry = Arc::new(Registry::new("n1", PARTITIONS));
+        registry.track(
+            partition as i32,
+            store_with(dir.path(), &refs, position),
+            Role::Active,
+            position,
+        );
+        registry.set_input_end(partition as i32, 25, std::time::SystemTime::now());
+        let service = service(registry);
+        let request = |after: Option<Vec<u8>>| ScanRequest {
+            store: "features".into(),
+            partition,
+            prefix: b"key-1".to_vec(),
+            limit: 4,
+            descending: true,
+            after,
+            ..ScanRequest::default()
+        };
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = service
+                .scan(Request::new(request(after.clone())))
+                .await
+                .unwrap()
+                .into_inner();
+            let read = page.read.unwrap();
+            assert_eq!((read.input_offset, read.lag), (25, 0));
+            for entry in &page.entries {
+                assert_eq!(
+                    entry.value,
+                    Some(scan_entry::Value::Raw(entry.key.repeat(50)))
+                );
+                seen.push(entry.key.clone());
+            }
+            if !page.more {
+                break;
+            }
+            after = seen.last().cloned();
+        }
+        let expected: Vec<Vec<u8>> = (10..20)
+            .rev()
+            .map(|i| format!("key-{i:02}").into_bytes())
+            .collect();
+        assert_eq!(seen, expected);
+
+        let refused = |request: ScanRequest| {
+            let service = service.clone();
+            async move { service.scan(Request::new(request)).await.unwrap_err() }
+        };
+        let inverted = refused(ScanRequest {
+            store: "features".into(),
+            partition,
+            from: b"b".to_vec(),
+            to: b"a".to_vec(),
+            ..ScanRequest::default()
+        })
+        .await;
+        assert_eq!(inverted.code(), tonic::Code::InvalidArgument);
+        assert!(
+            inverted
+                .message()
+                .contains("from (\"b\") is after its to (\"a\")")
+        );
+        let both = refused(ScanRequest {
+            store: "features".into(),
+            partition,
+            prefix: b"k".to_vec(),
+            to: b"z".to_vec(),
+            ..ScanRequest::default()
+        })
+        .await;
+        assert_eq!(both.code(), tonic::Code::InvalidArgument);
+        let elsewhere = refused(ScanRequest {
+            store: "features".into(),
+            partition: 0,
+            ..ScanRequest::default()
+        })
+        .await;
+        assert_eq!(elsewhere.code(), tonic::Code::Unavailable);
+        let beyond = refused(ScanRequest {
+            store: "features".into(),
+            partition: PARTITIONS,
+            ..ScanRequest::default()
+        })
+        .await;
+        assert_eq!(beyond.code(), tonic::Code::InvalidArgument);
     }
 
     #[tokio::test]
