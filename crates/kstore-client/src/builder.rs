@@ -248,14 +248,23 @@ impl ClientBuilder {
     }
 }
 
-/// Adds what a plaintext call's failure most likely means when the node speaks TLS: its
-/// first bytes (a TLS record) read as an HTTP/2 frame of an impossible size.
+/// Adds what a plaintext call's failure most likely means when the node speaks TLS. The
+/// node reads the client's HTTP/2 preface as a broken TLS handshake, sends an alert and
+/// closes: the client either reads that alert as an HTTP/2 frame of an impossible size, or,
+/// when the close wins the race, finds its connection dropped before any answer.
 fn explain_plaintext_to_tls(reason: String) -> String {
-    if reason.contains("frame with invalid size") {
+    let tls_signs = [
+        "frame with invalid size",
+        "broken pipe",
+        "connection reset",
+        "connection closed",
+        "stream closed",
+    ];
+    if tls_signs.iter().any(|sign| reason.contains(sign)) {
         format!(
-            "{reason} (the node answered with something other than plaintext HTTP/2, most \
-             likely TLS: give its CA, and with mutual TLS a client certificate and key: \
-             --ca, --cert, --key or KSTORE_CA, KSTORE_CERT, KSTORE_KEY)"
+            "{reason} (the node did not answer plaintext HTTP/2, most likely because it speaks \
+             TLS: give its CA, and with mutual TLS a client certificate and key: --ca, --cert, \
+             --key or KSTORE_CA, KSTORE_CERT, KSTORE_KEY)"
         )
     } else {
         reason
@@ -295,5 +304,22 @@ mod tests {
         };
         let error = refused(Client::builder().hedge(inverted)).await;
         assert!(error.starts_with("bad client setting hedge:"), "{error}");
+    }
+
+    #[test]
+    fn a_plaintext_call_refused_either_way_by_a_tls_node_is_explained() {
+        for reason in [
+            "transport error: connection error: frame with invalid size",
+            "transport error: connection error: stream closed because of a broken pipe",
+        ] {
+            let explained = explain_plaintext_to_tls(reason.to_string());
+            assert!(
+                explained.contains("most likely because it speaks TLS"),
+                "{explained}"
+            );
+            assert!(explained.contains("--ca"), "{explained}");
+        }
+        let unrelated = "transport error: Connection refused (os error 111)";
+        assert_eq!(explain_plaintext_to_tls(unrelated.to_string()), unrelated);
     }
 }

@@ -408,7 +408,7 @@ fn mutual_tls_cluster_reads_refuses_bad_certificates_and_rotates_without_failing
                 let error = error.to_string();
                 eprintln!("plaintext client: {error}");
                 ensure!(
-                    error.contains("most likely TLS") && error.contains("--ca"),
+                    error.contains("speaks TLS") && error.contains("--ca"),
                     "a plaintext client's error does not say the node speaks TLS: {error}"
                 );
             }
