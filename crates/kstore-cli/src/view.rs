@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use kstore_client::{Answer, Attempt, Sent};
+use kstore_client::{Answer, Attempt, ReadInfo, Sent};
 use kstore_core::cluster::{ClusterView, Liveness, NodeStatus, Role};
 use serde_json::{Value, json};
 
@@ -190,6 +190,18 @@ fn describe_attempt(attempt: &Attempt) -> String {
 }
 
 /// A read's answer as JSON; `value` is the value already turned into JSON.
+/// How fresh a read is, and who answered, as JSON.
+pub fn read_json(read: &ReadInfo) -> Value {
+    json!({
+        "partition": read.partition,
+        "node_id": read.node_id,
+        "role": role_name(read.role),
+        "changelog_offset": read.changelog_offset,
+        "input_offset": read.input_offset,
+        "lag": read.lag,
+    })
+}
+
 pub fn answer_json<T>(key: &str, answer: &Answer<T>, value: Value) -> Value {
     json!({
         "key": key,

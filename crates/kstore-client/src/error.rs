@@ -144,6 +144,15 @@ pub enum ReadError {
         /// Why.
         reason: String,
     },
+    /// A scan's range, limit, partition or token is refused (checked before any network
+    /// call), or a node's page made no sense.
+    #[error("bad scan {what}: {reason}")]
+    InvalidScan {
+        /// What is wrong: `range`, `limit`, `partition`, `token` or `answer`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The key is longer than the nodes accept (checked before any network call).
     #[error("the key has {len} bytes; the limit is {limit}")]
     KeyTooLarge {
@@ -222,6 +231,7 @@ impl ReadError {
         match self {
             ReadError::EmptyKey
             | ReadError::InvalidOption { .. }
+            | ReadError::InvalidScan { .. }
             | ReadError::KeyTooLarge { .. } => None,
             ReadError::NoCopy { partition, .. }
             | ReadError::Failed { partition, .. }
@@ -239,6 +249,7 @@ impl ReadError {
             | ReadError::Rejected { attempts, .. } => attempts,
             ReadError::EmptyKey
             | ReadError::InvalidOption { .. }
+            | ReadError::InvalidScan { .. }
             | ReadError::KeyTooLarge { .. }
             | ReadError::NoCopy { .. }
             | ReadError::Decode { .. } => &[],

@@ -41,8 +41,10 @@ mod builder;
 mod channels;
 pub mod error;
 mod hedge;
+pub mod keys;
 mod metadata;
 mod routing;
+mod scan;
 #[cfg(feature = "tls")]
 mod tls;
 
@@ -61,6 +63,7 @@ pub use hedge::Hedge;
 pub use kstore_core::cluster::Role;
 pub use kstore_core::routing::ReadPolicy;
 pub use metadata::StoreShape;
+pub use scan::{MAX_SCAN_LIMIT, Scan, ScanEntry, ScanPage, ScanToken, ScanTokenError};
 #[cfg(feature = "tls")]
 pub use tls::{TlsFileError, tls_from_files};
 
@@ -247,10 +250,13 @@ impl Client {
         let context = ReadContext::new(&self.inner, options);
         let mut results =
             routing::read(&context, &self.inner.hedger, &self.inner.counters, &read).await;
-        results.pop().unwrap_or(Err(ReadError::Failed {
-            partition,
-            attempts: Vec::new(),
-        }))
+        results
+            .pop()
+            .map(|result| result.map(routing::Routed::into_answer))
+            .unwrap_or(Err(ReadError::Failed {
+                partition,
+                attempts: Vec::new(),
+            }))
     }
 
     /// Reads many keys with the client's defaults: see [`Client::multi_get_with`].
@@ -291,7 +297,7 @@ impl Client {
                         routing::read(&context, &self.inner.hedger, &self.inner.counters, &read)
                             .await;
                     for (index, answer) in good.into_iter().zip(answers) {
-                        results[index] = Some(answer);
+                        results[index] = Some(answer.map(routing::Routed::into_answer));
                     }
                 }
                 Err(error) => {
@@ -450,7 +456,7 @@ pub(crate) fn answer_of(
     partition: u32,
     route: Route,
 ) -> Answer<Vec<u8>> {
-    let read = response.read.unwrap_or_default();
+    let read = read_info(response.read.unwrap_or_default(), partition);
     let value = match response.value {
         Some(get_response::Value::Raw(bytes)) => Some(bytes),
         Some(get_response::Value::Message(any)) => Some(any.value),
@@ -458,15 +464,20 @@ pub(crate) fn answer_of(
     };
     Answer {
         value: if response.found { value } else { None },
-        read: ReadInfo {
-            partition,
-            node_id: read.node_id.clone(),
-            role: read.role(),
-            changelog_offset: read.changelog_offset,
-            input_offset: read.input_offset,
-            lag: read.lag,
-        },
+        read,
         route,
+    }
+}
+
+/// How fresh an answer from `partition` is, as the node stated it.
+pub(crate) fn read_info(read: kstore_proto::v1::ReadMetadata, partition: u32) -> ReadInfo {
+    ReadInfo {
+        partition,
+        role: read.role(),
+        node_id: read.node_id,
+        changelog_offset: read.changelog_offset,
+        input_offset: read.input_offset,
+        lag: read.lag,
     }
 }
 

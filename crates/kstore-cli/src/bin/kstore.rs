@@ -9,7 +9,9 @@ use kstore_cli::backup;
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_cli::view;
-use kstore_client::{Answer, Client, Hedge, ReadError, ReadOptions, ReadPolicy};
+use kstore_client::{
+    Answer, Client, Hedge, ReadError, ReadOptions, ReadPolicy, Scan, ScanPage, ScanToken,
+};
 use kstore_proto::v1::CustomerFeatures;
 use prost::Message as _;
 use serde_json::Value;
@@ -106,6 +108,39 @@ struct Routing {
     timeout_ms: u64,
 }
 
+/// What a scan reads.
+#[derive(Debug, Args)]
+struct ScanArgs {
+    /// The keys that start with this prefix.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    prefix: Option<String>,
+    /// The first key of the range.
+    #[arg(long)]
+    from: Option<String>,
+    /// The first key past the range.
+    #[arg(long)]
+    to: Option<String>,
+    /// Largest key first.
+    #[arg(long)]
+    descending: bool,
+    /// One partition only.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Keys per page (1 to 10000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Continue after the page that printed this token (the range comes from the token).
+    #[arg(long, conflicts_with_all = ["prefix", "from", "to", "descending", "partition"])]
+    token: Option<String>,
+    /// Read every page to the end, not only one.
+    #[arg(long)]
+    all: bool,
+    /// With --all, how long a page that fails is asked again, in milliseconds (from the
+    /// same token: no key is repeated or missed).
+    #[arg(long, default_value_t = 30_000)]
+    retry_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Policy {
     ActiveOnly,
@@ -140,6 +175,17 @@ enum Command {
         /// The keys.
         #[arg(required = true)]
         keys: Vec<String>,
+    },
+    /// Reads keys in key order, a page at a time: the keys with a prefix or in [from, to),
+    /// over the whole store (its partitions merged) or one partition. Each page ends with a
+    /// token; give it to --token for the next page.
+    Scan {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        routing: Routing,
+        #[command(flatten)]
+        scan: ScanArgs,
     },
     /// Shows the cluster: every node, and each partition's copies with their lag.
     Metadata {
@@ -294,6 +340,11 @@ fn main() -> ExitCode {
             routing,
             keys,
         } => read(&connect, Some(&routing), Work::Mget { keys }),
+        Command::Scan {
+            connect,
+            routing,
+            scan,
+        } => read(&connect, Some(&routing), Work::Scan(scan)),
         Command::Metadata { connect } => read(&connect, None, Work::Metadata),
         Command::Watch { connect } => read(&connect, None, Work::Watch),
         Command::Restore { args } => {
@@ -388,6 +439,7 @@ enum Work {
     Mget {
         keys: Vec<String>,
     },
+    Scan(ScanArgs),
     Metadata,
     Watch,
 }
@@ -461,6 +513,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Work::Scan(scan) => run_scan(client, &scan, connect.json).await,
         Work::Metadata => {
             let view = client.view();
             if connect.json {
@@ -528,6 +581,114 @@ fn print_answer(key: &str, answer: &Answer<Vec<u8>>, json: bool) {
                 .unwrap_or_default()
                 .replace('\n', "\n  ")
         ),
+    }
+}
+
+/// Prints pages of a scan: one, or with `--all` every one to the end, asking a failed page
+/// again from the same token until `--retry-ms` has passed.
+async fn run_scan(client: &Client, args: &ScanArgs, json: bool) -> ExitCode {
+    let mut token = match &args.token {
+        Some(text) => match text.parse::<ScanToken>() {
+            Ok(token) => Some(token),
+            Err(error) => {
+                eprintln!("kstore scan: --token: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let mut scan = match (&args.prefix, &args.from, &args.to) {
+        (Some(prefix), _, _) => Scan::prefix(prefix.as_bytes()),
+        (None, None, None) => Scan::all(),
+        (None, from, to) => Scan::range(
+            from.as_deref().unwrap_or_default().as_bytes(),
+            to.as_deref().unwrap_or_default().as_bytes(),
+        ),
+    };
+    if args.descending {
+        scan = scan.descending();
+    }
+    if let Some(partition) = args.partition {
+        scan = scan.partition(partition);
+    }
+    let mut keys = 0usize;
+    loop {
+        let mut failing_since = None;
+        let page = loop {
+            let page = match &token {
+                Some(token) => {
+                    client
+                        .scan_next(token, args.limit, &ReadOptions::default())
+                        .await
+                }
+                None => client.scan(&scan, args.limit).await,
+            };
+            match page {
+                Ok(page) => break page,
+                Err(error) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    let retriable = error.partition().is_some();
+                    if !args.all
+                        || !retriable
+                        || since.elapsed() >= Duration::from_millis(args.retry_ms)
+                    {
+                        eprintln!("kstore scan: {error}");
+                        if let Some(token) = &token {
+                            eprintln!("kstore scan: resume with --token {token}");
+                        }
+                        return ExitCode::FAILURE;
+                    }
+                    eprintln!("kstore scan: {error} (asking again)");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        keys += page.entries.len();
+        print_page(&page, json);
+        match page.next {
+            Some(next) if args.all => token = Some(next),
+            _ => break,
+        }
+    }
+    if !json {
+        eprintln!("kstore scan: {keys} keys");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints a page's keys, one per line, then what it read and where the next page starts.
+fn print_page(page: &ScanPage, json: bool) {
+    for entry in &page.entries {
+        let key = String::from_utf8_lossy(&entry.key);
+        let value = value_json(Some(&entry.value));
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"key": key, "partition": entry.partition, "value": value})
+            );
+        } else {
+            println!("{key}\t{value}");
+        }
+    }
+    let next = page.next.as_ref().map(ToString::to_string);
+    if json {
+        let reads: Vec<Value> = page.reads.iter().map(view::read_json).collect();
+        println!(
+            "{}",
+            serde_json::json!({"page": {"keys": page.entries.len(), "reads": reads, "next": next}})
+        );
+    } else {
+        let behind = page.reads.iter().map(|read| read.lag).max().unwrap_or(0);
+        match next {
+            Some(token) => eprintln!(
+                "kstore scan: {} keys (most lag {behind}); next page: --token {token}",
+                page.entries.len()
+            ),
+            None => eprintln!(
+                "kstore scan: {} keys (most lag {behind}); the scan is complete",
+                page.entries.len()
+            ),
+        }
     }
 }
 

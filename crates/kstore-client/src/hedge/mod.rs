@@ -169,6 +169,7 @@ impl Budget {
 pub(crate) struct Hedger {
     gets: Mutex<Latencies>,
     multi_gets: Mutex<Latencies>,
+    scans: Mutex<Latencies>,
     budget: Mutex<Budget>,
     failovers: Mutex<Budget>,
 }
@@ -179,6 +180,7 @@ impl Hedger {
         Hedger {
             gets: Mutex::default(),
             multi_gets: Mutex::default(),
+            scans: Mutex::default(),
             budget: Mutex::new(Budget::new(share)),
             failovers: Mutex::new(Budget::new(FAILOVER_SHARE)),
         }
@@ -188,6 +190,7 @@ impl Hedger {
         match op {
             Op::Get => &self.gets,
             Op::MultiGet => &self.multi_gets,
+            Op::Scan => &self.scans,
         }
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

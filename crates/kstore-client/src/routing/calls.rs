@@ -1,15 +1,19 @@
-//! The calls a read makes to one node: a Get of one key or a MultiGet of a group, always with
+//! The calls a read makes to one node: a Get of one key, a MultiGet of a group, or Scan pages
+//! of a group of partitions, always with
 //! `no_forward` (a node that holds no copy names the holders rather than forwarding), and
 //! what their answers and errors mean for the read.
 
 use kstore_core::routing::Target;
 use kstore_proto::v1::query_client::QueryClient;
-use kstore_proto::v1::{ErrorReason, GetRequest, MultiGetRequest, PartitionHolders, ReadOptions};
+use kstore_proto::v1::{
+    ErrorReason, GetRequest, MultiGetRequest, PartitionHolders, ReadOptions, ScanRequest,
+    ScanResponse,
+};
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic_types::StatusExt;
 
-use super::{CallFuture, CallOutcome, KeyOutcome, Op};
+use super::{CallFuture, CallOutcome, KeyOutcome, Op, Reply};
 use crate::channels::Channels;
 use crate::error::AttemptError;
 
@@ -62,7 +66,7 @@ pub(crate) fn call(
                     .await
                     .map(|answer| {
                         answer.map(|response| CallOutcome::Answered {
-                            keys: vec![KeyOutcome::Answered(response.into_inner())],
+                            keys: vec![KeyOutcome::Answered(Reply::Get(response.into_inner()))],
                             holders: Vec::new(),
                         })
                     })
@@ -78,6 +82,7 @@ pub(crate) fn call(
                     .await
                     .map(|answer| answer.map(|response| multi_get_outcome(response.into_inner())))
             }
+            Op::Scan => return scan_pages(client, keys, options, timeout, deadline).await,
         };
         match answer {
             Ok(Ok(outcome)) => outcome,
@@ -90,13 +95,78 @@ pub(crate) fn call(
     })
 }
 
+/// Asks one node for a page of each of `requests` (encoded `ScanRequest`s, one per
+/// partition), all at once. The call fails as a whole only if every page failed; otherwise
+/// each page is answered or failed on its own, and the holders named by pages the node
+/// does not hold come back with the answers.
+async fn scan_pages(
+    client: QueryClient<tonic::transport::Channel>,
+    requests: Vec<Vec<u8>>,
+    options: Option<ReadOptions>,
+    timeout: std::time::Duration,
+    deadline: Instant,
+) -> CallOutcome {
+    let mut pages = tokio::task::JoinSet::new();
+    for (index, encoded) in requests.into_iter().enumerate() {
+        let mut client = client.clone();
+        pages.spawn(async move {
+            let request = match ScanRequest::decode(encoded.as_slice()) {
+                Ok(request) => request,
+                Err(error) => {
+                    let status = tonic::Status::internal(format!("a page request: {error}"));
+                    return (index, Err(status));
+                }
+            };
+            let mut request = tonic::Request::new(ScanRequest {
+                options: Some(ReadOptions {
+                    min_input_offset: request.options.and_then(|o| o.min_input_offset),
+                    ..options.unwrap_or_default()
+                }),
+                ..request
+            });
+            request.set_timeout(timeout);
+            let answer = match tokio::time::timeout_at(deadline, client.scan(request)).await {
+                Ok(answer) => answer.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded(
+                    "no answer before the deadline",
+                )),
+            };
+            (index, answer)
+        });
+    }
+    let mut answers: Vec<(usize, Result<ScanResponse, tonic::Status>)> = pages.join_all().await;
+    answers.sort_by_key(|(index, _)| *index);
+    let mut keys = Vec::with_capacity(answers.len());
+    let mut holders = Vec::new();
+    let mut failures = Vec::new();
+    for (_, answer) in answers {
+        match answer {
+            Ok(page) => keys.push(KeyOutcome::Answered(Reply::Scan(page))),
+            Err(status) => {
+                let (error, hint) = classify(&status);
+                holders.extend(hint.clone());
+                failures.push((error.clone(), hint));
+                keys.push(KeyOutcome::Failed(error));
+            }
+        }
+    }
+    if failures.len() == keys.len()
+        && let Some((error, hint)) = failures.into_iter().next()
+    {
+        return CallOutcome::Failed(error, hint);
+    }
+    CallOutcome::Answered { keys, holders }
+}
+
 /// A MultiGet's answer, per key.
 fn multi_get_outcome(response: kstore_proto::v1::MultiGetResponse) -> CallOutcome {
     let keys = response
         .results
         .into_iter()
         .map(|result| match (result.error(), result.result) {
-            (ErrorReason::Unspecified, Some(response)) => KeyOutcome::Answered(response),
+            (ErrorReason::Unspecified, Some(response)) => {
+                KeyOutcome::Answered(Reply::Get(response))
+            }
             (ErrorReason::Unspecified, None) => KeyOutcome::Failed(AttemptError::Status {
                 code: tonic::Code::Internal,
                 reason: String::new(),

@@ -1,5 +1,7 @@
 //! Routing a read: each key's partition gets a plan of copies from the cached view
-//! (`kstore_core::routing::plan`, under the read policy), and the read races over the plans:
+//! (`kstore_core::routing::plan`, under the read policy), and the read races over the plans.
+//! A read's items are keys (a Get, a MultiGet) or one page request per partition (the pages
+//! of a whole-store scan), and are routed alike:
 //!
 //! - the plan's first copy is asked (`pick`); the keys of a MultiGet go one call per node;
 //! - a copy that fails is replaced at once by the next (`fallback`); one that names the
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use kstore_core::routing::Target;
 use kstore_core::routing::fanout::{FanOut, Group, GroupId};
-use kstore_proto::v1::{GetResponse, PartitionHolders};
+use kstore_proto::v1::{GetResponse, PartitionHolders, ScanResponse};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -40,13 +42,51 @@ pub(crate) enum Op {
     Get,
     /// A MultiGet of the keys a node is asked for.
     MultiGet,
+    /// A Scan page per item, each item one partition's encoded `ScanRequest`.
+    Scan,
+}
+
+/// What a node answered for one item.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A key's value, or that there is none, with its staleness.
+    Get(GetResponse),
+    /// A page of a partition's keys, with its staleness.
+    Scan(ScanResponse),
+}
+
+/// An item's answer and how it was routed.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    pub(crate) reply: Reply,
+    pub(crate) route: Route,
+}
+
+impl Routed {
+    /// The answer of a Get or a MultiGet key.
+    pub(crate) fn into_answer(self) -> Answer<Vec<u8>> {
+        let partition = self.route.partition;
+        match self.reply {
+            Reply::Get(response) => answer_of(response, partition, self.route),
+            // A key's call never answers with a page; if it did, it found nothing.
+            Reply::Scan(page) => answer_of(
+                GetResponse {
+                    found: false,
+                    value: None,
+                    read: page.read,
+                },
+                partition,
+                self.route,
+            ),
+        }
+    }
 }
 
 /// What a node answered for one key.
 #[derive(Debug)]
 pub(crate) enum KeyOutcome {
     /// The value, or that there is none, with its staleness.
-    Answered(GetResponse),
+    Answered(Reply),
     /// Why the node could not read this key.
     Failed(AttemptError),
 }
@@ -108,10 +148,7 @@ pub(crate) struct Read<'a> {
 #[derive(Debug)]
 enum Settled {
     /// Call `call` answered it.
-    Answered {
-        call: GroupId,
-        response: GetResponse,
-    },
+    Answered { call: GroupId, response: Reply },
     /// A node refused it for a reason any node would give.
     Rejected(AttemptError),
     /// No copy of its partition qualifies under the policy.
@@ -142,7 +179,7 @@ pub(crate) async fn read<N: Nodes>(
     hedger: &Hedger,
     counters: &Counters,
     read: &Read<'_>,
-) -> Vec<Result<Answer<Vec<u8>>, ReadError>> {
+) -> Vec<Result<Routed, ReadError>> {
     let deadline = Instant::now() + read.timeout;
     counters
         .reads
@@ -507,7 +544,7 @@ impl<N: Nodes> Race<'_, N> {
     }
 
     /// Each key's answer, or why it has none.
-    fn finish(mut self) -> Vec<Result<Answer<Vec<u8>>, ReadError>> {
+    fn finish(mut self) -> Vec<Result<Routed, ReadError>> {
         let out_of_time = Instant::now() >= self.deadline || !self.running.is_empty();
         let settled = std::mem::take(&mut self.settled);
         settled
@@ -522,7 +559,10 @@ impl<N: Nodes> Race<'_, N> {
                             plan: self.fanout.plan(partition),
                             attempts: self.attempts(key, Some(call)),
                         };
-                        Ok(answer_of(response, partition, route))
+                        Ok(Routed {
+                            reply: response,
+                            route,
+                        })
                     }
                     Some(Settled::Rejected(error)) => Err(ReadError::Rejected {
                         partition,

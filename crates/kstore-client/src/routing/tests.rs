@@ -97,7 +97,7 @@ impl Nodes for Fake {
                     CallOutcome::Answered {
                         keys: keys
                             .iter()
-                            .map(|_| KeyOutcome::Answered(answer_from(&node)))
+                            .map(|_| KeyOutcome::Answered(Reply::Get(answer_from(&node))))
                             .collect(),
                         holders: Vec::new(),
                     }
@@ -167,7 +167,11 @@ async fn read_through(
     };
     let counters = Counters::default();
     let started = Instant::now();
-    let results = super::read(fake, hedger, &counters, &read).await;
+    let results = super::read(fake, hedger, &counters, &read)
+        .await
+        .into_iter()
+        .map(|result| result.map(Routed::into_answer))
+        .collect();
     (results, started.elapsed(), counters)
 }
 

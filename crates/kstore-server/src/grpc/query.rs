@@ -6,14 +6,15 @@
 //! pool, so that a slow disk never holds an async worker. A read with a position bound
 //! waits for its copy to reach it, until the request's deadline.
 //!
-//! A read of a partition this node holds no copy of is forwarded once to the best holder in
-//! the cluster view (see [`super::forward`]), unless the caller asked for no forwarding or
+//! A read (Get, MultiGet or a Scan page) of a partition this node holds no copy of is
+//! forwarded once to the best holder in the cluster view (see [`super::forward`]), unless the caller asked for no forwarding or
 //! the read was forwarded already: then it fails with PARTITION_NOT_HOSTED and the holders.
 //!
 //! Metadata answers with the cluster-wide view that gossip keeps; WatchMetadata streams it,
 //! once now and again on every change.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use kstore_core::cluster::ClusterView;
 use kstore_core::partitioner::partition_for_key;
 use kstore_core::routing::fanout::FanOut;
 use kstore_core::routing::{Target, forward_plan};
+use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::query_server::Query;
 use kstore_proto::v1::{
     ErrorReason, GetRequest, GetResponse, KeyResult, MetadataRequest, MetadataResponse,
@@ -30,6 +32,7 @@ use kstore_proto::v1::{
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_types::StatusExt;
 
@@ -75,6 +78,32 @@ const MAX_SCAN_PAGE_BYTES: usize = 3 << 20;
 /// What came of forwarding the keys of a MultiGet: each key's index in the request, and its
 /// outcome.
 type ForwardedKeys = tokio::task::JoinHandle<Vec<(usize, u32, Forwarded<KeyResult>)>>;
+
+/// A stored value as a read answers it.
+enum StoredValue {
+    /// As the store's protobuf type, so that grpcurl prints it as JSON.
+    Typed(prost_types::Any),
+    /// As the stored bytes, when the node does not know their type.
+    Raw(Vec<u8>),
+}
+
+impl From<StoredValue> for get_response::Value {
+    fn from(value: StoredValue) -> Self {
+        match value {
+            StoredValue::Typed(any) => get_response::Value::Message(any),
+            StoredValue::Raw(bytes) => get_response::Value::Raw(bytes),
+        }
+    }
+}
+
+impl From<StoredValue> for scan_entry::Value {
+    fn from(value: StoredValue) -> Self {
+        match value {
+            StoredValue::Typed(any) => scan_entry::Value::Message(any),
+            StoredValue::Raw(bytes) => scan_entry::Value::Raw(bytes),
+        }
+    }
+}
 
 impl QueryService {
     /// Returns the service; values are returned as `Any` of `value_type_url` if given, and
@@ -162,15 +191,41 @@ impl QueryService {
         })
     }
 
-    /// Forwards a Get of `partition` to its live holders (see [`forward::forward_keys`]). A
-    /// holder's answer, error or not, is the answer. With no holder reachable:
-    /// PARTITION_NOT_HOSTED; with none answering before `deadline`: NO_ANSWER.
+    /// Forwards a Get of `partition` to its live holders (see [`forward_one`]).
     async fn forward_get(
         &self,
         partition: u32,
         request: GetRequest,
         deadline: Instant,
     ) -> Result<Response<GetResponse>, Status> {
+        self.forward_one(
+            "get",
+            partition,
+            request,
+            deadline,
+            |mut client, request| async move { client.get(request).await },
+        )
+        .await
+    }
+
+    /// Forwards a read of one partition to its live holders (see
+    /// [`forward::forward_keys`]) with `send`. A holder's answer, error or not, is the
+    /// answer. With no holder reachable: PARTITION_NOT_HOSTED; with none answering before
+    /// `deadline`: NO_ANSWER.
+    async fn forward_one<T, R, F, Fut>(
+        &self,
+        method: &'static str,
+        partition: u32,
+        request: T,
+        deadline: Instant,
+        send: F,
+    ) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        R: Send + 'static,
+        F: Fn(QueryClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
+    {
         let fanout = self.forward_fanout(vec![partition]);
         let peers = self.peers.clone();
         let node_id = self.registry.node_id().to_owned();
@@ -178,16 +233,16 @@ impl QueryService {
         let call = |target: &Target, _: &[usize], timeout: Duration| {
             let client = peers.client(&target.address);
             let request = forward::forwarded(request.clone(), &node_id, secret.as_deref(), timeout);
+            let answer = client.map(|client| send(client, request));
             async move {
-                let mut client = client.map_err(Status::unavailable)?;
-                let response = client.get(request).await?;
+                let response = answer.map_err(Status::unavailable)?.await?;
                 Ok(vec![Some(response.into_inner())])
             }
         };
         let stalled = |target: &Target| self.peers.stalled(&target.node_id);
         let forwarded = forward::forward_keys(fanout, deadline.into(), call, stalled).await;
         let outcome = forwarded.into_iter().next().unwrap_or(Forwarded::NoHolder);
-        count_forwarded("get", &outcome);
+        count_forwarded(method, &outcome);
         match outcome {
             Forwarded::Answered(response) => Ok(Response::new(response)),
             Forwarded::Refused(status) => Err(status),
@@ -200,7 +255,6 @@ impl QueryService {
         }
     }
 
-    /// Describes the store and the cluster view for Metadata and WatchMetadata.
     fn metadata_of(&self, view: &ClusterView) -> MetadataResponse {
         let store = StoreInfo {
             name: self.config.store.clone(),
@@ -313,18 +367,21 @@ impl QueryService {
         }
     }
 
-    fn response(&self, value: Option<Vec<u8>>, read: ReadMetadata) -> GetResponse {
-        let found = value.is_some();
-        let value = value.map(|bytes| match &self.value_type_url {
-            Some(type_url) => get_response::Value::Message(prost_types::Any {
+    /// A stored value as the store's protobuf type, if the node knows it, or as raw bytes.
+    fn stored_value(&self, bytes: Vec<u8>) -> StoredValue {
+        match &self.value_type_url {
+            Some(type_url) => StoredValue::Typed(prost_types::Any {
                 type_url: type_url.clone(),
                 value: bytes,
             }),
-            None => get_response::Value::Raw(bytes),
-        });
+            None => StoredValue::Raw(bytes),
+        }
+    }
+
+    fn response(&self, value: Option<Vec<u8>>, read: ReadMetadata) -> GetResponse {
         GetResponse {
-            found,
-            value,
+            found: value.is_some(),
+            value: value.map(|bytes| self.stored_value(bytes).into()),
             read: Some(read),
         }
     }
@@ -352,8 +409,13 @@ impl QueryService {
         Ok(self.response(read.value, self.read_metadata(&copy, read.position)))
     }
 
-    /// Reads one page of a partition's keys from this node's copy.
-    async fn scan_page(&self, request: ScanRequest) -> Result<ScanResponse, (ReadError, Role)> {
+    /// Reads one page of a partition's keys from this node's copy, once it reflects the
+    /// request's position bound.
+    async fn scan_page(
+        &self,
+        request: &ScanRequest,
+        deadline: Instant,
+    ) -> Result<ScanResponse, (ReadError, Role)> {
         let none = |error| (error, Role::Unspecified);
         self.check_store(&request.store).map_err(none)?;
         let partitions = self.registry.partitions();
@@ -377,8 +439,12 @@ impl QueryService {
         .min(self.config.max_scan_page);
         let copy = self.copy(request.partition).map_err(none)?;
         let role = copy.role();
+        Self::wait_for(&copy, request.options.as_ref(), deadline)
+            .await
+            .map_err(|e| (e, role))?;
         let reader = copy.clone();
         let descending = request.descending;
+        let partition = request.partition;
         let read = tokio::task::spawn_blocking(move || {
             reader
                 .store
@@ -387,22 +453,13 @@ impl QueryService {
         .await
         .map_err(|error| error.to_string())
         .and_then(|read| read.map_err(|error| error.to_string()))
-        .map_err(|message| {
-            let partition = request.partition;
-            (ReadError::Store { partition, message }, role)
-        })?;
+        .map_err(|message| (ReadError::Store { partition, message }, role))?;
         let ScanPage { entries, more } = read.value;
         let entries = entries
             .into_iter()
             .map(|(key, bytes)| ScanEntry {
                 key,
-                value: Some(match &self.value_type_url {
-                    Some(type_url) => scan_entry::Value::Message(prost_types::Any {
-                        type_url: type_url.clone(),
-                        value: bytes,
-                    }),
-                    None => scan_entry::Value::Raw(bytes),
-                }),
+                value: Some(self.stored_value(bytes).into()),
             })
             .collect();
         Ok(ScanResponse {
@@ -794,9 +851,13 @@ impl Query for QueryService {
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        self.check_forwarded(&request)?;
         let _in_flight = self.registry.read_started();
         let started = Instant::now();
-        match self.scan_page(request.into_inner()).await {
+        let deadline = self.deadline(&request);
+        let may_forward = may_forward(&request, request.get_ref().options.as_ref());
+        let request = request.into_inner();
+        match self.scan_page(&request, deadline).await {
             Ok(response) => {
                 let role = response
                     .read
@@ -804,6 +865,20 @@ impl Query for QueryService {
                     .map_or(Role::Unspecified, |r| r.role());
                 record_latency("scan", started, role, "found");
                 Ok(Response::new(response))
+            }
+            Err((ReadError::PartitionNotHosted { partition, .. }, _)) if may_forward => {
+                let send = |mut client: QueryClient<Channel>, request| async move {
+                    client.scan(request).await
+                };
+                let answer = self
+                    .forward_one("scan", partition, request, deadline, send)
+                    .await;
+                let outcome = match &answer {
+                    Ok(_) => "forwarded",
+                    Err(_) => "forward_failed",
+                };
+                record_latency("scan", started, Role::Unspecified, outcome);
+                answer
             }
             Err((error, role)) => {
                 record_latency("scan", started, role, error.reason().as_str_name());
