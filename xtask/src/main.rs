@@ -65,7 +65,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Runs a benchmark against the local broker: ingest, get, cluster, client, restore or
+    /// Runs a benchmark against the local broker: ingest, get, cluster, client, restore, scan or
     /// compare (`cargo xtask bench --help`).
     #[command(disable_help_flag = true)]
     Bench {

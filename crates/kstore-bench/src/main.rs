@@ -3,9 +3,9 @@
 //! chaos …`, which install what the build needs first and build it with the binaries it
 //! runs.
 //!
-//! - `ingest | get | cluster | client | restore | compare` measure ingest rate, read
-//!   latency, standbys and gossip, the smart client, restore, and kstore beside the Kafka
-//!   Streams baseline;
+//! - `ingest | get | cluster | client | restore | scan | compare` measure ingest rate, read
+//!   latency, standbys and gossip, the smart client, restore, scans, and kstore beside the
+//!   Kafka Streams baseline;
 //! - `chaos` injects faults into a cluster under load and reports what reads saw.
 
 mod bench;
@@ -17,6 +17,7 @@ mod compare_bench;
 mod ghz;
 mod paused_bench;
 mod restore_bench;
+mod scan_bench;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,9 @@ enum Command {
     /// How fast a partition comes back: raw copy, changelog replay, backup, peer snapshot;
     /// and what a backup and an incremental backup cost.
     Restore(restore_bench::RestoreBench),
+    /// Scans of a store of a million keys: the first page of a whole-store scan, a whole
+    /// store through the client, and each partition through raw Scan calls.
+    Scan(scan_bench::ScanBench),
     /// kstore beside the Kafka Streams baseline in one run: exactly-once ingest, Get
     /// latency idle and under ingest, failed reads, RSS, state size; a report and charts.
     Compare(compare_bench::CompareBench),
@@ -75,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cluster(bench) => cluster_bench::cluster(&bench),
         Command::Client(bench) => client_bench::client(&bench),
         Command::Restore(bench) => restore_bench::restore(&bench),
+        Command::Scan(bench) => scan_bench::scan(&bench),
         Command::Compare(bench) => compare_bench::compare(&bench),
         Command::Chaos(options) => chaos::run(&options),
     }

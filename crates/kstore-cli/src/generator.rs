@@ -30,6 +30,10 @@ pub struct GeneratorConfig {
     pub start_ms: i64,
     /// Event time advance per event.
     pub step_ms: i64,
+    /// Customers take turns (0, 1, 2, …, then 0 again) instead of being drawn at random,
+    /// so that `customers` events give every customer exactly one: a store of exactly that
+    /// many keys.
+    pub customers_in_turn: bool,
 }
 
 impl Default for GeneratorConfig {
@@ -40,6 +44,7 @@ impl Default for GeneratorConfig {
             abuser_every: 50,
             start_ms: DEFAULT_START_MS,
             step_ms: 3_000,
+            customers_in_turn: false,
         }
     }
 }
@@ -81,7 +86,11 @@ impl Iterator for OrderGenerator {
         let n = self.next;
         self.next += 1;
         let rng = &mut self.rng;
-        let customer = rng.random_range(0..self.config.customers);
+        let customer = if self.config.customers_in_turn {
+            (n % u64::from(self.config.customers)) as u32
+        } else {
+            rng.random_range(0..self.config.customers)
+        };
         let abuser = self.config.abuser_every > 0 && customer % self.config.abuser_every == 0;
         let mut event_time_ms = self.config.start_ms
             + n as i64 * self.config.step_ms

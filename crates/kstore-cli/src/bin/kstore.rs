@@ -243,6 +243,10 @@ enum Command {
         /// Event time advance per event, in ms.
         #[arg(long, default_value_t = 3_000)]
         step_ms: i64,
+        /// Customers take turns instead of being drawn at random: --count equal to
+        /// --customers fills a store with exactly that many keys.
+        #[arg(long)]
+        customers_in_turn: bool,
     },
 }
 
@@ -388,6 +392,7 @@ fn main() -> ExitCode {
             seed,
             start_ms,
             step_ms,
+            customers_in_turn,
         } => {
             if customers == 0 {
                 eprintln!("kstore produce: --customers must be at least 1");
@@ -405,6 +410,7 @@ fn main() -> ExitCode {
                     abuser_every,
                     start_ms,
                     step_ms,
+                    customers_in_turn,
                 },
                 kafka: Vec::new(),
             };
