@@ -1,7 +1,8 @@
 //! The kstore command line's library: what `kstore produce` generates and how it sends it,
-//! and the `kstore backup` calls, usable from tests and benchmarks.
+//! the `kstore backup` calls, and how values print, usable from tests and benchmarks.
 
 pub mod backup;
 pub mod generator;
 pub mod produce;
+pub mod values;
 pub mod view;

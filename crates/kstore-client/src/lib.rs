@@ -193,6 +193,17 @@ impl Client {
         self.inner.partitions
     }
 
+    /// Returns the store's partition count and value type, as the cluster described it.
+    pub fn store_shape(&self) -> StoreShape {
+        self.inner
+            .cache
+            .store(&self.inner.builder.store)
+            .unwrap_or(StoreShape {
+                partitions: self.inner.partitions,
+                value_type: String::new(),
+            })
+    }
+
     /// Returns the client's current view of the cluster.
     pub fn view(&self) -> Arc<ClusterView> {
         self.inner.cache.view()

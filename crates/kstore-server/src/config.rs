@@ -339,6 +339,17 @@ impl BackupConfig {
     }
 }
 
+/// The protobuf message type of a store's values (`[value-type]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ValueTypeConfig {
+    /// A `FileDescriptorSet` file that defines the message and everything it imports
+    /// (`protoc --include_imports --descriptor_set_out=…`).
+    pub descriptor_set: PathBuf,
+    /// The message's full name, such as `acme.v1.Counter`.
+    pub message: String,
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -357,6 +368,9 @@ pub struct NodeConfig {
     pub processing_guarantee: ProcessingGuarantee,
     /// The processor that folds the input.
     pub processor: ProcessorConfig,
+    /// The protobuf type of the store's values, for a WebAssembly processor whose values
+    /// are protobuf messages: reads return them typed and reflection describes them.
+    pub value_type: Option<ValueTypeConfig>,
     /// The longest a transaction stays open, in milliseconds.
     pub commit_interval_ms: u64,
     /// The most input records in one transaction.
@@ -470,6 +484,7 @@ impl Default for NodeConfig {
             state_dir: PathBuf::from("kstore-state"),
             processing_guarantee: ProcessingGuarantee::ExactlyOnce,
             processor: ProcessorConfig::Builtin(ProcessorKind::Features),
+            value_type: None,
             commit_interval_ms: 100,
             max_transaction_records: 20_000,
             max_transaction_bytes: 64 << 20,
@@ -826,8 +841,24 @@ impl NodeConfig {
     /// that no output goes to a topic of kstore's own.
     fn validate_processor(&self) -> Result<(), ConfigError> {
         let ProcessorConfig::Wasm(wasm) = &self.processor else {
+            if self.value_type.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "value-type".into(),
+                    reason: "is for a WebAssembly processor's values; the built-in features \
+                             processor's values are kstore.v1.CustomerFeatures"
+                        .into(),
+                });
+            }
             return Ok(());
         };
+        if let Some(value_type) = &self.value_type
+            && value_type.message.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                key: "value-type.message".into(),
+                reason: "must name a message, such as acme.v1.Counter".into(),
+            });
+        }
         wasm.validate().map_err(|error| ConfigError::Invalid {
             key: format!("processor.{}", error.key),
             reason: error.reason,
@@ -1228,6 +1259,24 @@ mod tests {
         assert!(
             message(&["processor.wasm=m.wasm", "processor.outputs.alerts=orders"])
                 .contains("processor.outputs.alerts")
+        );
+        // A value type is for a module's values, and names a message.
+        let typed = [
+            "value-type.descriptor-set=t.binpb",
+            "value-type.message=acme.v1.Tally",
+        ];
+        assert!(message(&typed).contains("built-in features processor"));
+        assert!(
+            message(&[
+                "processor.wasm=m.wasm",
+                "value-type.descriptor-set=t.binpb",
+                "value-type.message= "
+            ])
+            .contains("value-type.message")
+        );
+        assert!(
+            message(&["processor.wasm=m.wasm", "value-type.message=a.B"])
+                .contains("descriptor-set")
         );
     }
 

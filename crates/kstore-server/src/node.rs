@@ -20,6 +20,7 @@ use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
+use crate::processor::typed::{Typed, ValueType, ValueTypeError};
 use crate::processor::wasm::{ModuleError, WasmProcessor};
 use crate::registry::Registry;
 use crate::registry::Watchdog;
@@ -119,14 +120,30 @@ fn check_kafka_security(config: &NodeConfig) -> Result<(), NodeError> {
     }
 }
 
+/// Why the configured processor could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    /// The WebAssembly module does not load.
+    #[error("invalid value for `processor.wasm`: {0}")]
+    Module(#[from] ModuleError),
+    /// The value type does not load.
+    #[error("invalid value for `value-type`: {0}")]
+    ValueType(#[from] ValueTypeError),
+}
+
 /// Returns the processor the configuration names: a built-in one, or a WebAssembly module
-/// loaded and checked now (a module that does not load is an error naming its file).
-pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, ModuleError> {
-    Ok(match &config.processor {
+/// loaded and checked now, with its value type if the config names one (a module or a
+/// descriptor set that does not load is an error naming its file).
+pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, ProcessorError> {
+    let processor: Box<dyn Processor> = match &config.processor {
         ProcessorConfig::Builtin(ProcessorKind::Features) => {
             Box::new(FeaturesProcessor::new(config.alerts_topic()))
         }
         ProcessorConfig::Wasm(wasm) => Box::new(WasmProcessor::from_config(wasm)?),
+    };
+    Ok(match &config.value_type {
+        Some(value_type) => Box::new(Typed::new(processor, ValueType::load(value_type)?)),
+        None => processor,
     })
 }
 
@@ -261,7 +278,10 @@ pub fn run(
             ),
             tls: tls.clone(),
         },
-        processor.value_type_url().map(str::to_owned),
+        grpc::ValueFormat {
+            type_url: processor.value_type_url().map(str::to_owned),
+            descriptor_set: processor.value_descriptor_set().map(<[u8]>::to_vec),
+        },
         {
             let stop_serving = stop_serving.clone();
             async move {

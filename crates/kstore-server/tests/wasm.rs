@@ -16,7 +16,7 @@ use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::query_client::QueryClient;
-use kstore_proto::v1::{MetadataRequest, Role};
+use kstore_proto::v1::{GetRequest, MetadataRequest, Role, get_response};
 use kstore_server::kafka::{DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER};
 use kstore_server::processor::features::FeaturesProcessor;
 use kstore_server::processor::wasm::{WasmConfig, WasmProcessor};
@@ -644,6 +644,166 @@ fn a_node_refuses_to_start_with_a_module_that_does_not_fit() -> Result<()> {
                 && output.contains("does not export kstore_abi_version"),
             "{output}"
         );
+        Ok(())
+    })
+}
+
+/// A descriptor set file defining `acme.v1.Tally { uint64 count = 1; string last = 2; }`, as
+/// `protoc --include_imports --descriptor_set_out` would write it.
+fn tally_descriptor_set(dir: &Path) -> Result<PathBuf> {
+    use prost::Message as _;
+    use prost_types::field_descriptor_proto::{Label, Type};
+    use prost_types::{
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
+    };
+    let field = |name: &str, number: i32, kind: Type| FieldDescriptorProto {
+        name: Some(name.into()),
+        number: Some(number),
+        label: Some(Label::Optional as i32),
+        r#type: Some(kind as i32),
+        json_name: Some(name.into()),
+        ..FieldDescriptorProto::default()
+    };
+    let set = FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("acme/v1/tally.proto".into()),
+            package: Some("acme.v1".into()),
+            message_type: vec![DescriptorProto {
+                name: Some("Tally".into()),
+                field: vec![
+                    field("count", 1, Type::Uint64),
+                    field("last", 2, Type::String),
+                ],
+                ..DescriptorProto::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..FileDescriptorProto::default()
+        }],
+    };
+    let path = dir.join("tally.binpb");
+    std::fs::write(&path, set.encode_to_vec())?;
+    Ok(path)
+}
+
+#[test]
+fn a_modules_own_protobuf_values_read_typed_and_as_json_through_reflection() -> Result<()> {
+    run_async(async {
+        let partitions = 3;
+        let mut scenario = Scenario::new("wasm-typed", partitions).await?;
+        let set = tally_descriptor_set(scenario.dir.path())?;
+        // Named in the config, a message the set does not define stops the node at start.
+        use_module(
+            &mut scenario,
+            &module("tally")?,
+            &[
+                &format!("value-type.descriptor-set={}", set.display()),
+                "value-type.message=acme.v1.Tallies",
+            ],
+        );
+        let mut refused = scenario.start_node("node-0", "only")?;
+        let status = refused.wait_exit(Duration::from_secs(60))?;
+        let output = refused.output();
+        ensure!(
+            status.code() == Some(2)
+                && output.contains("invalid value for `value-type`")
+                && output.contains("defines no message acme.v1.Tallies")
+                && output.contains("acme.v1.Tally"),
+            "exit {status}: {output}"
+        );
+        scenario.extra.pop();
+        scenario
+            .extra
+            .push("value-type.message=acme.v1.Tally".into());
+
+        // Per key: how many records and the last value; one record stores garbage.
+        let producer = scenario.kafka.producer()?;
+        let mut expected: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        let mut garbage = None;
+        for i in 0..60u64 {
+            let key = format!("key-{:02}", i % 7);
+            let value = if i == 30 {
+                "garbage".to_owned()
+            } else {
+                format!("value-{i}")
+            };
+            let record = FutureRecord::<str, str>::to(&scenario.input)
+                .key(&key)
+                .payload(&value);
+            let delivered = producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)?;
+            if value == "garbage" {
+                garbage = Some((delivered.partition, delivered.offset));
+            } else {
+                let entry = expected.entry(key).or_default();
+                *entry = (entry.0 + 1, value);
+            }
+        }
+        let mut node = scenario.start_node("node-1", "only")?;
+        scenario.wait_caught_up(&mut node, Duration::from_secs(120))?;
+        let uri = scenario.grpc_uri(&mut node)?;
+        let channel = tonic::transport::Endpoint::from_shared(uri)?
+            .connect()
+            .await?;
+        let mut query = QueryClient::new(channel.clone());
+
+        let metadata = query.metadata(MetadataRequest {}).await?.into_inner();
+        let value_type = metadata
+            .stores
+            .first()
+            .map(|s| s.value_type.clone())
+            .unwrap_or_default();
+        ensure!(
+            value_type == "acme.v1.Tally",
+            "Metadata names {value_type:?}"
+        );
+        let values = kstore_cli::values::Values::described(channel, &value_type)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        for (key, (count, last)) in &expected {
+            let answer = query
+                .get(GetRequest {
+                    store: "features".into(),
+                    key: key.as_bytes().to_vec(),
+                    ..GetRequest::default()
+                })
+                .await?
+                .into_inner();
+            let Some(get_response::Value::Message(any)) = answer.value else {
+                bail!("{key}: not answered as a typed message: {answer:?}");
+            };
+            ensure!(
+                any.type_url == "type.googleapis.com/acme.v1.Tally",
+                "{key}: {}",
+                any.type_url
+            );
+            // As reflection describes the type, the way grpcurl and `kstore get --json` print
+            // it (uint64 as a string, in protobuf's JSON mapping).
+            let json = values.json(Some(&any.value));
+            let want = serde_json::json!({"count": count.to_string(), "last": last});
+            ensure!(json == want, "{key}: {json} (want {want})");
+        }
+
+        // The record whose new value is not a Tally is dead-lettered with the reason, and
+        // its key keeps the records before and after it.
+        let (partition, offset) = garbage.context("the garbage record was not sent")?;
+        let dlq = scenario
+            .kafka
+            .read_all(&format!("{}-dlq", scenario.app), partitions)?;
+        ensure!(dlq.len() == 1, "{} dead letters", dlq.len());
+        ensure!(
+            header(&dlq[0], DLQ_OFFSET_HEADER) == offset.to_string()
+                && header(&dlq[0], DLQ_PARTITION_HEADER) == partition.to_string(),
+            "the dead letter is not the garbage record"
+        );
+        let reason = header(&dlq[0], DLQ_ERROR_HEADER);
+        ensure!(
+            reason.contains("does not decode as acme.v1.Tally"),
+            "{reason}"
+        );
+        let status = node.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
         Ok(())
     })
 }

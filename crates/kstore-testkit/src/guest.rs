@@ -1,4 +1,4 @@
-//! Builds `kstore-guest`'s example modules (`count`, `features`, `faulty`) for
+//! Builds `kstore-guest`'s example modules (`count`, `features`, `faulty`, `tally`) for
 //! `wasm32-unknown-unknown`, as tests and benchmarks need them: once per process, in release,
 //! into `GUEST_MODULES_TARGET_DIR` if set (not `KSTORE_…`: the node reads those as settings), else `<target>/guest-modules` (a target directory of
 //! its own, since the `cargo test` that runs this holds the lock on its own).

@@ -8,12 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kstore_cli::backup;
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
 use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_cli::values::Values;
 use kstore_cli::view;
 use kstore_client::{
     Answer, Client, Hedge, ReadError, ReadOptions, ReadPolicy, Scan, ScanPage, ScanToken,
 };
-use kstore_proto::v1::CustomerFeatures;
-use prost::Message as _;
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
@@ -480,6 +479,18 @@ async fn connect_client(connect: &Connect, routing: Option<&Routing>) -> Result<
 }
 
 async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
+    let values = match &work {
+        Work::Get { .. } | Work::Mget { .. } | Work::Scan(_) => {
+            match describe_values(client, connect).await {
+                Ok(values) => values,
+                Err(error) => {
+                    eprintln!("kstore: values print as bytes: {error}");
+                    Values::guessed()
+                }
+            }
+        }
+        Work::Metadata | Work::Watch => Values::guessed(),
+    };
     match work {
         Work::Get {
             key,
@@ -492,7 +503,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
             };
             match client.get_with(key.as_bytes(), &options).await {
                 Ok(answer) => {
-                    print_answer(&key, &answer, connect.json);
+                    print_answer(&key, &answer, &values, connect.json);
                     if explain && !connect.json {
                         print!("{}", view::format_route(&answer));
                     }
@@ -506,7 +517,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
             let mut failed = false;
             for (key, result) in keys.iter().zip(client.multi_get(&refs).await) {
                 match result {
-                    Ok(answer) => print_answer(key, &answer, connect.json),
+                    Ok(answer) => print_answer(key, &answer, &values, connect.json),
                     Err(error) => {
                         failed = true;
                         read_failed(key, &error);
@@ -519,7 +530,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Work::Scan(scan) => run_scan(client, &scan, connect.json).await,
+        Work::Scan(scan) => run_scan(client, &scan, &values, connect.json).await,
         Work::Metadata => {
             let view = client.view();
             if connect.json {
@@ -547,25 +558,8 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
     }
 }
 
-/// The value as JSON: the built-in processor's features as an object, other values as a
-/// UTF-8 string if they are one, else their bytes.
-fn value_json(value: Option<&Vec<u8>>) -> Value {
-    let Some(bytes) = value else {
-        return Value::Null;
-    };
-    if let Ok(features) = CustomerFeatures::decode(bytes.as_slice())
-        && !features.customer_id.is_empty()
-    {
-        return serde_json::to_value(features).unwrap_or(Value::Null);
-    }
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Value::String(text.to_owned()),
-        Err(_) => Value::Array(bytes.iter().map(|b| Value::from(*b)).collect()),
-    }
-}
-
-fn print_answer(key: &str, answer: &Answer<Vec<u8>>, json: bool) {
-    let value = value_json(answer.value.as_ref());
+fn print_answer(key: &str, answer: &Answer<Vec<u8>>, values: &Values, json: bool) {
+    let value = values.json(answer.value.as_deref());
     if json {
         println!("{}", view::answer_json(key, answer, value));
         return;
@@ -590,9 +584,35 @@ fn print_answer(key: &str, answer: &Answer<Vec<u8>>, json: bool) {
     }
 }
 
+/// How the store's values print: as the type the cluster's Metadata names, described by the
+/// first seed whose reflection answers.
+async fn describe_values(client: &Client, connect: &Connect) -> Result<Values, String> {
+    let value_type = client.store_shape().value_type;
+    let tls = connect.tls.config()?;
+    let mut failures = Vec::new();
+    for seed in &connect.seeds {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{seed}"))
+            .map_err(|error| format!("{seed}: {error}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10));
+        let endpoint = match &tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|error| format!("{seed}: {error}"))?,
+            None => endpoint,
+        };
+        match Values::described(endpoint.connect_lazy(), &value_type).await {
+            Ok(values) => return Ok(values),
+            Err(error) => failures.push(format!("{seed}: {error}")),
+        }
+    }
+    Err(failures.join("; "))
+}
+
 /// Prints pages of a scan: one, or with `--all` every one to the end, asking a failed page
 /// again from the same token until `--retry-ms` has passed.
-async fn run_scan(client: &Client, args: &ScanArgs, json: bool) -> ExitCode {
+async fn run_scan(client: &Client, args: &ScanArgs, values: &Values, json: bool) -> ExitCode {
     let mut token = match &args.token {
         Some(text) => match text.parse::<ScanToken>() {
             Ok(token) => Some(token),
@@ -650,7 +670,7 @@ async fn run_scan(client: &Client, args: &ScanArgs, json: bool) -> ExitCode {
             }
         };
         keys += page.entries.len();
-        print_page(&page, json);
+        print_page(&page, values, json);
         match page.next {
             Some(next) if args.all => token = Some(next),
             _ => break,
@@ -663,10 +683,10 @@ async fn run_scan(client: &Client, args: &ScanArgs, json: bool) -> ExitCode {
 }
 
 /// Prints a page's keys, one per line, then what it read and where the next page starts.
-fn print_page(page: &ScanPage, json: bool) {
+fn print_page(page: &ScanPage, values: &Values, json: bool) {
     for entry in &page.entries {
         let key = String::from_utf8_lossy(&entry.key);
-        let value = value_json(Some(&entry.value));
+        let value = values.json(Some(&entry.value));
         if json {
             println!(
                 "{}",

@@ -251,7 +251,7 @@ fn main() -> ExitCode {
     let processor = match node::configured_processor(&config) {
         Ok(processor) => processor,
         Err(error) => {
-            eprintln!("kstore-node: invalid value for `processor.wasm`: {error}");
+            eprintln!("kstore-node: {error}");
             return ExitCode::from(2);
         }
     };

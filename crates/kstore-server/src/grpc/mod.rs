@@ -62,6 +62,32 @@ pub struct Operations {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
+/// How a store's values are answered: typed (an `Any` of `type_url`) or raw, and the
+/// descriptor set reflection serves for a type of the user's.
+#[derive(Debug, Clone, Default)]
+pub struct ValueFormat {
+    /// The values' `google.protobuf.Any` type URL; `None`: raw bytes.
+    pub type_url: Option<String>,
+    /// An encoded `FileDescriptorSet` defining the type, served over reflection.
+    pub descriptor_set: Option<Vec<u8>>,
+}
+
+/// A reflection service describing kstore's protos, health's and, if given, the value
+/// type's set. kstore's own files come first: a file of the same name in the value type's
+/// set (an imported google/protobuf one, say) is then ignored.
+fn described<'a>(
+    builder: tonic_reflection::server::Builder<'a>,
+    value_set: Option<&'a [u8]>,
+) -> tonic_reflection::server::Builder<'a> {
+    let builder = builder
+        .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    match value_set {
+        Some(set) => builder.register_encoded_file_descriptor_set(set),
+        None => builder,
+    }
+}
+
 /// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
 /// `shutdown` completes. Health says NOT_SERVING until the node's stores are open.
 pub async fn serve(
@@ -70,7 +96,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     view: watch::Receiver<Arc<ClusterView>>,
     operations: Operations,
-    value_type_url: Option<String>,
+    values: ValueFormat,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
     let query = QueryServer::new(
@@ -78,7 +104,7 @@ pub async fn serve(
             registry.clone(),
             config.clone(),
             view.clone(),
-            value_type_url,
+            values.type_url,
         )
         .with_tls(operations.tls.clone()),
     );
@@ -135,13 +161,10 @@ pub async fn serve(
         }
     });
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let value_set = values.descriptor_set.as_deref();
+    let reflection = described(tonic_reflection::server::Builder::configure(), value_set);
+    let reflection_v1alpha =
+        described(tonic_reflection::server::Builder::configure(), value_set).build_v1alpha()?;
 
     let router = Server::builder()
         // A connection whose peer is gone (not merely slow) is closed within a minute, and
@@ -201,7 +224,7 @@ mod tests {
                 peer: None,
                 tls: None,
             },
-            None,
+            ValueFormat::default(),
             async move {
                 let _ = stopped.await;
             },

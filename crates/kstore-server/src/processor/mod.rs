@@ -6,6 +6,7 @@
 //! exactly-once only means "exact" if the fold itself is deterministic.
 
 pub mod features;
+pub mod typed;
 pub mod wasm;
 
 /// One record from the input topic, as the processor sees it.
@@ -124,6 +125,12 @@ pub trait Processor: Send + 'static {
     /// they are protobuf messages that the node's gRPC reflection knows. Reads then return
     /// them typed, so that grpcurl prints them as JSON; otherwise they return raw bytes.
     fn value_type_url(&self) -> Option<&str> {
+        None
+    }
+
+    /// Returns the encoded `FileDescriptorSet` that defines the value type, if the node's
+    /// reflection does not know it already (a type from the config's `value-type`).
+    fn value_descriptor_set(&self) -> Option<&[u8]> {
         None
     }
 }
