@@ -10,7 +10,8 @@
 //! by Maven with protoc and its gRPC plugin from Maven Central) a Java 17+ compiler. Running as root on Debian or Ubuntu, missing packages are installed
 //! with apt-get; otherwise the exact command to run is printed. The WebAssembly processor's
 //! tests build `kstore-guest`'s modules for `wasm32-unknown-unknown`, a rustup target that
-//! setup adds (`rustup target add wasm32-unknown-unknown`).
+//! setup adds (`rustup target add wasm32-unknown-unknown`). The web console's test loads the
+//! page in Debian's headless Chromium (`/usr/bin/chromium`).
 
 use std::path::Path;
 use std::process::Command;
@@ -64,6 +65,11 @@ const REQUIREMENTS: &[Requirement] = &[
         what: "Maven (fetches the Kafka broker, builds the Kafka Streams baseline)",
         package: "maven",
         present: || on_path("mvn"),
+    },
+    Requirement {
+        what: "Chromium (loads the web console in its browser test)",
+        package: "chromium",
+        present: || Path::new("/usr/bin/chromium").is_file(),
     },
     Requirement {
         what: "flock (shares the test broker)",

@@ -189,7 +189,6 @@ fn describe_attempt(attempt: &Attempt) -> String {
     )
 }
 
-/// A read's answer as JSON; `value` is the value already turned into JSON.
 /// How fresh a read is, and who answered, as JSON.
 pub fn read_json(read: &ReadInfo) -> Value {
     json!({
@@ -202,6 +201,7 @@ pub fn read_json(read: &ReadInfo) -> Value {
     })
 }
 
+/// A read's answer as JSON; `value` is the value already turned into JSON.
 pub fn answer_json<T>(key: &str, answer: &Answer<T>, value: Value) -> Value {
     json!({
         "key": key,

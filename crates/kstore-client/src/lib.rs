@@ -63,7 +63,9 @@ pub use hedge::Hedge;
 pub use kstore_core::cluster::Role;
 pub use kstore_core::routing::ReadPolicy;
 pub use metadata::StoreShape;
-pub use scan::{MAX_SCAN_LIMIT, Scan, ScanEntry, ScanPage, ScanToken, ScanTokenError};
+pub use scan::{
+    MAX_PAGE_BYTES, MAX_SCAN_LIMIT, Scan, ScanEntry, ScanPage, ScanToken, ScanTokenError,
+};
 #[cfg(feature = "tls")]
 pub use tls::{TlsFileError, tls_from_files};
 

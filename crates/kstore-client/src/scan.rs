@@ -12,7 +12,9 @@
 //! input position it was read at. The next page resumes each partition after its key and
 //! from a copy at least at that position (a copy behind it waits for it until the
 //! deadline), so paging neither repeats nor skips a key, and never goes back in time, even
-//! when the copy that served a partition moved or died in between.
+//! when the copy that served a partition moved or died in between. A scan is not one
+//! snapshot of the store: a key written while it pages shows if its partition has not yet
+//! been read past it (a partition read to its end is not read again).
 //!
 //! Keys compare as bytes, unsigned; [`crate::keys`] encodes integers and composite keys so
 //! that byte order is the order meant.
@@ -32,6 +34,10 @@ use crate::{Client, ReadInfo, ReadOptions};
 
 /// The most keys one page may ask for: a page's fetched keys are held in memory.
 pub const MAX_SCAN_LIMIT: usize = 10_000;
+
+/// A page ends once its keys and values hold this many bytes, whatever its limit: what a
+/// page holds in memory stays bounded (the nodes bound each partition's fetch to 3 MiB).
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
 
 /// The fewest keys a partition is asked for in one fetch (unless the page wants fewer).
 const MIN_FETCH: usize = 16;
@@ -122,8 +128,9 @@ impl ScanEntry {
 /// A page of a scan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScanPage {
-    /// The keys, in the scan's order. Fewer than the limit only when the scan is complete,
-    /// or when the page's time ran out before the partitions could be merged further.
+    /// The keys, in the scan's order. Fewer than the limit when the scan is complete, when
+    /// they reach [`MAX_PAGE_BYTES`], or when a partition could not be fetched again in
+    /// the page's time (a partition that fails before any key is taken fails the page).
     pub entries: Vec<ScanEntry>,
     /// How fresh each partition fetched for this page is, and who answered: its last
     /// fetch's staleness, as a Get states it.
@@ -271,20 +278,24 @@ impl FromStr for ScanToken {
                 message.version
             )));
         }
-        let expected: Vec<u32> = match message.partition {
-            Some(partition) if partition < message.partitions => vec![partition],
+        let expected = match message.partition {
+            Some(partition) if partition < message.partitions => partition..partition + 1,
             Some(partition) => {
                 return Err(ScanTokenError(format!(
                     "partition {partition} of a store of {} partitions",
                     message.partitions
                 )));
             }
-            None => (0..message.partitions).collect(),
+            None => 0..message.partitions,
         };
-        let named: Vec<u32> = message.cursors.iter().map(|c| c.partition).collect();
-        if named != expected {
+        // Compared without building the expected list: a token is untrusted text.
+        let named = message.cursors.iter().map(|c| c.partition);
+        if !named.clone().eq(expected.clone()) {
             return Err(ScanTokenError(format!(
-                "it names partitions {named:?}, not {expected:?}"
+                "it names {} partitions, not partitions {} to {}",
+                message.cursors.len(),
+                expected.start,
+                expected.end.saturating_sub(1)
             )));
         }
         Ok(ScanToken {
@@ -341,10 +352,16 @@ impl Lane {
         self.fetched.is_empty() && self.more
     }
 
-    /// Takes in a fetched page.
-    fn fetched(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>, more: bool, read: ReadInfo) {
-        if let Some((last, _)) = entries.last() {
-            self.fetched_after = Some(last.clone());
+    /// Takes in a fetched page: `entries` in the range, `last` the last key the node sent.
+    fn fetched(
+        &mut self,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        last: Option<Vec<u8>>,
+        more: bool,
+        read: ReadInfo,
+    ) {
+        if last.is_some() {
+            self.fetched_after = last;
         }
         self.more = more;
         self.fetched.extend(entries);
@@ -363,11 +380,13 @@ impl Lane {
     }
 }
 
-/// Takes keys from the lanes in the scan's order until the page holds `limit`, every lane
-/// is spent, or a lane must be fetched again first (it has run out of fetched keys and may
-/// hold keys that come before the others' next). Returns whether a lane must be fetched.
+/// Takes keys from the lanes in the scan's order until the page holds `limit` keys or
+/// [`MAX_PAGE_BYTES`], every lane is spent, or a lane must be fetched again first (it has
+/// run out of fetched keys and may hold keys that come before the others' next). Returns
+/// whether a lane must be fetched.
 fn merge(lanes: &mut [Lane], descending: bool, limit: usize, page: &mut Vec<ScanEntry>) -> bool {
-    while page.len() < limit {
+    let mut bytes: usize = page.iter().map(|e| e.key.len() + e.value.len()).sum();
+    while page.len() < limit && bytes < MAX_PAGE_BYTES {
         if lanes.iter().any(Lane::needs_fetch) {
             return true;
         }
@@ -392,6 +411,7 @@ fn merge(lanes: &mut [Lane], descending: bool, limit: usize, page: &mut Vec<Scan
             return false;
         };
         lane.cursor.after = Some(key.clone());
+        bytes += key.len() + value.len();
         page.push(ScanEntry {
             key,
             value,
@@ -463,7 +483,7 @@ impl Client {
                 what: "partition",
                 reason: format!(
                     "the store has partitions 0 to {}, not {partition}",
-                    token.partitions - 1
+                    token.partitions.saturating_sub(1)
                 ),
             });
         }
@@ -473,13 +493,26 @@ impl Client {
             scan,
             cursors,
         } = token;
-        let options = ReadOptions {
-            min_input_offset: None,
-            ..*options
-        };
+        // The whole page has the read's timeout: each round of fetches gets what is left.
+        let timeout = options
+            .timeout
+            .unwrap_or(self.inner.builder.request_timeout);
+        let deadline = std::time::Instant::now() + timeout;
         let mut lanes: Vec<Lane> = cursors.into_iter().map(Lane::new).collect();
         let mut page = Vec::new();
         while merge(&mut lanes, scan.descending, limit, &mut page) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() && !page.is_empty() {
+                break;
+            }
+            // Copies are planned without the positions: a copy a little behind waits for
+            // its position on the node (until the deadline), which a standby that is
+            // applying the changelog reaches in moments.
+            let options = ReadOptions {
+                min_input_offset: None,
+                timeout: Some(left.max(std::time::Duration::from_millis(1))),
+                ..*options
+            };
             let fetching: Vec<usize> = (0..lanes.len())
                 .filter(|&lane| lanes[lane].needs_fetch())
                 .collect();
@@ -517,8 +550,15 @@ impl Client {
             let context = crate::ReadContext::new(&self.inner, &options);
             let answers =
                 routing::read(&context, &self.inner.hedger, &self.inner.counters, &read).await;
+            let mut failed = None;
             for (lane, answer) in fetching.into_iter().zip(answers) {
-                let routed = answer?;
+                let routed = match answer {
+                    Ok(routed) => routed,
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                        continue;
+                    }
+                };
                 let partition = routed.route.partition;
                 let Reply::Scan(response) = routed.reply else {
                     return Err(ReadError::InvalidScan {
@@ -534,6 +574,7 @@ impl Client {
                     });
                 }
                 let info = crate::read_info(response.read.unwrap_or_default(), partition);
+                let last = response.entries.last().map(|entry| entry.key.clone());
                 let entries = response
                     .entries
                     .into_iter()
@@ -547,7 +588,15 @@ impl Client {
                         (entry.key, value)
                     })
                     .collect();
-                lanes[lane].fetched(entries, response.more, info);
+                lanes[lane].fetched(entries, last, response.more, info);
+            }
+            if let Some(error) = failed {
+                // The keys taken so far are a page (the token resumes after them); with none
+                // taken, the page fails and the same token may be tried again.
+                if page.is_empty() {
+                    return Err(error);
+                }
+                break;
             }
         }
         let reads = lanes.iter().filter_map(|lane| lane.read.clone()).collect();
@@ -650,7 +699,8 @@ mod tests {
                         input_offset: 7,
                         lag: 0,
                     };
-                    lanes[lane].fetched(entries, more, read);
+                    let last = entries.last().map(|(key, _)| key.clone());
+                    lanes[lane].fetched(entries, last, more, read);
                 }
             }
             assert!(page.len() <= limit);
@@ -707,7 +757,12 @@ mod tests {
         let mut short = token.clone();
         short.cursors.pop();
         let error = short.to_string().parse::<ScanToken>().unwrap_err();
-        assert!(error.to_string().contains("names partitions"), "{error}");
+        assert!(error.to_string().contains("names 11 partitions"), "{error}");
+        // A token that claims billions of partitions is refused, not allocated for.
+        let mut huge = token.clone();
+        huge.partitions = u32::MAX;
+        let error = huge.to_string().parse::<ScanToken>().unwrap_err();
+        assert!(error.to_string().contains("not partitions 0 to"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod backup;
 pub mod config;
+pub mod console;
 pub mod drain;
 pub mod gossip;
 pub mod group;

@@ -5,8 +5,8 @@
 //! Counters that ingest keeps as atomics (for its logs) are published as Prometheus counters
 //! by the lag tracker, so there is one source of truth for each number.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::console::{Console, LookupRefused};
 use crate::ingest::IngestMetrics;
 use crate::probes::Probes;
 use crate::registry::Registry;
@@ -147,7 +148,7 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// Installs the Prometheus recorder and serves the metrics port on `listener` (bound by
 /// the caller, so that port 0 works and the bound address can be told): `GET /metrics` and
 /// the probes. Runs until the task is dropped.
-pub fn install(listener: TcpListener, probes: Arc<Probes>) -> Result<(), BuildError> {
+pub fn install(listener: TcpListener, probes: Arc<Probes>) -> Result<ConsoleSlot, BuildError> {
     let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(READ_LATENCY.into()), READ_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_LATENCY.into()), COMMIT_BUCKETS)?
@@ -161,15 +162,28 @@ pub fn install(listener: TcpListener, probes: Arc<Probes>) -> Result<(), BuildEr
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(serve(listener, Arc::new(Served { prometheus, probes })));
-    Ok(())
+    let console = ConsoleSlot::default();
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Served {
+            prometheus,
+            probes,
+            console: console.clone(),
+        }),
+    ));
+    Ok(console)
 }
+
+/// Where the web console's state goes once the node's gossip and gRPC service are up; the
+/// console answers 503 until then.
+pub type ConsoleSlot = Arc<OnceLock<Console>>;
 
 /// What the metrics port's routes answer from.
 #[derive(Debug)]
 struct Served {
     prometheus: PrometheusHandle,
     probes: Arc<Probes>,
+    console: ConsoleSlot,
 }
 
 async fn serve(listener: TcpListener, served: Arc<Served>) {
@@ -184,7 +198,7 @@ async fn serve(listener: TcpListener, served: Arc<Served>) {
         let served = served.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let served = served.clone();
-            async move { Ok::<_, std::convert::Infallible>(route(&request, &served)) }
+            async move { Ok::<_, std::convert::Infallible>(answer(&request, &served).await) }
         });
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -209,6 +223,9 @@ type Handler = fn(&Request<Incoming>, &Served) -> Response<Full<Bytes>>;
 /// | `/startupz` | 200 once the first assignment's stores are open, else 503 |
 /// | `/readyz` | 200 while the node answers reads within `probes.max-lag`, else 503 |
 /// | `/livez` | 200 unless a loop of the node stalled or stopped, else 503 |
+/// | `/console` | the web console's page ([`crate::console`]) |
+/// | `/console/cluster.json` | the cluster as this node's view sees it |
+/// | `/console/lookup?key=…` | a key's routing and value (loopback metrics address only) |
 ///
 /// Probes answer with a line per thing checked.
 const ROUTES: &[(&str, Handler)] = &[
@@ -216,12 +233,73 @@ const ROUTES: &[(&str, Handler)] = &[
     ("/startupz", |_, served| probe(served.probes.startup())),
     ("/readyz", |_, served| probe(served.probes.readiness())),
     ("/livez", |_, served| probe(served.probes.liveness())),
+    ("/console", |_, _| {
+        let mut response = text(StatusCode::OK, crate::console::PAGE.to_owned());
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        response
+    }),
+    ("/console/cluster.json", |_, served| {
+        match served.console.get() {
+            Some(console) => json_response(StatusCode::OK, &console.cluster_json()),
+            None => console_starting(),
+        }
+    }),
 ];
+
+/// The console's key lookup: the one route that waits on a read.
+const LOOKUP_PATH: &str = "/console/lookup";
 
 /// The paths the metrics port answers; the manifests' test checks that every probe in
 /// `deploy/k8s/` asks one of them.
 pub fn paths() -> impl Iterator<Item = &'static str> {
-    ROUTES.iter().map(|(path, _)| *path)
+    ROUTES
+        .iter()
+        .map(|(path, _)| *path)
+        .chain(std::iter::once(LOOKUP_PATH))
+}
+
+/// Answers a request: the console's lookup, or a route of [`ROUTES`].
+async fn answer(request: &Request<Incoming>, served: &Served) -> Response<Full<Bytes>> {
+    if request.uri().path() != LOOKUP_PATH {
+        return route(request, served);
+    }
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, String::new());
+    }
+    let Some(console) = served.console.get() else {
+        return console_starting();
+    };
+    match console.lookup(request.uri().query()).await {
+        Ok(answer) => json_response(StatusCode::OK, &answer),
+        Err(LookupRefused::NotLoopback) => json_response(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": "key lookups show stored values, so the console \
+                answers them only on a loopback metrics address: reach it through a tunnel \
+                or a port-forward"}),
+        ),
+        Err(LookupRefused::NoKey) => json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "give a key: /console/lookup?key=customer-000042"}),
+        ),
+    }
+}
+
+fn console_starting() -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({"error": "the node is starting: its cluster view is not up yet"}),
+    )
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(status, body.to_string());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// Answers a request by its route: 404 for a path no route has, 405 for another method

@@ -167,6 +167,7 @@ pub fn run(
     let ingest_metrics = Arc::new(IngestMetrics::default());
     let probes = Arc::new(Probes::new(&config, registry.clone(), shutdown.clone()));
 
+    let mut console = None;
     if !config.metrics_address.is_empty() {
         let listen_error = |reason: String| NodeError::Listen {
             what: "metrics",
@@ -181,14 +182,17 @@ pub fn run(
             .block_on(async {
                 let listener = tokio::net::TcpListener::bind(address).await?;
                 let bound = listener.local_addr()?;
-                crate::metrics::install(listener, probes.clone()).map_err(std::io::Error::other)?;
-                std::io::Result::Ok(bound)
+                let slot = crate::metrics::install(listener, probes.clone())
+                    .map_err(std::io::Error::other)?;
+                std::io::Result::Ok((bound, slot))
             })
             .map_err(|error| listen_error(error.to_string()))?;
+        let (bound, slot) = bound;
+        console = Some((slot, bound.ip().is_loopback()));
         // The bound address, which differs from the configured one when its port is 0.
         tracing::info!(
             address = %bound,
-            "serving Prometheus metrics at /metrics, probes at /startupz /readyz /livez"
+            "serving Prometheus metrics at /metrics, probes at /startupz /readyz /livez, the web console at /console"
         );
     }
 
@@ -256,6 +260,29 @@ pub fn run(
     if let Some(backups) = &backups {
         tracing::info!(location = %backups.location(), "backups go to a local directory");
     }
+    let values = grpc::ValueFormat {
+        type_url: processor.value_type_url().map(str::to_owned),
+        descriptor_set: processor.value_descriptor_set().map(<[u8]>::to_vec),
+    };
+    if let Some((slot, loopback)) = &console {
+        // The console reads as a client of this node does, through its Query service.
+        let query = crate::grpc::query::QueryService::new(
+            registry.clone(),
+            config.clone(),
+            gossip.view(),
+            values.type_url.clone(),
+        )
+        .with_tls(tls.clone());
+        let _ = slot.set(crate::console::Console::new(
+            &config.node_id,
+            &config.store,
+            registry.partitions(),
+            gossip.view(),
+            query,
+            &values,
+            *loopback,
+        ));
+    }
     let grpc_pulse = probes.grpc.clone();
     grpc_pulse.beat();
     let serving = grpc::serve(
@@ -278,10 +305,7 @@ pub fn run(
             ),
             tls: tls.clone(),
         },
-        grpc::ValueFormat {
-            type_url: processor.value_type_url().map(str::to_owned),
-            descriptor_set: processor.value_descriptor_set().map(<[u8]>::to_vec),
-        },
+        values.clone(),
         {
             let stop_serving = stop_serving.clone();
             async move {

@@ -96,9 +96,9 @@ pub(crate) fn call(
 }
 
 /// Asks one node for a page of each of `requests` (encoded `ScanRequest`s, one per
-/// partition), all at once. The call fails as a whole only if every page failed; otherwise
-/// each page is answered or failed on its own, and the holders named by pages the node
-/// does not hold come back with the answers.
+/// partition), all at once. The call fails as a whole only if the node did (every page
+/// unreachable or unanswered in time); otherwise each page is answered or failed on its
+/// own, and the holders named by pages the node does not hold come back with the answers.
 async fn scan_pages(
     client: QueryClient<tonic::transport::Channel>,
     requests: Vec<Vec<u8>>,
@@ -150,7 +150,13 @@ async fn scan_pages(
             }
         }
     }
+    // The node itself failed (unreachable, or no answer in time): the call failed. Pages
+    // that failed for reasons of their own keep them.
+    let node_failed = |error: &AttemptError| {
+        matches!(error, AttemptError::Unreachable(_) | AttemptError::TimedOut)
+    };
     if failures.len() == keys.len()
+        && failures.iter().all(|(error, _)| node_failed(error))
         && let Some((error, hint)) = failures.into_iter().next()
     {
         return CallOutcome::Failed(error, hint);

@@ -255,6 +255,7 @@ impl QueryService {
         }
     }
 
+    /// Describes the store and the cluster view for Metadata and WatchMetadata.
     fn metadata_of(&self, view: &ClusterView) -> MetadataResponse {
         let store = StoreInfo {
             name: self.config.store.clone(),
