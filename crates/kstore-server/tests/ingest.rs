@@ -173,27 +173,23 @@ fn kill_9_mid_stream_then_restart_keeps_state_exact() -> Result<()> {
             alerts.len()
         );
 
-        // The restart reused the other stores: each replayed only the tail it had not flushed
-        // when the node was killed (stores keep no WAL; the changelog is the log), far less
-        // than its whole changelog. The lost store replayed every changelog record of its
-        // partition: one per committed input record.
+        // The restart reused the flushed stores: each replayed only the tail it had not
+        // flushed when the node was killed (stores keep no WAL; the changelog is the log),
+        // less than its whole changelog. How much less depends on how far ingest ran past the
+        // last flush (a second or so of it), so only "less" is asserted here; what reuse saves
+        // is measured in `bench restore`. The lost store replayed every changelog record of
+        // its partition: one per committed input record.
         let restored = restored_records(&node.output())?;
         eprintln!("restart replayed {restored:?} changelog records per partition");
-        let kept: u64 = restored
-            .iter()
-            .filter(|(p, _)| **p != lost)
-            .map(|(_, n)| n)
-            .sum();
-        let committed_kept: i64 = committed_at_kill
-            .iter()
-            .enumerate()
-            .filter(|(p, _)| *p as i32 != lost)
-            .map(|(_, c)| c)
-            .sum();
-        ensure!(
-            (kept as i64) < committed_kept / 2,
-            "the kept stores replayed {kept} of their {committed_kept} changelog records"
-        );
+        for &partition in &flushed {
+            let replayed = restored.get(&partition).copied().unwrap_or(0);
+            let committed = committed_at_kill[partition as usize] as u64;
+            ensure!(
+                replayed < committed,
+                "partition {partition}'s store had reached disk, yet the restart replayed \
+                 {replayed} of its {committed} changelog records"
+            );
+        }
         for line in node.output().lines().filter(|l| l.contains("copy ready")) {
             let flushed_store = flushed
                 .iter()

@@ -648,49 +648,12 @@ fn a_node_refuses_to_start_with_a_module_that_does_not_fit() -> Result<()> {
     })
 }
 
-/// A descriptor set file defining `acme.v1.Tally { uint64 count = 1; string last = 2; }`, as
-/// `protoc --include_imports --descriptor_set_out` would write it.
-fn tally_descriptor_set(dir: &Path) -> Result<PathBuf> {
-    use prost::Message as _;
-    use prost_types::field_descriptor_proto::{Label, Type};
-    use prost_types::{
-        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
-    };
-    let field = |name: &str, number: i32, kind: Type| FieldDescriptorProto {
-        name: Some(name.into()),
-        number: Some(number),
-        label: Some(Label::Optional as i32),
-        r#type: Some(kind as i32),
-        json_name: Some(name.into()),
-        ..FieldDescriptorProto::default()
-    };
-    let set = FileDescriptorSet {
-        file: vec![FileDescriptorProto {
-            name: Some("acme/v1/tally.proto".into()),
-            package: Some("acme.v1".into()),
-            message_type: vec![DescriptorProto {
-                name: Some("Tally".into()),
-                field: vec![
-                    field("count", 1, Type::Uint64),
-                    field("last", 2, Type::String),
-                ],
-                ..DescriptorProto::default()
-            }],
-            syntax: Some("proto3".into()),
-            ..FileDescriptorProto::default()
-        }],
-    };
-    let path = dir.join("tally.binpb");
-    std::fs::write(&path, set.encode_to_vec())?;
-    Ok(path)
-}
-
 #[test]
 fn a_modules_own_protobuf_values_read_typed_and_as_json_through_reflection() -> Result<()> {
     run_async(async {
         let partitions = 3;
         let mut scenario = Scenario::new("wasm-typed", partitions).await?;
-        let set = tally_descriptor_set(scenario.dir.path())?;
+        let set = kstore_testkit::guest::tally_descriptor_set(scenario.dir.path())?;
         // Named in the config, a message the set does not define stops the node at start.
         use_module(
             &mut scenario,

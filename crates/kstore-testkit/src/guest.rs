@@ -120,3 +120,42 @@ fn target_dir() -> PathBuf {
         })
         .unwrap_or_else(std::env::temp_dir)
 }
+
+/// Writes into `dir` a descriptor set file defining the `tally` module's value,
+/// `acme.v1.Tally { uint64 count = 1; string last = 2; }`, as `protoc --include_imports
+/// --descriptor_set_out` would, and returns its path.
+pub fn tally_descriptor_set(dir: &Path) -> Result<PathBuf> {
+    use prost::Message as _;
+    use prost_types::field_descriptor_proto::{Label, Type};
+    use prost_types::{
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
+    };
+    let field = |name: &str, number: i32, kind: Type| FieldDescriptorProto {
+        name: Some(name.into()),
+        number: Some(number),
+        label: Some(Label::Optional as i32),
+        r#type: Some(kind as i32),
+        json_name: Some(name.into()),
+        ..FieldDescriptorProto::default()
+    };
+    let set = FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("acme/v1/tally.proto".into()),
+            package: Some("acme.v1".into()),
+            message_type: vec![DescriptorProto {
+                name: Some("Tally".into()),
+                field: vec![
+                    field("count", 1, Type::Uint64),
+                    field("last", 2, Type::String),
+                ],
+                ..DescriptorProto::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..FileDescriptorProto::default()
+        }],
+    };
+    let path = dir.join("tally.binpb");
+    std::fs::write(&path, set.encode_to_vec())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

@@ -158,12 +158,6 @@ impl Processor for Typed {
 
 #[cfg(test)]
 mod tests {
-    use prost::Message as _;
-    use prost_types::field_descriptor_proto::{Label, Type};
-    use prost_types::{
-        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
-    };
-
     use super::*;
 
     /// Stores each record's value as the key's new value.
@@ -182,36 +176,8 @@ mod tests {
         }
     }
 
-    /// A descriptor set defining `acme.v1.Counter { uint64 count = 1; string last = 2; }`,
-    /// written to a file.
-    fn counter_set(dir: &std::path::Path) -> PathBuf {
-        let field = |name: &str, number: i32, kind: Type| FieldDescriptorProto {
-            name: Some(name.into()),
-            number: Some(number),
-            label: Some(Label::Optional as i32),
-            r#type: Some(kind as i32),
-            json_name: Some(name.into()),
-            ..FieldDescriptorProto::default()
-        };
-        let set = FileDescriptorSet {
-            file: vec![FileDescriptorProto {
-                name: Some("acme/v1/counter.proto".into()),
-                package: Some("acme.v1".into()),
-                message_type: vec![DescriptorProto {
-                    name: Some("Counter".into()),
-                    field: vec![
-                        field("count", 1, Type::Uint64),
-                        field("last", 2, Type::String),
-                    ],
-                    ..DescriptorProto::default()
-                }],
-                syntax: Some("proto3".into()),
-                ..FileDescriptorProto::default()
-            }],
-        };
-        let path = dir.join("counter.binpb");
-        std::fs::write(&path, set.encode_to_vec()).unwrap();
-        path
+    fn tally_set(dir: &std::path::Path) -> PathBuf {
+        kstore_testkit::guest::tally_descriptor_set(dir).unwrap()
     }
 
     fn config(path: PathBuf, message: &str) -> ValueTypeConfig {
@@ -230,22 +196,21 @@ mod tests {
         std::fs::write(&broken, b"\xff\xff not protobuf").unwrap();
         let error = ValueType::load(&config(broken, "a.B")).unwrap_err();
         assert!(error.to_string().contains("--include_imports"), "{error}");
-        let set = counter_set(dir.path());
-        let error = ValueType::load(&config(set.clone(), "acme.v1.Count")).unwrap_err();
+        let set = tally_set(dir.path());
+        let error = ValueType::load(&config(set.clone(), "acme.v1.Tall")).unwrap_err();
         assert!(
-            error.to_string().contains("no message acme.v1.Count")
-                && error.to_string().contains("acme.v1.Counter"),
+            error.to_string().contains("no message acme.v1.Tall")
+                && error.to_string().contains("acme.v1.Tally"),
             "{error}"
         );
-        let value_type = ValueType::load(&config(set, "acme.v1.Counter")).unwrap();
-        assert_eq!(value_type.type_url, "type.googleapis.com/acme.v1.Counter");
+        let value_type = ValueType::load(&config(set, "acme.v1.Tally")).unwrap();
+        assert_eq!(value_type.type_url, "type.googleapis.com/acme.v1.Tally");
     }
 
     #[test]
     fn a_value_that_is_not_the_type_fails_its_record_and_one_that_is_passes() {
         let dir = tempfile::tempdir().unwrap();
-        let value_type =
-            ValueType::load(&config(counter_set(dir.path()), "acme.v1.Counter")).unwrap();
+        let value_type = ValueType::load(&config(tally_set(dir.path()), "acme.v1.Tally")).unwrap();
         let mut typed = Typed::new(Box::new(Echo), value_type);
         let record = |value: &'static [u8]| InputRecord {
             key: b"k",
@@ -262,12 +227,12 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("does not decode as acme.v1.Counter"),
+                .contains("does not decode as acme.v1.Tally"),
             "{error}"
         );
         assert_eq!(
             typed.value_type_url(),
-            Some("type.googleapis.com/acme.v1.Counter")
+            Some("type.googleapis.com/acme.v1.Tally")
         );
     }
 }
