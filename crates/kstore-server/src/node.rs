@@ -356,7 +356,8 @@ pub fn run(
                     memory,
                 )
                 .with_limits(&config.limits)
-                .with_tls(tls.clone()),
+                .with_tls(tls.clone())
+                .with_first_view_wait(first_view_wait(&config)),
             ),
             backups: backups.clone(),
         },
@@ -477,6 +478,17 @@ pub fn run(
         Err(error) => tracing::error!(%error, "the gRPC server task failed"),
     }
     Ok(())
+}
+
+/// How long a node that has just started waits for gossip to reach another node before a
+/// new copy gives up on peers' snapshots: 30 gossip rounds, between 1 and 10 seconds. A node
+/// without seeds starts a cluster and does not wait.
+fn first_view_wait(config: &NodeConfig) -> Duration {
+    if config.seeds.is_empty() {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(config.gossip_interval_ms.saturating_mul(30))
+        .clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 /// Flushes every copy that changed, every `interval`, until `shutdown`: without a WAL, this

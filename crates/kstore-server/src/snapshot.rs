@@ -438,6 +438,10 @@ pub struct SnapshotFetcher {
     max_files: usize,
     disk_margin: u64,
     idle_timeout: Duration,
+    /// Until when a copy with no peer in view waits for gossip to bring one: a node that
+    /// has just started has not heard from its seeds yet, and a copy it bootstraps before
+    /// then would replay its whole changelog although a peer holds it.
+    first_view_deadline: Option<Instant>,
 }
 
 impl SnapshotFetcher {
@@ -462,8 +466,17 @@ impl SnapshotFetcher {
             max_files: 0,
             disk_margin: 0,
             idle_timeout: Duration::ZERO,
+            first_view_deadline: None,
         }
         .with_limits(&LimitsConfig::default())
+    }
+
+    /// The fetcher waiting, until `wait` from now, for gossip to show a peer holding a
+    /// partition before it gives up on peers for that partition. For a node that has just
+    /// started and has seeds: its first view may not have heard from them yet.
+    pub fn with_first_view_wait(mut self, wait: Duration) -> Self {
+        self.first_view_deadline = Some(Instant::now() + wait);
+        self
     }
 
     /// The fetcher dialing peers over TLS with the node's identity, if `tls` is set.
@@ -485,13 +498,7 @@ impl SnapshotFetcher {
     /// the best peer that sends a good one, trying them in turn. Returns the peer and the
     /// manifest, or `None` if no peer could. Blocks; call it off the async runtime.
     pub fn bootstrap(&self, partition: u32, target: &Path) -> Option<(String, SnapshotManifest)> {
-        let sources: Vec<(String, String)> = self
-            .view
-            .borrow()
-            .snapshot_sources(partition, &self.node_id)
-            .iter()
-            .map(|h| (h.node.node_id.clone(), h.node.grpc_address.clone()))
-            .collect();
+        let sources = self.sources(partition);
         let incoming = target.with_file_name(format!(".incoming-{partition}"));
         for (peer, address) in sources {
             // Left over by a process that stopped while receiving.
@@ -537,6 +544,52 @@ impl SnapshotFetcher {
             return Some((peer, manifest));
         }
         None
+    }
+
+    /// The peers that may send a snapshot of `partition`, best first, as (node id, gRPC
+    /// address). While the first view's deadline has not passed, waits for gossip to show
+    /// one. Blocks.
+    fn sources(&self, partition: u32) -> Vec<(String, String)> {
+        let sources_in = |view: &ClusterView| -> Vec<(String, String)> {
+            view.snapshot_sources(partition, &self.node_id)
+                .iter()
+                .map(|h| (h.node.node_id.clone(), h.node.grpc_address.clone()))
+                .collect()
+        };
+        // Once the view shows any other node, gossip has reached the cluster: what it says
+        // about holders is as good as it gets.
+        let heard_from_cluster =
+            |view: &ClusterView| view.nodes.iter().any(|n| n.node_id != self.node_id);
+        let mut view = self.view.clone();
+        let (now_known, heard) = {
+            let view = view.borrow_and_update();
+            (sources_in(&view), heard_from_cluster(&view))
+        };
+        let deadline = match self.first_view_deadline {
+            Some(deadline) if now_known.is_empty() && !heard && deadline > Instant::now() => {
+                deadline
+            }
+            _ => return now_known,
+        };
+        tracing::info!(
+            partition,
+            wait_ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+            "gossip has not reached another node yet; waiting for it before choosing a source"
+        );
+        self.runtime.block_on(async {
+            let waited = tokio::time::timeout_at(deadline.into(), async {
+                while view.changed().await.is_ok() {
+                    let view = view.borrow_and_update();
+                    if heard_from_cluster(&view) {
+                        return sources_in(&view);
+                    }
+                }
+                Vec::new()
+            });
+            waited.await.unwrap_or_default()
+        })
     }
 
     /// Fetches `peer`'s snapshot of `partition` into `incoming` and checks that it opens at
@@ -978,6 +1031,63 @@ mod tests {
             }],
             copy_errors: Default::default(),
         }
+    }
+
+    fn view_of(nodes: Vec<kstore_core::cluster::NodeEntry>) -> Arc<ClusterView> {
+        Arc::new(ClusterView {
+            cluster_id: "test".into(),
+            version: 1,
+            nodes,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_just_started_waits_for_gossip_to_reach_the_cluster_before_giving_up_on_peers()
+     {
+        let mut alone = holder("node-9", "127.0.0.1:9", Role::Active, 0);
+        alone.copies.clear();
+        let (view_tx, view_rx) = watch::channel(view_of(vec![alone.clone()]));
+        let fetcher = SnapshotFetcher::new(
+            tokio::runtime::Handle::current(),
+            view_rx,
+            "node-9".into(),
+            "features".into(),
+            None,
+            test_memory(),
+        )
+        .with_first_view_wait(Duration::from_secs(60));
+        let asked = tokio::task::spawn_blocking({
+            let fetcher = fetcher.clone();
+            move || fetcher.sources(0)
+        });
+        // Until the call is waiting (it holds a third receiver of the view), or is over.
+        while view_tx.receiver_count() < 3 && !asked.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // A view that still knows only this node changes nothing; the first one that shows
+        // another node is the one whose holders count.
+        view_tx.send_replace(view_of(vec![alone.clone()]));
+        tokio::task::yield_now().await;
+        view_tx.send_replace(view_of(vec![
+            alone.clone(),
+            holder("node-1", "127.0.0.1:1", Role::Standby, 3),
+        ]));
+        assert_eq!(
+            asked.await.unwrap(),
+            vec![("node-1".to_string(), "127.0.0.1:1".to_string())]
+        );
+
+        // Once gossip has reached another node, a partition nobody holds is not waited for:
+        // this returns at once, not after the minute.
+        let mut holds_nothing = holder("node-1", "127.0.0.1:1", Role::Standby, 3);
+        holds_nothing.copies.clear();
+        view_tx.send_replace(view_of(vec![alone, holds_nothing]));
+        let asked = tokio::task::spawn_blocking(move || fetcher.sources(0));
+        let sources = tokio::time::timeout(Duration::from_secs(30), asked)
+            .await
+            .expect("a view that has reached the cluster is not waited on")
+            .unwrap();
+        assert!(sources.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
