@@ -27,6 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[derive(serde::Serialize)]",
         );
     }
+    // A snapshot chunk's data is a slice of the received buffer, not a copy of it.
+    config.bytes([".kstore.v1.SnapshotChunk.data"]);
     let descriptor_set = PathBuf::from(std::env::var("OUT_DIR")?).join("kstore_descriptor.bin");
     // Without the `grpc` feature, only the messages (no tonic).
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();

@@ -46,6 +46,9 @@ pub use receive::{ReceiveError, ReceiveLimits, receive};
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks the sender reads ahead of the network.
 const READ_AHEAD: usize = 8;
+/// How many bytes of a snapshot may be on their way to the receiver (its HTTP/2 window), so
+/// that the sender need not wait for each chunk to be taken before it sends the next.
+const RECEIVE_WINDOW: u32 = 8 * CHUNK_BYTES as u32;
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -274,17 +277,19 @@ fn send_files(
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut offset = 0u64;
         loop {
-            let mut data = vec![0u8; CHUNK_BYTES];
-            let read = reader.read(&mut data).map_err(|e| failed(&file.name, e))?;
+            let mut data = Vec::with_capacity(CHUNK_BYTES);
+            let read = (&mut reader)
+                .take(CHUNK_BYTES as u64)
+                .read_to_end(&mut data)
+                .map_err(|e| failed(&file.name, e))?;
             if read == 0 {
                 break;
             }
-            data.truncate(read);
             hasher.update(&data);
             send(Part::Chunk(SnapshotChunk {
                 file: index,
                 offset,
-                data,
+                data: data.into(),
             }))?;
             offset += read as u64;
         }
@@ -656,7 +661,9 @@ impl SnapshotFetcher {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(RECEIVE_WINDOW)
+            .initial_connection_window_size(RECEIVE_WINDOW);
         let channel = match &self.tls {
             Some(tls) => endpoint.connect_with_connector(tls.connector()).await,
             None => endpoint.connect().await,
@@ -809,7 +816,9 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        chunk.data[50] ^= 1;
+        let mut data = chunk.data.to_vec();
+        data[50] ^= 1;
+        chunk.data = data.into();
         let error = try_receive(flipped, "flipped").await;
         assert!(matches!(error, ReceiveError::Checksum { .. }), "{error}");
 
@@ -1033,6 +1042,130 @@ mod tests {
         }
     }
 
+    /// A peer snapshot against a raw copy of the same files (copy each, fsync), on this
+    /// machine's disk, page cache warm for both; best of three each, alternating. A
+    /// benchmark, not a test: it asserts no time. `KSTORE_SNAPSHOT_BENCH_MIB` sets the
+    /// store's size (default 1024 MiB of incompressible values):
+    /// `cargo test -p kstore-server --lib snapshot_speed -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: run it with --ignored --nocapture"]
+    async fn snapshot_speed_against_a_raw_copy() {
+        let mib: u64 = std::env::var("KSTORE_SNAPSHOT_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024);
+        let source = tempfile::tempdir().unwrap();
+        let store_dir = source.path().join("0");
+        let started = Instant::now();
+        let store = tokio::task::spawn_blocking({
+            let store_dir = store_dir.clone();
+            move || incompressible_store(&store_dir, mib << 20)
+        })
+        .await
+        .unwrap();
+        // The raw copy copies a checkpoint (hard links to the same files): the live
+        // directory's files come and go as RocksDB compacts.
+        let stable = source.path().join("stable");
+        store.checkpoint(&stable).unwrap();
+        let on_disk: u64 = std::fs::read_dir(&stable)
+            .unwrap()
+            .map(|entry| entry.unwrap().metadata().unwrap().len())
+            .sum();
+        eprintln!(
+            "filled {:.0} MiB on disk in {:.1} s",
+            on_disk as f64 / f64::from(1 << 20),
+            started.elapsed().as_secs_f64()
+        );
+        let address = serve_peer(peer_service(
+            store.clone(),
+            source.path(),
+            &LimitsConfig::default(),
+        ))
+        .await;
+        let (_view_tx, view_rx) =
+            watch::channel(view_of(vec![holder("node-1", &address, Role::Active, 0)]));
+        let fetcher = SnapshotFetcher::new(
+            tokio::runtime::Handle::current(),
+            view_rx,
+            "node-9".into(),
+            "features".into(),
+            None,
+            test_memory(),
+        );
+        let target = tempfile::tempdir().unwrap();
+        let (mut raw, mut snapshot) = (f64::MAX, f64::MAX);
+        for _ in 0..3 {
+            let copy = target.path().join("raw");
+            let started = Instant::now();
+            std::fs::create_dir(&copy).unwrap();
+            for entry in std::fs::read_dir(&stable).unwrap() {
+                let entry = entry.unwrap();
+                let to = copy.join(entry.file_name());
+                std::fs::copy(entry.path(), &to).unwrap();
+                std::fs::File::open(&to).unwrap().sync_all().unwrap();
+            }
+            raw = raw.min(started.elapsed().as_secs_f64());
+            std::fs::remove_dir_all(&copy).unwrap();
+
+            let copy = target.path().join("0");
+            let started = Instant::now();
+            let fetched = tokio::task::spawn_blocking({
+                let (fetcher, copy) = (fetcher.clone(), copy.clone());
+                move || fetcher.bootstrap(0, &copy)
+            })
+            .await
+            .unwrap();
+            snapshot = snapshot.min(started.elapsed().as_secs_f64());
+            assert!(fetched.is_some(), "the snapshot was not fetched");
+            std::fs::remove_dir_all(&copy).unwrap();
+        }
+        let speed = |seconds: f64| on_disk as f64 / f64::from(1 << 20) / seconds;
+        eprintln!(
+            "raw copy {raw:.2} s ({:.0} MiB/s); peer snapshot {snapshot:.2} s ({:.0} MiB/s), \
+             {:.0}% of the raw copy's speed",
+            speed(raw),
+            speed(snapshot),
+            raw / snapshot * 100.0
+        );
+    }
+
+    /// A store at `dir` holding about `bytes` of values that do not compress, flushed.
+    fn incompressible_store(dir: &Path, bytes: u64) -> Arc<PartitionStore> {
+        const VALUE_BYTES: usize = 1024;
+        const PER_BATCH: u64 = 4096;
+        let store = PartitionStore::open(dir, &test_memory()).unwrap();
+        let keys = bytes / VALUE_BYTES as u64;
+        let mut written = 0u64;
+        while written < keys {
+            let updates: BTreeMap<Vec<u8>, Option<Vec<u8>>> = (written
+                ..(written + PER_BATCH).min(keys))
+                .map(|key| {
+                    let value: Vec<u8> = (0..VALUE_BYTES / 16)
+                        .flat_map(|part| {
+                            xxhash_rust::xxh3::xxh3_128(
+                                &[key, part as u64].map(u64::to_be_bytes).concat(),
+                            )
+                            .to_be_bytes()
+                        })
+                        .collect();
+                    (format!("key-{key:012}").into_bytes(), Some(value))
+                })
+                .collect();
+            written += updates.len() as u64;
+            store
+                .apply(
+                    &updates,
+                    Position {
+                        changelog_next: written as i64,
+                        input_next: written as i64,
+                    },
+                )
+                .unwrap();
+        }
+        store.flush().unwrap();
+        store
+    }
+
     fn view_of(nodes: Vec<kstore_core::cluster::NodeEntry>) -> Arc<ClusterView> {
         Arc::new(ClusterView {
             cluster_id: "test".into(),
@@ -1157,7 +1290,7 @@ mod tests {
             part: Some(Part::Chunk(SnapshotChunk {
                 file,
                 offset,
-                data: vec![1; 10],
+                data: vec![1; 10].into(),
             })),
         };
         let mut half = good_parts.clone();

@@ -480,7 +480,22 @@ pub async fn receive(
     received
 }
 
-/// Writes the parts after the manifest into `dir`, as the check accepts them.
+/// How many checked writes may wait for the disk while the next parts arrive.
+const WRITE_AHEAD: usize = 8;
+
+/// What the writer does with the checked parts, in order.
+#[derive(Debug)]
+enum FileWrite {
+    /// Create the named file (it must not exist) and make it the one written.
+    Create(String),
+    /// Append to the file being written.
+    Append(bytes::Bytes),
+    /// Sync the file being written and close it.
+    Done,
+}
+
+/// Writes the parts after the manifest into `dir`, as the check accepts them. The disk work
+/// runs on a thread of its own, so that the next parts arrive while the last are written.
 async fn write_parts(
     parts: &mut (impl Stream<Item = Result<SnapshotPart, Status>> + Unpin),
     dir: &Path,
@@ -488,40 +503,93 @@ async fn write_parts(
     check: &mut SnapshotCheck,
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<(), ReceiveError> {
-    let local = |what: &str, name: &str, error: std::io::Error| {
-        ReceiveError::Local(format!("{what} {name}: {error}"))
-    };
-    let mut handle: Option<std::fs::File> = None;
+    let (writes, to_write) = tokio::sync::mpsc::channel(WRITE_AHEAD);
+    let writer = tokio::task::spawn_blocking({
+        let dir = dir.to_path_buf();
+        move || write_files(&dir, to_write)
+    });
+    let checked = check_parts(parts, limits, check, progress, &writes).await;
+    drop(writes);
+    let written = writer
+        .await
+        .map_err(|e| ReceiveError::Local(format!("the snapshot's writer failed: {e}")))?;
+    // A writer that failed stopped the parts too: its error is the cause.
+    written.and(checked)
+}
+
+/// Checks each part after the manifest and hands what it says to write to `writes`. Stops
+/// early, with no error of its own, if the writer has stopped.
+async fn check_parts(
+    parts: &mut (impl Stream<Item = Result<SnapshotPart, Status>> + Unpin),
+    limits: &ReceiveLimits,
+    check: &mut SnapshotCheck,
+    progress: &mut impl FnMut(u64, u64),
+    writes: &tokio::sync::mpsc::Sender<FileWrite>,
+) -> Result<(), ReceiveError> {
     while let Some(part) = next_part(parts, limits.idle_timeout).await? {
-        match check.accept(&part)? {
-            Accepted::Data { file, begins } => {
-                let name = check.file_name(file);
+        let accepted = check.accept(&part)?;
+        let mut to_write = Vec::with_capacity(2);
+        match (accepted, part) {
+            (Accepted::Data { file, begins }, Part::Chunk(chunk)) => {
                 if begins {
-                    handle = Some(
-                        std::fs::File::create_new(dir.join(name))
-                            .map_err(|e| local("creating", name, e))?,
-                    );
+                    to_write.push(FileWrite::Create(check.file_name(file).to_owned()));
                 }
-                let (Some(handle), Part::Chunk(chunk)) = (handle.as_mut(), &part) else {
-                    return Err(ReceiveError::Local(format!("{name}: no file open")));
-                };
-                handle
-                    .write_all(&chunk.data)
-                    .map_err(|e| local("writing", name, e))?;
                 metrics::counter!(super::SNAPSHOT_BYTES_RECEIVED)
                     .increment(chunk.data.len() as u64);
+                to_write.push(FileWrite::Append(chunk.data));
                 let (received, total) = check.progress();
                 progress(received, total);
             }
-            Accepted::FileDone { file, empty } => {
-                let name = check.file_name(file);
-                let done = match handle.take() {
-                    Some(done) => done,
-                    None if empty => std::fs::File::create_new(dir.join(name))
-                        .map_err(|e| local("creating", name, e))?,
-                    None => return Err(ReceiveError::Local(format!("{name}: no file open"))),
+            (Accepted::FileDone { file, empty }, _) => {
+                if empty {
+                    to_write.push(FileWrite::Create(check.file_name(file).to_owned()));
+                }
+                to_write.push(FileWrite::Done);
+            }
+            (Accepted::Data { file, .. }, _) => {
+                return Err(ReceiveError::Local(format!(
+                    "{}: data accepted from a part that holds none",
+                    check.file_name(file)
+                )));
+            }
+        }
+        for write in to_write {
+            if writes.send(write).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Carries out `writes` in `dir` until they end or one fails.
+fn write_files(
+    dir: &Path,
+    mut writes: tokio::sync::mpsc::Receiver<FileWrite>,
+) -> Result<(), ReceiveError> {
+    let local = |what: &str, name: &str, error: std::io::Error| {
+        ReceiveError::Local(format!("{what} {name}: {error}"))
+    };
+    let mut open: Option<(String, std::fs::File)> = None;
+    while let Some(write) = writes.blocking_recv() {
+        match write {
+            FileWrite::Create(name) => {
+                let file = std::fs::File::create_new(dir.join(&name))
+                    .map_err(|e| local("creating", &name, e))?;
+                open = Some((name, file));
+            }
+            FileWrite::Append(data) => {
+                let Some((name, file)) = open.as_mut() else {
+                    return Err(ReceiveError::Local("data for no open file".into()));
                 };
-                done.sync_all().map_err(|e| local("syncing", name, e))?;
+                file.write_all(&data)
+                    .map_err(|e| local("writing", name, e))?;
+            }
+            FileWrite::Done => {
+                let Some((name, file)) = open.take() else {
+                    return Err(ReceiveError::Local("a file end with no open file".into()));
+                };
+                file.sync_all().map_err(|e| local("syncing", &name, e))?;
             }
         }
     }
@@ -575,7 +643,7 @@ mod tests {
                 parts.push(Part::Chunk(SnapshotChunk {
                     file: index as u32,
                     offset: (n * chunk) as u64,
-                    data: piece.to_vec(),
+                    data: piece.to_vec().into(),
                 }));
             }
             parts.push(Part::FileEnd(SnapshotFileEnd {
@@ -741,7 +809,7 @@ mod tests {
             Part::Chunk(SnapshotChunk {
                 file: 1,
                 offset: 0,
-                data: vec![2; 4],
+                data: vec![2; 4].into(),
             }),
         );
         assert_eq!(
@@ -769,7 +837,7 @@ mod tests {
         // A chunk past the file's size.
         let mut long = good.clone();
         if let Part::Chunk(chunk) = &mut long[3] {
-            chunk.data.push(9);
+            chunk.data = [&chunk.data[..], &[9]].concat().into();
         }
         assert!(matches!(
             check(long, &LIMITS).unwrap_err(),
@@ -782,7 +850,7 @@ mod tests {
             Part::Chunk(SnapshotChunk {
                 file: 0,
                 offset: 0,
-                data: Vec::new(),
+                data: Default::default(),
             }),
         );
         assert!(matches!(
@@ -866,7 +934,11 @@ mod tests {
         let offset = prop_oneof![4 => 0u64..64, 1 => any::<u64>()];
         prop_oneof![
             6 => (file.clone(), offset, proptest::collection::vec(any::<u8>(), 0..24)).prop_map(
-                |(file, offset, data)| Some(Part::Chunk(SnapshotChunk { file, offset, data }))
+                |(file, offset, data)| Some(Part::Chunk(SnapshotChunk {
+                    file,
+                    offset,
+                    data: data.into()
+                }))
             ),
             3 => (file, prop_oneof![Just(checksum(b"")), "[0-9a-f]{0,40}"])
                 .prop_map(|(file, xxh3)| Some(Part::FileEnd(SnapshotFileEnd { file, xxh3 }))),
@@ -934,8 +1006,10 @@ mod tests {
             }
             Spoil::FlipByte(i, at) => match &mut parts[i % len] {
                 Part::Chunk(chunk) => {
-                    let at = at % chunk.data.len();
-                    chunk.data[at] ^= 0x40;
+                    let mut data = chunk.data.to_vec();
+                    let at = at % data.len();
+                    data[at] ^= 0x40;
+                    chunk.data = data.into();
                 }
                 _ => return None,
             },
