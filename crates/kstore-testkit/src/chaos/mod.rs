@@ -501,16 +501,21 @@ impl Cluster {
     async fn wait_complete(&mut self, members: &[&str], timeout: Duration) -> Result<ClusterView> {
         let deadline = Instant::now() + timeout;
         loop {
-            let unanswered = match self.view().await {
-                Ok(view) if complete(&view, members, self.options.partitions) => return Ok(view),
-                Ok(_) => None,
+            let missing = match self.view().await {
+                Ok(view) => {
+                    let gaps = incomplete(&view, members, self.options.partitions);
+                    if gaps.is_empty() {
+                        return Ok(view);
+                    }
+                    gaps.join("; ")
+                }
                 Err(error) if self.any_exited()? => return Err(error),
-                Err(error) => Some(error),
+                Err(error) => format!("no view: {error}"),
             };
             if Instant::now() > deadline {
                 bail!(
-                    "the cluster did not settle on {members:?} within {timeout:?}{}",
-                    unanswered.map_or_else(String::new, |e| format!(": {e}"))
+                    "the cluster did not settle on {members:?} within {timeout:?}: {missing}\n{}",
+                    self.recent_warnings()
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -518,6 +523,27 @@ impl Cluster {
     }
 
     /// Whether a node that should run has exited.
+    /// The last warnings and errors each running node logged, for a failure's message.
+    fn recent_warnings(&self) -> String {
+        let mut text = String::new();
+        for node in &self.nodes {
+            let Some(process) = node.process.as_ref() else {
+                continue;
+            };
+            let output = process.output();
+            let warnings: Vec<&str> = output
+                .lines()
+                .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+                .collect();
+            text.push_str(&format!("{}'s last warnings and errors:\n", node.id));
+            for line in &warnings[warnings.len().saturating_sub(12)..] {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
     fn any_exited(&mut self) -> Result<bool> {
         for node in &mut self.nodes {
             if let Some(process) = node.process.as_mut()
@@ -540,27 +566,39 @@ impl Cluster {
 
 /// Whether every partition has one live active and one live standby on `members`, and
 /// every member is live and running.
-fn complete(view: &ClusterView, members: &[&str], partitions: u32) -> bool {
-    let running = members.iter().all(|m| {
-        view.nodes.iter().any(|n| {
-            n.node_id == *m && n.liveness == Liveness::Live && n.status == NodeStatus::Running
-        })
-    });
-    running
-        && (0..partitions).all(|p| {
-            let holders = view.holders(p);
-            let on_members = |role| {
-                holders
-                    .iter()
-                    .filter(|h| {
-                        h.copy.role == role
-                            && h.routable()
-                            && members.contains(&h.node.node_id.as_str())
-                    })
-                    .count()
-            };
-            on_members(Role::Active) == 1 && on_members(Role::Standby) >= 1
-        })
+/// What keeps the view from complete: each member that is not live and running, and each
+/// partition without exactly one live active and at least one live standby on the members,
+/// with the copies it has. Empty once complete.
+fn incomplete(view: &ClusterView, members: &[&str], partitions: u32) -> Vec<String> {
+    let mut gaps = Vec::new();
+    for member in members {
+        match view.nodes.iter().find(|n| n.node_id == *member) {
+            Some(n) if n.liveness == Liveness::Live && n.status == NodeStatus::Running => {}
+            Some(n) => gaps.push(format!("{member} is {:?} and {:?}", n.liveness, n.status)),
+            None => gaps.push(format!("{member} is not in the view")),
+        }
+    }
+    for p in 0..partitions {
+        let holders = view.holders(p);
+        let on_members = |role| {
+            holders
+                .iter()
+                .filter(|h| {
+                    h.copy.role == role
+                        && h.routable()
+                        && members.contains(&h.node.node_id.as_str())
+                })
+                .count()
+        };
+        if on_members(Role::Active) != 1 || on_members(Role::Standby) == 0 {
+            let copies: Vec<String> = holders
+                .iter()
+                .map(|h| format!("{} {:?} {:?}", h.node.node_id, h.copy.role, h.node.liveness))
+                .collect();
+            gaps.push(format!("partition {p} has [{}]", copies.join(", ")));
+        }
+    }
+    gaps
 }
 
 /// The actives of every partition, as node id → partitions.
