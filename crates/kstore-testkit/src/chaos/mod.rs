@@ -522,7 +522,6 @@ impl Cluster {
         }
     }
 
-    /// Whether a node that should run has exited.
     /// The last warnings and errors each running node logged, for a failure's message.
     fn recent_warnings(&self) -> String {
         let mut text = String::new();
@@ -544,6 +543,7 @@ impl Cluster {
         text
     }
 
+    /// Whether a node that should run has exited.
     fn any_exited(&mut self) -> Result<bool> {
         for node in &mut self.nodes {
             if let Some(process) = node.process.as_mut()
@@ -564,18 +564,25 @@ impl Cluster {
     }
 }
 
-/// Whether every partition has one live active and one live standby on `members`, and
-/// every member is live and running.
 /// What keeps the view from complete: each member that is not live and running, and each
 /// partition without exactly one live active and at least one live standby on the members,
 /// with the copies it has. Empty once complete.
 fn incomplete(view: &ClusterView, members: &[&str], partitions: u32) -> Vec<String> {
     let mut gaps = Vec::new();
     for member in members {
-        match view.nodes.iter().find(|n| n.node_id == *member) {
-            Some(n) if n.liveness == Liveness::Live && n.status == NodeStatus::Running => {}
-            Some(n) => gaps.push(format!("{member} is {:?} and {:?}", n.liveness, n.status)),
-            None => gaps.push(format!("{member} is not in the view")),
+        let entries: Vec<_> = view.nodes.iter().filter(|n| n.node_id == *member).collect();
+        let running = |n: &&kstore_core::cluster::NodeEntry| {
+            n.liveness == Liveness::Live && n.status == NodeStatus::Running
+        };
+        if !entries.iter().any(running) {
+            let states: Vec<String> = entries
+                .iter()
+                .map(|n| format!("{:?} and {:?}", n.liveness, n.status))
+                .collect();
+            gaps.push(format!(
+                "{member} is not live and running: [{}]",
+                states.join(", ")
+            ));
         }
     }
     for p in 0..partitions {
