@@ -179,7 +179,11 @@ impl ClientBuilder {
             }
         }
         let first = first.ok_or(BuildError::Unreachable { tried })?;
-        let cache = Arc::new(metadata::MetadataCache::new(&first, self.seeds.clone()));
+        let cache = Arc::new(metadata::MetadataCache::new(
+            &first,
+            self.seeds.clone(),
+            &self.store,
+        ));
         let store = cache
             .store(&self.store)
             .ok_or_else(|| BuildError::UnknownStore {

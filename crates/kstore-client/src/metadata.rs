@@ -42,7 +42,10 @@ pub struct StoreShape {
 /// The cache.
 #[derive(Debug)]
 pub(crate) struct MetadataCache {
+    /// Every node, with its copies of the client's store.
     view: RwLock<Arc<ClusterView>>,
+    /// The store the client reads, whose copies the view holds.
+    store: String,
     stores: RwLock<HashMap<String, StoreShape>>,
     cluster_id: String,
     seeds: Vec<String>,
@@ -54,10 +57,11 @@ pub(crate) struct MetadataCache {
 }
 
 impl MetadataCache {
-    /// Returns a cache seeded with a first Metadata answer.
-    pub(crate) fn new(first: &MetadataResponse, seeds: Vec<String>) -> Self {
+    /// Returns a cache of the copies of `store`, seeded with a first Metadata answer.
+    pub(crate) fn new(first: &MetadataResponse, seeds: Vec<String>, store: &str) -> Self {
         let cache = MetadataCache {
             view: RwLock::new(Arc::new(ClusterView::default())),
+            store: store.to_owned(),
             stores: RwLock::new(HashMap::new()),
             cluster_id: first.cluster_id.clone(),
             seeds,
@@ -130,7 +134,7 @@ impl MetadataCache {
                 );
             }
         }
-        let mut incoming = ClusterView::from_proto(answer);
+        let mut incoming = ClusterView::from_proto_of_store(answer, &self.store);
         self.mark_avoided(&mut incoming);
         let mut view = self
             .view
@@ -431,6 +435,7 @@ mod tests {
         let cache = MetadataCache::new(
             &answer(vec![node("node-1", 5, &[(0, Role::Active)])]),
             vec!["seed:1".into()],
+            "features",
         );
         // A slower node's view, with older news of node-1.
         cache.install(&answer(vec![node("node-1", 3, &[(0, Role::Standby)])]));
@@ -448,7 +453,7 @@ mod tests {
     #[test]
     fn a_node_that_stalled_is_asked_last_across_views_until_it_answers() {
         let live = |id| node(id, 5, &[(0, Role::Active)]);
-        let cache = MetadataCache::new(&answer(vec![live("node-1")]), Vec::new());
+        let cache = MetadataCache::new(&answer(vec![live("node-1")]), Vec::new(), "features");
         let liveness = |cache: &MetadataCache| cache.view().nodes[0].liveness;
         cache.suspect("node-1");
         assert_eq!(liveness(&cache), Liveness::Suspect);
@@ -469,6 +474,7 @@ mod tests {
                 node("node-2", 5, &[(1, Role::Active)]),
             ]),
             Vec::new(),
+            "features",
         );
         cache.apply_hint(&PartitionHolders {
             partition: 0,

@@ -40,6 +40,18 @@ pub mod keys {
     pub const COPIES: &str = "copies";
     /// [`super::encode_copy_errors`] of the node's failed copies.
     pub const COPY_ERRORS: &str = "copy-errors";
+
+    /// Returns the key under which a node publishes `key` ([`GROUP_GENERATION`],
+    /// [`COPIES`] or [`COPY_ERRORS`]) for the store of gossip scope `scope`: the key itself
+    /// for the node's first store (scope `""`, the keys a single-store node has always
+    /// published), `key:store` for each further store.
+    pub fn scoped(key: &str, scope: &str) -> String {
+        if scope.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{key}:{scope}")
+        }
+    }
 }
 
 /// The longest error of a failed copy that gossip carries, in bytes.
@@ -152,7 +164,7 @@ pub struct GossipValueError {
     /// The node that published it.
     pub node_id: String,
     /// The key.
-    pub key: &'static str,
+    pub key: String,
     /// Why.
     pub reason: String,
 }
@@ -359,12 +371,14 @@ pub fn decode_status(text: &str) -> Result<NodeStatus, String> {
 }
 
 impl NodeEntry {
-    /// Builds a node's entry from its gossip state. A value that does not decode is reported
+    /// Builds a node's entry, with the copies of the store of gossip scope `scope` (see
+    /// [`keys::scoped`]), from its gossip state. A value that does not decode is reported
     /// and left at its default (no copies, no load, no gRPC address, so nothing is routed
     /// to it), so the node still shows.
     pub fn from_gossip(
         entry: &GossipEntry,
         dead_after: Duration,
+        scope: &str,
     ) -> (NodeEntry, Vec<GossipValueError>) {
         let mut errors = Vec::new();
         let status = decoded(entry, keys::STATUS, decode_status, &mut errors)
@@ -372,14 +386,25 @@ impl NodeEntry {
         let load = decoded(entry, keys::LOAD, decode_load, &mut errors).unwrap_or_default();
         let group_generation = decoded(
             entry,
-            keys::GROUP_GENERATION,
+            &keys::scoped(keys::GROUP_GENERATION, scope),
             |v| v.parse().map_err(|_| format!("{v:?} is not a generation")),
             &mut errors,
         )
         .unwrap_or_default();
-        let copies = decoded(entry, keys::COPIES, decode_copies, &mut errors).unwrap_or_default();
-        let copy_errors =
-            decoded(entry, keys::COPY_ERRORS, decode_copy_errors, &mut errors).unwrap_or_default();
+        let copies = decoded(
+            entry,
+            &keys::scoped(keys::COPIES, scope),
+            decode_copies,
+            &mut errors,
+        )
+        .unwrap_or_default();
+        let copy_errors = decoded(
+            entry,
+            &keys::scoped(keys::COPY_ERRORS, scope),
+            decode_copy_errors,
+            &mut errors,
+        )
+        .unwrap_or_default();
         let grpc_address = decoded(entry, keys::GRPC_ADDRESS, decode_grpc_address, &mut errors)
             .unwrap_or_default();
         let node = NodeEntry {
@@ -403,7 +428,7 @@ impl NodeEntry {
 /// Decodes the value of `key`, if the entry has one; one that does not decode is reported.
 fn decoded<T>(
     entry: &GossipEntry,
-    key: &'static str,
+    key: &str,
     decode: impl Fn(&str) -> Result<T, String>,
     errors: &mut Vec<GossipValueError>,
 ) -> Option<T> {
@@ -412,7 +437,7 @@ fn decoded<T>(
         .map_err(|reason| {
             errors.push(GossipValueError {
                 node_id: entry.node_id.clone(),
-                key,
+                key: key.to_owned(),
                 reason,
             });
         })
@@ -464,16 +489,18 @@ impl ClusterView {
     /// same gossip address are dropped (one address cannot serve two processes); an earlier
     /// incarnation elsewhere is dropped once a newer one is live. Two live processes that
     /// claim one node id are both kept and marked conflicting. Values that do not decode
-    /// are returned for the caller to report.
+    /// are returned for the caller to report. The copies are those of the store of gossip
+    /// scope `scope` (see [`keys::scoped`]; `""` for a node's first store).
     pub fn from_gossip(
         cluster_id: &str,
         entries: &[GossipEntry],
         dead_after: Duration,
+        scope: &str,
     ) -> (ClusterView, Vec<GossipValueError>) {
         let mut errors = Vec::new();
         let mut by_id: BTreeMap<&str, Vec<NodeEntry>> = BTreeMap::new();
         for entry in entries {
-            let (node, mut node_errors) = NodeEntry::from_gossip(entry, dead_after);
+            let (node, mut node_errors) = NodeEntry::from_gossip(entry, dead_after, scope);
             errors.append(&mut node_errors);
             by_id.entry(&entry.node_id).or_default().push(node);
         }
@@ -641,14 +668,63 @@ impl ClusterView {
         counts
     }
 
-    /// Returns the view as the `nodes` of a Metadata answer.
-    pub fn to_proto_nodes(&self) -> Vec<NodeInfo> {
-        self.nodes.iter().map(node_to_proto).collect()
+    /// Returns the view as the `nodes` of a Metadata answer, each copy marked as one of
+    /// `store`.
+    pub fn to_proto_nodes(&self, store: &str) -> Vec<NodeInfo> {
+        self.nodes
+            .iter()
+            .map(|node| node_to_proto(node, store))
+            .collect()
     }
 
-    /// Rebuilds a view from a Metadata answer (as a client receives it).
+    /// Returns the view of every store as the `nodes` of a Metadata answer: the nodes of
+    /// the first view, each with its copies of every store (marked with their store).
+    /// `views` holds each store's name and view, built from the same gossip.
+    pub fn to_proto_nodes_of_stores(views: &[(&str, &ClusterView)]) -> Vec<NodeInfo> {
+        let Some((first_store, first)) = views.first() else {
+            return Vec::new();
+        };
+        let mut nodes = first.to_proto_nodes(first_store);
+        for (store, view) in &views[1..] {
+            for node in &mut nodes {
+                if let Some(entry) = view
+                    .nodes
+                    .iter()
+                    .find(|n| n.node_id == node.node_id && n.incarnation == node.incarnation)
+                {
+                    node.copies.extend(node_to_proto(entry, store).copies);
+                }
+            }
+        }
+        nodes
+    }
+
+    /// Rebuilds the view of the answering node's first store from a Metadata answer (as a
+    /// client receives it); of every copy if the answer names no store.
     pub fn from_proto(response: &MetadataResponse) -> ClusterView {
-        let mut nodes: Vec<NodeEntry> = response.nodes.iter().map(node_from_proto).collect();
+        match response.stores.first() {
+            Some(first) => Self::from_proto_of_store(response, &first.name),
+            None => Self::from_proto_nodes(response, |_| true),
+        }
+    }
+
+    /// Rebuilds the view of one store from a Metadata answer: the copies marked as the
+    /// store's (and unmarked ones, which a node of one store sends).
+    pub fn from_proto_of_store(response: &MetadataResponse, store: &str) -> ClusterView {
+        Self::from_proto_nodes(response, |copy| {
+            copy.store.is_empty() || copy.store == store
+        })
+    }
+
+    fn from_proto_nodes(
+        response: &MetadataResponse,
+        keep: impl Fn(&PartitionCopy) -> bool,
+    ) -> ClusterView {
+        let mut nodes: Vec<NodeEntry> = response
+            .nodes
+            .iter()
+            .map(|node| node_from_proto(node, &keep))
+            .collect();
         nodes.sort_by(|a, b| (&a.node_id, a.incarnation).cmp(&(&b.node_id, b.incarnation)));
         ClusterView {
             cluster_id: response.cluster_id.clone(),
@@ -658,7 +734,7 @@ impl ClusterView {
     }
 }
 
-fn node_to_proto(node: &NodeEntry) -> NodeInfo {
+fn node_to_proto(node: &NodeEntry, store: &str) -> NodeInfo {
     NodeInfo {
         node_id: node.node_id.clone(),
         grpc_address: node.grpc_address.clone(),
@@ -677,6 +753,7 @@ fn node_to_proto(node: &NodeEntry) -> NodeInfo {
                     .get(&c.partition)
                     .cloned()
                     .unwrap_or_default(),
+                store: store.to_owned(),
             })
             .collect(),
         liveness: node.liveness as i32,
@@ -693,10 +770,11 @@ fn node_to_proto(node: &NodeEntry) -> NodeInfo {
     }
 }
 
-fn node_from_proto(node: &NodeInfo) -> NodeEntry {
+fn node_from_proto(node: &NodeInfo, keep: impl Fn(&PartitionCopy) -> bool) -> NodeEntry {
     let mut copies: Vec<CopyInfo> = node
         .copies
         .iter()
+        .filter(|c| keep(c))
         .map(|c| CopyInfo {
             partition: c.partition,
             role: c.role(),
@@ -709,7 +787,7 @@ fn node_from_proto(node: &NodeInfo) -> NodeEntry {
     let copy_errors = node
         .copies
         .iter()
-        .filter(|c| !c.error.is_empty())
+        .filter(|c| keep(c) && !c.error.is_empty())
         .map(|c| (c.partition, c.error.clone()))
         .collect();
     let load = node.load.unwrap_or_default();
@@ -778,9 +856,90 @@ mod tests {
     }
 
     fn view(entries: &[GossipEntry]) -> ClusterView {
-        let (view, errors) = ClusterView::from_gossip("test", entries, DEAD_AFTER);
+        let (view, errors) = ClusterView::from_gossip("test", entries, DEAD_AFTER, "");
         assert!(errors.is_empty(), "{errors:?}");
         view
+    }
+
+    #[test]
+    fn each_store_has_its_own_view_of_the_same_nodes_and_metadata_marks_each_copy() {
+        let scoped = |mut entry: GossipEntry, generation: i32, copies: &[CopyInfo]| {
+            let key = |k| keys::scoped(k, "tally");
+            entry
+                .values
+                .insert(key(keys::COPIES), encode_copies(copies));
+            entry
+                .values
+                .insert(key(keys::GROUP_GENERATION), generation.to_string());
+            entry
+        };
+        let entries = [
+            scoped(
+                with_copies(
+                    entry("node-1", 1, 7001, Detected::Live),
+                    &[copy(0, Role::Active, 0), copy(1, Role::Standby, 3)],
+                ),
+                9,
+                &[copy(0, Role::Standby, 1)],
+            ),
+            scoped(
+                with_copies(
+                    entry("node-2", 1, 7002, Detected::Live),
+                    &[copy(1, Role::Active, 0), copy(0, Role::Standby, 2)],
+                ),
+                9,
+                &[copy(0, Role::Active, 0), copy(2, Role::Active, 5)],
+            ),
+        ];
+        // The first store's copies are under the keys a node of one store has always used.
+        let features = view(&entries);
+        let (tally, errors) = ClusterView::from_gossip("test", &entries, DEAD_AFTER, "tally");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(features.active(0).unwrap().node.node_id, "node-1");
+        assert_eq!(tally.active(0).unwrap().node.node_id, "node-2");
+        assert_eq!(tally.active(2).unwrap().node.node_id, "node-2");
+        assert!(features.active(2).is_none());
+        assert_eq!(tally.nodes[0].group_generation, 9);
+        assert_eq!(features.nodes[0].group_generation, 7);
+        // Membership is the same in both.
+        let ids = |v: &ClusterView| {
+            v.nodes
+                .iter()
+                .map(|n| n.node_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&features), ids(&tally));
+
+        // One Metadata answer carries both, each copy marked with its store; a client takes
+        // its store's copies back out, as they were.
+        let nodes =
+            ClusterView::to_proto_nodes_of_stores(&[("features", &features), ("tally", &tally)]);
+        assert_eq!(nodes[1].copies.len(), 4);
+        let answer = MetadataResponse {
+            stores: vec![
+                kstore_proto::v1::StoreInfo {
+                    name: "features".into(),
+                    ..Default::default()
+                },
+                kstore_proto::v1::StoreInfo {
+                    name: "tally".into(),
+                    ..Default::default()
+                },
+            ],
+            nodes,
+            ..MetadataResponse::default()
+        };
+        for (store, want) in [("features", &features), ("tally", &tally)] {
+            let back = ClusterView::from_proto_of_store(&answer, store);
+            let copies =
+                |v: &ClusterView| v.nodes.iter().map(|n| n.copies.clone()).collect::<Vec<_>>();
+            assert_eq!(copies(&back), copies(want), "{store}");
+        }
+        // Without a store named, the answering node's first store.
+        assert_eq!(
+            ClusterView::from_proto(&answer).nodes[1].copies,
+            features.nodes[1].copies
+        );
     }
 
     #[test]
@@ -971,7 +1130,7 @@ mod tests {
         assert!(view.forward_targets(1, "node-3").is_empty());
         assert!(view.snapshot_sources(0, "node-3").len() == 1);
         // Metadata shows every copy, and why the failed one failed.
-        let nodes = view.to_proto_nodes();
+        let nodes = view.to_proto_nodes("features");
         let failed = &nodes[0].copies[0];
         assert_eq!(failed.role(), Role::Failed);
         assert_eq!(failed.error, "disk full retrying");
@@ -1034,10 +1193,10 @@ mod tests {
         let mut bad = entry("node-1", 1, 7001, Detected::Live);
         bad.values.insert(keys::COPIES.into(), "0:X:1:2:3".into());
         bad.values.insert(keys::LOAD.into(), "lots".into());
-        let (view, errors) = ClusterView::from_gossip("test", &[bad], DEAD_AFTER);
+        let (view, errors) = ClusterView::from_gossip("test", &[bad], DEAD_AFTER, "");
         assert_eq!(view.nodes.len(), 1);
         assert!(view.nodes[0].copies.is_empty());
-        let keys: Vec<&str> = errors.iter().map(|e| e.key).collect();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, [keys::LOAD, keys::COPIES]);
     }
 
@@ -1114,7 +1273,7 @@ mod tests {
         let view = view(&entries);
         let response = MetadataResponse {
             stores: Vec::new(),
-            nodes: view.to_proto_nodes(),
+            nodes: view.to_proto_nodes("features"),
             node_id: "node-01".into(),
             cluster_id: "test".into(),
             view_version: 1,
@@ -1229,7 +1388,7 @@ mod tests {
             }
             let response = MetadataResponse {
                 stores: Vec::new(),
-                nodes: view.to_proto_nodes(),
+                nodes: view.to_proto_nodes("features"),
                 node_id: String::new(),
                 cluster_id: "test".into(),
                 view_version: view.version,
@@ -1340,7 +1499,7 @@ mod tests {
         let _ = view.count_by_liveness();
         let _ = ClusterView::from_proto(&MetadataResponse {
             stores: Vec::new(),
-            nodes: view.to_proto_nodes(),
+            nodes: view.to_proto_nodes("features"),
             node_id: String::new(),
             cluster_id: view.cluster_id.clone(),
             view_version: view.version,
@@ -1352,7 +1511,7 @@ mod tests {
         fn gossip_of_any_shape_never_panics_and_what_decodes_is_sane(
             entries in proptest::collection::vec(hostile_entry(), 0..6)
         ) {
-            let (view, _errors) = ClusterView::from_gossip("test", &entries, DEAD_AFTER);
+            let (view, _errors) = ClusterView::from_gossip("test", &entries, DEAD_AFTER, "");
             for node in &view.nodes {
                 prop_assert!(node.grpc_address.is_empty()
                     || node.grpc_address.parse::<std::net::SocketAddr>().is_ok());
@@ -1389,7 +1548,7 @@ mod tests {
                     copies: copies
                         .into_iter()
                         .map(|(partition, role, changelog_offset, input_offset, input_end, lag)| {
-                            PartitionCopy { partition, role, changelog_offset, input_offset, input_end, lag, error: String::new() }
+                            PartitionCopy { partition, role, changelog_offset, input_offset, input_end, lag, error: String::new(), store: String::new() }
                         })
                         .collect(),
                     liveness,

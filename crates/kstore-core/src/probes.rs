@@ -83,7 +83,7 @@ pub enum Activity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopState {
     /// The loop's name, such as `ingest`.
-    pub name: &'static str,
+    pub name: String,
     /// What it does.
     pub activity: Activity,
 }
@@ -207,7 +207,7 @@ pub fn liveness(loops: &[LoopState], phase: Phase, stall_after: Duration) -> Pro
             .push("leaving: loops end one by one while the node drains or stops".into());
     }
     for state in loops {
-        let name = state.name;
+        let name = &state.name;
         let (stalled, line) = match &state.activity {
             Activity::NotStarted => (false, format!("{name}: not started yet")),
             Activity::Beating { since } if *since > stall_after => (
@@ -379,7 +379,7 @@ mod tests {
     fn a_leaving_node_is_not_ready_but_stays_live() {
         assert!(!readiness(Phase::Leaving, &[], &view(vec![]), "n1", BOUND).pass);
         let loops = [LoopState {
-            name: "ingest",
+            name: "ingest".into(),
             activity: Activity::Stopped,
         }];
         let report = liveness(&loops, Phase::Leaving, Duration::from_secs(1));
@@ -392,17 +392,17 @@ mod tests {
         let stall = Duration::from_secs(300);
         let healthy = [
             LoopState {
-                name: "ingest",
+                name: "ingest".into(),
                 activity: Activity::Beating {
                     since: Duration::from_millis(40),
                 },
             },
             LoopState {
-                name: "grpc",
+                name: "grpc".into(),
                 activity: Activity::Running,
             },
             LoopState {
-                name: "updater",
+                name: "updater".into(),
                 activity: Activity::NotStarted,
             },
         ];
@@ -424,7 +424,7 @@ mod tests {
     #[test]
     fn a_loop_busy_restoring_is_live_however_long_it_takes() {
         let loops = [LoopState {
-            name: "ingest",
+            name: "ingest".into(),
             activity: Activity::Busy {
                 what: "opening assigned copies".into(),
                 since: Duration::from_secs(3 * 3600),

@@ -243,7 +243,7 @@ mod tests {
     }
 
     fn view(entries: &[GossipEntry]) -> ClusterView {
-        ClusterView::from_gossip("test", entries, Duration::from_secs(10)).0
+        ClusterView::from_gossip("test", entries, Duration::from_secs(10), "").0
     }
 
     fn ids(targets: &[Target]) -> Vec<&str> {

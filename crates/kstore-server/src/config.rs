@@ -350,6 +350,40 @@ pub struct ValueTypeConfig {
     pub message: String,
 }
 
+/// A further store of the node (`[[stores]]`), beside the one the top-level keys describe:
+/// its own input, processor, changelog, dead letters, consumer group, standbys, backups and
+/// metrics, served on the same ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoreConfig {
+    /// The store's name, as reads name it.
+    pub name: String,
+    /// The keyed input topic.
+    pub input_topic: String,
+    /// The processor that folds the input.
+    pub processor: ProcessorConfig,
+    /// The protobuf type of the store's values (as the top-level `[value-type]`).
+    #[serde(default)]
+    pub value_type: Option<ValueTypeConfig>,
+    /// The store's changelog topic. Named explicitly, never derived from the store's name,
+    /// so that renaming the store cannot leave its state behind in an orphaned topic.
+    pub changelog_topic: String,
+    /// The topic the store's dead letters go to (named explicitly, as the changelog).
+    pub dead_letter_topic: String,
+    /// The store's consumer group (its committed input offsets; part of its transactional
+    /// ids). Named explicitly too: a new group would fold the whole input again.
+    pub group_id: String,
+}
+
+/// The names that tie a further store to its state in Kafka, set on the configuration
+/// [`NodeConfig::store_configs`] derives for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreTopics {
+    changelog_topic: String,
+    dead_letter_topic: String,
+    group_id: String,
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -362,6 +396,11 @@ pub struct NodeConfig {
     pub input_topic: String,
     /// The store's name, part of the changelog topic's name.
     pub store: String,
+    /// Further stores (`[[stores]]`), each with its own input, processor and topics.
+    pub stores: Vec<StoreConfig>,
+    /// Set on the configuration derived for a further store: its own topics and group.
+    #[serde(skip)]
+    pub store_topics: Option<StoreTopics>,
     /// Where stores live: `<state-dir>/<app-id>/<store>/<partition>/`.
     pub state_dir: PathBuf,
     /// Exactly-once (default) or at-least-once.
@@ -481,6 +520,8 @@ impl Default for NodeConfig {
             app_id: "kstore".into(),
             input_topic: String::new(),
             store: "features".into(),
+            stores: Vec::new(),
+            store_topics: None,
             state_dir: PathBuf::from("kstore-state"),
             processing_guarantee: ProcessingGuarantee::ExactlyOnce,
             processor: ProcessorConfig::Builtin(ProcessorKind::Features),
@@ -802,6 +843,7 @@ impl NodeConfig {
         }
         self.limits.validate()?;
         self.validate_processor()?;
+        self.validate_stores()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -877,19 +919,163 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// Returns the consumer group id.
+    /// Returns the consumer group id: the app id, or a further store's `group-id`.
     pub fn group_id(&self) -> &str {
-        &self.app_id
+        match &self.store_topics {
+            Some(topics) => &topics.group_id,
+            None => &self.app_id,
+        }
     }
 
-    /// Returns the changelog topic of the store: `<app>-<store>-changelog`.
+    /// Returns the changelog topic of the store: `<app>-<store>-changelog`, or a further
+    /// store's `changelog-topic`.
     pub fn changelog_topic(&self) -> String {
-        format!("{}-{}-changelog", self.app_id, self.store)
+        match &self.store_topics {
+            Some(topics) => topics.changelog_topic.clone(),
+            None => format!("{}-{}-changelog", self.app_id, self.store),
+        }
     }
 
-    /// Returns the dead-letter topic: `<app>-dlq`.
+    /// Returns the dead-letter topic: `<app>-dlq`, or a further store's
+    /// `dead-letter-topic`.
     pub fn dlq_topic(&self) -> String {
-        format!("{}-dlq", self.app_id)
+        match &self.store_topics {
+            Some(topics) => topics.dead_letter_topic.clone(),
+            None => format!("{}-dlq", self.app_id),
+        }
+    }
+
+    /// Returns the key under which this store's copies are gossiped (see
+    /// `kstore_core::cluster::keys::scoped`): `""` for the node's first store, the store's
+    /// name for a further one.
+    pub fn gossip_scope(&self) -> &str {
+        match &self.store_topics {
+            Some(_) => &self.store,
+            None => "",
+        }
+    }
+
+    /// Returns one configuration per store the node serves: the first store (the
+    /// top-level keys), then each of `[[stores]]` with its own name, input, processor,
+    /// value type, topics and group; everything else is the node's.
+    pub fn store_configs(&self) -> Vec<NodeConfig> {
+        let first = NodeConfig {
+            stores: Vec::new(),
+            ..self.clone()
+        };
+        let further = self.stores.iter().map(|store| NodeConfig {
+            store: store.name.clone(),
+            input_topic: store.input_topic.clone(),
+            processor: store.processor.clone(),
+            value_type: store.value_type.clone(),
+            store_topics: Some(StoreTopics {
+                changelog_topic: store.changelog_topic.clone(),
+                dead_letter_topic: store.dead_letter_topic.clone(),
+                group_id: store.group_id.clone(),
+            }),
+            ..first.clone()
+        });
+        std::iter::once(first.clone()).chain(further).collect()
+    }
+
+    /// Checks the further stores: each fully named, no name, topic or group used twice,
+    /// no store's own topic another's input, and each store's processor settings.
+    fn validate_stores(&self) -> Result<(), ConfigError> {
+        let configs = self.store_configs();
+        let mut names = std::collections::BTreeSet::new();
+        let mut groups = std::collections::BTreeSet::new();
+        let mut written = BTreeMap::new();
+        for (i, config) in configs.iter().enumerate() {
+            let key = |field: &str| match i {
+                0 => field.to_owned(),
+                _ => format!("stores[{}].{field}", i - 1),
+            };
+            let invalid = |field: &str, reason: String| {
+                Err(ConfigError::Invalid {
+                    key: key(field),
+                    reason,
+                })
+            };
+            if i > 0 {
+                for (field, value) in [
+                    ("name", &config.store),
+                    ("input-topic", &config.input_topic),
+                    ("changelog-topic", &config.changelog_topic()),
+                    ("dead-letter-topic", &config.dlq_topic()),
+                    ("group-id", &config.group_id().to_owned()),
+                ] {
+                    if value.trim().is_empty() {
+                        return invalid(field, "must be set".into());
+                    }
+                }
+                if !config
+                    .store
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return invalid(
+                        "name",
+                        "may hold only ASCII letters, digits, '-', '_' and '.'".into(),
+                    );
+                }
+                config.validate_processor().map_err(|error| match error {
+                    ConfigError::Invalid { key: field, reason } => ConfigError::Invalid {
+                        key: key(&field),
+                        reason,
+                    },
+                    other => other,
+                })?;
+            }
+            if !names.insert(config.store.clone()) {
+                return invalid(
+                    "name",
+                    format!("store {:?} is declared twice", config.store),
+                );
+            }
+            if !groups.insert(config.group_id().to_owned()) {
+                return invalid(
+                    "group-id",
+                    format!("group {:?} is another store's too", config.group_id()),
+                );
+            }
+            for (field, topic) in [
+                ("changelog-topic", config.changelog_topic()),
+                ("dead-letter-topic", config.dlq_topic()),
+            ] {
+                // Stores may share a dead-letter topic; a changelog is one store's alone.
+                let shared = field == "dead-letter-topic"
+                    && written.get(&topic).is_some_and(|(f, _)| *f == field);
+                if let Some((_, owner)) = written.get(&topic)
+                    && !shared
+                {
+                    return invalid(
+                        field,
+                        format!("{topic} is written by store {owner} already"),
+                    );
+                }
+                written.insert(topic, (field, config.store.clone()));
+            }
+        }
+        // A store may read another's dead letters, never its changelog.
+        for config in &configs {
+            if let Some((field, owner)) = written.get(&config.input_topic)
+                && *field == "changelog-topic"
+            {
+                return Err(ConfigError::Invalid {
+                    key: if config.store == self.store {
+                        "input-topic".into()
+                    } else {
+                        format!("stores.{}.input-topic", config.store)
+                    },
+                    reason: format!(
+                        "{} is the {field} of store {owner}: a store cannot read what a \
+                         store writes",
+                        config.input_topic
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Returns the built-in processor's alert topic: `<app>-alerts`.
@@ -1042,6 +1228,119 @@ mod tests {
             ..NodeConfig::default()
         };
         assert_eq!(config, defaults);
+    }
+
+    /// Loads MINIMAL plus `text` (TOML) as the config file.
+    fn load_file(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, text).unwrap();
+        let overrides: Vec<String> = MINIMAL.iter().map(|s| s.to_string()).collect();
+        NodeConfig::load(Some(&file), [], &overrides)
+    }
+
+    const TALLY_STORE: &str = r#"
+        [[stores]]
+        name = "tally"
+        input-topic = "words"
+        processor = { wasm = "tally.wasm" }
+        changelog-topic = "tally-changelog"
+        dead-letter-topic = "tally-dlq"
+        group-id = "tally-group"
+    "#;
+
+    #[test]
+    fn further_stores_get_their_own_input_processor_topics_and_group() {
+        let config = load_file(TALLY_STORE).unwrap();
+        let stores = config.store_configs();
+        assert_eq!(stores.len(), 2);
+        let (first, tally) = (&stores[0], &stores[1]);
+        // The first store is what the top-level keys say, as a node of one store has it.
+        assert_eq!(first.store, "features");
+        assert_eq!(first.input_topic, "orders");
+        assert_eq!(first.changelog_topic(), "kstore-features-changelog");
+        assert_eq!(first.dlq_topic(), "kstore-dlq");
+        assert_eq!(first.group_id(), "kstore");
+        assert_eq!(first.gossip_scope(), "");
+        assert!(first.stores.is_empty());
+        // A further store has exactly the names it was given.
+        assert_eq!(tally.store, "tally");
+        assert_eq!(tally.input_topic, "words");
+        assert!(
+            matches!(&tally.processor, ProcessorConfig::Wasm(w) if w.wasm == Path::new("tally.wasm"))
+        );
+        assert_eq!(tally.changelog_topic(), "tally-changelog");
+        assert_eq!(tally.dlq_topic(), "tally-dlq");
+        assert_eq!(tally.group_id(), "tally-group");
+        assert_eq!(tally.gossip_scope(), "tally");
+        assert_eq!(tally.store_dir(2), Path::new("kstore-state/kstore/tally/2"));
+        // Everything else is the node's.
+        assert_eq!(tally.node_id, "n1");
+        assert_eq!(tally.grpc_address, first.grpc_address);
+    }
+
+    #[test]
+    fn further_stores_that_cannot_work_are_refused_naming_the_key() {
+        let refused = |text: &str| match load_file(text) {
+            Err(ConfigError::Invalid { key, reason }) => format!("{key}: {reason}"),
+            other => panic!("accepted or failed otherwise: {other:?}"),
+        };
+        let without = |key: &str| {
+            TALLY_STORE
+                .lines()
+                .filter(|line| !line.trim_start().starts_with(&format!("{key} =")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        // Topics and group are never derived: a renamed store must not leave its state.
+        for key in ["changelog-topic", "dead-letter-topic", "group-id"] {
+            match load_file(&without(key)) {
+                Err(ConfigError::Parse { message, .. }) => {
+                    assert!(message.contains(key), "{key}: {message}")
+                }
+                other => panic!("{key} missing was accepted: {other:?}"),
+            }
+        }
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"tally\"", "\"features\"")),
+            "stores[0].name: store \"features\" is declared twice"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"tally-changelog\"", "\"kstore-features-changelog\"")),
+            "stores[0].changelog-topic: kstore-features-changelog is written by store features already"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"tally-group\"", "\"kstore\"")),
+            "stores[0].group-id: group \"kstore\" is another store's too"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"words\"", "\"kstore-features-changelog\"")),
+            "stores.tally.input-topic: kstore-features-changelog is the changelog-topic of \
+             store features: a store cannot read what a store writes"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"tally\"", "\"tally/x\"")),
+            "stores[0].name: may hold only ASCII letters, digits, '-', '_' and '.'"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"words\"", "\"\"")),
+            "stores[0].input-topic: must be set"
+        );
+        let features_typed = TALLY_STORE.replace(
+            "processor = { wasm = \"tally.wasm\" }",
+            "processor = \"features\"\n        value-type = { descriptor-set = \"t.binpb\", message = \"a.T\" }",
+        );
+        assert!(
+            refused(&features_typed).starts_with("stores[0].value-type: is for a WebAssembly"),
+            "{}",
+            refused(&features_typed)
+        );
+        // Stores may share a dead-letter topic.
+        let shared = TALLY_STORE.replace("\"tally-dlq\"", "\"kstore-dlq\"");
+        assert_eq!(
+            load_file(&shared).unwrap().store_configs()[1].dlq_topic(),
+            "kstore-dlq"
+        );
     }
 
     #[test]

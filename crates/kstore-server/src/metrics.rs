@@ -345,9 +345,9 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Publishes ingest's and the state updater's counters, and each local copy's role and lag.
-/// A partition without a local copy shows role 0 and lag 0.
-pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Registry) {
+/// Publishes a store's ingest and state updater counters, and each local copy's role and
+/// lag, labelled with the store. A partition without a local copy shows role 0 and lag 0.
+pub fn publish(store: &str, ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Registry) {
     let counters = [
         (INGEST_RECORDS, &ingest.records_in),
         (PROCESSED_RECORDS, &ingest.records_processed),
@@ -361,7 +361,8 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
         (UPDATER_FAILURES, &updater.failures),
     ];
     for (name, counter) in counters {
-        metrics::counter!(name).absolute(counter.load(Ordering::Relaxed));
+        metrics::counter!(name, "store" => store.to_owned())
+            .absolute(counter.load(Ordering::Relaxed));
     }
     for partition in 0..registry.partitions() as i32 {
         let copy = registry.get(partition);
@@ -371,8 +372,10 @@ pub fn publish(ingest: &IngestMetrics, updater: &UpdaterMetrics, registry: &Regi
             None => registry.pending(partition).map_or(0, |p| p.role as i32),
         };
         let partition = partition.to_string();
-        metrics::gauge!(PARTITION_LAG, "partition" => partition.clone()).set(lag as f64);
-        metrics::gauge!(PARTITION_ROLE, "partition" => partition).set(f64::from(role));
+        metrics::gauge!(PARTITION_LAG, "store" => store.to_owned(), "partition" => partition.clone())
+            .set(lag as f64);
+        metrics::gauge!(PARTITION_ROLE, "store" => store.to_owned(), "partition" => partition)
+            .set(f64::from(role));
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::backup::{self, Backups};
 use crate::config::{NodeConfig, ProcessorConfig, ProcessorKind};
 use crate::drain::{self, Drain};
-use crate::gossip::{Gossip, GossipError, SelfState};
+use crate::gossip::{Gossip, GossipError, GossipedStore, SelfState};
 use crate::grpc::{self, GrpcError};
 use crate::ingest::{self, IngestError, IngestMetrics};
 use crate::kafka::connect::{ConnectError, Connector, SettingsError};
@@ -62,6 +62,14 @@ pub enum NodeError {
     /// Gossip could not start.
     #[error(transparent)]
     Gossip(#[from] GossipError),
+    /// A further store's processor could not be made.
+    #[error("store {store}: {error}")]
+    Processor {
+        /// The store.
+        store: String,
+        /// Why.
+        error: ProcessorError,
+    },
     /// The state updater could not start.
     #[error("starting the state updater: {0}")]
     Updater(rdkafka::error::KafkaError),
@@ -147,14 +155,73 @@ pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, P
     })
 }
 
-/// Runs a node with `processor` until `shutdown` is set (then it commits what is open and
-/// returns `Ok`), or until an error stops it.
+/// Runs a node with `processor` folding its first store (and the configured processor of
+/// each further store) until `shutdown` is set (then it commits what is open and returns
+/// `Ok`), or until an error stops it.
 pub fn run(
     config: NodeConfig,
     processor: Box<dyn Processor>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), NodeError> {
+    let mut processors = vec![processor];
+    for store in config.store_configs().iter().skip(1) {
+        processors.push(
+            configured_processor(store).map_err(|error| NodeError::Processor {
+                store: store.store.clone(),
+                error,
+            })?,
+        );
+    }
+    run_stores(config, processors, shutdown)
+}
+
+/// Returns the configured processor of every store of the node, its first store first (see
+/// [`configured_processor`]), or the first that does not load, naming its store.
+pub fn configured_processors(
+    config: &NodeConfig,
+) -> Result<Vec<Box<dyn Processor>>, (String, ProcessorError)> {
+    config
+        .store_configs()
+        .iter()
+        .map(|store| configured_processor(store).map_err(|error| (store.store.clone(), error)))
+        .collect()
+}
+
+/// One store of a node as it starts: its configuration, partitions, copies and counters.
+struct StoreParts {
+    config: Arc<NodeConfig>,
+    partitions: u32,
+    registry: Arc<Registry>,
+    ingest_metrics: Arc<IngestMetrics>,
+    processor: Box<dyn Processor>,
+}
+
+/// The threads of one running store, stopped in [`RunningStore::stop`].
+struct RunningStore {
+    config: Arc<NodeConfig>,
+    copies: Arc<Copies>,
+    updater: updater::UpdaterThread,
+    /// The threads that stop once ingest has ended: placement, the copies' lifecycle, the
+    /// checksum scrub, the flusher and the backup schedule, in that order.
+    placing: Vec<std::thread::JoinHandle<()>>,
+    tracker: std::thread::JoinHandle<()>,
+}
+
+/// Runs a node with one processor per store (`processors[i]` folds the `i`th of
+/// [`NodeConfig::store_configs`]) until `shutdown` is set (then it commits what is open and
+/// returns `Ok`), or until an error stops it.
+pub fn run_stores(
+    config: NodeConfig,
+    processors: Vec<Box<dyn Processor>>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), NodeError> {
     let config = Arc::new(config);
+    let store_configs = config.store_configs();
+    assert_eq!(
+        processors.len(),
+        store_configs.len(),
+        "one processor per store"
+    );
     check_kafka_security(&config)?;
     let client = crate::kafka::client_config(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,10 +229,30 @@ pub fn run(
         .thread_name("kstore-grpc")
         .enable_all()
         .build()?;
-    let topology = runtime.block_on(topics::prepare(&config, &client))?;
-    let registry = Arc::new(Registry::new(config.node_id.clone(), topology.partitions));
-    let ingest_metrics = Arc::new(IngestMetrics::default());
-    let probes = Arc::new(Probes::new(&config, registry.clone(), shutdown.clone()));
+    let mut stores = Vec::new();
+    for (store_config, processor) in store_configs.into_iter().zip(processors) {
+        let topology = runtime.block_on(topics::prepare(&store_config, &client))?;
+        stores.push(StoreParts {
+            registry: Arc::new(Registry::new(config.node_id.clone(), topology.partitions)),
+            config: Arc::new(store_config),
+            partitions: topology.partitions,
+            ingest_metrics: Arc::new(IngestMetrics::default()),
+            processor,
+        });
+    }
+    if stores.len() > 1 {
+        let names: Vec<&str> = stores.iter().map(|s| s.config.store.as_str()).collect();
+        tracing::info!(stores = ?names, "serving several stores");
+    }
+    let first = &stores[0];
+    let probes = Arc::new(Probes::new(
+        &config,
+        stores
+            .iter()
+            .map(|store| (store.config.store.clone(), store.registry.clone()))
+            .collect(),
+        shutdown.clone(),
+    ));
 
     let mut console = None;
     if !config.metrics_address.is_empty() {
@@ -237,49 +324,74 @@ pub fn run(
     let gossip = runtime.block_on(Gossip::start(
         &config,
         SelfState {
-            registry: registry.clone(),
-            ingest: ingest_metrics.clone(),
+            stores: stores
+                .iter()
+                .map(|store| GossipedStore {
+                    scope: store.config.gossip_scope().to_owned(),
+                    registry: store.registry.clone(),
+                    ingest: store.ingest_metrics.clone(),
+                })
+                .collect(),
             grpc_address: config.advertised(bound),
             shutdown: shutdown.clone(),
             pulse: probes.gossip.clone(),
         },
     ))?;
-    probes.watch_view(gossip.view());
+    for (i, probed) in probes.stores().iter().enumerate() {
+        probed.watch_view(gossip.view_of(i));
+    }
     // Serving stops after ingest has handed its partitions over and gossip has said the
     // node leaves, so reads keep answering while the node shuts down or drains.
     let stop_serving = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(Drain::new(shutdown.clone(), config.drain_on_shutdown));
     let memory = SharedMemory::new(&config.memory);
-    let backups = Backups::from_config(&config, topology.partitions, memory.clone());
-    // Where the stores' directories are; checkpoints for snapshots are made beside them.
-    let stores_root = config
-        .store_dir(0)
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| config.state_dir.clone());
-    if let Some(backups) = &backups {
-        tracing::info!(location = %backups.location(), "backups go to a local directory");
+    let mut served = Vec::new();
+    let mut peer: Option<PeerService> = None;
+    for (i, store) in stores.iter().enumerate() {
+        let backups = Backups::from_config(&store.config, store.partitions, memory.clone());
+        if let Some(backups) = &backups {
+            tracing::info!(store = %store.config.store, location = %backups.location(), "backups go to a local directory");
+        }
+        let root = stores_root(&store.config);
+        peer = Some(match peer {
+            None => PeerService::new(
+                store.registry.clone(),
+                store.config.store.clone(),
+                root,
+                memory.clone(),
+                config.cluster_secret.as_deref(),
+            )
+            .with_limits(&config.limits),
+            Some(peer) => peer.with_store(store.config.store.clone(), store.registry.clone(), root),
+        });
+        served.push(grpc::ServedStore {
+            config: store.config.clone(),
+            registry: store.registry.clone(),
+            view: gossip.view_of(i),
+            values: grpc::ValueFormat {
+                type_url: store.processor.value_type_url().map(str::to_owned),
+                descriptor_set: store.processor.value_descriptor_set().map(<[u8]>::to_vec),
+            },
+            backups,
+        });
     }
-    let values = grpc::ValueFormat {
-        type_url: processor.value_type_url().map(str::to_owned),
-        descriptor_set: processor.value_descriptor_set().map(<[u8]>::to_vec),
-    };
     if let Some((slot, loopback)) = &console {
-        // The console reads as a client of this node does, through its Query service.
+        // The console shows the node's first store. It reads as a client of this node
+        // does, through its Query service.
         let query = crate::grpc::query::QueryService::new(
-            registry.clone(),
-            config.clone(),
+            first.registry.clone(),
+            first.config.clone(),
             gossip.view(),
-            values.type_url.clone(),
+            served[0].values.type_url.clone(),
         )
         .with_tls(tls.clone());
         let _ = slot.set(crate::console::Console::new(
             &config.node_id,
-            &config.store,
-            registry.partitions(),
+            &first.config.store,
+            first.registry.partitions(),
             gossip.view(),
             query,
-            &values,
+            &served[0].values,
             *loopback,
         ));
     }
@@ -288,24 +400,12 @@ pub fn run(
     let serving = grpc::serve(
         incoming,
         config.clone(),
-        registry.clone(),
-        gossip.view(),
+        served.clone(),
         grpc::Operations {
             drain: drain.clone(),
-            backups: backups.clone(),
-            peer: Some(
-                PeerService::new(
-                    registry.clone(),
-                    config.store.clone(),
-                    stores_root.clone(),
-                    memory.clone(),
-                    config.cluster_secret.as_deref(),
-                )
-                .with_limits(&config.limits),
-            ),
+            peer,
             tls: tls.clone(),
         },
-        values.clone(),
         {
             let stop_serving = stop_serving.clone();
             async move {
@@ -321,15 +421,137 @@ pub fn run(
         served
     });
 
+    // Each store runs its own state updater, copies, placement and ingest; the first
+    // store's ingest on this thread, each further one's on a thread of its own. Whatever
+    // ends one store's ingest, the node leaves.
+    let mut running = Vec::new();
+    let mut further_ingest = Vec::new();
+    let mut first_ingest = None;
+    for (i, store) in stores.into_iter().enumerate() {
+        let probed = &probes.stores()[i];
+        let (started, events) = start_store(
+            &store,
+            &client,
+            &runtime,
+            &gossip,
+            i,
+            &served[i],
+            &memory,
+            tls.clone(),
+            probed.updater.clone(),
+            &shutdown,
+        )?;
+        let ingest = {
+            let (config, partitions, copies, metrics, shutdown, pulse) = (
+                store.config.clone(),
+                store.partitions,
+                started.copies.clone(),
+                store.ingest_metrics.clone(),
+                shutdown.clone(),
+                probed.ingest.clone(),
+            );
+            let processor = store.processor;
+            move || {
+                let ingested = ingest::run(
+                    config,
+                    partitions,
+                    processor,
+                    copies,
+                    events,
+                    metrics,
+                    shutdown.clone(),
+                    pulse,
+                );
+                shutdown.store(true, Ordering::Relaxed);
+                ingested
+            }
+        };
+        running.push(started);
+        if i == 0 {
+            first_ingest = Some(ingest);
+        } else {
+            further_ingest.push(
+                std::thread::Builder::new()
+                    .name(format!("kstore-ingest-{i}"))
+                    .spawn(ingest)?,
+            );
+        }
+    }
+    let mut ingested = vec![first_ingest.map_or(Ok(Vec::new()), |ingest| ingest())];
+    for thread in further_ingest {
+        ingested.push(
+            thread.join().unwrap_or_else(|_| {
+                Err(IngestError::Node("a store's ingest thread panicked".into()))
+            }),
+        );
+    }
+    shutdown.store(true, Ordering::Relaxed);
+    for (i, (store, owned)) in running.iter_mut().zip(&ingested).enumerate() {
+        store.stop_placing();
+        if let Ok(owned) = owned
+            && drain.requested()
+        {
+            drain::hand_over(&store.config, owned, &gossip.view_of(i));
+        }
+    }
+    runtime.block_on(gossip.leave(Duration::from_millis(config.publish_interval_ms)));
+    stop_serving.store(true, Ordering::Relaxed);
+    let served = runtime.block_on(server);
+    for store in running {
+        store.stop();
+    }
+    for result in ingested {
+        result?;
+    }
+    match served {
+        Ok(result) => result?,
+        Err(error) => tracing::error!(%error, "the gRPC server task failed"),
+    }
+    Ok(())
+}
+
+/// Where a store's copies' directories are; checkpoints for snapshots are made beside them.
+fn stores_root(config: &NodeConfig) -> std::path::PathBuf {
+    config
+        .store_dir(0)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| config.state_dir.clone())
+}
+
+/// Starts one store's state updater, copies' lifecycle, placement, checksum scrub, flusher,
+/// backup schedule and lag tracker. Returns them, and the events its ingest takes.
+#[allow(clippy::too_many_arguments)]
+fn start_store(
+    store: &StoreParts,
+    client: &ClientConfig,
+    runtime: &tokio::runtime::Runtime,
+    gossip: &Gossip,
+    index: usize,
+    served: &grpc::ServedStore,
+    memory: &SharedMemory,
+    tls: Option<Arc<crate::tls::Tls>>,
+    updater_pulse: Arc<crate::probes::Pulse>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<
+    (
+        RunningStore,
+        std::sync::mpsc::Receiver<crate::standby::CopyEvent>,
+    ),
+    NodeError,
+> {
+    let config = &store.config;
+    let registry = &store.registry;
+    let backups = &served.backups;
     // Restored and failed copies go to ingest; the updater's failures go to the copies'
     // lifecycle, which retries them.
     let (events_tx, events) = std::sync::mpsc::channel();
     let (work_tx, work_rx) = std::sync::mpsc::channel();
     let updater_metrics = Arc::new(UpdaterMetrics::default());
-    let mut updater_thread = updater::spawn(
-        &client,
+    let updater_thread = updater::spawn(
+        client,
         config.changelog_topic(),
-        format!("{}-{}-updater", config.app_id, config.node_id),
+        format!("{}-{}-updater", config.group_id(), config.node_id),
         config.ingest_niceness,
         registry.clone(),
         updater_metrics.clone(),
@@ -337,10 +559,10 @@ pub fn run(
             restored: events_tx.clone(),
             failed: work_tx.clone(),
         },
-        probes.updater.clone(),
+        updater_pulse,
     )
     .map_err(NodeError::Updater)?;
-    let (copies, lifecycle_thread) = Copies::start(
+    let (copies, lifecycle) = Copies::start(
         config.clone(),
         registry.clone(),
         memory.clone(),
@@ -349,15 +571,15 @@ pub fn run(
             peers: Some(
                 SnapshotFetcher::new(
                     runtime.handle().clone(),
-                    gossip.view(),
+                    gossip.view_of(index),
                     config.node_id.clone(),
                     config.store.clone(),
                     config.cluster_secret.clone(),
-                    memory,
+                    memory.clone(),
                 )
                 .with_limits(&config.limits)
-                .with_tls(tls.clone())
-                .with_first_view_wait(first_view_wait(&config)),
+                .with_tls(tls)
+                .with_first_view_wait(first_view_wait(config)),
             ),
             backups: backups.clone(),
         },
@@ -368,7 +590,7 @@ pub fn run(
         copies.clone(),
         config.node_id.clone(),
         config.num_standbys,
-        gossip.view(),
+        gossip.view_of(index),
         shutdown.clone(),
     )?;
 
@@ -403,11 +625,11 @@ pub fn run(
                 watchdog.ended_as_asked();
             })?
     };
-    let backup_schedule = match &backups {
+    let backup_schedule = match backups {
         Some(backups) => backup::spawn_schedule(
             backups.clone(),
             registry.clone(),
-            gossip.view(),
+            gossip.view_of(index),
             shutdown.clone(),
         )?,
         None => None,
@@ -418,7 +640,7 @@ pub fn run(
             client.clone(),
             config.clone(),
             registry.clone(),
-            ingest_metrics.clone(),
+            store.ingest_metrics.clone(),
             updater_metrics.clone(),
             shutdown.clone(),
         );
@@ -428,7 +650,7 @@ pub fn run(
                 let watchdog = Watchdog::new(registry.clone(), "lag tracker");
                 track_lag(
                     &client,
-                    &config.input_topic,
+                    &config,
                     &registry,
                     &metrics,
                     &updater_metrics,
@@ -437,47 +659,48 @@ pub fn run(
                 watchdog.ended_as_asked();
             })?
     };
+    let running = RunningStore {
+        config: config.clone(),
+        copies,
+        updater: updater_thread,
+        placing: [
+            Some(placement),
+            Some(lifecycle),
+            scrub,
+            Some(flusher),
+            backup_schedule,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        tracker,
+    };
+    Ok((running, events))
+}
 
-    let ingested = ingest::run(
-        config.clone(),
-        topology.partitions,
-        processor,
-        copies.clone(),
-        events,
-        ingest_metrics,
-        shutdown.clone(),
-        probes.ingest.clone(),
-    );
-    // Whatever ended ingest, the node leaves.
-    shutdown.store(true, Ordering::Relaxed);
-    let _ = placement.join();
-    copies.stop();
-    let _ = lifecycle_thread.join();
-    if let Some(scrub) = scrub {
-        let _ = scrub.join();
+impl RunningStore {
+    /// Stops placing copies and the copies' lifecycle, once ingest has ended: what is left
+    /// runs until the node has left the cluster.
+    fn stop_placing(&mut self) {
+        let mut threads = std::mem::take(&mut self.placing).into_iter();
+        // Placement first, so that it asks the lifecycle for nothing more.
+        if let Some(placement) = threads.next() {
+            let _ = placement.join();
+        }
+        self.copies.stop();
+        for thread in threads {
+            let _ = thread.join();
+        }
     }
-    let _ = flusher.join();
-    if let Some(schedule) = backup_schedule {
-        let _ = schedule.join();
+
+    /// Stops the state updater once the node has stopped serving, and flushes every copy:
+    /// a restart starts from here.
+    fn stop(mut self) {
+        self.updater.stop();
+        // Ingest and the updater have written their last: a restart starts from here.
+        self.copies.flush_all();
+        let _ = self.tracker.join();
     }
-    if let Ok(owned) = &ingested
-        && drain.requested()
-    {
-        drain::hand_over(&config, owned, &gossip.view());
-    }
-    runtime.block_on(gossip.leave(Duration::from_millis(config.publish_interval_ms)));
-    stop_serving.store(true, Ordering::Relaxed);
-    let served = runtime.block_on(server);
-    updater_thread.stop();
-    // Ingest and the updater have written their last: a restart starts from here.
-    copies.flush_all();
-    let _ = tracker.join();
-    ingested?;
-    match served {
-        Ok(result) => result?,
-        Err(error) => tracing::error!(%error, "the gRPC server task failed"),
-    }
-    Ok(())
 }
 
 /// How long a node that has just started waits for gossip to reach another node before a
@@ -504,10 +727,11 @@ fn flush_copies(copies: &Copies, interval: Duration, shutdown: &AtomicBool) {
     }
 }
 
-/// Looks at the input's end offsets for every local copy, and publishes metrics.
+/// Looks at the input's end offsets for every local copy of a store, and publishes its
+/// metrics.
 fn track_lag(
     client: &ClientConfig,
-    input: &str,
+    config: &NodeConfig,
     registry: &Registry,
     metrics: &IngestMetrics,
     updater_metrics: &UpdaterMetrics,
@@ -520,6 +744,7 @@ fn track_lag(
             return;
         }
     };
+    let input = &config.input_topic;
     while !shutdown.load(Ordering::Relaxed) {
         for copy in registry.all() {
             // Taken before asking: every record acknowledged by then is below the end seen.
@@ -529,7 +754,7 @@ fn track_lag(
                 Err(error) => tracing::debug!(%error, partition = copy.partition, "end offset"),
             }
         }
-        crate::metrics::publish(metrics, updater_metrics, registry);
+        crate::metrics::publish(&config.store, metrics, updater_metrics, registry);
         std::thread::sleep(LAG_INTERVAL);
     }
 }

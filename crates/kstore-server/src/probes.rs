@@ -29,7 +29,7 @@ const STOPPED: u8 = 2;
 /// inside a step known to be long (`busy`), or that it ended (`stop`).
 #[derive(Debug)]
 pub struct Pulse {
-    name: &'static str,
+    name: String,
     beats: bool,
     origin: Instant,
     state: AtomicU8,
@@ -39,19 +39,19 @@ pub struct Pulse {
 
 impl Pulse {
     /// Returns the pulse of a loop that beats on every round.
-    pub fn beating(name: &'static str) -> Self {
+    pub fn beating(name: impl Into<String>) -> Self {
         Self::new(name, true)
     }
 
     /// Returns the pulse of something that runs without rounds (a server): only whether it
     /// started and whether it stopped count.
-    pub fn steady(name: &'static str) -> Self {
+    pub fn steady(name: impl Into<String>) -> Self {
         Self::new(name, false)
     }
 
-    fn new(name: &'static str, beats: bool) -> Self {
+    fn new(name: impl Into<String>, beats: bool) -> Self {
         Pulse {
-            name,
+            name: name.into(),
             beats,
             origin: Instant::now(),
             state: AtomicU8::new(NOT_STARTED),
@@ -101,7 +101,7 @@ impl Pulse {
             },
         };
         LoopState {
-            name: self.name,
+            name: self.name.clone(),
             activity,
         }
     }
@@ -118,18 +118,33 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// What the probes look at of one store.
+#[derive(Debug)]
+pub struct ProbedStore {
+    name: String,
+    registry: Arc<Registry>,
+    view: OnceLock<watch::Receiver<Arc<ClusterView>>>,
+    /// The store's ingest loop: one round per poll of its group consumer.
+    pub ingest: Arc<Pulse>,
+    /// The store's state updater thread: one round per command or changelog poll.
+    pub updater: Arc<Pulse>,
+}
+
+impl ProbedStore {
+    /// Gives readiness the store's cluster view, once gossip runs (until then, no copy
+    /// elsewhere is known).
+    pub fn watch_view(&self, view: watch::Receiver<Arc<ClusterView>>) {
+        let _ = self.view.set(view);
+    }
+}
+
 /// Everything the probes look at.
 #[derive(Debug)]
 pub struct Probes {
-    registry: Arc<Registry>,
+    stores: Vec<ProbedStore>,
     shutdown: Arc<AtomicBool>,
-    view: OnceLock<watch::Receiver<Arc<ClusterView>>>,
     max_lag: i64,
     stall_after: Duration,
-    /// The ingest loop: one round per poll of the group consumer.
-    pub ingest: Arc<Pulse>,
-    /// The state updater thread: one round per command or changelog poll.
-    pub updater: Arc<Pulse>,
     /// Gossip's publisher: one round per publish interval.
     pub gossip: Arc<Pulse>,
     /// The gRPC server: running until it stops.
@@ -137,31 +152,55 @@ pub struct Probes {
 }
 
 impl Probes {
-    /// Returns the probes of a node; its loops report through the pulses.
-    pub fn new(config: &NodeConfig, registry: Arc<Registry>, shutdown: Arc<AtomicBool>) -> Self {
+    /// Returns the probes of a node serving `stores` (each store's name and registry, the
+    /// node's first store first); its loops report through the pulses.
+    pub fn new(
+        config: &NodeConfig,
+        stores: Vec<(String, Arc<Registry>)>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        let one_store = stores.len() == 1;
+        let stores = stores
+            .into_iter()
+            .map(|(name, registry)| {
+                // A node of one store names its loops as it always has.
+                let of_store = |what: &str| match one_store {
+                    true => what.to_owned(),
+                    false => format!("{what} of store {name}"),
+                };
+                ProbedStore {
+                    ingest: Arc::new(Pulse::beating(of_store("ingest"))),
+                    updater: Arc::new(Pulse::beating(of_store("state updater"))),
+                    name,
+                    registry,
+                    view: OnceLock::new(),
+                }
+            })
+            .collect();
         Probes {
-            registry,
+            stores,
             shutdown,
-            view: OnceLock::new(),
             max_lag: config.probes.max_lag,
             stall_after: Duration::from_millis(config.probes.stall_after_ms),
-            ingest: Arc::new(Pulse::beating("ingest")),
-            updater: Arc::new(Pulse::beating("state updater")),
             gossip: Arc::new(Pulse::beating("gossip")),
             grpc: Arc::new(Pulse::steady("grpc server")),
         }
     }
 
-    /// Gives readiness the cluster view, once gossip runs (until then, no copy elsewhere is
-    /// known).
-    pub fn watch_view(&self, view: watch::Receiver<Arc<ClusterView>>) {
-        let _ = self.view.set(view);
+    /// Returns what the probes look at of each store, the node's first store first.
+    pub fn stores(&self) -> &[ProbedStore] {
+        &self.stores
     }
 
+    /// Running once every store's first assignment is open.
     fn phase(&self) -> Phase {
         if self.shutdown.load(Ordering::Relaxed) {
             Phase::Leaving
-        } else if self.registry.status() == NodeStatus::Running {
+        } else if self
+            .stores
+            .iter()
+            .all(|store| store.registry.status() == NodeStatus::Running)
+        {
             Phase::Running
         } else {
             Phase::Starting
@@ -173,8 +212,46 @@ impl Probes {
         probes::startup(self.phase())
     }
 
-    /// Whether the node answers reads within the staleness bound (`/readyz`).
+    /// Whether the node answers reads of every store within the staleness bound
+    /// (`/readyz`).
     pub fn readiness(&self) -> ProbeReport {
+        let phase = self.phase();
+        let mut report = ProbeReport {
+            pass: true,
+            lines: Vec::new(),
+        };
+        for store in &self.stores {
+            let of_store = store.readiness(phase, self.max_lag);
+            report.pass &= of_store.pass;
+            if self.stores.len() == 1 {
+                report.lines = of_store.lines;
+            } else {
+                let name = &store.name;
+                report.lines.extend(
+                    of_store
+                        .lines
+                        .into_iter()
+                        .map(|line| format!("store {name}: {line}")),
+                );
+            }
+        }
+        report
+    }
+
+    /// Whether the node's loops are alive (`/livez`).
+    pub fn liveness(&self) -> ProbeReport {
+        let mut loops: Vec<LoopState> = self
+            .stores
+            .iter()
+            .flat_map(|store| [store.ingest.state(), store.updater.state()])
+            .collect();
+        loops.extend([self.gossip.state(), self.grpc.state()]);
+        probes::liveness(&loops, self.phase(), self.stall_after)
+    }
+}
+
+impl ProbedStore {
+    fn readiness(&self, phase: Phase, max_lag: i64) -> ProbeReport {
         let copies: Vec<LocalCopy> = self
             .registry
             .all()
@@ -194,19 +271,7 @@ impl Probes {
             .get()
             .map(|view| view.borrow().clone())
             .unwrap_or_default();
-        probes::readiness(
-            self.phase(),
-            &copies,
-            &view,
-            self.registry.node_id(),
-            self.max_lag,
-        )
-    }
-
-    /// Whether the node's loops are alive (`/livez`).
-    pub fn liveness(&self) -> ProbeReport {
-        let loops = [&self.ingest, &self.updater, &self.gossip, &self.grpc].map(|p| p.state());
-        probes::liveness(&loops, self.phase(), self.stall_after)
+        probes::readiness(phase, &copies, &view, self.registry.node_id(), max_lag)
     }
 }
 

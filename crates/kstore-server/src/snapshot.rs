@@ -68,13 +68,19 @@ fn skipped(name: &str) -> bool {
     name == "LOCK" || name.starts_with("LOG")
 }
 
+/// A store whose copies the Peer service sends.
+#[derive(Debug, Clone)]
+struct SentStore {
+    name: String,
+    registry: Arc<Registry>,
+    /// Where checkpoints are made: beside the store's copies, so that they are hard links.
+    scratch: PathBuf,
+}
+
 /// The Peer service of one node.
 #[derive(Debug, Clone)]
 pub struct PeerService {
-    registry: Arc<Registry>,
-    store: String,
-    /// Where checkpoints are made: beside the stores, so that they are hard links.
-    scratch: PathBuf,
+    stores: Vec<SentStore>,
     memory: SharedMemory,
     /// What a caller must present: the cluster's secret.
     access: Access,
@@ -95,9 +101,11 @@ impl PeerService {
         cluster_secret: Option<&str>,
     ) -> Self {
         PeerService {
-            registry,
-            store,
-            scratch,
+            stores: vec![SentStore {
+                name: store,
+                registry,
+                scratch,
+            }],
             memory,
             access: Access {
                 admin: None,
@@ -108,6 +116,17 @@ impl PeerService {
             send_timeout: Duration::ZERO,
         }
         .with_limits(&LimitsConfig::default())
+    }
+
+    /// The service sending the copies of a further store too (checkpoints made in
+    /// `scratch`); the limits are shared by every store.
+    pub fn with_store(mut self, store: String, registry: Arc<Registry>, scratch: PathBuf) -> Self {
+        self.stores.push(SentStore {
+            name: store,
+            registry,
+            scratch,
+        });
+        self
     }
 
     /// The service with `limits`: how many snapshots it sends at once, and how long it waits
@@ -313,15 +332,16 @@ impl Peer for PeerService {
     ) -> Result<Response<SnapshotStream>, Status> {
         self.access.node(&request)?;
         let FetchSnapshotRequest { store, partition } = request.into_inner();
-        if store != self.store {
+        let Some(sent) = self.stores.iter().find(|sent| sent.name == store) else {
+            let served: Vec<&str> = self.stores.iter().map(|s| s.name.as_str()).collect();
             return Err(Status::invalid_argument(format!(
-                "no store named {store:?}; this node serves {:?}",
-                self.store
+                "no store named {store:?}; this node serves {}",
+                served.join(", ")
             )));
-        }
+        };
         let copy = i32::try_from(partition)
             .ok()
-            .and_then(|partition| self.registry.get(partition))
+            .and_then(|partition| sent.registry.get(partition))
             .ok_or_else(|| Status::not_found(format!("this node holds no copy of {partition}")))?;
         let role = copy.role();
         if role == Role::Restoring {
@@ -342,11 +362,11 @@ impl Peer for PeerService {
             Status::from(refused)
         })?;
         let (parts, stream) = mpsc::channel(READ_AHEAD);
-        let dir = self
+        let dir = sent
             .scratch
             .join(format!(".peer-snapshot-{partition}-{}", snapshot_number()));
         let memory = self.memory.clone();
-        let node_id = self.registry.node_id().to_owned();
+        let node_id = sent.registry.node_id().to_owned();
         let mut sender =
             PartSender::new(parts, tokio::runtime::Handle::current(), self.send_timeout);
         tokio::task::spawn_blocking(move || {

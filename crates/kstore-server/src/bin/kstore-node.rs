@@ -248,15 +248,19 @@ fn main() -> ExitCode {
         }
     }
     tracing::info!(node_id = %config.node_id, app_id = %config.app_id, "kstore-node starting");
-    let processor = match node::configured_processor(&config) {
-        Ok(processor) => processor,
-        Err(error) => {
+    let processors = match node::configured_processors(&config) {
+        Ok(processors) => processors,
+        Err((store, error)) if store == config.store => {
             eprintln!("kstore-node: {error}");
+            return ExitCode::from(2);
+        }
+        Err((store, error)) => {
+            eprintln!("kstore-node: store {store}: {error}");
             return ExitCode::from(2);
         }
     };
     kstore_server::tls::install_crypto_provider();
-    match node::run(config, processor, shutdown) {
+    match node::run_stores(config, processors, shutdown) {
         Ok(()) => {
             tracing::info!("kstore-node stopped cleanly");
             ExitCode::SUCCESS

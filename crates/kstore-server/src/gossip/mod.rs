@@ -117,7 +117,8 @@ async fn resolve_advertised(advertised: &str) -> Result<SocketAddr, GossipError>
 /// A running gossip member and the view it keeps.
 pub struct Gossip {
     handle: ChitchatHandle,
-    view: watch::Receiver<Arc<ClusterView>>,
+    /// Each store's view, in the order of [`SelfState::stores`].
+    views: Vec<watch::Receiver<Arc<ClusterView>>>,
     address: SocketAddr,
     publisher: JoinHandle<()>,
     interval: Duration,
@@ -131,13 +132,22 @@ impl std::fmt::Debug for Gossip {
     }
 }
 
+/// What the publisher needs to describe one store of this node.
+#[derive(Debug, Clone)]
+pub struct GossipedStore {
+    /// The store's gossip scope (`NodeConfig::gossip_scope`): which keys carry its copies.
+    pub scope: String,
+    /// The store's copies, status, generation and reads in flight.
+    pub registry: Arc<Registry>,
+    /// The store's ingest counters, for the ingest rate.
+    pub ingest: Arc<IngestMetrics>,
+}
+
 /// What the publisher needs to describe this node.
 #[derive(Debug, Clone)]
 pub struct SelfState {
-    /// The node's copies, status, generation and reads in flight.
-    pub registry: Arc<Registry>,
-    /// Ingest's counters, for the ingest rate.
-    pub ingest: Arc<IngestMetrics>,
+    /// The node's stores, its first store first.
+    pub stores: Vec<GossipedStore>,
     /// Where peers reach this node's gRPC.
     pub grpc_address: String,
     /// Set when the node shuts down: it then says it is leaving.
@@ -193,21 +203,27 @@ impl Gossip {
             .map_err(|error| GossipError::Start(format!("{error:#}")))?;
         tracing::info!(%address, cluster = %config.cluster_id, seeds = ?config.seeds, "gossiping");
 
-        let (view_tx, view) = watch::channel(Arc::new(ClusterView {
-            cluster_id: config.cluster_id.clone(),
-            ..ClusterView::default()
-        }));
+        let (view_txs, views) = state
+            .stores
+            .iter()
+            .map(|_| {
+                watch::channel(Arc::new(ClusterView {
+                    cluster_id: config.cluster_id.clone(),
+                    ..ClusterView::default()
+                }))
+            })
+            .unzip();
         let publisher = tokio::spawn(publish(
             handle.chitchat(),
             state,
             Duration::from_millis(config.publish_interval_ms),
             Duration::from_millis(config.dead_after_ms),
             config.cluster_id.clone(),
-            view_tx,
+            view_txs,
         ));
         Ok(Gossip {
             handle,
-            view,
+            views,
             address,
             publisher,
             interval,
@@ -219,9 +235,16 @@ impl Gossip {
         self.address
     }
 
-    /// Returns a receiver of the cluster view: the current one, and each new version.
+    /// Returns a receiver of the cluster view of the node's first store: the current one,
+    /// and each new version. Membership is the same in every store's view.
     pub fn view(&self) -> watch::Receiver<Arc<ClusterView>> {
-        self.view.clone()
+        self.views[0].clone()
+    }
+
+    /// Returns a receiver of the cluster view of the node's `index`th store (in the order
+    /// of [`SelfState::stores`]): every node, with its copies of that store.
+    pub fn view_of(&self, index: usize) -> watch::Receiver<Arc<ClusterView>> {
+        self.views[index].clone()
     }
 
     /// Leaves the cluster: waits until a changed status (leaving) has had a few gossip
@@ -235,14 +258,35 @@ impl Gossip {
     }
 }
 
-/// This node's gossip keys and values.
+/// This node's gossip keys and values: its address, status and load, and each store's
+/// group generation and copies under the store's scoped keys.
 fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
-    let registry = &state.registry;
     let status = if state.shutdown.load(Ordering::Relaxed) {
         NodeStatus::Leaving
+    } else if state
+        .stores
+        .iter()
+        .all(|store| store.registry.status() == NodeStatus::Running)
+    {
+        NodeStatus::Running
     } else {
-        registry.status()
+        NodeStatus::Starting
     };
+    let mut values = vec![
+        (keys::GRPC_ADDRESS.into(), state.grpc_address.clone()),
+        (keys::STATUS.into(), encode_status(status).into()),
+        (keys::LOAD.into(), encode_load(load)),
+    ];
+    for store in &state.stores {
+        values.extend(store_values(store));
+    }
+    values
+}
+
+/// One store's gossip keys and values: its group generation, its copies and the errors of
+/// its failed copies.
+fn store_values(store: &GossipedStore) -> [(String, String); 3] {
+    let registry = &store.registry;
     let mut copies: Vec<CopyInfo> = registry
         .all()
         .iter()
@@ -276,16 +320,17 @@ fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
         }
     }
     copies.sort_by_key(|c| c.partition);
-    vec![
-        (keys::GRPC_ADDRESS.into(), state.grpc_address.clone()),
-        (keys::STATUS.into(), encode_status(status).into()),
+    let scope = store.scope.as_str();
+    [
         (
-            keys::GROUP_GENERATION.into(),
+            keys::scoped(keys::GROUP_GENERATION, scope),
             registry.group_generation().to_string(),
         ),
-        (keys::LOAD.into(), encode_load(load)),
-        (keys::COPIES.into(), encode_copies(&copies)),
-        (keys::COPY_ERRORS.into(), encode_copy_errors(&errors)),
+        (keys::scoped(keys::COPIES, scope), encode_copies(&copies)),
+        (
+            keys::scoped(keys::COPY_ERRORS, scope),
+            encode_copy_errors(&errors),
+        ),
     ]
 }
 
@@ -296,11 +341,18 @@ async fn publish(
     interval: Duration,
     dead_after: Duration,
     cluster_id: String,
-    view_tx: watch::Sender<Arc<ClusterView>>,
+    view_txs: Vec<watch::Sender<Arc<ClusterView>>>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_count = state.ingest.records_in.load(Ordering::Relaxed);
+    let records_in = |state: &SelfState| -> u64 {
+        state
+            .stores
+            .iter()
+            .map(|store| store.ingest.records_in.load(Ordering::Relaxed))
+            .sum()
+    };
+    let mut last_count = records_in(&state);
     let mut last_tick = Instant::now();
     // When each node that is not live was first seen so.
     let mut silent_since: HashMap<ChitchatId, Instant> = HashMap::new();
@@ -312,11 +364,15 @@ async fn publish(
         ticker.tick().await;
         state.pulse.beat();
         let now = Instant::now();
-        let count = state.ingest.records_in.load(Ordering::Relaxed);
+        let count = records_in(&state);
         let elapsed = now.duration_since(last_tick).as_secs_f64().max(1e-3);
         let load = Load {
             ingest_rate: (count.saturating_sub(last_count) as f64 / elapsed) as u64,
-            reads_in_flight: state.registry.reads_in_flight(),
+            reads_in_flight: state
+                .stores
+                .iter()
+                .map(|store| store.registry.reads_in_flight())
+                .sum(),
         };
         (last_count, last_tick) = (count, now);
         let values = own_values(&state, load);
@@ -355,11 +411,16 @@ async fn publish(
                 .collect::<Vec<_>>()
         };
         report_dropped(&mut dropped);
-        let (mut view, errors) = ClusterView::from_gossip(&cluster_id, &entries, dead_after);
-        for error in &errors {
-            tracing::warn!(%error, "a gossip value does not decode");
+        for (store, view_tx) in state.stores.iter().zip(&view_txs).skip(1) {
+            let (view, errors) =
+                ClusterView::from_gossip(&cluster_id, &entries, dead_after, &store.scope);
+            report_bad_values(&errors);
+            send_if_changed(view_tx, view, |_, _| {});
         }
-        metrics::counter!(BAD_VALUES).increment(errors.len() as u64);
+        // The first store's view last, with membership's logs and metrics.
+        let (view, errors) =
+            ClusterView::from_gossip(&cluster_id, &entries, dead_after, &state.stores[0].scope);
+        report_bad_values(&errors);
         let counts = view.count_by_liveness();
         for liveness in [Liveness::Live, Liveness::Suspect, Liveness::Dead] {
             let count = counts.get(&liveness).copied().unwrap_or(0);
@@ -375,17 +436,37 @@ async fn publish(
                 );
             }
         }
-        view_tx.send_if_modified(|current| {
-            if current.same_content(&view) {
-                return false;
-            }
-            view.version = current.version + 1;
-            log_membership_changes(current, &view);
+        send_if_changed(&view_txs[0], view, |current, view| {
+            log_membership_changes(current, view);
             metrics::gauge!(VIEW_VERSION).set(view.version as f64);
-            *current = Arc::new(std::mem::take(&mut view));
-            true
         });
     }
+}
+
+/// Logs and counts gossip values that did not decode.
+fn report_bad_values(errors: &[kstore_core::cluster::GossipValueError]) {
+    for error in errors {
+        tracing::warn!(%error, "a gossip value does not decode");
+    }
+    metrics::counter!(BAD_VALUES).increment(errors.len() as u64);
+}
+
+/// Sends `view` as the next version if its content differs from the current one, calling
+/// `changed` with the current and the new view first.
+fn send_if_changed(
+    view_tx: &watch::Sender<Arc<ClusterView>>,
+    mut view: ClusterView,
+    changed: impl FnOnce(&ClusterView, &ClusterView),
+) {
+    view_tx.send_if_modified(|current| {
+        if current.same_content(&view) {
+            return false;
+        }
+        view.version = current.version + 1;
+        changed(current, &view);
+        *current = Arc::new(std::mem::take(&mut view));
+        true
+    });
 }
 
 /// Publishes what gossip dropped, and logs it (once per tick, however many).
@@ -470,8 +551,11 @@ mod tests {
             ..NodeConfig::default()
         };
         let state = SelfState {
-            registry: Arc::new(Registry::new(node_id, 4)),
-            ingest: Arc::new(IngestMetrics::default()),
+            stores: vec![GossipedStore {
+                scope: String::new(),
+                registry: Arc::new(Registry::new(node_id, 4)),
+                ingest: Arc::new(IngestMetrics::default()),
+            }],
             grpc_address: "127.0.0.1:1".into(),
             shutdown: Arc::new(AtomicBool::new(false)),
             pulse: Arc::new(crate::probes::Pulse::beating("gossip")),

@@ -6,6 +6,7 @@ pub mod error;
 pub mod forward;
 pub mod limits;
 pub mod query;
+pub mod stores;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::config::NodeConfig;
 use crate::registry::Registry;
 use admin::AdminService;
 use query::QueryService;
+use stores::{StoreQueries, StoreQuery};
 
 /// How often the server pings an idle connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -48,14 +50,27 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// One store the node serves.
+#[derive(Debug, Clone)]
+pub struct ServedStore {
+    /// The store's configuration (`NodeConfig::store_configs`).
+    pub config: Arc<NodeConfig>,
+    /// Its local copies.
+    pub registry: Arc<Registry>,
+    /// Every node with its copies of the store.
+    pub view: watch::Receiver<Arc<ClusterView>>,
+    /// How its values are answered.
+    pub values: ValueFormat,
+    /// Its backups, if a backup location is configured.
+    pub backups: Option<Arc<crate::backup::Backups>>,
+}
+
 /// What the Admin service acts on beyond the local copies.
 #[derive(Debug, Clone)]
 pub struct Operations {
     /// The node's drain.
     pub drain: Arc<crate::drain::Drain>,
-    /// The node's backups, if a backup location is configured.
-    pub backups: Option<Arc<crate::backup::Backups>>,
-    /// The Peer service (snapshots for other nodes).
+    /// The Peer service (snapshots of every store for other nodes).
     pub peer: Option<crate::snapshot::PeerService>,
     /// The node's TLS identity: set, the port serves TLS only, and reads are forwarded over
     /// TLS.
@@ -72,99 +87,78 @@ pub struct ValueFormat {
     pub descriptor_set: Option<Vec<u8>>,
 }
 
-/// A reflection service describing kstore's protos, health's and, if given, the value
-/// type's set. kstore's own files come first: a file of the same name in the value type's
-/// set (an imported google/protobuf one, say) is then ignored.
+/// A reflection service describing kstore's protos, health's and the value types' sets.
+/// kstore's own files come first: a file of the same name in a value type's set (an
+/// imported google/protobuf one, say) is then ignored, as is one a set before it defined.
 fn described<'a>(
     builder: tonic_reflection::server::Builder<'a>,
-    value_set: Option<&'a [u8]>,
+    value_sets: &[&'a [u8]],
 ) -> tonic_reflection::server::Builder<'a> {
-    let builder = builder
+    let mut builder = builder
         .register_encoded_file_descriptor_set(kstore_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    match value_set {
-        Some(set) => builder.register_encoded_file_descriptor_set(set),
-        None => builder,
+    for set in value_sets {
+        builder = builder.register_encoded_file_descriptor_set(set);
     }
+    builder
 }
 
-/// Serves Query (and Admin, if enabled), health and reflection on `incoming` until
-/// `shutdown` completes. Health says NOT_SERVING until the node's stores are open.
+/// Serves Query (and Admin, if enabled) for every store in `stores` (the node's first store
+/// first), health and reflection on `incoming` until `shutdown` completes. Health says
+/// NOT_SERVING until every store's copies are open. Admin acts on the first store.
 pub async fn serve(
     incoming: TcpIncoming,
     config: Arc<NodeConfig>,
-    registry: Arc<Registry>,
-    view: watch::Receiver<Arc<ClusterView>>,
+    stores: Vec<ServedStore>,
     operations: Operations,
-    values: ValueFormat,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
-    let query = QueryServer::new(
-        QueryService::new(
-            registry.clone(),
-            config.clone(),
-            view.clone(),
-            values.type_url,
-        )
-        .with_tls(operations.tls.clone()),
-    );
+    let query = QueryServer::new(StoreQueries::new(
+        stores
+            .iter()
+            .map(|store| StoreQuery {
+                name: store.config.store.clone(),
+                service: QueryService::new(
+                    store.registry.clone(),
+                    store.config.clone(),
+                    store.view.clone(),
+                    store.values.type_url.clone(),
+                )
+                .with_tls(operations.tls.clone()),
+                view: store.view.clone(),
+            })
+            .collect(),
+    ));
+    let first = &stores[0];
     let admin = config.admin_enabled.then(|| {
         AdminServer::new(
             AdminService::new(
-                registry.clone(),
-                config.store.clone(),
+                first.registry.clone(),
+                first.config.store.clone(),
                 config.admin_token.clone(),
                 operations.drain.clone(),
             )
-            .with_backups(operations.backups.clone(), view),
+            .with_backups(first.backups.clone(), first.view.clone()),
         )
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
-        .set_not_serving::<QueryServer<QueryService>>()
+        .set_not_serving::<QueryServer<StoreQueries>>()
         .await;
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let ready = registry.clone();
-    tokio::spawn(async move {
-        ready.wait_ready().await;
-        // SERVING while nothing node-wide is wrong (a thread of the node that died turns
-        // it NOT_SERVING, with the reason in the log).
-        let mut problems = ready.watch_problems();
-        loop {
-            let status = if problems.borrow_and_update().is_empty() {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            reporter
-                .set_service_status(
-                    <QueryServer<QueryService> as tonic::server::NamedService>::NAME,
-                    status,
-                )
-                .await;
-            reporter.set_service_status("", status).await;
-            match status {
-                tonic_health::ServingStatus::Serving => {
-                    tracing::info!("stores open; health is SERVING");
-                }
-                _ => tracing::error!(
-                    problems = ?*problems.borrow(),
-                    "health is NOT_SERVING"
-                ),
-            }
-            if problems.changed().await.is_err() {
-                return;
-            }
-        }
-    });
+    let registries: Vec<Arc<Registry>> = stores.iter().map(|s| s.registry.clone()).collect();
+    tokio::spawn(report_health(registries, reporter));
 
-    let value_set = values.descriptor_set.as_deref();
-    let reflection = described(tonic_reflection::server::Builder::configure(), value_set);
+    let value_sets: Vec<&[u8]> = stores
+        .iter()
+        .filter_map(|store| store.values.descriptor_set.as_deref())
+        .collect();
+    let reflection = described(tonic_reflection::server::Builder::configure(), &value_sets);
     let reflection_v1alpha =
-        described(tonic_reflection::server::Builder::configure(), value_set).build_v1alpha()?;
+        described(tonic_reflection::server::Builder::configure(), &value_sets).build_v1alpha()?;
 
     let router = Server::builder()
         // A connection whose peer is gone (not merely slow) is closed within a minute, and
@@ -198,6 +192,52 @@ pub async fn serve(
     Ok(())
 }
 
+/// Keeps health current: NOT_SERVING until every store's copies are open, then SERVING
+/// while nothing node-wide is wrong (a thread of the node that died turns it NOT_SERVING,
+/// with the reason in the log).
+async fn report_health(
+    registries: Vec<Arc<Registry>>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    for registry in &registries {
+        registry.wait_ready().await;
+    }
+    let mut changes = tokio_stream::StreamMap::new();
+    for (i, registry) in registries.iter().enumerate() {
+        changes.insert(
+            i,
+            tokio_stream::wrappers::WatchStream::from_changes(registry.watch_problems()),
+        );
+    }
+    loop {
+        let problems: Vec<_> = registries
+            .iter()
+            .flat_map(|registry| registry.watch_problems().borrow().clone())
+            .collect();
+        let status = if problems.is_empty() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status(
+                <QueryServer<StoreQueries> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        reporter.set_service_status("", status).await;
+        match status {
+            tonic_health::ServingStatus::Serving => {
+                tracing::info!("stores open; health is SERVING");
+            }
+            _ => tracing::error!(?problems, "health is NOT_SERVING"),
+        }
+        if tokio_stream::StreamExt::next(&mut changes).await.is_none() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tonic_health::pb::HealthCheckRequest;
@@ -213,18 +253,22 @@ mod tests {
         let registry = Arc::new(Registry::new("n1", 4));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (_view, view_rx) = watch::channel(Arc::new(ClusterView::default()));
+        let config = Arc::new(NodeConfig::default());
         let server = tokio::spawn(serve(
             incoming,
-            Arc::new(NodeConfig::default()),
-            registry.clone(),
-            view_rx,
+            config.clone(),
+            vec![ServedStore {
+                config,
+                registry: registry.clone(),
+                view: view_rx,
+                values: ValueFormat::default(),
+                backups: None,
+            }],
             Operations {
                 drain: Arc::new(crate::drain::Drain::new(Arc::default(), false)),
-                backups: None,
                 peer: None,
                 tls: None,
             },
-            ValueFormat::default(),
             async move {
                 let _ = stopped.await;
             },

@@ -255,9 +255,9 @@ impl QueryService {
         }
     }
 
-    /// Describes the store and the cluster view for Metadata and WatchMetadata.
-    fn metadata_of(&self, view: &ClusterView) -> MetadataResponse {
-        let store = StoreInfo {
+    /// Describes the store for Metadata.
+    pub(crate) fn store_info(&self) -> StoreInfo {
+        StoreInfo {
             name: self.config.store.clone(),
             partitions: self.registry.partitions(),
             input_topic: self.config.input_topic.clone(),
@@ -268,10 +268,14 @@ impl QueryService {
                 .and_then(|url| url.rsplit('/').next())
                 .unwrap_or_default()
                 .to_owned(),
-        };
+        }
+    }
+
+    /// Describes the store and the cluster view for Metadata and WatchMetadata.
+    pub(crate) fn metadata_of(&self, view: &ClusterView) -> MetadataResponse {
         MetadataResponse {
-            stores: vec![store],
-            nodes: view.to_proto_nodes(),
+            stores: vec![self.store_info()],
+            nodes: view.to_proto_nodes(&self.config.store),
             node_id: self.registry.node_id().to_owned(),
             cluster_id: self.config.cluster_id.clone(),
             view_version: view.version,
@@ -915,6 +919,7 @@ pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
         input_end: copy.input_end(),
         lag: copy.lag_at(position),
         error: String::new(),
+        store: String::new(),
     }
 }
 

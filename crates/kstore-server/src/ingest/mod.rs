@@ -153,7 +153,7 @@ pub fn run(
     if config.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
         producer_config.set(
             "transactional.id",
-            format!("{}-{}", config.app_id, config.node_id),
+            format!("{}-{}", config.group_id(), config.node_id),
         );
         // A transaction lasts about commit-interval-ms. If this node dies with one open, the
         // broker aborts it after this timeout, and the partition's next owner waits for that

@@ -32,6 +32,9 @@ pub struct Scenario {
     pub partitions: u32,
     pub dir: tempfile::TempDir,
     pub extra: Vec<String>,
+    /// A config file every node loads before the `--set` keys (for what keys cannot say,
+    /// such as a list of further stores).
+    pub config_file: Option<PathBuf>,
     /// The log of each node's latest run, by node id: where its gossip address is found.
     logs: Mutex<BTreeMap<String, PathBuf>>,
 }
@@ -66,6 +69,7 @@ impl Scenario {
             partitions,
             dir: tempfile::tempdir()?,
             extra: Vec::new(),
+            config_file: None,
             logs: Mutex::new(BTreeMap::new()),
         })
     }
@@ -89,8 +93,11 @@ impl Scenario {
             format!("seeds={}", self.seeds(node_id).join(",")),
         ];
         args.extend(self.extra.iter().cloned());
-        args.into_iter()
-            .flat_map(|a| ["--set".to_owned(), a])
+        let file = self
+            .config_file
+            .iter()
+            .flat_map(|file| ["--config".to_owned(), file.display().to_string()]);
+        file.chain(args.into_iter().flat_map(|a| ["--set".to_owned(), a]))
             .collect()
     }
 
@@ -135,10 +142,15 @@ impl Scenario {
     pub fn config(&self, node_id: &str) -> Result<NodeConfig> {
         let overrides: Vec<String> = self
             .args(node_id)
-            .into_iter()
-            .filter(|a| a != "--set")
+            .chunks(2)
+            .filter(|pair| pair[0] == "--set")
+            .map(|pair| pair[1].clone())
             .collect();
-        Ok(NodeConfig::load(None, [], &overrides)?)
+        Ok(NodeConfig::load(
+            self.config_file.as_deref(),
+            [],
+            &overrides,
+        )?)
     }
 
     pub fn produce(&self, generator: &GeneratorConfig, count: u64) -> Result<()> {
@@ -465,9 +477,20 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout of the answering node's first store.
     pub fn of(metadata: &MetadataResponse) -> Layout {
+        let first = metadata.stores.first().map(|s| s.name.clone());
+        Self::of_store(metadata, &first.unwrap_or_default())
+    }
+
+    /// The layout of `store`.
+    pub fn of_store(metadata: &MetadataResponse, store: &str) -> Layout {
         let mut layout = Layout {
-            partitions: metadata.stores.first().map_or(0, |s| s.partitions),
+            partitions: metadata
+                .stores
+                .iter()
+                .find(|s| s.name == store)
+                .map_or(0, |s| s.partitions),
             ..Layout::default()
         };
         for node in metadata
@@ -475,7 +498,7 @@ impl Layout {
             .iter()
             .filter(|n| n.liveness() == Liveness::Live)
         {
-            for copy in &node.copies {
+            for copy in node.copies.iter().filter(|c| c.store == store) {
                 match copy.role() {
                     Role::Active => layout
                         .actives
