@@ -601,6 +601,18 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
             "an open transaction's record is not readable"
         );
         ensure!(before.read.context("read metadata")?.role() == Role::Restoring);
+        // The restore says why it waits (once it has waited a couple of seconds), and still
+        // waits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !node.output().contains("ends in an open transaction") {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the restore never said it waits for an open transaction"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let roles = roles(&mut client).await?;
+        ensure!(roles.get(&partition) == Some(&Role::Restoring), "{roles:?}");
 
         zombie.commit_transaction(Duration::from_secs(30))?;
         wait_for_active(&mut client, partition, Duration::from_secs(30))
@@ -615,7 +627,6 @@ fn a_restore_waits_for_an_open_changelog_transaction() -> Result<()> {
         }
         // The record at offset 0, its commit marker at 1.
         ensure!(read.changelog_offset == 1, "{read:?}");
-        ensure!(node.output().contains("ends in an open transaction"));
 
         let status = node.terminate(Duration::from_secs(60))?;
         ensure!(status.success(), "node exit: {status}");

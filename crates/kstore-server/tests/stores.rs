@@ -1,9 +1,9 @@
 //! Several stores in one cluster: the built-in features store and a store of a WebAssembly
 //! module (`kstore-guest`'s `tally` example, its values a protobuf message of its own) fed
 //! from a topic of its own, on three nodes of one gossip cluster. Each store has its own
-//! actives and standbys; both stay exact through kill -9 of a node, and through every node
-//! each store's values read exactly what its input says; an unknown store is refused naming
-//! the stores served.
+//! actives and standbys; both stay exact through kill -9 of a node and a rolling restart
+//! with both inputs flowing, and through every node each store's values read exactly what
+//! its input says; an unknown store is refused naming the stores served.
 
 mod common;
 
@@ -51,6 +51,28 @@ async fn send_words(
         *entry = (entry.0 + 1, value);
     }
     Ok(())
+}
+
+/// The inputs sent so far: the features store's order events (the generator's first
+/// `events_sent`) and the tally store's records, with what each tally key should hold.
+struct Inputs {
+    generator: GeneratorConfig,
+    events_sent: u64,
+    words_topic: String,
+    words_sent: u64,
+    tallies: Tallies,
+}
+
+impl Inputs {
+    /// Sends the next `events` order events and `words` tally records.
+    async fn send(&mut self, scenario: &Scenario, events: u64, words: u64) -> Result<()> {
+        scenario.produce_from(&self.generator, self.events_sent, events)?;
+        self.events_sent += events;
+        let range = self.words_sent..self.words_sent + words;
+        send_words(scenario, &self.words_topic, range, &mut self.tallies).await?;
+        self.words_sent += words;
+        Ok(())
+    }
 }
 
 /// Waits until every node's view shows, for each store, one live active and one live
@@ -172,8 +194,8 @@ async fn check_reads(
 }
 
 #[test]
-fn a_cluster_serves_the_features_store_and_a_module_store_both_exact_through_kill_9() -> Result<()>
-{
+fn a_cluster_serves_the_features_store_and_a_module_store_both_exact_through_kill_9_and_a_rolling_restart()
+-> Result<()> {
     run_async(async {
         let mut scenario = Scenario::new("stores", PARTITIONS).await?;
         let app = scenario.app.clone();
@@ -207,13 +229,15 @@ group-id = "{tally_group}"
             seed: 31,
             ..GeneratorConfig::default()
         };
-        let count = 8_000u64;
-        let events: Vec<OrderEvent> = OrderGenerator::new(generator.clone())
-            .take(count as usize)
-            .collect();
-        let mut tallies = Tallies::new();
-        scenario.produce(&generator, count / 2)?;
-        send_words(&scenario, &words, 0..1_000, &mut tallies).await?;
+        // Both inputs go on between the faults.
+        let mut inputs = Inputs {
+            generator,
+            events_sent: 0,
+            words_topic: words.clone(),
+            words_sent: 0,
+            tallies: Tallies::new(),
+        };
+        inputs.send(&scenario, 3_000, 800).await?;
 
         let mut nodes = Vec::new();
         for id in NODES {
@@ -261,9 +285,18 @@ group-id = "{tally_group}"
         // kill -9 of node-2 while both inputs go on, then its restart from its own disk.
         let status = nodes[1].process.kill9()?;
         ensure!(!status.success(), "node-2 after kill -9: {status}");
-        scenario.produce_from(&generator, count / 2, count / 2)?;
-        send_words(&scenario, &words, 1_000..2_000, &mut tallies).await?;
-        nodes[1] = Node::start(&scenario, "node-2", "second").await?;
+        inputs.send(&scenario, 1_500, 400).await?;
+        nodes[1] = Node::start(&scenario, "node-2", "after-kill").await?;
+        wait_for_both_layouts(&mut nodes, Duration::from_secs(180)).await?;
+
+        // A rolling restart, one node at a time, while both inputs go on.
+        for (i, id) in NODES.iter().enumerate() {
+            let status = nodes[i].process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "{id} exit: {status}");
+            inputs.send(&scenario, 1_000, 300).await?;
+            nodes[i] = Node::start(&scenario, id, "rolled").await?;
+            wait_for_both_layouts(&mut nodes, Duration::from_secs(180)).await?;
+        }
         scenario.wait_committed(Duration::from_secs(300), || Ok(()))?;
         wait_group_caught_up(
             &scenario,
@@ -272,7 +305,10 @@ group-id = "{tally_group}"
             WORD_PARTITIONS,
             Duration::from_secs(300),
         )?;
-        wait_for_both_layouts(&mut nodes, Duration::from_secs(180)).await?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(inputs.generator.clone())
+            .take(inputs.events_sent as usize)
+            .collect();
+        let tallies = inputs.tallies;
 
         // Through every node, every key of both stores reads exactly what its input says.
         let features = expected_features(&events);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kstore_cli::backup;
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
+use kstore_cli::keys::KeyFormat;
 use kstore_cli::produce::{ProduceOptions, produce};
 use kstore_cli::values::Values;
 use kstore_cli::view;
@@ -107,6 +108,15 @@ struct Routing {
     timeout_ms: u64,
 }
 
+/// How keys are written on the command line and printed.
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// How the keys given here are written and how keys print: text (UTF-8), hex or base64
+    /// (for binary keys, such as composite or integer keys).
+    #[arg(long, value_enum, default_value_t = KeyFormat::Text)]
+    key_format: KeyFormat,
+}
+
 /// What a scan reads.
 #[derive(Debug, Args)]
 struct ScanArgs {
@@ -155,6 +165,8 @@ enum Command {
         connect: Connect,
         #[command(flatten)]
         routing: Routing,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// The key (a customer id for the built-in processor).
         key: String,
         /// Read-your-writes: the answer must reflect this input offset of the key's
@@ -171,6 +183,8 @@ enum Command {
         connect: Connect,
         #[command(flatten)]
         routing: Routing,
+        #[command(flatten)]
+        format: KeyArgs,
         /// The keys.
         #[arg(required = true)]
         keys: Vec<String>,
@@ -183,6 +197,8 @@ enum Command {
         connect: Connect,
         #[command(flatten)]
         routing: Routing,
+        #[command(flatten)]
+        keys: KeyArgs,
         #[command(flatten)]
         scan: ScanArgs,
     },
@@ -326,6 +342,7 @@ fn main() -> ExitCode {
         Command::Get {
             connect,
             routing,
+            keys,
             key,
             min_input_offset,
             explain,
@@ -334,6 +351,7 @@ fn main() -> ExitCode {
             Some(&routing),
             Work::Get {
                 key,
+                format: keys.key_format,
                 min_input_offset,
                 explain,
             },
@@ -341,13 +359,22 @@ fn main() -> ExitCode {
         Command::Mget {
             connect,
             routing,
+            format,
             keys,
-        } => read(&connect, Some(&routing), Work::Mget { keys }),
+        } => read(
+            &connect,
+            Some(&routing),
+            Work::Mget {
+                keys,
+                format: format.key_format,
+            },
+        ),
         Command::Scan {
             connect,
             routing,
+            keys,
             scan,
-        } => read(&connect, Some(&routing), Work::Scan(scan)),
+        } => read(&connect, Some(&routing), Work::Scan(scan, keys.key_format)),
         Command::Metadata { connect } => read(&connect, None, Work::Metadata),
         Command::Watch { connect } => read(&connect, None, Work::Watch),
         Command::Restore { args } => {
@@ -438,13 +465,15 @@ fn main() -> ExitCode {
 enum Work {
     Get {
         key: String,
+        format: KeyFormat,
         min_input_offset: Option<i64>,
         explain: bool,
     },
     Mget {
         keys: Vec<String>,
+        format: KeyFormat,
     },
-    Scan(ScanArgs),
+    Scan(ScanArgs, KeyFormat),
     Metadata,
     Watch,
 }
@@ -480,7 +509,7 @@ async fn connect_client(connect: &Connect, routing: Option<&Routing>) -> Result<
 
 async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
     let values = match &work {
-        Work::Get { .. } | Work::Mget { .. } | Work::Scan(_) => {
+        Work::Get { .. } | Work::Mget { .. } | Work::Scan(..) => {
             match describe_values(client, connect).await {
                 Ok(values) => values,
                 Err(error) => {
@@ -494,6 +523,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
     match work {
         Work::Get {
             key,
+            format,
             min_input_offset,
             explain,
         } => {
@@ -501,7 +531,11 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
                 min_input_offset,
                 ..ReadOptions::default()
             };
-            match client.get_with(key.as_bytes(), &options).await {
+            let bytes = match format.parse(&key) {
+                Ok(bytes) => bytes,
+                Err(error) => return bad_key(&error),
+            };
+            match client.get_with(&bytes, &options).await {
                 Ok(answer) => {
                     print_answer(&key, &answer, &values, connect.json);
                     if explain && !connect.json {
@@ -512,8 +546,14 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
                 Err(error) => read_failed(&key, &error),
             }
         }
-        Work::Mget { keys } => {
-            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        Work::Mget { keys, format } => {
+            let bytes: Result<Vec<Vec<u8>>, String> =
+                keys.iter().map(|key| format.parse(key)).collect();
+            let bytes = match bytes {
+                Ok(bytes) => bytes,
+                Err(error) => return bad_key(&error),
+            };
+            let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
             let mut failed = false;
             for (key, result) in keys.iter().zip(client.multi_get(&refs).await) {
                 match result {
@@ -530,7 +570,7 @@ async fn run_read(client: &Client, connect: &Connect, work: Work) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Work::Scan(scan) => run_scan(client, &scan, &values, connect.json).await,
+        Work::Scan(scan, format) => run_scan(client, &scan, format, &values, connect.json).await,
         Work::Metadata => {
             let view = client.view();
             if connect.json {
@@ -612,7 +652,13 @@ async fn describe_values(client: &Client, connect: &Connect) -> Result<Values, S
 
 /// Prints pages of a scan: one, or with `--all` every one to the end, asking a failed page
 /// again from the same token until `--retry-ms` has passed.
-async fn run_scan(client: &Client, args: &ScanArgs, values: &Values, json: bool) -> ExitCode {
+async fn run_scan(
+    client: &Client,
+    args: &ScanArgs,
+    format: KeyFormat,
+    values: &Values,
+    json: bool,
+) -> ExitCode {
     let mut token = match &args.token {
         Some(text) => match text.parse::<ScanToken>() {
             Ok(token) => Some(token),
@@ -623,13 +669,15 @@ async fn run_scan(client: &Client, args: &ScanArgs, values: &Values, json: bool)
         },
         None => None,
     };
-    let mut scan = match (&args.prefix, &args.from, &args.to) {
-        (Some(prefix), _, _) => Scan::prefix(prefix.as_bytes()),
-        (None, None, None) => Scan::all(),
-        (None, from, to) => Scan::range(
-            from.as_deref().unwrap_or_default().as_bytes(),
-            to.as_deref().unwrap_or_default().as_bytes(),
-        ),
+    let key = |written: &Option<String>| format.parse(written.as_deref().unwrap_or_default());
+    let scan = match (&args.prefix, &args.from, &args.to) {
+        (Some(_), _, _) => key(&args.prefix).map(Scan::prefix),
+        (None, None, None) => Ok(Scan::all()),
+        (None, from, to) => key(from).and_then(|from| Ok(Scan::range(from, key(to)?))),
+    };
+    let mut scan = match scan {
+        Ok(scan) => scan,
+        Err(error) => return bad_key(&error),
     };
     if args.descending {
         scan = scan.descending();
@@ -670,7 +718,7 @@ async fn run_scan(client: &Client, args: &ScanArgs, values: &Values, json: bool)
             }
         };
         keys += page.entries.len();
-        print_page(&page, values, json);
+        print_page(&page, format, values, json);
         match page.next {
             Some(next) if args.all => token = Some(next),
             _ => break,
@@ -683,9 +731,9 @@ async fn run_scan(client: &Client, args: &ScanArgs, values: &Values, json: bool)
 }
 
 /// Prints a page's keys, one per line, then what it read and where the next page starts.
-fn print_page(page: &ScanPage, values: &Values, json: bool) {
+fn print_page(page: &ScanPage, format: KeyFormat, values: &Values, json: bool) {
     for entry in &page.entries {
-        let key = String::from_utf8_lossy(&entry.key);
+        let key = format.print(&entry.key);
         let value = values.json(Some(&entry.value));
         if json {
             println!(
@@ -716,6 +764,12 @@ fn print_page(page: &ScanPage, values: &Values, json: bool) {
             ),
         }
     }
+}
+
+/// A key given that is not written as `--key-format` says: exit status 2.
+fn bad_key(error: &str) -> ExitCode {
+    eprintln!("kstore: a key is not as --key-format says: {error}");
+    ExitCode::from(2)
 }
 
 fn read_failed(key: &str, error: &ReadError) -> ExitCode {

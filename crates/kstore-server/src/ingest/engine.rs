@@ -39,6 +39,28 @@ pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait after a transaction was aborted because producing failed.
 const SEND_FAILURE_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The most records of distinct keys handed to the processor in one call. A WebAssembly
+/// module's call has a fixed cost that a run spreads; beyond about 16 records the gain
+/// turns into cache misses (README, "WebAssembly processor against native").
+pub(super) const MAX_PROCESSOR_BATCH: usize = 16;
+
+/// A record taken into the open transaction, waiting for its processor call.
+struct Admitted<'m> {
+    message: &'m BorrowedMessage<'m>,
+    checked: Checked,
+}
+
+/// What a record's checks found.
+enum Checked {
+    /// The processor sees it, with its key's current value.
+    Process {
+        misplaced: Option<u32>,
+        current: Option<Vec<u8>>,
+    },
+    /// A check decided its fate (a dead letter).
+    Decided(fold::Fold),
+}
+
 /// What ingest does with a partition it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ownership {
@@ -120,6 +142,9 @@ pub(super) struct Engine {
     dlq_topic: String,
     /// An error raised inside a rebalance callback, which cannot return one.
     pub(super) fatal: Option<IngestError>,
+    /// The partitions rewound (sought back or paused) since the batch being handled was
+    /// polled: its records of them are read again, not folded.
+    rewound: HashSet<i32>,
 }
 
 /// The consumer context: rebalance callbacks commit or abort the open transaction before
@@ -243,6 +268,7 @@ impl Engine {
             metrics,
             dlq_topic,
             fatal: None,
+            rewound: HashSet::new(),
         }
     }
 
@@ -373,6 +399,7 @@ impl Engine {
         self.stores.remove(&partition);
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
+        self.rewound.insert(partition);
         self.owned.insert(
             partition,
             Ownership::Failed {
@@ -403,14 +430,101 @@ impl Engine {
         })
     }
 
-    /// Folds one input record into the open transaction.
-    pub(super) fn handle(
+    /// Folds polled input records into the open transaction, in order. Runs of records
+    /// with distinct keys (at most [`MAX_PROCESSOR_BATCH`]) go to the processor in one call.
+    /// A record of a partition rewound while the batch is handled (an abort, a failed copy,
+    /// a record of a paused partition) is left: the partition's records are read again
+    /// from where it was rewound to, which is at or before that record.
+    pub(super) fn handle_batch(
         &mut self,
-        message: &BorrowedMessage<'_>,
+        messages: &[BorrowedMessage<'_>],
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<(), IngestError> {
+        self.rewound.clear();
+        let mut start = 0;
+        while start < messages.len() {
+            let keys = messages[start..]
+                .iter()
+                .map(|message| message.key().unwrap_or_default());
+            let run = distinct_key_run(keys, MAX_PROCESSOR_BATCH);
+            self.handle_run(&messages[start..start + run], consumer)?;
+            start += run;
+        }
+        Ok(())
+    }
+
+    /// Folds records with distinct keys: each record's checks and its place in the
+    /// transaction first, in order; then one processor call for those that passed; then
+    /// each record's effects, in order.
+    fn handle_run(
+        &mut self,
+        run: &[BorrowedMessage<'_>],
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<(), IngestError> {
+        let mut admitted = Vec::with_capacity(run.len());
+        for message in run {
+            if let Some(record) = self.admit(message, consumer)? {
+                admitted.push(record);
+            }
+        }
+        let headers: Vec<Vec<RecordHeader<'_>>> =
+            admitted.iter().map(|a| record_headers(a.message)).collect();
+        let records: Vec<InputRecord<'_>> = admitted
+            .iter()
+            .zip(&headers)
+            .map(|(a, headers)| input_record(a.message, headers))
+            .collect();
+        let batch: Vec<(InputRecord<'_>, Option<&[u8]>)> = admitted
+            .iter()
+            .zip(&records)
+            .filter_map(|(a, record)| match &a.checked {
+                Checked::Process { current, .. } => Some((*record, current.as_deref())),
+                Checked::Decided(_) => None,
+            })
+            .collect();
+        let mut processed = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.processor.process_batch(&batch)
+        }
+        .into_iter();
+        drop(batch);
+        for (record, admitted) in records.iter().zip(admitted) {
+            let fold = match admitted.checked {
+                Checked::Decided(fold) => fold,
+                Checked::Process { misplaced, .. } => {
+                    let Some(result) = processed.next() else {
+                        unreachable!("one result per record processed");
+                    };
+                    fold::Fold {
+                        step: fold::step_of(&self.limits, record.key, result),
+                        misplaced,
+                    }
+                }
+            };
+            // An abort or a failed copy while this run was handled rewound the partition:
+            // the record is read again.
+            if self.rewound.contains(&record.partition) {
+                continue;
+            }
+            self.apply(admitted.message, record, fold, consumer);
+        }
+        Ok(())
+    }
+
+    /// Takes an input record into the open transaction if its partition is active here and
+    /// it was not folded already, and checks it; returns it with its key's current value
+    /// if the processor is to see it, or with its fate if a check decided it.
+    fn admit<'m>(
+        &mut self,
+        message: &'m BorrowedMessage<'m>,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> Result<Option<Admitted<'m>>, IngestError> {
         let partition = message.partition();
         let offset = message.offset();
+        if self.rewound.contains(&partition) {
+            return Ok(None);
+        }
         if !matches!(self.owned.get(&partition), Some(Ownership::Active { .. })) {
             // Fetched before the pause took hold: read it again once the partition is ours.
             if self.owned.contains_key(&partition) {
@@ -422,8 +536,9 @@ impl Engine {
                         KAFKA_TIMEOUT,
                     )
                     .map_err(kafka("rewinding a paused partition"))?;
+                self.rewound.insert(partition);
             }
-            return Ok(());
+            return Ok(None);
         }
         if let Some(&next) = self.next_input.get(&partition)
             && offset < next
@@ -446,7 +561,7 @@ impl Engine {
                     "the consumer handed over a record already folded; skipped"
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
         self.fresh.remove(&partition);
         self.next_input.insert(partition, offset + 1);
@@ -465,40 +580,46 @@ impl Engine {
         txn.next_offset.insert(partition, offset + 1);
 
         let headers = record_headers(message);
-        let record = InputRecord {
-            topic: message.topic(),
-            partition,
-            offset,
-            key: message.key().unwrap_or_default(),
-            value: message.payload(),
-            timestamp_ms: message.timestamp().to_millis(),
-            headers: &headers,
+        let record = input_record(message, &headers);
+        let misplaced = match fold::check(&self.limits, &record) {
+            Ok(misplaced) => misplaced,
+            Err(decided) => {
+                return Ok(Some(Admitted {
+                    message,
+                    checked: Checked::Decided(decided),
+                }));
+            }
         };
-        let Engine {
-            limits,
-            processor,
-            txn,
-            stores,
-            ..
-        } = self;
-        let folded = fold::fold(limits, processor.as_mut(), &record, |key| {
-            current_value(txn.as_ref(), stores, partition, key)
-        });
-        let folded = match folded {
-            Ok(folded) => folded,
+        match current_value(self.txn.as_ref(), &self.stores, partition, record.key) {
+            Ok(current) => Ok(Some(Admitted {
+                message,
+                checked: Checked::Process { misplaced, current },
+            })),
             Err(error) => {
                 let reason = format!("reading the store: {error}");
                 self.fail_partition(partition, &reason, error.is_corruption(), consumer);
-                return Ok(());
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// Carries out a record's fold in the open transaction: its update and outputs, or its
+    /// dead letter; or, if the processor cannot run, fails the partition's copy.
+    fn apply(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        record: &InputRecord<'_>,
+        folded: fold::Fold,
+        consumer: &BaseConsumer<IngestContext>,
+    ) {
+        let partition = record.partition;
         if let Some(expected) = folded.misplaced {
             IngestMetrics::add(&self.metrics.partition_mismatches, 1);
             tracing::warn!(
                 key = %String::from_utf8_lossy(record.key),
                 partition,
                 expected,
-                offset,
+                offset = record.offset,
                 "key arrived on another partition than Kafka's partitioner gives it; \
                  its producer does not use the murmur2 partitioner"
             );
@@ -509,7 +630,7 @@ impl Engine {
             Step::Unavailable(reason) => {
                 let reason = format!("the processor cannot run: {reason}");
                 self.fail_partition(partition, &reason, false, consumer);
-                return Ok(());
+                return;
             }
         };
         if let Err(error) = sent {
@@ -519,7 +640,6 @@ impl Engine {
             self.abort(consumer, true);
             std::thread::sleep(SEND_FAILURE_BACKOFF);
         }
-        Ok(())
     }
 
     /// Produces a folded record's effects in the open transaction: its changelog record
@@ -806,6 +926,7 @@ impl Engine {
             }
         }
         if rewind {
+            self.rewound.extend(txn.first_offset.keys());
             for (partition, first) in txn.first_offset {
                 if !self.owned.contains_key(&partition) {
                     continue;
@@ -845,6 +966,33 @@ impl Engine {
 }
 
 /// Returns a record's headers as a processor sees them (no allocation for a record without).
+/// Returns how many of `keys` (not empty; at least one, at most `max`) go to the processor in one
+/// call: up to the first key that repeats one before it, since a record must see the
+/// value its key's record before it left.
+fn distinct_key_run<'k>(keys: impl Iterator<Item = &'k [u8]>, max: usize) -> usize {
+    let mut seen = HashSet::new();
+    keys.take(max.max(1))
+        .take_while(|key| seen.insert(*key))
+        .count()
+        .max(1)
+}
+
+/// The record as the processor sees it.
+fn input_record<'a>(
+    message: &'a BorrowedMessage<'_>,
+    headers: &'a [RecordHeader<'a>],
+) -> InputRecord<'a> {
+    InputRecord {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().unwrap_or_default(),
+        value: message.payload(),
+        timestamp_ms: message.timestamp().to_millis(),
+        headers,
+    }
+}
+
 fn record_headers<'a>(message: &'a BorrowedMessage<'_>) -> Vec<RecordHeader<'a>> {
     message.headers().map_or_else(Vec::new, |headers| {
         headers
@@ -933,6 +1081,18 @@ mod tests {
     use rdkafka::error::RDKafkaErrorCode;
 
     use super::*;
+
+    #[test]
+    fn a_run_for_the_processor_ends_before_a_key_repeats_or_at_its_limit() {
+        let run = |keys: &[&str], max| distinct_key_run(keys.iter().map(|k| k.as_bytes()), max);
+        assert_eq!(run(&["a", "b", "c"], 16), 3);
+        // The second "a" must see the first one's value: it starts the next run.
+        assert_eq!(run(&["a", "b", "a", "c"], 16), 2);
+        assert_eq!(run(&["a", "a"], 16), 1);
+        assert_eq!(run(&["a", "b", "c", "d"], 2), 2);
+        // A run holds at least one record, whatever the limit.
+        assert_eq!(run(&["a"], 0), 1);
+    }
 
     #[test]
     fn a_commit_ends_well_before_the_poll_interval() {

@@ -1,13 +1,16 @@
-//! The fold step of one input record, free of Kafka and RocksDB: the record's checks (a key,
-//! sizes within limits, the partition Kafka's partitioner gives its key), the processor's
-//! call against the key's current value, and the checks of what it returned. The engine
-//! produces the outcome inside its transaction, or the record's dead letter.
+//! The fold step of input records, free of Kafka and RocksDB: a record's checks (a key,
+//! sizes within limits, the partition Kafka's partitioner gives its key) before the
+//! processor's call against the key's current value, and the checks of what it returned.
+//! The engine calls the processor for runs of records at once, and produces each outcome
+//! inside its transaction, or the record's dead letter.
 
 use kstore_core::keys::check_key;
 use kstore_core::partitioner::partition_for_key;
 
 use crate::config::MismatchPolicy;
-use crate::processor::{InputRecord, Outcome, ProcessError, Processor, Update};
+#[cfg(test)]
+use crate::processor::Processor;
+use crate::processor::{InputRecord, Outcome, ProcessError, Update};
 
 /// What a record may be.
 #[derive(Debug, Clone, Copy)]
@@ -48,26 +51,46 @@ pub(crate) struct Fold {
 }
 
 /// Checks `record`, calls the processor with the key's current value (asked of `current`
-/// only once the record passed its checks) and checks what it returned.
+/// only once the record passed its checks) and checks what it returned: one record's whole
+/// fold, as ingest makes it in steps ([`check`], the processor's batch call, [`step_of`]).
+#[cfg(test)]
 pub(crate) fn fold<E>(
     limits: &Limits,
     processor: &mut dyn Processor,
     record: &InputRecord<'_>,
     current: impl FnOnce(&[u8]) -> Result<Option<Vec<u8>>, E>,
 ) -> Result<Fold, E> {
+    let misplaced = match check(limits, record) {
+        Ok(misplaced) => misplaced,
+        Err(decided) => return Ok(decided),
+    };
+    let current = current(record.key)?;
+    let step = step_of(
+        limits,
+        record.key,
+        processor.process(record, current.as_deref()),
+    );
+    Ok(Fold { step, misplaced })
+}
+
+/// A record's checks before the processor sees it: a key, sizes within limits, and the
+/// partition Kafka's partitioner gives its key. Returns whether the key arrived on another
+/// partition than its own (the partition it belongs to), or the record's fate if a check
+/// decides it.
+pub(crate) fn check(limits: &Limits, record: &InputRecord<'_>) -> Result<Option<u32>, Fold> {
     let dead = |reason: String| Fold {
         step: Step::DeadLetter(reason),
         misplaced: None,
     };
     if let Err(error) = check_key(record.key, limits.max_key_bytes) {
-        return Ok(dead(match error {
+        return Err(dead(match error {
             kstore_core::keys::KeyError::Empty => "record has no key".into(),
             too_large => too_large.to_string(),
         }));
     }
     let value_len = record.value.map_or(0, <[u8]>::len);
     if value_len > limits.max_value_bytes {
-        return Ok(dead(format!(
+        return Err(dead(format!(
             "value of {value_len} bytes exceeds max-value-bytes {}",
             limits.max_value_bytes
         )));
@@ -75,7 +98,7 @@ pub(crate) fn fold<E>(
     let expected = partition_for_key(record.key, limits.partitions);
     let misplaced = (i64::from(expected) != i64::from(record.partition)).then_some(expected);
     if misplaced.is_some() && limits.partition_mismatch == MismatchPolicy::Dlq {
-        return Ok(Fold {
+        return Err(Fold {
             step: Step::DeadLetter(format!(
                 "key belongs to partition {expected}, arrived on partition {}",
                 record.partition
@@ -83,14 +106,20 @@ pub(crate) fn fold<E>(
             misplaced,
         });
     }
+    Ok(misplaced)
+}
 
-    let current = current(record.key)?;
-    let step = match processor.process(record, current.as_deref()) {
-        Ok(outcome) => check_outcome(limits, record.key, outcome),
+/// What becomes of a record of `key`, given what the processor made of it.
+pub(crate) fn step_of(
+    limits: &Limits,
+    key: &[u8],
+    processed: Result<Outcome, ProcessError>,
+) -> Step {
+    match processed {
+        Ok(outcome) => check_outcome(limits, key, outcome),
         Err(ProcessError::Unavailable(reason)) => Step::Unavailable(reason),
         Err(error) => Step::DeadLetter(error.to_string()),
-    };
-    Ok(Fold { step, misplaced })
+    }
 }
 
 /// Refuses an outcome that no Kafka record could carry.

@@ -46,6 +46,9 @@ use delivery::{DeliveryTracker, lock};
 use engine::{Engine, IngestContext, KAFKA_TIMEOUT, kafka};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// The most records one round of the ingest loop takes from the consumer (those fetched
+/// already; it waits only for the first).
+const MAX_POLLED_RECORDS: usize = 256;
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a member stays in the group with no partition before it counts as started.
 const EMPTY_ASSIGNMENT_GRACE: Duration = Duration::from_secs(3);
@@ -237,7 +240,22 @@ fn poll_loop(
         // which would then be skipped as folded already and lost.
         lock(engine).follow_copies(consumer)?;
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
-        let message = consumer.poll(POLL_TIMEOUT);
+        // The records already fetched come along (up to MAX_POLLED_RECORDS), so that the
+        // processor sees runs of them.
+        let mut messages = Vec::new();
+        let mut error = None;
+        let mut wait = POLL_TIMEOUT;
+        while messages.len() < MAX_POLLED_RECORDS {
+            match consumer.poll(wait) {
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(polled)) => {
+                    error = Some(polled);
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
         let mut engine = lock(engine);
         if let Some(error) = engine.fatal.take() {
             return Err(error);
@@ -245,21 +263,19 @@ fn poll_loop(
         if let Some(reason) = registry.fatal() {
             return Err(IngestError::Node(reason));
         }
-        match message {
-            Some(Ok(message)) => engine.handle(&message, consumer)?,
-            Some(Err(error)) => {
-                // A fatal error (another process took this node's group.instance.id) stops
-                // the consumer for good: ingest ends rather than sit out of the group.
-                if let Some((code, reason)) = consumer.client().fatal_error() {
-                    tracing::error!(%code, reason, "fatal consumer error; ingest stops");
-                    return Err(IngestError::Kafka {
-                        during: "consuming",
-                        source: KafkaError::MessageConsumptionFatal(code),
-                    });
-                }
-                tracing::warn!(%error, "consumer error");
+        engine.handle_batch(&messages, consumer)?;
+        drop(messages);
+        if let Some(error) = error {
+            // A fatal error (another process took this node's group.instance.id) stops the
+            // consumer for good: ingest ends rather than sit out of the group.
+            if let Some((code, reason)) = consumer.client().fatal_error() {
+                tracing::error!(%code, reason, "fatal consumer error; ingest stops");
+                return Err(IngestError::Kafka {
+                    during: "consuming",
+                    source: KafkaError::MessageConsumptionFatal(code),
+                });
             }
-            None => {}
+            tracing::warn!(%error, "consumer error");
         }
         if engine.txn_due() {
             engine.commit(consumer)?;

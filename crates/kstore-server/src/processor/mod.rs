@@ -121,6 +121,21 @@ pub trait Processor: Send + 'static {
         current: Option<&[u8]>,
     ) -> Result<Outcome, ProcessError>;
 
+    /// Processes several records, each with its key's current value; no two have the same
+    /// key. Returns one result per record, in order, each what [`Processor::process`] would
+    /// return for it. Ingest hands the processor runs of records this way, so that a
+    /// processor with a fixed cost per call (a WebAssembly module) spreads it; the default
+    /// calls `process` for each.
+    fn process_batch(
+        &mut self,
+        batch: &[(InputRecord<'_>, Option<&[u8]>)],
+    ) -> Vec<Result<Outcome, ProcessError>> {
+        batch
+            .iter()
+            .map(|(record, current)| self.process(record, *current))
+            .collect()
+    }
+
     /// Returns the `google.protobuf.Any` type URL of the values this processor stores, if
     /// they are protobuf messages that the node's gRPC reflection knows. Reads then return
     /// them typed, so that grpcurl prints them as JSON; otherwise they return raw bytes.

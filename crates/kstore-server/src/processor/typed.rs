@@ -129,13 +129,10 @@ impl Typed {
     }
 }
 
-impl Processor for Typed {
-    fn process(
-        &mut self,
-        record: &InputRecord<'_>,
-        current: Option<&[u8]>,
-    ) -> Result<Outcome, ProcessError> {
-        let outcome = self.inner.process(record, current)?;
+impl Typed {
+    /// Refuses an outcome whose new value does not decode as the value type.
+    fn checked(&self, outcome: Result<Outcome, ProcessError>) -> Result<Outcome, ProcessError> {
+        let outcome = outcome?;
         if let Update::Put(value) = &outcome.update
             && let Err(reason) = self.value_type.check(value)
         {
@@ -145,6 +142,28 @@ impl Processor for Typed {
             )));
         }
         Ok(outcome)
+    }
+}
+
+impl Processor for Typed {
+    fn process(
+        &mut self,
+        record: &InputRecord<'_>,
+        current: Option<&[u8]>,
+    ) -> Result<Outcome, ProcessError> {
+        let outcome = self.inner.process(record, current);
+        self.checked(outcome)
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: &[(InputRecord<'_>, Option<&[u8]>)],
+    ) -> Vec<Result<Outcome, ProcessError>> {
+        let outcomes = self.inner.process_batch(batch);
+        outcomes
+            .into_iter()
+            .map(|outcome| self.checked(outcome))
+            .collect()
     }
 
     fn value_type_url(&self) -> Option<&str> {

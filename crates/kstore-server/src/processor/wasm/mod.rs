@@ -196,7 +196,7 @@ impl WasmProcessor {
     /// no two may have the same key. Returns one result per record, in order. A fault of the
     /// call is narrowed down by calling again record by record, so that only the records
     /// that fault on their own are dead-lettered.
-    pub fn process_batch(
+    fn fold_batch(
         &mut self,
         batch: &[(InputRecord<'_>, Option<&[u8]>)],
     ) -> Vec<Result<Outcome, ProcessError>> {
@@ -333,9 +333,16 @@ impl Processor for WasmProcessor {
         record: &InputRecord<'_>,
         current: Option<&[u8]>,
     ) -> Result<Outcome, ProcessError> {
-        self.process_batch(&[(*record, current)])
+        self.fold_batch(&[(*record, current)])
             .pop()
             .expect("one result per record")
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: &[(InputRecord<'_>, Option<&[u8]>)],
+    ) -> Vec<Result<Outcome, ProcessError>> {
+        self.fold_batch(batch)
     }
 }
 
