@@ -1026,6 +1026,15 @@ impl NodeConfig {
                     other => other,
                 })?;
             }
+            if config.input_topic == config.dlq_topic() {
+                return invalid(
+                    "dead-letter-topic",
+                    format!(
+                        "{} is the store's input: its dead letters would be read again",
+                        config.input_topic
+                    ),
+                );
+            }
             if !names.insert(config.store.clone()) {
                 return invalid(
                     "name",
@@ -1334,6 +1343,11 @@ mod tests {
             refused(&features_typed).starts_with("stores[0].value-type: is for a WebAssembly"),
             "{}",
             refused(&features_typed)
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace("\"tally-dlq\"", "\"words\"")),
+            "stores[0].dead-letter-topic: words is the store's input: its dead letters would \
+             be read again"
         );
         // Stores may share a dead-letter topic.
         let shared = TALLY_STORE.replace("\"tally-dlq\"", "\"kstore-dlq\"");

@@ -421,15 +421,14 @@ pub fn run_stores(
         served
     });
 
-    // Each store runs its own state updater, copies, placement and ingest; the first
-    // store's ingest on this thread, each further one's on a thread of its own. Whatever
-    // ends one store's ingest, the node leaves.
-    let mut running = Vec::new();
-    let mut further_ingest = Vec::new();
-    let mut first_ingest = None;
+    // Each store runs its own state updater, copies, placement and ingest. Every store
+    // starts before any ingest does: a store that cannot start stops the node before
+    // anything was folded.
+    let mut running: Vec<RunningStore> = Vec::new();
+    let mut ingests = Vec::new();
     for (i, store) in stores.into_iter().enumerate() {
         let probed = &probes.stores()[i];
-        let (started, events) = start_store(
+        let started = start_store(
             &store,
             &client,
             &runtime,
@@ -440,7 +439,18 @@ pub fn run_stores(
             tls.clone(),
             probed.updater.clone(),
             &shutdown,
-        )?;
+        );
+        let (started, events) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                shutdown.store(true, Ordering::Relaxed);
+                for mut store in running {
+                    store.stop_placing();
+                    store.stop();
+                }
+                return Err(error);
+            }
+        };
         let ingest = {
             let (config, partitions, copies, metrics, shutdown, pulse) = (
                 store.config.clone(),
@@ -452,38 +462,43 @@ pub fn run_stores(
             );
             let processor = store.processor;
             move || {
-                let ingested = ingest::run(
-                    config,
-                    partitions,
-                    processor,
-                    copies,
-                    events,
-                    metrics,
-                    shutdown.clone(),
-                    pulse,
-                );
-                shutdown.store(true, Ordering::Relaxed);
-                ingested
+                // Whatever ends one store's ingest (a return or a panic), the node leaves.
+                let _leave = LeaveOnDrop(shutdown.clone());
+                let _store = tracing::info_span!("store", name = %config.store).entered();
+                ingest::run(
+                    config, partitions, processor, copies, events, metrics, shutdown, pulse,
+                )
             }
         };
         running.push(started);
-        if i == 0 {
-            first_ingest = Some(ingest);
-        } else {
-            further_ingest.push(
-                std::thread::Builder::new()
-                    .name(format!("kstore-ingest-{i}"))
-                    .spawn(ingest)?,
-            );
-        }
+        ingests.push(ingest);
     }
+    // The first store's ingest runs on this thread, each further one's on a thread of its
+    // own.
+    let mut ingests = ingests.into_iter();
+    let first_ingest = ingests.next();
+    let further_ingest: Vec<std::io::Result<std::thread::JoinHandle<_>>> = ingests
+        .enumerate()
+        .map(|(i, ingest)| {
+            let thread = std::thread::Builder::new()
+                .name(format!("kstore-ingest-{}", i + 1))
+                .spawn(ingest);
+            if thread.is_err() {
+                shutdown.store(true, Ordering::Relaxed);
+            }
+            thread
+        })
+        .collect();
     let mut ingested = vec![first_ingest.map_or(Ok(Vec::new()), |ingest| ingest())];
     for thread in further_ingest {
-        ingested.push(
-            thread.join().unwrap_or_else(|_| {
+        ingested.push(match thread {
+            Ok(thread) => thread.join().unwrap_or_else(|_| {
                 Err(IngestError::Node("a store's ingest thread panicked".into()))
             }),
-        );
+            Err(error) => Err(IngestError::Node(format!(
+                "cannot start a store's ingest thread: {error}"
+            ))),
+        });
     }
     shutdown.store(true, Ordering::Relaxed);
     for (i, (store, owned)) in running.iter_mut().zip(&ingested).enumerate() {
@@ -508,6 +523,15 @@ pub fn run_stores(
         Err(error) => tracing::error!(%error, "the gRPC server task failed"),
     }
     Ok(())
+}
+
+/// Sets the node's shutdown flag when dropped.
+struct LeaveOnDrop(Arc<AtomicBool>);
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Where a store's copies' directories are; checkpoints for snapshots are made beside them.

@@ -498,15 +498,15 @@ fn metadata_admin_health_reflection_and_metrics_answer() -> Result<()> {
             "metrics to count every record",
             || {
                 text = http_get(&served.metrics_address, "/metrics")?;
-                Ok(text.contains("kstore_ingest_records_total 5000"))
+                Ok(text.contains("kstore_ingest_records_total{store=\"features\"} 5000"))
             },
         )?;
         for metric in [
             "kstore_read_latency_seconds_bucket",
-            "kstore_ingest_records_total 5000",
+            "kstore_ingest_records_total{store=\"features\"} 5000",
             "kstore_commit_latency_seconds_bucket",
             "kstore_partition_lag_records",
-            "kstore_dead_letters_total 0",
+            "kstore_dead_letters_total{store=\"features\"} 0",
         ] {
             ensure!(text.contains(metric), "metrics lack {metric}");
         }

@@ -392,8 +392,12 @@ impl Backups {
     /// 0 for none).
     pub fn publish_newest(&self) {
         for (partition, newest_ms) in self.newest() {
-            metrics::gauge!(BACKUP_NEWEST_TIMESTAMP, "partition" => partition.to_string())
-                .set(newest_ms.unwrap_or(0) as f64 / 1000.0);
+            metrics::gauge!(
+                BACKUP_NEWEST_TIMESTAMP,
+                "store" => self.store.clone(),
+                "partition" => partition.to_string()
+            )
+            .set(newest_ms.unwrap_or(0) as f64 / 1000.0);
         }
     }
 

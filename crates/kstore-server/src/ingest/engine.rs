@@ -30,7 +30,7 @@ use crate::kafka::{
     DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, flush, group_generation, send,
 };
 use crate::probes::Pulse;
-use crate::processor::{InputRecord, Outcome, Processor, RecordHeader, Update};
+use crate::processor::{InputRecord, Outcome, ProcessError, Processor, RecordHeader, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
 use crate::store::{PartitionStore, StoreError};
@@ -47,6 +47,8 @@ pub(super) const MAX_PROCESSOR_BATCH: usize = 16;
 /// A record taken into the open transaction, waiting for its processor call.
 struct Admitted<'m> {
     message: &'m BorrowedMessage<'m>,
+    /// Its place among the round's records.
+    index: usize,
     checked: Checked,
 }
 
@@ -142,9 +144,14 @@ pub(super) struct Engine {
     dlq_topic: String,
     /// An error raised inside a rebalance callback, which cannot return one.
     pub(super) fatal: Option<IngestError>,
-    /// The partitions rewound (sought back or paused) since the batch being handled was
-    /// polled: its records of them are read again, not folded.
-    rewound: HashSet<i32>,
+    /// How many records the ingest loop's round has polled so far: a partition rewound now
+    /// (sought back, paused or revoked, also inside a rebalance callback of the next poll)
+    /// makes the round's records of it polled before stale.
+    poll_mark: usize,
+    /// Per partition rewound this round, how many of the round's records were polled
+    /// before: its records among those are stale (read again from where the partition
+    /// was rewound to, or by its next owner) and never folded.
+    stale_before: HashMap<i32, usize>,
 }
 
 /// The consumer context: rebalance callbacks commit or abort the open transaction before
@@ -172,10 +179,16 @@ impl ConsumerContext for IngestContext {
             // overwrite its work. Abort; the new owner reads the records again.
             tracing::warn!(?revoked, "assignment lost; aborting the open transaction");
             engine.abort(consumer, false);
+        } else if std::thread::panicking() {
+            // The ingest thread panicked in the middle of a record (dropping the consumer
+            // revokes): what the transaction holds may not be whole. Abort.
+            tracing::error!(?revoked, "ingest panicked; aborting the open transaction");
+            engine.abort(consumer, false);
         } else if let Err(error) = engine.commit(consumer) {
             engine.fatal.get_or_insert(error);
         }
         for partition in &revoked {
+            engine.mark_rewound(*partition);
             engine.owned.remove(partition);
             engine.next_input.remove(partition);
             engine.fresh.remove(partition);
@@ -268,7 +281,8 @@ impl Engine {
             metrics,
             dlq_topic,
             fatal: None,
-            rewound: HashSet::new(),
+            poll_mark: 0,
+            stale_before: HashMap::new(),
         }
     }
 
@@ -399,7 +413,7 @@ impl Engine {
         self.stores.remove(&partition);
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
-        self.rewound.insert(partition);
+        self.mark_rewound(partition);
         self.owned.insert(
             partition,
             Ownership::Failed {
@@ -430,27 +444,59 @@ impl Engine {
         })
     }
 
-    /// Folds polled input records into the open transaction, in order. Runs of records
-    /// with distinct keys (at most [`MAX_PROCESSOR_BATCH`]) go to the processor in one call.
-    /// A record of a partition rewound while the batch is handled (an abort, a failed copy,
-    /// a record of a paused partition) is left: the partition's records are read again
-    /// from where it was rewound to, which is at or before that record.
+    /// Folds the round's polled input records into the open transaction, in order. Runs of
+    /// records with distinct keys (at most [`MAX_PROCESSOR_BATCH`]) go to the processor in
+    /// one call. A record of a partition rewound after it was polled (an abort, a failed
+    /// copy, a revoke in a later poll's rebalance, a record of a paused partition) is stale
+    /// and left: the partition's records are read again from where it was rewound to, which
+    /// is at or before that record, or by its next owner.
     pub(super) fn handle_batch(
         &mut self,
         messages: &[BorrowedMessage<'_>],
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<(), IngestError> {
-        self.rewound.clear();
+        // From here on, a rewind makes every record of the round that is not folded yet
+        // stale.
+        self.poll_mark = messages.len();
         let mut start = 0;
         while start < messages.len() {
             let keys = messages[start..]
                 .iter()
                 .map(|message| message.key().unwrap_or_default());
             let run = distinct_key_run(keys, MAX_PROCESSOR_BATCH);
-            self.handle_run(&messages[start..start + run], consumer)?;
+            self.handle_run(&messages[start..start + run], start, consumer)?;
             start += run;
+            // The transaction's bounds hold between runs, not only between rounds.
+            if self.txn_due() {
+                self.commit(consumer)?;
+            }
         }
         Ok(())
+    }
+
+    /// Starts a round of the ingest loop: no record polled yet, none stale.
+    pub(super) fn start_round(&mut self) {
+        self.poll_mark = 0;
+        self.stale_before.clear();
+    }
+
+    /// Notes that the round has polled `polled` records so far (before its next poll).
+    pub(super) fn set_poll_mark(&mut self, polled: usize) {
+        self.poll_mark = polled;
+    }
+
+    /// Notes that `partition` was rewound (sought back, paused or revoked): the round's
+    /// records of it polled so far are stale.
+    fn mark_rewound(&mut self, partition: i32) {
+        self.stale_before.insert(partition, self.poll_mark);
+    }
+
+    /// Whether the round's `index`th record, of `partition`, was polled before the
+    /// partition was rewound.
+    fn is_stale(&self, partition: i32, index: usize) -> bool {
+        self.stale_before
+            .get(&partition)
+            .is_some_and(|&before| index < before)
     }
 
     /// Folds records with distinct keys: each record's checks and its place in the
@@ -459,11 +505,12 @@ impl Engine {
     fn handle_run(
         &mut self,
         run: &[BorrowedMessage<'_>],
+        first_index: usize,
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<(), IngestError> {
         let mut admitted = Vec::with_capacity(run.len());
-        for message in run {
-            if let Some(record) = self.admit(message, consumer)? {
+        for (i, message) in run.iter().enumerate() {
+            if let Some(record) = self.admit(message, first_index + i, consumer)? {
                 admitted.push(record);
             }
         }
@@ -485,7 +532,20 @@ impl Engine {
         let mut processed = if batch.is_empty() {
             Vec::new()
         } else {
-            self.processor.process_batch(&batch)
+            let results = self.processor.process_batch(&batch);
+            if results.len() == batch.len() {
+                results
+            } else {
+                let reason = format!(
+                    "the processor returned {} results for {} records",
+                    results.len(),
+                    batch.len()
+                );
+                batch
+                    .iter()
+                    .map(|_| Err(ProcessError::Unavailable(reason.clone())))
+                    .collect()
+            }
         }
         .into_iter();
         drop(batch);
@@ -504,7 +564,7 @@ impl Engine {
             };
             // An abort or a failed copy while this run was handled rewound the partition:
             // the record is read again.
-            if self.rewound.contains(&record.partition) {
+            if self.is_stale(record.partition, admitted.index) {
                 continue;
             }
             self.apply(admitted.message, record, fold, consumer);
@@ -518,11 +578,12 @@ impl Engine {
     fn admit<'m>(
         &mut self,
         message: &'m BorrowedMessage<'m>,
+        index: usize,
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<Option<Admitted<'m>>, IngestError> {
         let partition = message.partition();
         let offset = message.offset();
-        if self.rewound.contains(&partition) {
+        if self.is_stale(partition, index) {
             return Ok(None);
         }
         if !matches!(self.owned.get(&partition), Some(Ownership::Active { .. })) {
@@ -536,7 +597,7 @@ impl Engine {
                         KAFKA_TIMEOUT,
                     )
                     .map_err(kafka("rewinding a paused partition"))?;
-                self.rewound.insert(partition);
+                self.mark_rewound(partition);
             }
             return Ok(None);
         }
@@ -586,6 +647,7 @@ impl Engine {
             Err(decided) => {
                 return Ok(Some(Admitted {
                     message,
+                    index,
                     checked: Checked::Decided(decided),
                 }));
             }
@@ -593,6 +655,7 @@ impl Engine {
         match current_value(self.txn.as_ref(), &self.stores, partition, record.key) {
             Ok(current) => Ok(Some(Admitted {
                 message,
+                index,
                 checked: Checked::Process { misplaced, current },
             })),
             Err(error) => {
@@ -917,6 +980,7 @@ impl Engine {
         self.producer.context().clear();
         IngestMetrics::add(&self.metrics.aborts, 1);
         for (partition, first) in &txn.first_offset {
+            self.stale_before.insert(*partition, self.poll_mark);
             // The aborted records are read again (or, without a rewind, by whoever owns the
             // partition next).
             if rewind && self.next_input.contains_key(partition) {
@@ -926,7 +990,6 @@ impl Engine {
             }
         }
         if rewind {
-            self.rewound.extend(txn.first_offset.keys());
             for (partition, first) in txn.first_offset {
                 if !self.owned.contains_key(&partition) {
                     continue;

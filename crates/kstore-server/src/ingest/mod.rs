@@ -238,7 +238,11 @@ fn poll_loop(
         // transaction and rewinds its partitions, and a record polled before that rewind
         // would be folded past it, moving the redelivery guard beyond the rewound records,
         // which would then be skipped as folded already and lost.
-        lock(engine).follow_copies(consumer)?;
+        {
+            let mut engine = lock(engine);
+            engine.start_round();
+            engine.follow_copies(consumer)?;
+        }
         // Rebalance callbacks run inside poll and lock the engine: never poll holding it.
         // The records already fetched come along (up to MAX_POLLED_RECORDS), so that the
         // processor sees runs of them.
@@ -246,6 +250,11 @@ fn poll_loop(
         let mut error = None;
         let mut wait = POLL_TIMEOUT;
         while messages.len() < MAX_POLLED_RECORDS {
+            if !messages.is_empty() {
+                // A rebalance inside this poll may rewind a partition: the records of it
+                // polled so far are then stale.
+                lock(engine).set_poll_mark(messages.len());
+            }
             match consumer.poll(wait) {
                 Some(Ok(message)) => messages.push(message),
                 Some(Err(polled)) => {
