@@ -145,8 +145,8 @@ pub(super) struct Engine {
     /// An error raised inside a rebalance callback, which cannot return one.
     pub(super) fatal: Option<IngestError>,
     /// How many records the ingest loop's round has polled so far: a partition rewound now
-    /// (sought back, paused or revoked, also inside a rebalance callback of the next poll)
-    /// makes the round's records of it polled before stale.
+    /// (sought back or revoked, also inside a rebalance callback of the next poll) makes the
+    /// round's records of it polled before stale.
     poll_mark: usize,
     /// Per partition rewound this round, how many of the round's records were polled
     /// before: its records among those are stale (read again from where the partition
@@ -413,7 +413,9 @@ impl Engine {
         self.stores.remove(&partition);
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
-        self.mark_rewound(partition);
+        // Not marked rewound unless the abort above sought it back: its records polled but
+        // not folded must be sought back to (by the first of them, as a paused partition's),
+        // or its resume would start past them.
         self.owned.insert(
             partition,
             Ownership::Failed {
@@ -446,10 +448,12 @@ impl Engine {
 
     /// Folds the round's polled input records into the open transaction, in order. Runs of
     /// records with distinct keys (at most [`MAX_PROCESSOR_BATCH`]) go to the processor in
-    /// one call. A record of a partition rewound after it was polled (an abort, a failed
-    /// copy, a revoke in a later poll's rebalance, a record of a paused partition) is stale
-    /// and left: the partition's records are read again from where it was rewound to, which
-    /// is at or before that record, or by its next owner.
+    /// one call. A record of a partition rewound after it was polled (an abort, which seeks
+    /// its partitions back; a revoke in a later poll's rebalance; an earlier record of a
+    /// paused partition, which seeks it back to itself) is stale and left: the partition's
+    /// records are read again from where it was rewound to, which is at or before that
+    /// record, or by its next owner. A partition paused without a seek (its copy failed
+    /// after its records committed) is sought back by its first record not folded.
     pub(super) fn handle_batch(
         &mut self,
         messages: &[BorrowedMessage<'_>],
@@ -485,8 +489,9 @@ impl Engine {
         self.poll_mark = polled;
     }
 
-    /// Notes that `partition` was rewound (sought back, paused or revoked): the round's
-    /// records of it polled so far are stale.
+    /// Notes that `partition` was rewound (sought back, or revoked): the round's records of
+    /// it polled so far are stale. A partition only paused is not rewound: its first record
+    /// polled but not folded seeks it back to itself.
     fn mark_rewound(&mut self, partition: i32) {
         self.stale_before.insert(partition, self.poll_mark);
     }
