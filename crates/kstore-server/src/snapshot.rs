@@ -412,6 +412,14 @@ fn snapshot_number() -> u32 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// How long a new copy keeps asking peers that refused it only for a moment (see
+/// `FetchError::is_momentary`) before it gives up on peers: a copy re-activated after a
+/// rebalance restores its changelog tail within about a second.
+const BUSY_PEER_WAIT: Duration = Duration::from_secs(10);
+
+/// The pause between two rounds of asking busy peers.
+const BUSY_PEER_PAUSE: Duration = Duration::from_millis(250);
+
 /// Why a peer's snapshot was not used.
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
@@ -440,6 +448,18 @@ enum FetchError {
 }
 
 impl FetchError {
+    /// Whether the peer refused only for a moment: its copy is restoring (after a
+    /// rebalance), or it sends as many snapshots as it may.
+    fn is_momentary(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Refused(ReceiveError::PeerFailed {
+                code: tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted,
+                ..
+            })
+        )
+    }
+
     fn reason(&self) -> &'static str {
         match self {
             FetchError::Unreachable { .. } => "unreachable",
@@ -523,8 +543,33 @@ impl SnapshotFetcher {
     /// the best peer that sends a good one, trying them in turn. Returns the peer and the
     /// manifest, or `None` if no peer could. Blocks; call it off the async runtime.
     pub fn bootstrap(&self, partition: u32, target: &Path) -> Option<(String, SnapshotManifest)> {
+        // A peer whose copy is busy for a moment (restoring its changelog tail after a
+        // rebalance, or sending as many snapshots as it may) is asked again, for a while,
+        // rather than replaying the whole changelog here.
+        let busy_until = Instant::now() + BUSY_PEER_WAIT;
+        loop {
+            let (fetched, busy) = self.bootstrap_once(partition, target);
+            if fetched.is_some() || !busy || Instant::now() >= busy_until {
+                return fetched;
+            }
+            tracing::info!(
+                partition,
+                "the peers holding the partition are busy for a moment; asking them again"
+            );
+            std::thread::sleep(BUSY_PEER_PAUSE);
+        }
+    }
+
+    /// Tries each source of `partition` once (see [`SnapshotFetcher::bootstrap`]); also says
+    /// whether a source refused only for a moment.
+    fn bootstrap_once(
+        &self,
+        partition: u32,
+        target: &Path,
+    ) -> (Option<(String, SnapshotManifest)>, bool) {
         let sources = self.sources(partition);
         let incoming = target.with_file_name(format!(".incoming-{partition}"));
+        let mut busy = false;
         for (peer, address) in sources {
             // Left over by a process that stopped while receiving.
             let _ = std::fs::remove_dir_all(&incoming);
@@ -532,6 +577,7 @@ impl SnapshotFetcher {
             let manifest = match self.attempt(partition, &peer, &address, &incoming) {
                 Ok(manifest) => manifest,
                 Err(error) => {
+                    busy |= error.is_momentary();
                     let _ = std::fs::remove_dir_all(&incoming);
                     metrics::counter!(SNAPSHOTS_FETCHED, "outcome" => "refused").increment(1);
                     metrics::counter!(SNAPSHOT_REFUSALS, "reason" => error.reason()).increment(1);
@@ -552,7 +598,7 @@ impl SnapshotFetcher {
             {
                 tracing::error!(partition, %error, "cannot move a snapshot into place");
                 let _ = std::fs::remove_dir_all(&incoming);
-                return None;
+                return (None, false);
             }
             let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
             let seconds = started.elapsed().as_secs_f64();
@@ -566,9 +612,9 @@ impl SnapshotFetcher {
                 changelog_offset = manifest.changelog_offset,
                 "bootstrapped a copy from a peer's snapshot; the changelog supplies the rest"
             );
-            return Some((peer, manifest));
+            return (Some((peer, manifest)), false);
         }
-        None
+        (None, busy)
     }
 
     /// The peers that may send a snapshot of `partition`, best first, as (node id, gRPC
@@ -1208,6 +1254,92 @@ mod tests {
             version: 1,
             nodes,
         })
+    }
+
+    /// A peer that refuses the first calls with `status`, then sends `parts`.
+    #[derive(Debug, Clone)]
+    struct RefusingPeer {
+        refusals_left: Arc<std::sync::atomic::AtomicUsize>,
+        status: Status,
+        parts: Vec<SnapshotPart>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for RefusingPeer {
+        type FetchSnapshotStream = SnapshotStream;
+
+        async fn fetch_snapshot(
+            &self,
+            _request: Request<FetchSnapshotRequest>,
+        ) -> Result<Response<SnapshotStream>, Status> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let refuse = self
+                .refusals_left
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok();
+            if refuse {
+                return Err(self.status.clone());
+            }
+            let parts = tokio_stream::iter(self.parts.clone().into_iter().map(Ok));
+            Ok(Response::new(Box::pin(parts)))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_busy_for_a_moment_is_asked_again_and_one_that_refuses_is_not() {
+        let source = tempfile::tempdir().unwrap();
+        let store = filled_store(&source.path().join("0"));
+        let parts = tokio::task::spawn_blocking({
+            let (store, scratch) = (store.clone(), source.path().to_path_buf());
+            move || parts_of(&store, &scratch)
+        })
+        .await
+        .unwrap();
+        for (status, refusals, bootstraps) in [
+            // Its copy restores its changelog tail after a rebalance: asked again.
+            (
+                Status::failed_precondition("this node's copy of partition 0 is restoring"),
+                3,
+                true,
+            ),
+            // At its snapshot limit: asked again.
+            (
+                Status::resource_exhausted("too many snapshot streams"),
+                2,
+                true,
+            ),
+            // It holds no copy: the changelog it is, at once.
+            (Status::not_found("this node holds no copy of 0"), 1, false),
+        ] {
+            let refusals_left = Arc::new(std::sync::atomic::AtomicUsize::new(refusals));
+            let address = serve_peer(RefusingPeer {
+                refusals_left: refusals_left.clone(),
+                status: status.clone(),
+                parts: parts.clone(),
+            })
+            .await;
+            let (_view_tx, view_rx) =
+                watch::channel(view_of(vec![holder("node-1", &address, Role::Active, 0)]));
+            let fetcher = node_9_fetching(view_rx);
+            let target = tempfile::tempdir().unwrap();
+            let dir = target.path().join("0");
+            let started = Instant::now();
+            let fetched = tokio::task::spawn_blocking(move || fetcher.bootstrap(0, &dir))
+                .await
+                .unwrap();
+            assert_eq!(fetched.is_some(), bootstraps, "{status:?}");
+            assert_eq!(
+                refusals_left.load(std::sync::atomic::Ordering::SeqCst),
+                0,
+                "{status:?}"
+            );
+            if !bootstraps {
+                assert!(
+                    started.elapsed() < BUSY_PEER_WAIT / 2,
+                    "a refusal for good was asked again"
+                );
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
