@@ -817,16 +817,22 @@ mod tests {
         store
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_snapshot_arrives_whole_and_opens_at_its_offsets() {
-        let source = tempfile::tempdir().unwrap();
-        let store = filled_store(&source.path().join("0"));
+    /// A filled store of partition 0 in `dir`, and the parts of a snapshot of it.
+    async fn filled_store_in_parts(dir: &Path) -> (Arc<PartitionStore>, Vec<SnapshotPart>) {
+        let store = filled_store(&dir.join("0"));
         let parts = tokio::task::spawn_blocking({
-            let (store, scratch) = (store.clone(), source.path().to_path_buf());
+            let (store, scratch) = (store.clone(), dir.to_path_buf());
             move || parts_of(&store, &scratch)
         })
         .await
         .unwrap();
+        (store, parts)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_arrives_whole_and_opens_at_its_offsets() {
+        let source = tempfile::tempdir().unwrap();
+        let (store, parts) = filled_store_in_parts(source.path()).await;
         assert!(parts.len() > 3, "{} parts", parts.len());
         let target = tempfile::tempdir().unwrap();
         let dir = target.path().join("0");
@@ -850,13 +856,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wrong_checksum_a_gap_or_a_missing_file_is_refused() {
         let source = tempfile::tempdir().unwrap();
-        let store = filled_store(&source.path().join("0"));
-        let parts = tokio::task::spawn_blocking({
-            let scratch = source.path().to_path_buf();
-            move || parts_of(&store, &scratch)
-        })
-        .await
-        .unwrap();
+        let (_, parts) = filled_store_in_parts(source.path()).await;
         let target = tempfile::tempdir().unwrap();
         let try_receive = |parts: Vec<SnapshotPart>, name: &str| {
             let dir = target.path().join(name);
@@ -1288,13 +1288,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_busy_for_a_moment_is_asked_again_and_one_that_refuses_is_not() {
         let source = tempfile::tempdir().unwrap();
-        let store = filled_store(&source.path().join("0"));
-        let parts = tokio::task::spawn_blocking({
-            let (store, scratch) = (store.clone(), source.path().to_path_buf());
-            move || parts_of(&store, &scratch)
-        })
-        .await
-        .unwrap();
+        let (_, parts) = filled_store_in_parts(source.path()).await;
         for (status, refusals, bootstraps) in [
             // Its copy restores its changelog tail after a rebalance: asked again.
             (
