@@ -65,8 +65,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Runs a benchmark against the local broker: ingest, get, cluster, client, restore, scan or
-    /// compare (`cargo xtask bench --help`).
+    /// Runs a benchmark against the local broker: ingest, get, cluster, client, restore, scan,
+    /// compare, or report, the suite in one run (`cargo xtask bench --help`).
     #[command(disable_help_flag = true)]
     Bench {
         /// The benchmark and its arguments, for `kstore-bench`.

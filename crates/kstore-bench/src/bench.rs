@@ -60,7 +60,8 @@ struct Measurement {
     peak_rss_kib: u64,
 }
 
-pub fn ingest(bench: &IngestBench) -> Result<()> {
+/// Runs the bench (see the module documentation), prints its table and returns its rows.
+pub fn ingest(bench: &IngestBench) -> Result<serde_json::Value> {
     let node_binary = crate::binaries::locate()?.node;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
@@ -94,7 +95,24 @@ pub fn ingest(bench: &IngestBench) -> Result<()> {
             m.peak_rss_kib as f64 / 1024.0
         );
     }
-    Ok(())
+    Ok(serde_json::json!({
+        "nodes": bench.nodes,
+        "partitions": bench.partitions,
+        "events": bench.events,
+        "customers": bench.customers,
+        "settings": bench.settings,
+        "guarantees": results
+            .iter()
+            .map(|m| serde_json::json!({
+                "guarantee": m.guarantee,
+                "events_per_second": m.events_per_second,
+                "measured_records": m.measured_records,
+                "seconds": m.seconds,
+                "rss_bytes": m.rss_kib * 1024,
+                "peak_rss_bytes": m.peak_rss_kib * 1024,
+            }))
+            .collect::<Vec<_>>(),
+    }))
 }
 
 fn measure(
@@ -334,7 +352,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// `--paused-node`, a cluster of its own through the smart client, under a paused node.
 pub fn get(bench: &GetBench) -> Result<()> {
     if bench.paused_node {
-        return crate::paused_bench::run(bench);
+        return crate::paused_bench::run(bench).map(drop);
     }
     if !bench.seeds.is_empty() {
         return get_through_client(bench);

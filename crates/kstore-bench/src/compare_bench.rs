@@ -97,7 +97,16 @@ struct GhzPhases {
     get_under_ingest: GhzLatencies,
     /// Health/Check, idle (kstore only: the baseline serves no health service).
     health_idle: Option<GhzLatencies>,
+    /// kstore only (the baseline serves Get alone), at a tenth of the Get rate: MultiGet of
+    /// [`MULTI_GET_KEYS`] keys and one Scan page of [`SCAN_PAGE`] entries, each (idle, under
+    /// ingest).
+    multi_get: Option<(GhzLatencies, GhzLatencies)>,
+    scan_page: Option<(GhzLatencies, GhzLatencies)>,
 }
+
+/// Keys per MultiGet, and entries per Scan page, that ghz asks kstore for.
+const MULTI_GET_KEYS: usize = 100;
+const SCAN_PAGE: u32 = 100;
 
 /// Samples the summed RSS of a set of processes in the background.
 struct RssSampler {
@@ -464,8 +473,12 @@ fn measure_system(
         })
         .collect();
     let run_ghz = |ghz: &Ghz, call: Call, phase: &str| -> Result<GhzLatencies> {
+        let rps = match call {
+            Call::MultiGet { .. } | Call::ScanPage { .. } => (bench.read_rate / 10).max(1),
+            Call::Get | Call::HealthCheck => bench.read_rate,
+        };
         let load = ghz::Load {
-            rps: bench.read_rate,
+            rps,
             duration: Duration::from_secs(bench.seconds),
             concurrency: GHZ_CONCURRENCY,
         };
@@ -475,21 +488,37 @@ fn measure_system(
         }))
     };
     let found_ghz = Ghz::find_or_install();
+    let kstore = name == "kstore";
+    let multi_get = Call::MultiGet {
+        keys_per_call: MULTI_GET_KEYS,
+    };
+    let scan_page = Call::ScanPage {
+        limit: SCAN_PAGE,
+        partitions: bench.partitions,
+    };
     let ghz_idle = match &found_ghz {
         Some(ghz) => {
             let get = run_ghz(ghz, Call::Get, "ghz Get, idle")?;
-            let health = match name {
-                "kstore" => Some(run_ghz(ghz, Call::HealthCheck, "ghz Health/Check, idle")?),
-                _ => None,
+            let kstore_only = match kstore {
+                true => Some((
+                    run_ghz(ghz, Call::HealthCheck, "ghz Health/Check, idle")?,
+                    run_ghz(ghz, multi_get, "ghz MultiGet, idle")?,
+                    run_ghz(ghz, scan_page, "ghz Scan page, idle")?,
+                )),
+                false => None,
             };
-            Some((get, health))
+            Some((get, kstore_only))
         }
         None => None,
     };
 
     let end_before: i64 = kafka.end_offsets(input, bench.partitions)?.iter().sum();
-    // Long enough for both generators' phases under ingest.
-    let phases = if found_ghz.is_some() { 2 } else { 1 };
+    // Long enough for every phase under ingest: the own generator's and ghz's.
+    let phases = match (&found_ghz, kstore) {
+        (None, _) => 1,
+        (Some(_), false) => 2,
+        (Some(_), true) => 4,
+    };
     let count = bench.ingest_rate * (phases * bench.seconds + 2);
     let args: Vec<String> = [
         "produce",
@@ -524,11 +553,30 @@ fn measure_system(
         open_loop("Get, under ingest", &target, &reads, 1),
     ))?;
     let ghz = match (&found_ghz, ghz_idle) {
-        (Some(ghz), Some((get_idle, health_idle))) => Some(GhzPhases {
-            get_idle,
-            get_under_ingest: run_ghz(ghz, Call::Get, "ghz Get, under ingest")?,
-            health_idle,
-        }),
+        (Some(ghz), Some((get_idle, kstore_only))) => {
+            let get_under_ingest = run_ghz(ghz, Call::Get, "ghz Get, under ingest")?;
+            let (health_idle, multi_get, scan_page) = match kstore_only {
+                Some((health, multi_get_idle, scan_idle)) => (
+                    Some(health),
+                    Some((
+                        multi_get_idle,
+                        run_ghz(ghz, multi_get, "ghz MultiGet, under ingest")?,
+                    )),
+                    Some((
+                        scan_idle,
+                        run_ghz(ghz, scan_page, "ghz Scan page, under ingest")?,
+                    )),
+                ),
+                None => (None, None, None),
+            };
+            Some(GhzPhases {
+                get_idle,
+                get_under_ingest,
+                health_idle,
+                multi_get,
+                scan_page,
+            })
+        }
         _ => None,
     };
     let produced = producer.wait_exit(Duration::from_secs(120))?;
@@ -608,7 +656,9 @@ fn compact_offline(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn compare(bench: &CompareBench) -> Result<()> {
+/// Runs the bench (see the module documentation), writes its report beside the build, and
+/// returns what `compare.json` holds.
+pub fn compare(bench: &CompareBench) -> Result<serde_json::Value> {
     let binaries = crate::binaries::locate()?;
     eprintln!("bench: building the Kafka Streams baseline (Maven, when its sources changed)");
     let jar = build_jar()?;
@@ -708,7 +758,7 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
-fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<()> {
+fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<serde_json::Value> {
     let [k, s] = results else {
         bail!("expected two systems' results");
     };
@@ -872,6 +922,30 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
                 kg.get_idle.p99_ms / kg.health_idle.as_ref().map_or(f64::NAN, |h| h.p99_ms),
                 kg.get_under_ingest.p99_ms / kg.get_idle.p99_ms,
             ));
+            for (call, pair) in [
+                (format!("MultiGet of {MULTI_GET_KEYS} keys"), &kg.multi_get),
+                (format!("Scan page of {SCAN_PAGE} entries"), &kg.scan_page),
+            ] {
+                let Some((idle, under_ingest)) = pair else {
+                    continue;
+                };
+                table.push_str(&format!(
+                    "ghz, kstore only, {call} at {} calls/s: idle p50 {:.2} / p99 {:.2} / p99.9 \
+                     {:.2} ms ({} of {} failed); under ingest p50 {:.2} / p99 {:.2} / p99.9 \
+                     {:.2} ms ({} of {} failed).\n",
+                    (bench.read_rate / 10).max(1),
+                    idle.p50_ms,
+                    idle.p99_ms,
+                    idle.p999_ms,
+                    idle.errors,
+                    idle.count,
+                    under_ingest.p50_ms,
+                    under_ingest.p99_ms,
+                    under_ingest.p999_ms,
+                    under_ingest.errors,
+                    under_ingest.count,
+                ));
+            }
         }
         _ => table.push_str(&format!(
             "\nghz was not found, so no independent tool checked the read latencies; install \
@@ -944,6 +1018,12 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
                     "get_idle": latency(&g.get_idle),
                     "get_under_ingest": latency(&g.get_under_ingest),
                     "health_check_idle": g.health_idle.as_ref().map(latency),
+                    "multi_get_idle": g.multi_get.as_ref().map(|(idle, _)| latency(idle)),
+                    "multi_get_under_ingest": g.multi_get.as_ref().map(|(_, busy)| latency(busy)),
+                    "multi_get_keys": MULTI_GET_KEYS,
+                    "scan_page_idle": g.scan_page.as_ref().map(|(idle, _)| latency(idle)),
+                    "scan_page_under_ingest": g.scan_page.as_ref().map(|(_, busy)| latency(busy)),
+                    "scan_page_entries": SCAN_PAGE,
                 })
             }),
         })
@@ -968,7 +1048,7 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
         "wrote {}/compare.json, compare.md, compare-latency.svg, compare-throughput.svg",
         dir.display()
     );
-    Ok(())
+    Ok(report)
 }
 
 /// Per-second p99 of a phase's answers: (second, ms).

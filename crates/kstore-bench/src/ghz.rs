@@ -26,6 +26,11 @@ pub fn install_command() -> String {
 pub enum Call {
     /// `kstore.v1.Query/Get` of the built-in store, keys taken in turn from a list.
     Get,
+    /// `kstore.v1.Query/MultiGet` of this many keys, taken in turn from the list.
+    MultiGet { keys_per_call: usize },
+    /// `kstore.v1.Query/Scan`: one page of `limit` entries of a partition, the partitions
+    /// in turn, each page from a key of the list (the keys in turn).
+    ScanPage { limit: u32, partitions: u32 },
     /// `grpc.health.v1.Health/Check`: a call that does no work (the node's floor), described
     /// by the node's own reflection service.
     HealthCheck,
@@ -144,30 +149,58 @@ impl Ghz {
             "--output",
         ]);
         command.arg(&report);
-        match call {
-            Call::Get => {
-                ensure!(!keys.is_empty(), "ghz needs keys to ask for");
-                let protoset = dir.join("kstore.protoset");
-                std::fs::write(&protoset, kstore_proto::FILE_DESCRIPTOR_SET)?;
-                // An array: ghz sends its messages in turn, one per call.
-                let requests: Vec<Value> = keys
-                    .iter()
-                    .map(|key| {
+        if !matches!(call, Call::HealthCheck) {
+            ensure!(!keys.is_empty(), "ghz needs keys to ask for");
+        }
+        let encode = |key: &String| base64::engine::general_purpose::STANDARD.encode(key);
+        // An array: ghz sends its messages in turn, one per call.
+        let requests: Option<(&str, Vec<Value>)> = match call {
+            Call::Get => Some((
+                "kstore.v1.Query/Get",
+                keys.iter()
+                    .map(|key| serde_json::json!({"store": "features", "key": encode(key)}))
+                    .collect(),
+            )),
+            Call::MultiGet { keys_per_call } => Some((
+                "kstore.v1.Query/MultiGet",
+                (0..keys.len())
+                    .map(|first| {
+                        let group: Vec<String> = (0..keys_per_call)
+                            .map(|i| encode(&keys[(first + i) % keys.len()]))
+                            .collect();
+                        serde_json::json!({"store": "features", "keys": group})
+                    })
+                    .collect(),
+            )),
+            Call::ScanPage { limit, partitions } => Some((
+                "kstore.v1.Query/Scan",
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, key)| {
                         serde_json::json!({
                             "store": "features",
-                            "key": base64::engine::general_purpose::STANDARD.encode(key),
+                            "partition": i as u32 % partitions.max(1),
+                            "from": encode(key),
+                            "limit": limit,
                         })
                     })
-                    .collect();
-                let data = dir.join("ghz-get.json");
+                    .collect(),
+            )),
+            Call::HealthCheck => None,
+        };
+        match requests {
+            Some((method, requests)) => {
+                let protoset = dir.join("kstore.protoset");
+                std::fs::write(&protoset, kstore_proto::FILE_DESCRIPTOR_SET)?;
+                let data = dir.join("ghz-requests.json");
                 std::fs::write(&data, serde_json::to_vec(&requests)?)?;
                 command
                     .arg("--protoset")
                     .arg(&protoset)
-                    .args(["--call", "kstore.v1.Query/Get", "--data-file"])
+                    .args(["--call", method, "--data-file"])
                     .arg(&data);
             }
-            Call::HealthCheck => {
+            None => {
                 command.args(["--call", "grpc.health.v1.Health/Check", "--data", "{}"]);
             }
         }

@@ -6,6 +6,7 @@
 //! - `ingest | get | cluster | client | restore | scan | compare` measure ingest rate, read
 //!   latency, standbys and gossip, the smart client, restore, scans, and kstore beside the
 //!   Kafka Streams baseline;
+//! - `report` runs the suite once and writes one Markdown report with charts (`docs/bench/`);
 //! - `chaos` injects faults into a cluster under load and reports what reads saw.
 
 mod bench;
@@ -16,6 +17,7 @@ mod cluster_bench;
 mod compare_bench;
 mod ghz;
 mod paused_bench;
+mod report;
 mod restore_bench;
 mod scan_bench;
 
@@ -56,6 +58,9 @@ enum Command {
     /// kstore beside the Kafka Streams baseline in one run: exactly-once ingest, Get
     /// latency idle and under ingest, failed reads, RSS, state size; a report and charts.
     Compare(compare_bench::CompareBench),
+    /// The suite in one run (ingest, compare, get --paused-node, restore) and one Markdown
+    /// report with charts, each figure beside its goal, in docs/bench/.
+    Report(report::ReportBench),
     /// Runs fault scenarios (kill -9, SIGSTOP, rolling restart, scale-out, scale-in) on a
     /// 3-node cluster with events flowing and reads through every node; reports what the
     /// reads saw and whether the final state is exact.
@@ -74,13 +79,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ingest(bench) => bench::ingest(&bench),
+        Command::Ingest(bench) => bench::ingest(&bench).map(drop),
         Command::Get(bench) => bench::get(&bench),
         Command::Cluster(bench) => cluster_bench::cluster(&bench),
         Command::Client(bench) => client_bench::client(&bench),
-        Command::Restore(bench) => restore_bench::restore(&bench),
+        Command::Restore(bench) => restore_bench::restore(&bench).map(drop),
         Command::Scan(bench) => scan_bench::scan(&bench),
-        Command::Compare(bench) => compare_bench::compare(&bench),
+        Command::Compare(bench) => compare_bench::compare(&bench).map(drop),
+        Command::Report(options) => report::report(&options),
         Command::Chaos(options) => chaos::run(&options),
     }
 }

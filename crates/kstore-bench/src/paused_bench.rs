@@ -51,8 +51,8 @@ struct Row {
     failovers: u64,
 }
 
-/// Runs the bench: see the module documentation.
-pub(crate) fn run(bench: &GetBench) -> Result<()> {
+/// Runs the bench (see the module documentation), prints its table and returns its rows.
+pub(crate) fn run(bench: &GetBench) -> Result<serde_json::Value> {
     if bench.pause_seconds == 0 || bench.pause_seconds >= bench.seconds {
         bail!(
             "--pause-seconds {} must be above 0 and below --seconds {}",
@@ -111,7 +111,51 @@ pub(crate) fn run(bench: &GetBench) -> Result<()> {
     }
     let (held, rows) = result?;
     print_rows(bench, &held, &rows);
-    Ok(())
+    Ok(rows_json(bench, &held, &rows))
+}
+
+/// The rows as JSON: one entry per policy, hedging and phase, latencies in milliseconds.
+fn rows_json(bench: &GetBench, held: &str, rows: &[Row]) -> serde_json::Value {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let phases: Vec<serde_json::Value> = rows
+        .iter()
+        .flat_map(|row| {
+            [
+                ("no fault", &row.calm, row.load.0),
+                ("node paused", &row.paused, row.load.1),
+            ]
+            .map(|(phase, latencies, load)| {
+                let h = &latencies.response;
+                let paused = phase == "node paused";
+                serde_json::json!({
+                    "policy": row.policy,
+                    "hedging": row.hedge,
+                    "phase": phase,
+                    "sent": latencies.sent,
+                    "errors": latencies.errors,
+                    "p50_ms": ms(h.value_at_quantile(0.5)),
+                    "p99_ms": ms(h.value_at_quantile(0.99)),
+                    "p999_ms": ms(h.value_at_quantile(0.999)),
+                    "max_ms": ms(h.max()),
+                    "pause_start_p99_ms": row.pause_start_p99.filter(|_| paused).map(ms),
+                    "resumed_p99_ms": row.resumed_p99.filter(|_| paused).map(ms),
+                    "hedges_won": paused.then_some(row.hedges_won),
+                    "hedges_sent": paused.then_some(row.hedges_sent),
+                    "failovers": paused.then_some(row.failovers),
+                    "load_average": load,
+                })
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "rate": bench.rate,
+        "seconds_per_phase": bench.seconds,
+        "pause_seconds": bench.pause_seconds,
+        "customers": bench.customers,
+        "partitions": bench.partitions,
+        "paused_node_held": held,
+        "phases": phases,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

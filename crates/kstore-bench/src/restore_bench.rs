@@ -4,6 +4,13 @@
 //! brought up on a fresh node four ways: a raw copy of its directory (the physical limit),
 //! full changelog replay, the newest backup plus the changelog's tail, and a peer's snapshot.
 //! Every node is drained when it stops, so the partition moves at once to the next one.
+//! Last, the Kafka Streams baseline restores the same changelog topic with an empty state
+//! directory (its store and kstore's write the same key and value bytes to a topic of the
+//! same name): the time from its start to RUNNING and to its first answered query.
+//!
+//! Before the source node stops, the bench reads a sample of keys from it; each way that
+//! serves reads (replay, backup, Kafka Streams) is timed from its process's start to its
+//! first answer, and to the first moment it answers every sampled key with that value.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +19,10 @@ use anyhow::{Context, Result, bail};
 use kstore_cli::backup::{AdminTarget, create, format_bytes};
 use kstore_cli::generator::GeneratorConfig;
 use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_proto::v1::query_client::QueryClient;
+use kstore_proto::v1::{GetRequest, GetResponse, get_response};
 use kstore_testkit::TestKafka;
+use kstore_testkit::baseline::{Baseline, BaselineOptions, build_jar};
 use kstore_testkit::broker::{Broker, DEFAULT_PORT, Started};
 use kstore_testkit::process::{TestProcess, wait_until};
 
@@ -38,9 +48,139 @@ struct Way {
     seconds: f64,
     /// What the seconds cover.
     measured: String,
+    /// For the ways that serve reads: when the process answered (see [`Answered`]).
+    answered: Option<Answered>,
 }
 
-pub fn restore(bench: &RestoreBench) -> Result<()> {
+/// Keys read from the filled store before it stopped, with their value bytes.
+type Sample = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Keys the sample asks for: spread over the customers, those the store holds are kept.
+const SAMPLE_KEYS: u32 = 200;
+
+/// The value bytes of an answer: a raw value, or a typed one's encoded message.
+fn value_bytes(response: &GetResponse) -> Option<Vec<u8>> {
+    if !response.found {
+        return None;
+    }
+    match response.value.as_ref()? {
+        get_response::Value::Raw(bytes) => Some(bytes.clone()),
+        get_response::Value::Message(any) => Some(any.value.clone()),
+    }
+}
+
+fn get_request(key: &[u8]) -> GetRequest {
+    GetRequest {
+        store: "features".into(),
+        key: key.to_vec(),
+        partition: None,
+        options: None,
+    }
+}
+
+/// Reads `SAMPLE_KEYS` keys from the node at `address`; keeps those it holds.
+fn read_sample(runtime: &tokio::runtime::Runtime, address: &str, customers: u32) -> Result<Sample> {
+    let step = (customers / SAMPLE_KEYS).max(1);
+    let sample = runtime.block_on(async {
+        let mut client = QueryClient::connect(format!("http://{address}")).await?;
+        let mut sample = Vec::new();
+        for i in 0..SAMPLE_KEYS.min(customers) {
+            let key = kstore_cli::generator::OrderGenerator::customer_id(i * step).into_bytes();
+            let answer = client.get(get_request(&key)).await?.into_inner();
+            if let Some(value) = value_bytes(&answer) {
+                sample.push((key, value));
+            }
+        }
+        anyhow::Ok(sample)
+    })?;
+    if sample.is_empty() {
+        bail!("the filled store answered none of {SAMPLE_KEYS} sampled keys");
+    }
+    Ok(sample)
+}
+
+/// When a process brought up on an empty state directory answered, in seconds from its
+/// start: its first answer of any kind (a read served while restoring may be behind), and
+/// the first moment every sampled key answered with the value the filled store held.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    first: f64,
+    exact: f64,
+}
+
+/// Asks `address` for every sampled key, a round every 50 ms from `since` (errors and other
+/// values are asked again), until one round answers them all as the filled store held them.
+fn wait_answers(
+    runtime: &tokio::runtime::Runtime,
+    address: &str,
+    sample: &Sample,
+    since: Instant,
+    alive: &mut dyn FnMut() -> Result<()>,
+) -> Result<Answered> {
+    let mut first = None;
+    let mut wrong = sample.len();
+    loop {
+        let round = runtime.block_on(async {
+            let mut client = QueryClient::connect(format!("http://{address}")).await?;
+            let (mut answered, mut wrong) = (false, 0);
+            for (key, value) in sample {
+                match client.get(get_request(key)).await {
+                    Ok(answer) => {
+                        answered = true;
+                        if value_bytes(&answer.into_inner()).as_ref() != Some(value) {
+                            wrong += 1;
+                        }
+                    }
+                    Err(_) => wrong += 1,
+                }
+            }
+            anyhow::Ok((answered, wrong))
+        });
+        if let Ok((answered, wrong_now)) = round {
+            if answered && first.is_none() {
+                first = Some(since.elapsed().as_secs_f64());
+            }
+            if let (Some(first), 0) = (first, wrong_now) {
+                return Ok(Answered {
+                    first,
+                    exact: since.elapsed().as_secs_f64(),
+                });
+            }
+            wrong = wrong_now;
+        }
+        alive()?;
+        if since.elapsed() > Duration::from_secs(3_600) {
+            bail!(
+                "{address} still answered {wrong} of {} sampled keys with another value than \
+                 the filled store held after an hour",
+                sample.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the consumer group `group` has no members: kstore's nodes are static members,
+/// which stay in the group after they stop until their session times out, and a group with
+/// kstore's members refuses Kafka Streams' (another protocol).
+fn wait_group_empty(kafka: &TestKafka, group: &str) -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()?;
+    wait_until(
+        Duration::from_secs(120),
+        "kstore's nodes to leave their consumer group",
+        || {
+            let groups = consumer.fetch_group_list(Some(group), Duration::from_secs(5))?;
+            Ok(groups.groups().iter().all(|g| g.members().is_empty()))
+        },
+    )
+}
+
+/// Runs the bench (see the module documentation), writes `restore.json` beside the build,
+/// and returns what it wrote.
+pub fn restore(bench: &RestoreBench) -> Result<serde_json::Value> {
     let binaries = crate::binaries::locate()?;
     let broker = Broker::on_port(bench.port);
     let (started, _lease) = broker.start_leased()?;
@@ -70,7 +210,7 @@ pub fn restore(bench: &RestoreBench) -> Result<()> {
         let out = report_dir.join("restore.json");
         std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
         println!("wrote {}", out.display());
-        Ok(())
+        Ok(report)
     });
     kafka.delete_topics_with_prefix(&format!("{app}-"), Some(&app))?;
     if started == Started::New {
@@ -229,6 +369,7 @@ fn run(
     wait_committed(kafka, app, input, &mut source)?;
     let (second_seconds, second) = backup("incremental backup")?;
     let store_bytes = dir_bytes(&store_dir(dir, "source", app))?;
+    let sample = read_sample(runtime, &address, bench.customers)?;
     source.terminate(Duration::from_secs(300))?;
 
     let mut ways = Vec::new();
@@ -249,12 +390,22 @@ fn run(
         name: "raw copy of the directory",
         seconds: started.elapsed().as_secs_f64(),
         measured: "copy every file, fsync".into(),
+        answered: None,
     });
     std::fs::remove_dir_all(&copy_dir)?;
 
-    // A fresh node alone takes the partition: the time from its assignment to processing.
-    let activation = |node_id: &str, extra: &[String]| -> Result<f64> {
+    // A fresh node alone takes the partition: the time from its assignment to processing,
+    // and from its start to its answers.
+    let activation = |node_id: &str, extra: &[String]| -> Result<(f64, Answered)> {
+        let started = Instant::now();
         let mut node = start_node(node_binary, kafka, app, input, dir, node_id, extra)?;
+        let address = node.logged_address("serving gRPC", Duration::from_secs(120))?;
+        let answered = wait_answers(runtime, &address, &sample, started, &mut || match node
+            .try_exit()?
+        {
+            Some(status) => bail!("the node exited with {status}:\n{}", node.tail()),
+            None => Ok(()),
+        })?;
         let ready_ms = wait_logged(
             &mut node,
             "restore finished",
@@ -263,19 +414,23 @@ fn run(
         )?;
         node.terminate(Duration::from_secs(300))?;
         std::fs::remove_dir_all(dir.join(node_id))?;
-        Ok(ready_ms as f64 / 1000.0)
+        Ok((ready_ms as f64 / 1000.0, answered))
     };
     eprintln!("bench: full changelog replay on a fresh node");
+    let (seconds, answered) = activation("replay", &[])?;
     ways.push(Way {
         name: "full changelog replay",
-        seconds: activation("replay", &[])?,
+        seconds,
         measured: "assignment to processing".into(),
+        answered: Some(answered),
     });
     eprintln!("bench: newest backup on a fresh node");
+    let (seconds, answered) = activation("from-backup", &with_backups)?;
     ways.push(Way {
         name: "newest backup + changelog tail",
-        seconds: activation("from-backup", &with_backups)?,
+        seconds,
         measured: "assignment to processing (verify, restore, tail)".into(),
+        answered: Some(answered),
     });
 
     eprintln!("bench: a peer's snapshot on a fresh node");
@@ -306,9 +461,56 @@ fn run(
         name: "peer snapshot",
         seconds: took_ms as f64 / 1000.0,
         measured: "request to a verified copy on disk, opened".into(),
+        answered: None,
     });
     let _ = peer.terminate(Duration::from_secs(300));
     let _ = source.terminate(Duration::from_secs(300));
+
+    // The baseline's store writes the same key and value bytes to `<app>-features-changelog`,
+    // so with kstore's app id as its application id it restores kstore's changelog. Its
+    // input is a topic of its own with nothing in it: it only restores.
+    eprintln!("bench: Kafka Streams restoring the same changelog (empty state directory)");
+    let jar = build_jar()?;
+    wait_group_empty(kafka, app)?;
+    let streams_input = format!("{app}-streams-orders");
+    runtime.block_on(kafka.create_topic(&streams_input, 1))?;
+    let options = BaselineOptions {
+        bootstrap: kafka.bootstrap().into(),
+        input_topic: streams_input,
+        application_id: app.into(),
+        instance_id: "restore".into(),
+        state_dir: dir.join("streams"),
+        standbys: 0,
+        extra: Vec::new(),
+    };
+    let started = Instant::now();
+    let mut streams = Baseline::start(
+        &jar,
+        &options,
+        &dir.join("streams.log"),
+        Duration::from_secs(3_600),
+    )?;
+    let running = started.elapsed().as_secs_f64();
+    let answered = wait_answers(
+        runtime,
+        &streams.grpc_address,
+        &sample,
+        started,
+        &mut || match streams.process.try_exit()? {
+            Some(status) => bail!(
+                "the Kafka Streams baseline exited with {status}:\n{}",
+                streams.process.tail()
+            ),
+            None => Ok(()),
+        },
+    )?;
+    ways.push(Way {
+        name: "Kafka Streams, same changelog",
+        seconds: running,
+        measured: "JVM start to RUNNING (restore included)".into(),
+        answered: Some(answered),
+    });
+    let _ = streams.process.terminate(Duration::from_secs(300));
 
     let raw = ways[0].seconds;
     let replay = ways[1].seconds;
@@ -321,16 +523,20 @@ fn run(
         bench.events
     );
     println!(
-        "{:<32} {:>9} {:>10} {:>12}  measured",
-        "way", "seconds", "MiB/s", "vs replay"
+        "{:<32} {:>9} {:>10} {:>12} {:>13} {:>13}  measured",
+        "way", "seconds", "MiB/s", "vs replay", "first answer", "all exact"
     );
     for way in &ways {
         println!(
-            "{:<32} {:>9.2} {:>10.0} {:>11.1}x  {}",
+            "{:<32} {:>9.2} {:>10.0} {:>11.1}x {:>13} {:>13}  {}",
             way.name,
             way.seconds,
             store_bytes as f64 / (1 << 20) as f64 / way.seconds.max(1e-6),
             replay / way.seconds.max(1e-6),
+            way.answered
+                .map_or("-".to_owned(), |a| format!("{:.2} s", a.first)),
+            way.answered
+                .map_or("-".to_owned(), |a| format!("{:.2} s", a.exact)),
             way.measured
         );
     }
@@ -353,9 +559,16 @@ fn run(
         "store_bytes": store_bytes,
         "customers": bench.customers,
         "events": bench.events,
+        "sampled_keys": sample.len(),
         "ways": ways
             .iter()
-            .map(|w| serde_json::json!({"way": w.name, "seconds": w.seconds, "measured": w.measured}))
+            .map(|w| serde_json::json!({
+                "way": w.name,
+                "seconds": w.seconds,
+                "measured": w.measured,
+                "first_answer_seconds": w.answered.map(|a| a.first),
+                "all_exact_seconds": w.answered.map(|a| a.exact),
+            }))
             .collect::<Vec<_>>(),
         "first_backup": {"seconds": first_seconds, "size_bytes": first.size_bytes},
         "incremental_backup": {
