@@ -954,14 +954,22 @@ fn report(bench: &CompareBench, results: &[SystemResult], dir: &Path) -> Result<
         )),
     }
     for r in results {
-        for (phase, l) in r
-            .ghz
-            .iter()
-            .flat_map(|g| [("idle", &g.get_idle), ("under ingest", &g.get_under_ingest)])
-        {
+        for (call, l) in r.ghz.iter().flat_map(|g| {
+            let mut calls = vec![
+                ("Get idle", &g.get_idle),
+                ("Get under ingest", &g.get_under_ingest),
+            ];
+            if let Some((idle, busy)) = &g.multi_get {
+                calls.extend([("MultiGet idle", idle), ("MultiGet under ingest", busy)]);
+            }
+            if let Some((idle, busy)) = &g.scan_page {
+                calls.extend([("Scan page idle", idle), ("Scan page under ingest", busy)]);
+            }
+            calls
+        }) {
             if l.errors > 0 {
                 table.push_str(&format!(
-                    "\n{}: ghz Get {phase}: {} of {} calls failed: {}",
+                    "\n{}: ghz {call}: {} of {} calls failed: {}",
                     r.name, l.errors, l.count, l.error_kinds
                 ));
             }

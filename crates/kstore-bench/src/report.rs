@@ -11,7 +11,7 @@
 //! marked, with the shortfall.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -32,7 +32,14 @@ pub struct ReportBench {
     /// figures are not the ones to quote.
     #[arg(long)]
     pub quick: bool,
+    /// Run nothing: write `report.md` and the charts again from the `report.json` of an
+    /// earlier run (after its notes were written, for example).
+    #[arg(long, conflicts_with = "quick")]
+    pub render_only: bool,
 }
+
+/// The hand-written notes on a run, beside the report: added to its end.
+const NOTES: &str = "report-notes.md";
 
 /// One bench's outcome: its figures, or why there are none.
 type Part = std::result::Result<Value, String>;
@@ -110,7 +117,41 @@ pub fn report(options: &ReportBench) -> Result<()> {
         None => workspace_dir().join("docs/bench"),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let plan = Plan::new(options.quick);
+    let run = if options.render_only {
+        let path = out.join("report.json");
+        let json: Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("reading {}", path.display()))?;
+        Run::from_json(&json)
+    } else {
+        let run = run_suite(options.quick);
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_vec_pretty(&run.json())?,
+        )?;
+        run
+    };
+    let mut markdown = run.markdown();
+    // What the figures mean, and why a goal is not met, is written by hand after a run: kept
+    // in its own file, and added to the report whole.
+    if let Ok(notes) = std::fs::read_to_string(out.join(NOTES)) {
+        markdown.push('\n');
+        markdown.push_str(&notes);
+    }
+    std::fs::write(out.join("report.md"), &markdown)?;
+    run.charts(&out)?;
+    println!("{markdown}");
+    println!(
+        "wrote {}/report.md, report.json and report-*.svg",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Runs every bench of the suite in turn.
+fn run_suite(quick: bool) -> Run {
+    let plan = Plan::new(quick);
     let machine_before = Machine::describe();
     let started = Instant::now();
     let began = utc_now();
@@ -121,6 +162,11 @@ pub fn report(options: &ReportBench) -> Result<()> {
     let compare = run_part("compare", &plan.compare, || {
         crate::compare_bench::compare(&parse::<CompareBench>(&plan.compare)?)
     });
+    // compare.md, written by the compare bench beside the build, is quoted whole.
+    let compare_table = crate::binaries::locate()
+        .ok()
+        .and_then(|b| std::fs::read_to_string(b.report_dir("bench").join("compare.md")).ok())
+        .filter(|_| compare.is_ok());
     let mut paused_args = vec!["--paused-node"];
     paused_args.extend(&plan.paused);
     let paused = run_part("get", &paused_args, || {
@@ -129,35 +175,18 @@ pub fn report(options: &ReportBench) -> Result<()> {
     let restore = run_part("restore", &plan.restore, || {
         crate::restore_bench::restore(&parse::<RestoreBench>(&plan.restore)?)
     });
-
-    let run = Run {
+    Run {
         began,
-        took: started.elapsed(),
-        quick: options.quick,
+        seconds: started.elapsed().as_secs_f64(),
+        quick,
         machine_before,
         machine_after: Machine::describe(),
         ingest,
         compare,
+        compare_table,
         paused,
         restore,
-    };
-    // compare.md, written by the compare bench beside the build, is quoted whole.
-    let compare_table = crate::binaries::locate()
-        .ok()
-        .and_then(|b| std::fs::read_to_string(b.report_dir("bench").join("compare.md")).ok());
-    let markdown = run.markdown(compare_table.as_deref());
-    std::fs::write(out.join("report.md"), &markdown)?;
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_vec_pretty(&run.json())?,
-    )?;
-    run.charts(&out)?;
-    println!("{markdown}");
-    println!(
-        "wrote {}/report.md, report.json and report-*.svg",
-        out.display()
-    );
-    Ok(())
+    }
 }
 
 /// The workspace's directory: where the Kafka Streams baseline's project lives.
@@ -235,12 +264,14 @@ impl Machine {
 /// One run of the suite.
 struct Run {
     began: String,
-    took: Duration,
+    seconds: f64,
     quick: bool,
     machine_before: Machine,
     machine_after: Machine,
     ingest: Part,
     compare: Part,
+    /// The table `bench compare` wrote (`compare.md`).
+    compare_table: Option<String>,
     paused: Part,
     restore: Part,
 }
@@ -262,6 +293,36 @@ struct Goal {
 }
 
 impl Run {
+    /// The run an earlier `report.json` (see [`Run::json`]) describes.
+    fn from_json(json: &Value) -> Run {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        let part = |v: &Value| match (&v["ok"], &v["failed"]) {
+            (Value::Null, failed) => Err(text(failed)),
+            (ok, _) => Ok(ok.clone()),
+        };
+        let machine = &json["machine"];
+        let machine_at = |load: &str| Machine {
+            cpu: text(&machine["cpu"]),
+            cpus: machine["cpus"].as_u64().unwrap_or(0) as usize,
+            memory: text(&machine["memory"]),
+            kernel: text(&machine["kernel"]),
+            load: text(&machine[load]),
+            commit: text(&machine["commit"]),
+        };
+        Run {
+            began: text(&json["began"]),
+            seconds: num(json, "/seconds").unwrap_or(0.0),
+            quick: json["quick"].as_bool().unwrap_or(false),
+            machine_before: machine_at("load_before"),
+            machine_after: machine_at("load_after"),
+            ingest: part(&json["ingest"]),
+            compare: part(&json["compare"]),
+            compare_table: json["compare_table"].as_str().map(str::to_owned),
+            paused: part(&json["paused"]),
+            restore: part(&json["restore"]),
+        }
+    }
+
     /// kstore's and Kafka Streams' results in `compare.json`.
     fn systems(&self) -> Option<(&Value, &Value)> {
         let compare = self.compare.as_ref().ok()?;
@@ -374,7 +435,7 @@ impl Run {
         ]
     }
 
-    fn markdown(&self, compare_table: Option<&str>) -> String {
+    fn markdown(&self) -> String {
         let mut md = String::new();
         let m = &self.machine_before;
         md.push_str("# kstore benchmark report\n\n");
@@ -388,7 +449,7 @@ impl Run {
             if self.quick { " --quick" } else { "" },
             self.began,
             m.commit,
-            self.took.as_secs_f64() / 60.0,
+            self.seconds / 60.0,
             m.cpus,
             m.cpu,
             m.memory,
@@ -418,7 +479,10 @@ impl Run {
                 goal.what, goal.target
             ));
         }
-        md.push('\n');
+        md.push_str(&format!(
+            "\nWhy each goal not met falls short is written by hand, after the run, in \
+             [{NOTES}]({NOTES}), at the end of this report.\n\n"
+        ));
 
         md.push_str("## Ingest\n\n");
         match &self.ingest {
@@ -446,7 +510,7 @@ impl Run {
         md.push_str("\n![exactly-once ingest](report-ingest.svg)\n\n");
 
         md.push_str("## Reads, and kstore beside Kafka Streams\n\n");
-        match (&self.compare, compare_table) {
+        match (&self.compare, &self.compare_table) {
             (Ok(_), Some(table)) => {
                 md.push_str(
                     "`bench compare` (1 node and 1 instance): the same events for both, Get \
@@ -576,7 +640,7 @@ impl Run {
         };
         json!({
             "began": self.began,
-            "seconds": self.took.as_secs_f64(),
+            "seconds": self.seconds,
             "quick": self.quick,
             "machine": {
                 "cpu": self.machine_before.cpu,
@@ -595,6 +659,7 @@ impl Run {
             })).collect::<Vec<_>>(),
             "ingest": part(&self.ingest),
             "compare": part(&self.compare),
+            "compare_table": self.compare_table,
             "paused": part(&self.paused),
             "restore": part(&self.restore),
         })
