@@ -90,8 +90,9 @@ impl ClientBuilder {
 
     /// How long a read may take, all attempts included (default 1 s). A copy that has not
     /// answered gets the next copy of the plan asked as well after an even share of it (half
-    /// with one other copy), so that a stalled node costs a read part of its deadline and
-    /// not the read.
+    /// with one other copy), or sooner once it has taken ten times the p99 of this client's
+    /// recent calls of its kind (at least 50 ms), so that a stalled node costs a read a
+    /// little time and not the read.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self

@@ -5,8 +5,10 @@
 //! cluster that is slow everywhere.
 //!
 //! Hedging is for the tail of normal latency. A copy that stalls outright (a paused process)
-//! is passed over by the read's stall timer after its share of the deadline (see
-//! [`kstore_core::routing::stall_after`]), under a budget of its own that is far looser
+//! is passed over by the read's stall timer after ten times the p99 of recent latency (at
+//! least 50 ms), or after its share of the deadline (see
+//! [`kstore_core::routing::stall_after`]) if that comes first or too few calls answered yet
+//! to know the p99, under a budget of its own that is far looser
 //! (half the calls): enough for one stalled node among two or more, which the client then
 //! asks last, but not for asking everything twice when every node is overloaded.
 
@@ -76,13 +78,14 @@ const ENOUGH: usize = 20;
 /// How many new latencies make a cached quantile stale.
 const RECOMPUTE_EVERY: usize = 64;
 
-/// Recent latencies of one kind of call, and the last quantile computed from them.
+/// Recent latencies of one kind of call, and the quantiles last computed from them.
 #[derive(Debug, Default)]
 struct Latencies {
     recent: VecDeque<Duration>,
     since_computed: usize,
-    /// (quantile, value) last computed.
-    cached: Option<(f64, Duration)>,
+    /// (quantile, value) computed since the cache was last cleared: the hedge delay's and
+    /// the stall delay's, which may differ.
+    cached: Vec<(f64, Duration)>,
 }
 
 impl Latencies {
@@ -100,22 +103,28 @@ impl Latencies {
         if self.recent.len() < ENOUGH {
             return None;
         }
-        match self.cached {
-            Some((cached_q, value)) if cached_q == q && self.since_computed < RECOMPUTE_EVERY => {
-                Some(value)
-            }
-            _ => {
-                let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
-                sorted.sort_unstable();
-                let index = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-                let value = sorted[index];
-                self.cached = Some((q, value));
-                self.since_computed = 0;
-                Some(value)
-            }
+        if self.since_computed >= RECOMPUTE_EVERY {
+            self.cached.clear();
+            self.since_computed = 0;
         }
+        if let Some(&(_, value)) = self.cached.iter().find(|(cached_q, _)| *cached_q == q) {
+            return Some(value);
+        }
+        let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
+        sorted.sort_unstable();
+        let index = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        let value = sorted[index];
+        self.cached.push((q, value));
+        Some(value)
     }
 }
+
+/// A call unanswered for this many times the p99 of recent calls of its kind has stalled
+/// (see [`Hedger::stall_delay`])...
+const STALL_FACTOR: u32 = 10;
+
+/// ...but never before this long: on a loaded machine scheduling alone takes milliseconds.
+const STALL_MIN: Duration = Duration::from_millis(50);
 
 /// The share of calls that may be passed over for stalling (the failover budget).
 const FAILOVER_SHARE: f64 = 0.5;
@@ -210,6 +219,18 @@ impl Hedger {
         }
     }
 
+    /// How long a call of kind `op` may go unanswered before it counts as stalled: ten times
+    /// the p99 of this client's recent calls of that kind, at least 50 ms; `None` until
+    /// enough of them answered. A read passes over a stalled copy at this delay or after its
+    /// share of the deadline, whichever comes first, so that a paused node costs the reads
+    /// sent to it before anything noticed some multiple of normal latency, not half the
+    /// deadline.
+    pub(crate) fn stall_delay(&self, op: Op) -> Option<Duration> {
+        self.latencies(op)
+            .quantile(0.99)
+            .map(|p99| (p99 * STALL_FACTOR).max(STALL_MIN))
+    }
+
     /// Records how long an answered call of kind `op` took.
     pub(crate) fn record(&self, op: Op, latency: Duration) {
         self.latencies(op).record(latency);
@@ -271,6 +292,34 @@ mod tests {
         assert_eq!(hedger.delay(hedge, Op::Get), Some(2 * MS), "kept above min");
         assert_eq!(hedger.delay(Hedge::Off, Op::Get), None);
         assert_eq!(hedger.delay(Hedge::After(7 * MS), Op::Get), Some(7 * MS));
+    }
+
+    #[test]
+    fn a_call_has_stalled_after_ten_times_the_recent_p99_and_never_before_50_ms() {
+        let hedger = Hedger::new(0.1);
+        for _ in 0..ENOUGH - 1 {
+            hedger.record(Op::Get, 20 * MS);
+        }
+        assert_eq!(hedger.stall_delay(Op::Get), None, "too few calls to know");
+        hedger.record(Op::Get, 20 * MS);
+        assert_eq!(hedger.stall_delay(Op::Get), Some(200 * MS));
+        assert_eq!(
+            hedger.stall_delay(Op::Scan),
+            None,
+            "each kind of call apart"
+        );
+        for _ in 0..100 {
+            hedger.record(Op::Scan, MS);
+        }
+        assert_eq!(hedger.stall_delay(Op::Scan), Some(STALL_MIN));
+        // The hedge delay's quantile and the stall delay's are cached side by side.
+        let hedge = Hedge::Percentile {
+            quantile: 0.5,
+            min: MS,
+            max: 50 * MS,
+        };
+        assert_eq!(hedger.delay(hedge, Op::Get), Some(20 * MS));
+        assert_eq!(hedger.stall_delay(Op::Get), Some(200 * MS));
     }
 
     #[test]

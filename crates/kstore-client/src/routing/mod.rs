@@ -8,9 +8,10 @@
 //!   partition's holders instead (a misroute) patches the view, and the rest of the plan is
 //!   made again from it;
 //! - a copy that has not answered after the hedge delay (within the hedge budget) or after
-//!   its share of the time left (within the far looser failover budget: this is what passes
-//!   over a paused node before the failure detector notices it) gets the next copy asked as
-//!   well, and a copy that stalled is asked last by later reads for a while;
+//!   the stall delay, ten times the recent p99 or its share of the time left if sooner
+//!   (within the far looser failover budget: this is what passes over a paused node before
+//!   the failure detector notices it) gets the next copy asked as well, and a copy that
+//!   stalled is asked last by later reads for a while;
 //! - the first answer for a key wins and the other calls are dropped; no node is asked twice
 //!   for a partition, hedges included; when every copy failed, one fresh view is fetched
 //!   and the read planned again.
@@ -283,10 +284,12 @@ impl<N: Nodes> Race<'_, N> {
             let id = group.id;
             self.running.spawn(async move { (id, call.await) });
             self.calls.push(Call {
-                stall_at: self
-                    .fanout
-                    .stall_after(group.id, remaining)
-                    .map(|share| now + share),
+                stall_at: self.fanout.stall_after(group.id, remaining).map(|share| {
+                    now + match self.hedger.stall_delay(self.read.op) {
+                        Some(stall) => share.min(stall),
+                        None => share,
+                    }
+                }),
                 target: group.target,
                 keys: group.keys,
                 sent,

@@ -222,6 +222,37 @@ async fn a_paused_first_copy_is_passed_over_after_its_share_of_the_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn once_latency_is_known_a_paused_copy_is_passed_over_after_ten_times_its_p99() {
+    let fake = Fake::new(
+        &[(3, &["active", "standby"])],
+        &[
+            ("active", Behaviour::Stalls),
+            ("standby", Behaviour::After(1)),
+        ],
+    );
+    let hedger = Hedger::new(0.1);
+    // Gets have answered within 2 ms: a call unanswered for 10 × 2 ms = 20 ms (raised to
+    // the 50 ms floor) has stalled, long before half the second.
+    for _ in 0..100 {
+        hedger.record(Op::Get, 2 * MS);
+    }
+    let (results, elapsed, counters) = read_through(&fake, Op::Get, &[3], None, &hedger).await;
+    assert_eq!(answered_by(&results[0]), "standby");
+    assert_eq!(elapsed, 50 * MS + MS);
+    assert_eq!(get(&counters.failovers), 1);
+    assert_eq!(*fake.unresponsive.lock().unwrap(), ["active"]);
+
+    // Slower recent Gets (30 ms) wait ten times that, 300 ms.
+    let slower = Hedger::new(0.1);
+    for _ in 0..100 {
+        slower.record(Op::Get, 30 * MS);
+    }
+    let (results, elapsed, _) = read_through(&fake, Op::Get, &[3], None, &slower).await;
+    assert_eq!(answered_by(&results[0]), "standby");
+    assert_eq!(elapsed, 300 * MS + MS);
+}
+
+#[tokio::test(start_paused = true)]
 async fn three_copies_get_a_third_of_the_time_each() {
     let fake = Fake::new(
         &[(3, &["a", "b", "c"])],
