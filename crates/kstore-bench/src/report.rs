@@ -5,7 +5,7 @@
 //! exactly-once), `bench compare` (kstore beside the Kafka Streams baseline, with ghz
 //! measuring Get, MultiGet, a Scan page and the no-op Health/Check), `bench get
 //! --paused-node` (the smart client while a node is SIGSTOPped) and `bench restore` (a
-//! store past 1 GiB brought up five ways, Kafka Streams restoring the same changelog among
+//! store of about 1 GB brought up five ways, Kafka Streams restoring the same changelog among
 //! them). A bench that fails leaves its section with the error and its goals unmeasured;
 //! the report is written all the same. Nothing here asserts a time: a goal not met is
 //! marked, with the shortfall.

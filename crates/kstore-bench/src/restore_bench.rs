@@ -30,7 +30,8 @@ use kstore_testkit::process::{TestProcess, wait_until};
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreBench {
     /// Customers (keys) in the partition's store.
-    /// About 90 bytes each on disk once compacted: the default fills the store past 1 GiB.
+    /// About 90 bytes each on disk once compacted: the default fills the store to about 1 GB
+    /// (1,011 to 1,020 MiB).
     #[arg(long, default_value_t = 12_000_000)]
     pub customers: u32,
     /// Events produced to fill the store (spread over the customers at random).
