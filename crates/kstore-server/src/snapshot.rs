@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use kstore_core::cluster::ClusterView;
+use kstore_core::cluster::{ClusterView, Liveness};
 use kstore_proto::v1::peer_client::PeerClient;
 use kstore_proto::v1::peer_server::Peer;
 use kstore_proto::v1::snapshot_part::Part;
@@ -627,10 +627,15 @@ impl SnapshotFetcher {
                 .map(|h| (h.node.node_id.clone(), h.node.grpc_address.clone()))
                 .collect()
         };
-        // Once the view shows any other node, gossip has reached the cluster: what it says
-        // about holders is as good as it gets.
-        let heard_from_cluster =
-            |view: &ClusterView| view.nodes.iter().any(|n| n.node_id != self.node_id);
+        // Once the view shows another node live, gossip has reached the cluster: what it says
+        // about holders is as good as it gets. A node only just heard of is not live yet (the
+        // failure detector waits for its second heartbeat), and its copies are not sources
+        // until it is: giving up on peers then would replay a whole changelog for nothing.
+        let heard_from_cluster = |view: &ClusterView| {
+            view.nodes
+                .iter()
+                .any(|n| n.node_id != self.node_id && n.liveness == Liveness::Live)
+        };
         let mut view = self.view.clone();
         let (now_known, heard) = {
             let view = view.borrow_and_update();
@@ -1351,10 +1356,19 @@ mod tests {
         while view_tx.receiver_count() < 3 && !asked.is_finished() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // A view that still knows only this node changes nothing; the first one that shows
-        // another node is the one whose holders count.
+        // A view that still knows only this node changes nothing, nor one that shows another
+        // node not yet live (just heard of); the first one that shows another node live is
+        // the one whose holders count.
         view_tx.send_replace(view_of(vec![alone.clone()]));
         tokio::task::yield_now().await;
+        let mut just_heard_of = holder("node-1", "127.0.0.1:1", Role::Standby, 3);
+        just_heard_of.liveness = Liveness::Suspect;
+        view_tx.send_replace(view_of(vec![alone.clone(), just_heard_of]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !asked.is_finished(),
+            "a node not yet live was taken as the cluster's answer"
+        );
         view_tx.send_replace(view_of(vec![
             alone.clone(),
             holder("node-1", "127.0.0.1:1", Role::Standby, 3),

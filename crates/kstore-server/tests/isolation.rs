@@ -262,6 +262,19 @@ fn fill_copy(config: &kstore_server::config::NodeConfig, partition: i32, bytes: 
     Ok(())
 }
 
+/// The lines of a node's log that name `partition` (as `partition=N`), at most the last 60.
+fn lines_about_partition(log: &str, partition: i32) -> String {
+    let tag = format!("partition={partition}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| {
+            line.split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}')
+                .any(|word| word == tag)
+        })
+        .collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
 /// A copy's role and input offset per partition, as node `node_id` publishes them.
 fn copies_of(
     metadata: &kstore_proto::v1::MetadataResponse,
@@ -352,7 +365,10 @@ fn a_large_copy_bootstraps_from_its_peer_while_the_nodes_other_partitions_ingest
             }
             ensure!(
                 std::time::Instant::now() < deadline,
-                "node-2's copy of partition {big} did not bootstrap: {copies:?}"
+                "node-2's copy of partition {big} was never seen bootstrapping: {copies:?}; \
+                 first looks (ms, copies): {:?}; node-2 logged about partition {big}:\n{}",
+                &seen[..seen.len().min(20)],
+                lines_about_partition(&node2.process.output(), big)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
