@@ -373,7 +373,7 @@ fn run(
     let backup = |label: &str| -> Result<(f64, kstore_proto::v1::BackupInfo)> {
         eprintln!("bench: {label}");
         let started = Instant::now();
-        let summary = runtime.block_on(create(&target, &[0]))?;
+        let summary = runtime.block_on(create(&target, "", &[0]))?;
         let seconds = started.elapsed().as_secs_f64();
         let info = summary
             .answers

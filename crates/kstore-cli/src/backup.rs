@@ -3,7 +3,8 @@
 //! `create` asks every live node of the cluster (learned from the seeds' view) to back up
 //! the partitions it is the backup source of, so that one command backs up every partition
 //! once, from standbys where they run. `list` and `verify` ask one node, which reads the
-//! backup location's catalog.
+//! backup location's catalog. Each acts on every store the nodes serve, or on one
+//! (`--store`).
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -76,12 +77,17 @@ impl AdminTarget {
 pub struct CreateSummary {
     /// Each node asked, and its answer (or why it failed).
     pub answers: Vec<(String, std::result::Result<CreateBackupResponse, String>)>,
-    /// The partitions asked for that no node backed up.
-    pub missing: Vec<u32>,
+    /// The partitions asked for that no node backed up, as (store, partition).
+    pub missing: Vec<(String, u32)>,
 }
 
-/// Asks every live node for the backups it is the source of.
-pub async fn create(target: &AdminTarget, partitions: &[u32]) -> Result<CreateSummary> {
+/// Asks every live node for the backups it is the source of, of `store` (every store if
+/// empty) and `partitions` (all if empty).
+pub async fn create(
+    target: &AdminTarget,
+    store: &str,
+    partitions: &[u32],
+) -> Result<CreateSummary> {
     let (seed, _) = target.admin().await?;
     let mut query = QueryClient::new(target.channel(&seed).await?);
     let view = query
@@ -102,11 +108,11 @@ pub async fn create(target: &AdminTarget, partitions: &[u32]) -> Result<CreateSu
     // Every node backs up its share at once.
     let mut calls = tokio::task::JoinSet::new();
     for (index, (node_id, address)) in nodes.into_iter().enumerate() {
-        let (target, partitions) = (target.clone(), partitions.to_vec());
+        let (target, partitions, store) = (target.clone(), partitions.to_vec(), store.to_owned());
         calls.spawn(async move {
             let answer = async {
                 let mut admin = AdminClient::new(target.channel(&address).await?);
-                let request = target.request(CreateBackupRequest { partitions })?;
+                let request = target.request(CreateBackupRequest { partitions, store })?;
                 Ok::<_, anyhow::Error>(admin.create_backup(request).await?.into_inner())
             }
             .await
@@ -123,30 +129,46 @@ pub async fn create(target: &AdminTarget, partitions: &[u32]) -> Result<CreateSu
         .into_iter()
         .map(|(_, node_id, answer)| (node_id, answer))
         .collect();
-    let wanted: Vec<u32> = if partitions.is_empty() {
-        (0..view.stores.first().map_or(0, |s| s.partitions)).collect()
-    } else {
-        partitions.to_vec()
-    };
+    let mut wanted = Vec::new();
+    for described in view
+        .stores
+        .iter()
+        .filter(|s| store.is_empty() || s.name == store)
+    {
+        let mut of_store: Vec<u32> = if partitions.is_empty() {
+            (0..described.partitions).collect()
+        } else {
+            partitions.to_vec()
+        };
+        of_store.retain(|&p| p < described.partitions);
+        wanted.extend(of_store.into_iter().map(|p| (described.name.clone(), p)));
+    }
     let missing = wanted
         .into_iter()
-        .filter(|p| {
+        .filter(|(store, partition)| {
             !answers.iter().any(|(_, answer)| {
-                answer
-                    .as_ref()
-                    .is_ok_and(|a| a.backups.iter().any(|b| b.partition == *p))
+                answer.as_ref().is_ok_and(|a| {
+                    a.backups
+                        .iter()
+                        .any(|b| b.partition == *partition && b.store == *store)
+                })
             })
         })
         .collect();
     Ok(CreateSummary { answers, missing })
 }
 
-/// The catalog, as one node reads it.
-pub async fn list(target: &AdminTarget, partitions: &[u32]) -> Result<(String, Vec<BackupInfo>)> {
+/// The catalog of `store` (every store if empty), as one node reads it.
+pub async fn list(
+    target: &AdminTarget,
+    store: &str,
+    partitions: &[u32],
+) -> Result<(String, Vec<BackupInfo>)> {
     let (seed, mut admin) = target.admin().await?;
     let answer = admin
         .list_backups(target.request(ListBackupsRequest {
             partitions: partitions.to_vec(),
+            store: store.to_owned(),
         })?)
         .await
         .with_context(|| format!("listing backups through {seed}"))?
@@ -154,9 +176,10 @@ pub async fn list(target: &AdminTarget, partitions: &[u32]) -> Result<(String, V
     Ok((answer.location, answer.backups))
 }
 
-/// Re-reads the named backups' files and checks them.
+/// Re-reads the named backups' files (of `store`, every store if empty) and checks them.
 pub async fn verify(
     target: &AdminTarget,
+    store: &str,
     partitions: &[u32],
     backup_id: u32,
 ) -> Result<VerifyBackupResponse> {
@@ -165,6 +188,7 @@ pub async fn verify(
         .verify_backup(target.request(VerifyBackupRequest {
             partitions: partitions.to_vec(),
             backup_id,
+            store: store.to_owned(),
         })?)
         .await
         .with_context(|| format!("verifying backups through {seed}"))?
@@ -174,7 +198,8 @@ pub async fn verify(
 /// One backup as a table row.
 pub fn format_backup(backup: &BackupInfo) -> String {
     format!(
-        "{:>9} {:>6} {:>20} {:>14} {:>14} {:>10} {:>8} {:>12} {:>12}",
+        "{:<12} {:>9} {:>6} {:>20} {:>14} {:>14} {:>10} {:>8} {:>12} {:>12}",
+        backup.store,
         backup.partition,
         backup.backup_id,
         format_time(backup.created_at_ms),
@@ -190,8 +215,17 @@ pub fn format_backup(backup: &BackupInfo) -> String {
 /// The header of [`format_backup`]'s rows.
 pub fn backup_header() -> String {
     format!(
-        "{:>9} {:>6} {:>20} {:>14} {:>14} {:>10} {:>8} {:>12} {:>12}",
-        "partition", "id", "created (UTC)", "changelog", "input", "node", "from", "size", "added"
+        "{:<12} {:>9} {:>6} {:>20} {:>14} {:>14} {:>10} {:>8} {:>12} {:>12}",
+        "store",
+        "partition",
+        "id",
+        "created (UTC)",
+        "changelog",
+        "input",
+        "node",
+        "from",
+        "size",
+        "added"
     )
 }
 

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::console::{Console, LookupRefused};
+use crate::console::{Console, ConsoleRefused};
 use crate::ingest::IngestMetrics;
 use crate::probes::Probes;
 use crate::registry::Registry;
@@ -224,8 +224,8 @@ type Handler = fn(&Request<Incoming>, &Served) -> Response<Full<Bytes>>;
 /// | `/readyz` | 200 while the node answers reads within `probes.max-lag`, else 503 |
 /// | `/livez` | 200 unless a loop of the node stalled or stopped, else 503 |
 /// | `/console` | the web console's page ([`crate::console`]) |
-/// | `/console/cluster.json` | the cluster as this node's view sees it |
-/// | `/console/lookup?key=…` | a key's routing and value (loopback metrics address only) |
+/// | `/console/cluster.json?store=…` | the cluster as this node's view of a store sees it |
+/// | `/console/lookup?key=…&store=…` | a key's routing and value (loopback metrics address only) |
 ///
 /// Probes answer with a line per thing checked.
 const ROUTES: &[(&str, Handler)] = &[
@@ -241,9 +241,12 @@ const ROUTES: &[(&str, Handler)] = &[
         );
         response
     }),
-    ("/console/cluster.json", |_, served| {
+    ("/console/cluster.json", |request, served| {
         match served.console.get() {
-            Some(console) => json_response(StatusCode::OK, &console.cluster_json()),
+            Some(console) => match console.cluster_json(request.uri().query()) {
+                Ok(cluster) => json_response(StatusCode::OK, &cluster),
+                Err(refused) => console_refused(&refused),
+            },
             None => console_starting(),
         }
     }),
@@ -274,17 +277,18 @@ async fn answer(request: &Request<Incoming>, served: &Served) -> Response<Full<B
     };
     match console.lookup(request.uri().query()).await {
         Ok(answer) => json_response(StatusCode::OK, &answer),
-        Err(LookupRefused::NotLoopback) => json_response(
-            StatusCode::FORBIDDEN,
-            &serde_json::json!({"error": "key lookups show stored values, so the console \
-                answers them only on a loopback metrics address: reach it through a tunnel \
-                or a port-forward"}),
-        ),
-        Err(LookupRefused::NoKey) => json_response(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({"error": "give a key: /console/lookup?key=customer-000042"}),
-        ),
+        Err(refused) => console_refused(&refused),
     }
+}
+
+/// A console request refused, as JSON with the reason.
+fn console_refused(refused: &ConsoleRefused) -> Response<Full<Bytes>> {
+    let status = match refused {
+        ConsoleRefused::NotLoopback => StatusCode::FORBIDDEN,
+        ConsoleRefused::NoKey => StatusCode::BAD_REQUEST,
+        ConsoleRefused::UnknownStore { .. } => StatusCode::NOT_FOUND,
+    };
+    json_response(status, &serde_json::json!({"error": refused.message()}))
 }
 
 fn console_starting() -> Response<Full<Bytes>> {

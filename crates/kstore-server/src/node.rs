@@ -244,7 +244,6 @@ pub fn run_stores(
         let names: Vec<&str> = stores.iter().map(|s| s.config.store.as_str()).collect();
         tracing::info!(stores = ?names, "serving several stores");
     }
-    let first = &stores[0];
     let probes = Arc::new(Probes::new(
         &config,
         stores
@@ -376,24 +375,26 @@ pub fn run_stores(
         });
     }
     if let Some((slot, loopback)) = &console {
-        // The console shows the node's first store. It reads as a client of this node
+        // The console shows every store of the node. It reads as a client of this node
         // does, through its Query service.
-        let query = crate::grpc::query::QueryService::new(
-            first.registry.clone(),
-            first.config.clone(),
-            gossip.view(),
-            served[0].values.type_url.clone(),
-        )
-        .with_tls(tls.clone());
-        let _ = slot.set(crate::console::Console::new(
-            &config.node_id,
-            &first.config.store,
-            first.registry.partitions(),
-            gossip.view(),
-            query,
-            &served[0].values,
-            *loopback,
-        ));
+        let mut shown = crate::console::Console::new(&config.node_id, *loopback);
+        for store in &served {
+            let query = crate::grpc::query::QueryService::new(
+                store.registry.clone(),
+                store.config.clone(),
+                store.view.clone(),
+                store.values.type_url.clone(),
+            )
+            .with_tls(tls.clone());
+            shown = shown.with_store(
+                &store.config.store,
+                store.registry.partitions(),
+                store.view.clone(),
+                query,
+                &store.values,
+            );
+        }
+        let _ = slot.set(shown);
     }
     let grpc_pulse = probes.grpc.clone();
     grpc_pulse.beat();

@@ -222,21 +222,21 @@ pub fn plan(
     Ok(plans)
 }
 
-/// Refuses unless the app's consumer group has no members.
+/// Refuses unless the store's consumer group has no members.
 pub fn check_group_empty(config: &NodeConfig) -> Result<(), PointInTimeError> {
     let consumer: BaseConsumer = crate::kafka::client_config(config)
         .create()
         .map_err(kafka("creating a Kafka client"))?;
+    let group_id = config.group_id();
     let groups = consumer
-        .fetch_group_list(Some(&config.app_id), KAFKA_TIMEOUT)
+        .fetch_group_list(Some(group_id), KAFKA_TIMEOUT)
         .map_err(kafka("describing the consumer group"))?;
-    if let Some(group) = groups.groups().iter().find(|g| g.name() == config.app_id)
+    if let Some(group) = groups.groups().iter().find(|g| g.name() == group_id)
         && !group.members().is_empty()
     {
         let members: Vec<&str> = group.members().iter().map(|m| m.client_id()).collect();
         return Err(PointInTimeError::Refused(format!(
-            "the group {} has {} members ({}): stop every node of the app first",
-            config.app_id,
+            "the group {group_id} has {} members ({}): stop every node of the app first",
             members.len(),
             members.join(", ")
         )));
@@ -333,7 +333,7 @@ pub fn execute(
     }
     let committer: BaseConsumer = client
         .clone()
-        .set("group.id", &config.app_id)
+        .set("group.id", config.group_id())
         .set("enable.auto.commit", "false")
         .create()
         .map_err(kafka("creating the group's client"))?;
@@ -343,7 +343,7 @@ pub fn execute(
     progress(&format!(
         "rewound the group {}'s input offsets; start the nodes (with the fixed processor) to \
          reprocess",
-        config.app_id
+        config.group_id()
     ));
     Ok(written)
 }

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{Node, Scenario, expected_features, run_async, wait_for_agreement};
-use kstore_cli::backup::AdminTarget;
+use common::{Node, Scenario, admin_target, expected_features, run_async, wait_for_agreement};
 use kstore_cli::generator::{GeneratorConfig, OrderGenerator};
 use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
@@ -88,16 +87,6 @@ async fn scenario_with_backups(name: &str) -> Result<(Scenario, PathBuf)> {
     Ok((scenario, backup_dir))
 }
 
-/// What `kstore backup` calls a node with, for the node at `uri`.
-fn admin_target(uri: &str) -> AdminTarget {
-    AdminTarget {
-        seeds: vec![uri.trim_start_matches("http://").to_owned()],
-        token: None,
-        tls: None,
-        timeout: Duration::from_secs(120),
-    }
-}
-
 #[test]
 fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Result<()> {
     run_async(async {
@@ -121,7 +110,7 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
         // One backup of every partition, from the only copy there is: the active. As
         // `kstore backup create` does: every live node in the view is asked.
         let target = admin_target(&uri);
-        let summary = kstore_cli::backup::create(&target, &[]).await?;
+        let summary = kstore_cli::backup::create(&target, "", &[]).await?;
         ensure!(
             summary.missing.is_empty() && summary.answers.len() == 1,
             "backup answers {:?}, missing {:?}",
@@ -154,7 +143,7 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
             );
         }
         let listed = admin
-            .list_backups(ListBackupsRequest { partitions: vec![] })
+            .list_backups(ListBackupsRequest::default())
             .await?
             .into_inner();
         ensure!(
@@ -163,10 +152,7 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
             listed.backups.len()
         );
         let verified = admin
-            .verify_backup(VerifyBackupRequest {
-                partitions: vec![],
-                backup_id: 0,
-            })
+            .verify_backup(VerifyBackupRequest::default())
             .await?
             .into_inner();
         ensure!(
@@ -202,7 +188,7 @@ fn damaged_copies_recover_from_the_newest_good_backup_or_the_changelog() -> Resu
         let verified = admin
             .verify_backup(VerifyBackupRequest {
                 partitions: vec![1],
-                backup_id: 0,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -449,7 +435,7 @@ fn point_in_time_restore_undoes_a_logic_bug() -> Result<()> {
         let uri = scenario.grpc_uri(&mut node)?;
         scenario.wait_caught_up(&mut node, Duration::from_secs(180))?;
         let target = admin_target(&uri);
-        let summary = kstore_cli::backup::create(&target, &[]).await?;
+        let summary = kstore_cli::backup::create(&target, "", &[]).await?;
         ensure!(
             summary.missing.is_empty(),
             "not backed up: {:?}",
@@ -560,7 +546,7 @@ fn a_standby_damaged_while_the_node_runs_is_rebuilt_from_its_peer() -> Result<()
         // Backups flush the standbys' memtables, so their data is in SST files on disk.
         let grpc = scenario.grpc_uri(&mut node2.process)?;
         let target = admin_target(&grpc);
-        kstore_cli::backup::create(&target, &[]).await?;
+        kstore_cli::backup::create(&target, "", &[]).await?;
 
         // The disk under one of node-2's standbys flips a byte.
         let partition = *layout
@@ -636,7 +622,7 @@ fn an_active_damaged_while_the_node_runs_fails_alone_and_is_rebuilt_while_the_re
         let mut node1 = Node::start(&scenario, "node-1", "only").await?;
         wait_copies_at_end(&scenario, &mut node1).await?;
         let grpc = scenario.grpc_uri(&mut node1.process)?;
-        kstore_cli::backup::create(&admin_target(&grpc), &[]).await?;
+        kstore_cli::backup::create(&admin_target(&grpc), "", &[]).await?;
         let mut node2 = Node::start(&scenario, "node-2", "only").await?;
         let layout = wait_for_agreement(
             &mut [&mut node1, &mut node2],
@@ -726,7 +712,7 @@ fn backup_calls_on_a_node_without_a_location_say_how_to_configure_one() -> Resul
         let uri = scenario.grpc_uri(&mut node)?;
         let mut admin = AdminClient::connect(uri).await?;
         let error = admin
-            .create_backup(CreateBackupRequest { partitions: vec![] })
+            .create_backup(CreateBackupRequest::default())
             .await
             .unwrap_err();
         ensure!(

@@ -460,7 +460,7 @@ fn metadata_admin_health_reflection_and_metrics_answer() -> Result<()> {
 
         let mut admin = AdminClient::connect(served.uri.clone()).await?;
         let status = admin
-            .partition_status(PartitionStatusRequest {})
+            .partition_status(PartitionStatusRequest::default())
             .await?
             .into_inner();
         ensure!(status.stores.len() == PARTITIONS as usize);

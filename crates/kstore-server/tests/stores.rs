@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -18,7 +19,10 @@ use prost::Message as _;
 use rdkafka::producer::FutureRecord;
 use tonic_types::StatusExt;
 
-use common::{Layout, Node, Scenario, assert_exact_state, expected_features, run_async};
+use common::{
+    Layout, Node, Scenario, admin_target, assert_exact_state, expected_features, run_async,
+};
+use kstore_server::point_in_time::{self, RestorePoint};
 
 const PARTITIONS: u32 = 4;
 /// The tally store's topic has a partition count of its own.
@@ -36,9 +40,22 @@ async fn send_words(
     range: std::ops::Range<u64>,
     expected: &mut Tallies,
 ) -> Result<()> {
+    send_keyed(scenario, topic, "word", 23, range, expected).await
+}
+
+/// Sends records `range` of the tally store's input, keyed `<prefix>-00` to
+/// `<prefix>-<keys - 1>` in turn, and records what each key should hold.
+async fn send_keyed(
+    scenario: &Scenario,
+    topic: &str,
+    prefix: &str,
+    keys: u64,
+    range: std::ops::Range<u64>,
+    expected: &mut Tallies,
+) -> Result<()> {
     let producer = scenario.kafka.producer()?;
     for i in range {
-        let key = format!("word-{:02}", i % 23);
+        let key = format!("{prefix}-{:02}", i % keys);
         let value = format!("value-{i}");
         let record = FutureRecord::<str, str>::to(topic)
             .key(&key)
@@ -122,6 +139,47 @@ fn wait_group_caught_up(
     }
 }
 
+/// Writes a config file `name` in the scenario's directory that declares, besides the
+/// features store, the tally store: input `<app>-words`, processor `module`, values
+/// `acme.v1.Tally`, group `<app>-tally`. Returns its path.
+fn tally_config(scenario: &Scenario, name: &str, module: &std::path::Path) -> Result<PathBuf> {
+    let set = kstore_testkit::guest::tally_descriptor_set(scenario.dir.path())?;
+    let typed = format!(
+        r#"value-type = {{ descriptor-set = "{}", message = "acme.v1.Tally" }}"#,
+        set.display()
+    );
+    store_config(scenario, name, module, &typed)
+}
+
+/// As [`tally_config`], with `value_type` as the store's `value-type` line (empty: raw
+/// bytes).
+fn store_config(
+    scenario: &Scenario,
+    name: &str,
+    module: &std::path::Path,
+    value_type: &str,
+) -> Result<PathBuf> {
+    let app = &scenario.app;
+    let file = scenario.dir.path().join(name);
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[[stores]]
+name = "tally"
+input-topic = "{app}-words"
+processor = {{ wasm = "{module}" }}
+{value_type}
+changelog-topic = "{app}-tally-changelog"
+dead-letter-topic = "{app}-tally-dlq"
+group-id = "{app}-tally"
+"#,
+            module = module.display(),
+        ),
+    )?;
+    Ok(file)
+}
+
 /// Checks that `node` answers every key of both stores exactly: each customer's features
 /// as recomputed from the events, each word's Tally (decoded through the node's reflection,
 /// as grpcurl would) as sent.
@@ -201,28 +259,9 @@ fn a_cluster_serves_the_features_store_and_a_module_store_both_exact_through_kil
         let app = scenario.app.clone();
         let words = format!("{app}-words");
         scenario.kafka.create_topic(&words, WORD_PARTITIONS).await?;
-        let set = kstore_testkit::guest::tally_descriptor_set(scenario.dir.path())?;
-        let module = kstore_testkit::guest::module("tally")?;
         let tally_group = format!("{app}-tally");
-        let file = scenario.dir.path().join("stores.toml");
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-[[stores]]
-name = "tally"
-input-topic = "{words}"
-processor = {{ wasm = "{module}" }}
-value-type = {{ descriptor-set = "{set}", message = "acme.v1.Tally" }}
-changelog-topic = "{app}-tally-changelog"
-dead-letter-topic = "{app}-tally-dlq"
-group-id = "{tally_group}"
-"#,
-                module = module.display(),
-                set = set.display(),
-            ),
-        )?;
-        scenario.config_file = Some(file);
+        let module = kstore_testkit::guest::module("tally")?;
+        scenario.config_file = Some(tally_config(&scenario, "stores.toml", &module)?);
 
         let generator = GeneratorConfig {
             customers: 400,
@@ -334,6 +373,247 @@ group-id = "{tally_group}"
             .kafka
             .delete_topics_with_prefix(&format!("{app}-tally"), Some(&tally_group))
             .context("deleting the tally store's topics")?;
+        Ok(())
+    })
+}
+
+/// The JSON body of a `GET` of `path` on the metrics port at `address` that answers 200.
+fn console_json(address: &str, path: &str) -> Result<serde_json::Value> {
+    // http_get fails unless the answer is 200 OK.
+    let response = kstore_testkit::process::http_get(address, path)?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// Checks [`check_reads`] until it passes, for up to half a minute: a committed record
+/// reaches the store just after its commit.
+async fn wait_reads_exact(
+    node: &mut Node,
+    features: &std::collections::HashMap<String, CustomerFeatures>,
+    tallies: &Tallies,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match check_reads(node, features, tallies).await {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// The Admin backup calls and point-in-time restore act on the store they name: the tally
+/// store is backed up, listed and verified on its own, and after a wrong module folded part
+/// of its input, restored to a time before it and reprocessed exactly; the features store
+/// of the same nodes keeps its state and its group's offsets throughout.
+#[test]
+fn a_second_store_is_backed_up_and_restored_to_a_point_in_time_on_its_own() -> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("stores-restore", PARTITIONS).await?;
+        let app = scenario.app.clone();
+        let words = format!("{app}-words");
+        let tally_group = format!("{app}-tally");
+        scenario.kafka.create_topic(&words, WORD_PARTITIONS).await?;
+        let backup_dir = scenario.dir.path().join("backups");
+        scenario
+            .extra
+            .push(format!("backup.dir={}", backup_dir.display()));
+        scenario.extra.push("backup.interval-ms=0".into());
+        scenario.extra.push("metrics-address=127.0.0.1:0".into());
+        let good = tally_config(
+            &scenario,
+            "good.toml",
+            &kstore_testkit::guest::module("tally")?,
+        )?;
+        // The wrong release: a module that counts instead, with raw values (it cannot read
+        // a Tally, so the keys that have one dead-letter, and new keys get a count).
+        let wrong = store_config(
+            &scenario,
+            "wrong.toml",
+            &kstore_testkit::guest::module("count")?,
+            "",
+        )?;
+        scenario.config_file = Some(good.clone());
+        let mut inputs = Inputs {
+            generator: GeneratorConfig {
+                customers: 300,
+                seed: 41,
+                ..GeneratorConfig::default()
+            },
+            events_sent: 0,
+            words_topic: words.clone(),
+            words_sent: 0,
+            tallies: Tallies::new(),
+        };
+        let caught_up = |scenario: &Scenario| -> Result<()> {
+            scenario.wait_committed(Duration::from_secs(180), || Ok(()))?;
+            wait_group_caught_up(
+                scenario,
+                &tally_group,
+                &words,
+                WORD_PARTITIONS,
+                Duration::from_secs(180),
+            )
+        };
+
+        inputs.send(&scenario, 2_000, 600).await?;
+        let mut node = Node::start(&scenario, "node-1", "before").await?;
+        caught_up(&scenario)?;
+        let uri = scenario.grpc_uri(&mut node.process)?;
+        let target = admin_target(&uri);
+
+        // Backing up the tally store backs up its three partitions and nothing else.
+        let summary = kstore_cli::backup::create(&target, "tally", &[]).await?;
+        let made: Vec<(String, u32)> = summary
+            .answers
+            .iter()
+            .filter_map(|(_, answer)| answer.as_ref().ok())
+            .flat_map(|answer| answer.backups.iter())
+            .map(|b| (b.store.clone(), b.partition))
+            .collect();
+        ensure!(
+            summary.missing.is_empty()
+                && made
+                    == (0..WORD_PARTITIONS)
+                        .map(|p| ("tally".to_string(), p))
+                        .collect::<Vec<_>>(),
+            "backups made {made:?}, missing {:?}",
+            summary.missing
+        );
+        let (_, features_backups) = kstore_cli::backup::list(&target, "features", &[]).await?;
+        ensure!(
+            features_backups.is_empty(),
+            "the features store was backed up: {features_backups:?}"
+        );
+        let (_, listed) = kstore_cli::backup::list(&target, "", &[]).await?;
+        ensure!(
+            listed.len() == WORD_PARTITIONS as usize && listed.iter().all(|b| b.store == "tally"),
+            "{listed:?}"
+        );
+        let verified = kstore_cli::backup::verify(&target, "tally", &[], 0).await?;
+        ensure!(
+            verified.results.len() == WORD_PARTITIONS as usize
+                && verified.results.iter().all(|r| r.ok),
+            "{verified:?}"
+        );
+        let ambiguous = kstore_cli::backup::verify(&target, "", &[0], listed[0].backup_id)
+            .await
+            .expect_err("a backup id without a store, on a node of two stores, was taken");
+        ensure!(
+            format!("{ambiguous:#}").contains("name the store"),
+            "{ambiguous:#}"
+        );
+        let unknown = kstore_cli::backup::list(&target, "orders", &[])
+            .await
+            .expect_err("an unknown store was listed");
+        ensure!(
+            format!("{unknown:#}").contains("features, tally"),
+            "{unknown:#}"
+        );
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        let before_the_bug = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+
+        // The wrong module runs for a while; the features store goes on as usual. The
+        // wrong module dead-letters the records of keys that hold a Tally, and writes a
+        // count for new keys.
+        let wrong_from = inputs.words_sent;
+        scenario.config_file = Some(wrong);
+        inputs.send(&scenario, 1_000, 300).await?;
+        let late = inputs.words_sent..inputs.words_sent + 40;
+        send_keyed(&scenario, &words, "late", 5, late, &mut inputs.tallies).await?;
+        inputs.words_sent += 40;
+        let mut node = Node::start(&scenario, "node-1", "wrong").await?;
+        caught_up(&scenario)?;
+        let features_committed =
+            scenario
+                .kafka
+                .committed_offsets(&app, &scenario.input, PARTITIONS)?;
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        // The tally store's plan: each partition back to its backup, the wrong stretch
+        // reprocessed; the features store is not part of it.
+        scenario.config_file = Some(good);
+        let tally = scenario
+            .config("node-1")?
+            .store_configs()
+            .into_iter()
+            .find(|c| c.store == "tally")
+            .context("the config has no tally store")?;
+        let plans = point_in_time::plan(&tally, RestorePoint::Time(before_the_bug), &[])?;
+        ensure!(plans.len() == WORD_PARTITIONS as usize, "{plans:?}");
+        let reprocess: i64 = plans.iter().map(|p| p.events_to_reprocess()).sum();
+        ensure!(
+            reprocess == (inputs.words_sent - wrong_from) as i64,
+            "{reprocess} records to reprocess, not {}",
+            inputs.words_sent - wrong_from
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(error) = point_in_time::check_group_empty(&tally) {
+            ensure!(
+                Instant::now() < deadline,
+                "the tally group did not empty: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let scratch = scenario.dir.path().join("restore-scratch");
+        let written = point_in_time::execute(&tally, &plans, &scratch, |step| eprintln!("{step}"))?;
+        // One correction (a tombstone) per key the wrong module wrote: the five new keys.
+        let corrections: u64 = written.iter().map(|(_, n)| n).sum();
+        ensure!(corrections == 5, "{corrections} corrections written, not 5");
+        // Only the tally group was rewound.
+        let tally_committed =
+            scenario
+                .kafka
+                .committed_offsets(&tally_group, &words, WORD_PARTITIONS)?;
+        let rewound_to: Vec<i64> = plans.iter().map(|p| p.backup.input_next).collect();
+        ensure!(
+            tally_committed == rewound_to,
+            "the tally group is at {tally_committed:?}, not {rewound_to:?}"
+        );
+        let features_now = scenario
+            .kafka
+            .committed_offsets(&app, &scenario.input, PARTITIONS)?;
+        ensure!(
+            features_now == features_committed,
+            "the features group moved from {features_committed:?} to {features_now:?}"
+        );
+
+        // The right module again: it reprocesses the wrong stretch, and more input follows.
+        inputs.send(&scenario, 500, 200).await?;
+        let mut node = Node::start(&scenario, "node-1", "after").await?;
+        caught_up(&scenario)?;
+        let events: Vec<OrderEvent> = OrderGenerator::new(inputs.generator.clone())
+            .take(inputs.events_sent as usize)
+            .collect();
+        wait_reads_exact(&mut node, &expected_features(&events), &inputs.tallies).await?;
+
+        // The web console shows either store: its map and a lookup with the value as JSON.
+        let console = scenario.metrics_address(&mut node.process)?;
+        let cluster = console_json(&console, "/console/cluster.json?store=tally")?;
+        ensure!(
+            cluster["store"] == "tally"
+                && cluster["partitions"] == WORD_PARTITIONS
+                && cluster["stores"] == serde_json::json!(["features", "tally"]),
+            "{cluster}"
+        );
+        let (key, (count, last)) = inputs.tallies.iter().next().context("no tallies")?;
+        let looked_up = console_json(&console, &format!("/console/lookup?store=tally&key={key}"))?;
+        let want = serde_json::json!({"count": count.to_string(), "last": last});
+        ensure!(
+            looked_up["answer"]["value"] == want,
+            "{looked_up} (want the value {want})"
+        );
+        let unknown =
+            kstore_testkit::process::http_get(&console, "/console/cluster.json?store=nope")
+                .expect_err("the console showed a store the node does not serve");
+        ensure!(format!("{unknown:#}").contains("404"), "{unknown:#}");
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        assert_exact_state(&scenario, &["node-1"], &events)?;
         Ok(())
     })
 }

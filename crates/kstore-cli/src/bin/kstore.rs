@@ -281,6 +281,9 @@ struct AdminConnect {
     admin_token: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Only this store (default: every store the nodes serve).
+    #[arg(long)]
+    store: Option<String>,
     /// Only these partitions, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     partitions: Vec<u32>,
@@ -797,11 +800,12 @@ async fn run_backup(action: BackupAction) -> ExitCode {
         tls,
     };
     let (json, partitions) = (connect.json, connect.partitions.clone());
+    let store = connect.store.clone().unwrap_or_default();
     let outcome = match action {
-        BackupAction::Create { .. } => backup_create(&target, &partitions, json).await,
-        BackupAction::List { .. } => backup_list(&target, &partitions, json).await,
+        BackupAction::Create { .. } => backup_create(&target, &store, &partitions, json).await,
+        BackupAction::List { .. } => backup_list(&target, &store, &partitions, json).await,
         BackupAction::Verify { backup_id, .. } => {
-            backup_verify(&target, &partitions, backup_id, json).await
+            backup_verify(&target, &store, &partitions, backup_id, json).await
         }
     };
     match outcome {
@@ -834,10 +838,11 @@ fn backup_json(info: &kstore_proto::v1::BackupInfo) -> Value {
 
 async fn backup_create(
     target: &backup::AdminTarget,
+    store: &str,
     partitions: &[u32],
     json: bool,
 ) -> anyhow::Result<bool> {
-    let summary = backup::create(target, partitions).await?;
+    let summary = backup::create(target, store, partitions).await?;
     let mut ok = summary.missing.is_empty();
     if !json {
         println!("{}", backup::backup_header());
@@ -855,8 +860,8 @@ async fn backup_create(
                 for failed in &answer.failed {
                     ok = false;
                     eprintln!(
-                        "kstore backup: {node_id} could not back up partition {}: {}",
-                        failed.partition, failed.error
+                        "kstore backup: {node_id} could not back up partition {} of store {}: {}",
+                        failed.partition, failed.store, failed.error
                     );
                 }
             }
@@ -867,9 +872,15 @@ async fn backup_create(
         }
     }
     if !summary.missing.is_empty() {
+        let missing: Vec<String> = summary
+            .missing
+            .iter()
+            .map(|(store, partition)| format!("{store}/{partition}"))
+            .collect();
         eprintln!(
-            "kstore backup: no node backed up partitions {:?} (no live copy, or a restoring one)",
-            summary.missing
+            "kstore backup: no node backed up {} (store/partition: no live copy, or a \
+             restoring one)",
+            missing.join(", ")
         );
     }
     Ok(ok)
@@ -877,10 +888,11 @@ async fn backup_create(
 
 async fn backup_list(
     target: &backup::AdminTarget,
+    store: &str,
     partitions: &[u32],
     json: bool,
 ) -> anyhow::Result<bool> {
-    let (location, backups) = backup::list(target, partitions).await?;
+    let (location, backups) = backup::list(target, store, partitions).await?;
     if json {
         for info in &backups {
             println!("{}", backup_json(info));
@@ -897,11 +909,12 @@ async fn backup_list(
 
 async fn backup_verify(
     target: &backup::AdminTarget,
+    store: &str,
     partitions: &[u32],
     backup_id: u32,
     json: bool,
 ) -> anyhow::Result<bool> {
-    let answer = backup::verify(target, partitions, backup_id).await?;
+    let answer = backup::verify(target, store, partitions, backup_id).await?;
     let mut ok = true;
     for result in &answer.results {
         ok &= result.ok;
@@ -916,7 +929,8 @@ async fn backup_verify(
             continue;
         }
         println!(
-            "partition {} backup {}: {} ({} files, {})",
+            "store {} partition {} backup {}: {} ({} files, {})",
+            info.store,
             info.partition,
             info.backup_id,
             if result.ok { "ok" } else { "DAMAGED" },

@@ -38,7 +38,7 @@ enum NodeCommand {
         #[arg(long)]
         address: Option<String>,
     },
-    /// Point-in-time restore of the app's store (after a processor wrote wrong values):
+    /// Point-in-time restore of one of the app's stores (after a processor wrote wrong values):
     /// every chosen partition goes back to its newest backup from at or before `--to`, and
     /// the group's input offsets are rewound to the offsets those backups recorded, so that
     /// the nodes, started again with a fixed processor, reprocess from there. The changelog
@@ -46,6 +46,10 @@ enum NodeCommand {
     /// restore agree. Every node of the app must be stopped. Uses the node's config (topics,
     /// backup.dir, Kafka).
     Restore {
+        /// The store to restore (default: the config's first store). The other stores are
+        /// untouched.
+        #[arg(long)]
+        store: Option<String>,
         /// A UTC time (`2026-11-28T03:00:00Z`) or milliseconds since the epoch.
         #[arg(long, required_unless_present = "backup_id")]
         to: Option<String>,
@@ -231,13 +235,35 @@ fn main() -> ExitCode {
         return probe(&config.metrics_address, None, *which);
     }
     if let Some(NodeCommand::Restore {
+        store,
         to,
         backup_id,
         partitions,
         dry_run,
     }) = &args.command
     {
-        return restore(&config, to.as_deref(), *backup_id, partitions, *dry_run);
+        let configs = config.store_configs();
+        let chosen = match store {
+            None => configs.first(),
+            Some(name) => configs.iter().find(|c| &c.store == name),
+        };
+        let Some(chosen) = chosen else {
+            let names: Vec<&str> = configs.iter().map(|c| c.store.as_str()).collect();
+            eprintln!(
+                "kstore-node restore: no store named {:?}; the config declares {}",
+                store.as_deref().unwrap_or_default(),
+                names.join(", ")
+            );
+            return ExitCode::from(2);
+        };
+        println!(
+            "store {} (input {}, changelog {}, group {})",
+            chosen.store,
+            chosen.input_topic,
+            chosen.changelog_topic(),
+            chosen.group_id()
+        );
+        return restore(chosen, to.as_deref(), *backup_id, partitions, *dry_run);
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));

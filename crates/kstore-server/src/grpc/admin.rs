@@ -8,8 +8,8 @@ use kstore_proto::v1::admin_server::Admin;
 use kstore_proto::v1::{
     BackupInfo, BackupVerification, CreateBackupRequest, CreateBackupResponse, DrainRequest,
     DrainResponse, FailedPartition, ListBackupsRequest, ListBackupsResponse,
-    PartitionStatusRequest, PartitionStatusResponse, Role, SkippedPartition, StoreStatus,
-    VerifyBackupRequest, VerifyBackupResponse,
+    PartitionStatusRequest, PartitionStatusResponse, Role, SkippedPartition, StorePartitions,
+    StoreStatus, VerifyBackupRequest, VerifyBackupResponse,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -21,40 +21,31 @@ use crate::backup::{Backups, CatalogEntry};
 use crate::drain::Drain;
 use crate::registry::Registry;
 
-/// The Admin service of one node.
+/// One of the node's stores, as the Admin service acts on it.
 #[derive(Debug, Clone)]
-pub struct AdminService {
-    registry: Arc<Registry>,
-    store: String,
-    access: Access,
-    drain: Arc<Drain>,
-    backups: Option<Arc<Backups>>,
-    view: watch::Receiver<Arc<ClusterView>>,
+pub struct AdminStore {
+    /// The store's name.
+    pub name: String,
+    /// Its copies on this node.
+    pub registry: Arc<Registry>,
+    /// Its backups (none: the backup calls fail with BACKUPS_NOT_CONFIGURED).
+    pub backups: Option<Arc<Backups>>,
+    /// Its cluster view, which says what this node backs up.
+    pub view: watch::Receiver<Arc<ClusterView>>,
 }
 
-impl AdminService {
-    /// Returns the service; with a token, every call must carry it. Drain turns `drain`.
-    pub fn new(
-        registry: Arc<Registry>,
-        store: String,
-        token: Option<String>,
-        drain: Arc<Drain>,
-    ) -> Self {
-        AdminService {
+impl AdminStore {
+    /// `name`'s copies in `registry`, with no backups and an empty view.
+    pub fn new(name: impl Into<String>, registry: Arc<Registry>) -> Self {
+        AdminStore {
+            name: name.into(),
             registry,
-            store,
-            access: Access {
-                admin: token.as_deref().map(Secret::new),
-                cluster: None,
-            },
-            drain,
             backups: None,
             view: watch::channel(Arc::new(ClusterView::default())).1,
         }
     }
 
-    /// Serves the backup calls with `backups` (none: they fail with
-    /// BACKUPS_NOT_CONFIGURED), choosing what to back up by `view`.
+    /// The store with `backups`, choosing what to back up by `view`.
     pub fn with_backups(
         mut self,
         backups: Option<Arc<Backups>>,
@@ -70,18 +61,82 @@ impl AdminService {
             .clone()
             .ok_or_else(|| ReadError::BackupsNotConfigured.into())
     }
+}
 
-    /// The catalog entries of `partitions` (all if empty), oldest first per partition.
+/// The Admin service of one node, over every store it serves.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    /// The node's stores, its first store first; never empty.
+    stores: Vec<AdminStore>,
+    access: Access,
+    drain: Arc<Drain>,
+}
+
+impl AdminService {
+    /// Returns the service over `stores` (at least one, the node's first store first); with
+    /// a token, every call must carry it. Drain turns `drain`.
+    pub fn new(stores: Vec<AdminStore>, token: Option<String>, drain: Arc<Drain>) -> Self {
+        assert!(!stores.is_empty(), "a node serves at least one store");
+        AdminService {
+            stores,
+            access: Access {
+                admin: token.as_deref().map(Secret::new),
+                cluster: None,
+            },
+            drain,
+        }
+    }
+
+    /// The stores a call names: `name`, or every store if it is empty. An unknown name is
+    /// refused, naming the stores served.
+    fn named(&self, name: &str) -> Result<Vec<&AdminStore>, Status> {
+        if name.is_empty() {
+            return Ok(self.stores.iter().collect());
+        }
+        match self.stores.iter().find(|store| store.name == name) {
+            Some(store) => Ok(vec![store]),
+            None => Err(ReadError::unknown_store(
+                name,
+                self.stores.iter().map(|s| s.name.as_str()),
+            )
+            .into()),
+        }
+    }
+
+    /// The stores a backup call names, each with its backups; fails with
+    /// BACKUPS_NOT_CONFIGURED if one has none.
+    fn backed_up(&self, name: &str) -> Result<Vec<(String, Arc<Backups>)>, Status> {
+        self.named(name)?
+            .into_iter()
+            .map(|store| Ok((store.name.clone(), store.backups()?)))
+            .collect()
+    }
+
+    /// Refuses `partitions` if one of them is out of range of every store in `stores`.
+    fn check_partitions(
+        stores: &[(String, Arc<Backups>)],
+        partitions: &[u32],
+    ) -> Result<(), Status> {
+        let most = stores
+            .iter()
+            .map(|(_, backups)| backups.partitions())
+            .max()
+            .unwrap_or(0);
+        match partitions.iter().find(|&&partition| partition >= most) {
+            Some(&partition) => Err(ReadError::PartitionOutOfRange {
+                partition,
+                partitions: most,
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    /// The catalog entries of `partitions` (all if empty) that `backups`' store has, oldest
+    /// first per partition.
     fn catalog(backups: &Backups, partitions: &[u32]) -> Result<Vec<CatalogEntry>, Status> {
-        let all: Vec<u32>;
-        let partitions = if partitions.is_empty() {
-            all = (0..backups.partitions()).collect();
-            &all
-        } else {
-            partitions
-        };
         let mut entries = Vec::new();
-        for &partition in partitions {
+        for partition in partitions_of(backups.partitions(), partitions) {
             let (mut listed, problems) = backups.list(partition).map_err(backup_failed)?;
             for problem in problems {
                 tracing::warn!(partition, %problem, "a catalog entry cannot be read");
@@ -94,6 +149,14 @@ impl AdminService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         self.access.admin(request)
     }
+}
+
+/// The partitions of a store of `count` partitions among `wanted` (all of them if empty).
+fn partitions_of(count: u32, wanted: &[u32]) -> Vec<u32> {
+    if wanted.is_empty() {
+        return (0..count).collect();
+    }
+    wanted.iter().copied().filter(|&p| p < count).collect()
 }
 
 fn backup_failed(error: impl std::fmt::Display) -> Status {
@@ -139,37 +202,41 @@ impl Admin for AdminService {
         request: Request<PartitionStatusRequest>,
     ) -> Result<Response<PartitionStatusResponse>, Status> {
         self.authorize(&request)?;
-        let copies = self.registry.all();
-        let pending = self.registry.all_pending();
-        let store = self.store.clone();
-        let mut stores: Vec<StoreStatus> = tokio::task::spawn_blocking(move || {
-            copies
-                .iter()
-                .map(|copy| StoreStatus {
-                    store: store.clone(),
-                    copy: Some(partition_copy(copy)),
-                    size_on_disk_bytes: copy.store.size_on_disk().unwrap_or(0),
-                    estimated_keys: copy.store.estimated_keys().unwrap_or(0),
-                })
-                .collect()
-        })
-        .await
-        .map_err(|error| Status::internal(error.to_string()))?;
-        // Copies that serve no reads (opening, bootstrapping, failed), with their errors.
-        for (partition, copy) in pending {
-            stores.push(StoreStatus {
-                store: self.store.clone(),
-                copy: Some(kstore_proto::v1::PartitionCopy {
-                    partition: partition as u32,
-                    role: copy.role as i32,
-                    error: copy.error.unwrap_or_default(),
-                    ..Default::default()
-                }),
-                size_on_disk_bytes: 0,
-                estimated_keys: 0,
-            });
+        let mut stores = Vec::new();
+        for store in self.named(&request.get_ref().store)? {
+            let copies = store.registry.all();
+            let pending = store.registry.all_pending();
+            let name = store.name.clone();
+            let mut statuses: Vec<StoreStatus> = tokio::task::spawn_blocking(move || {
+                copies
+                    .iter()
+                    .map(|copy| StoreStatus {
+                        store: name.clone(),
+                        copy: Some(partition_copy(copy)),
+                        size_on_disk_bytes: copy.store.size_on_disk().unwrap_or(0),
+                        estimated_keys: copy.store.estimated_keys().unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(join_failed)?;
+            // Copies that serve no reads (opening, bootstrapping, failed), with their errors.
+            for (partition, copy) in pending {
+                statuses.push(StoreStatus {
+                    store: store.name.clone(),
+                    copy: Some(kstore_proto::v1::PartitionCopy {
+                        partition: partition as u32,
+                        role: copy.role as i32,
+                        error: copy.error.unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    size_on_disk_bytes: 0,
+                    estimated_keys: 0,
+                });
+            }
+            statuses.sort_by_key(|s| s.copy.as_ref().map_or(0, |c| c.partition));
+            stores.append(&mut statuses);
         }
-        stores.sort_by_key(|s| s.copy.as_ref().map_or(0, |c| c.partition));
         Ok(Response::new(PartitionStatusResponse { stores }))
     }
 
@@ -178,19 +245,27 @@ impl Admin for AdminService {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         self.authorize(&request)?;
-        let active_partitions = self
-            .registry
-            .all()
+        let active_by_store: Vec<StorePartitions> = self
+            .stores
             .iter()
-            .filter(|c| matches!(c.role(), Role::Active | Role::Restoring))
-            .map(|c| c.partition as u32)
+            .map(|store| StorePartitions {
+                store: store.name.clone(),
+                partitions: store
+                    .registry
+                    .all()
+                    .iter()
+                    .filter(|c| matches!(c.role(), Role::Active | Role::Restoring))
+                    .map(|c| c.partition as u32)
+                    .collect(),
+            })
             .collect();
         if !self.drain.start() {
             return Err(ReadError::DrainInProgress.into());
         }
         Ok(Response::new(DrainResponse {
-            node_id: self.registry.node_id().to_owned(),
-            active_partitions,
+            node_id: self.stores[0].registry.node_id().to_owned(),
+            active_partitions: active_by_store[0].partitions.clone(),
+            active_by_store,
         }))
     }
 
@@ -199,33 +274,48 @@ impl Admin for AdminService {
         request: Request<CreateBackupRequest>,
     ) -> Result<Response<CreateBackupResponse>, Status> {
         self.authorize(&request)?;
-        let backups = self.backups()?;
-        let registry = self.registry.clone();
-        let view = self.view.borrow().clone();
-        let wanted = request.into_inner().partitions;
-        let round = tokio::task::spawn_blocking({
-            let backups = backups.clone();
-            move || backups.back_up_local(&registry, &view, &wanted)
-        })
-        .await
-        .map_err(join_failed)?;
-        Ok(Response::new(CreateBackupResponse {
-            backups: round.created.iter().map(backup_info).collect(),
-            skipped: round
+        let CreateBackupRequest { partitions, store } = request.into_inner();
+        Self::check_partitions(&self.backed_up(&store)?, &partitions)?;
+        let mut answer = CreateBackupResponse::default();
+        for store in self.named(&store)? {
+            let (name, backups) = (store.name.clone(), store.backups()?);
+            let registry = store.registry.clone();
+            let view = store.view.borrow().clone();
+            let wanted = partitions_of(backups.partitions(), &partitions);
+            let round = tokio::task::spawn_blocking({
+                let backups = backups.clone();
+                move || backups.back_up_local(&registry, &view, &wanted)
+            })
+            .await
+            .map_err(join_failed)?;
+            answer.backups.extend(round.created.iter().map(backup_info));
+            answer
                 .skipped
-                .into_iter()
-                .map(|(partition, reason)| SkippedPartition { partition, reason })
-                .collect(),
-            failed: round
+                .extend(
+                    round
+                        .skipped
+                        .into_iter()
+                        .map(|(partition, reason)| SkippedPartition {
+                            partition,
+                            reason,
+                            store: name.clone(),
+                        }),
+                );
+            answer
                 .failed
-                .into_iter()
-                .map(|(partition, error)| FailedPartition {
-                    partition,
-                    error: error.to_string(),
-                })
-                .collect(),
-            location: backups.location(),
-        }))
+                .extend(
+                    round
+                        .failed
+                        .into_iter()
+                        .map(|(partition, error)| FailedPartition {
+                            partition,
+                            error: error.to_string(),
+                            store: name.clone(),
+                        }),
+                );
+            answer.location = backups.location();
+        }
+        Ok(Response::new(answer))
     }
 
     async fn list_backups(
@@ -233,17 +323,25 @@ impl Admin for AdminService {
         request: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
         self.authorize(&request)?;
-        let backups = self.backups()?;
-        let partitions = request.into_inner().partitions;
-        let entries = tokio::task::spawn_blocking({
-            let backups = backups.clone();
-            move || Self::catalog(&backups, &partitions)
+        let ListBackupsRequest { partitions, store } = request.into_inner();
+        let chosen = self.backed_up(&store)?;
+        Self::check_partitions(&chosen, &partitions)?;
+        let location = chosen
+            .first()
+            .map(|(_, backups)| backups.location())
+            .unwrap_or_default();
+        let entries = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::new();
+            for (_, backups) in &chosen {
+                entries.append(&mut Self::catalog(backups, &partitions)?);
+            }
+            Ok::<_, Status>(entries)
         })
         .await
         .map_err(join_failed)??;
         Ok(Response::new(ListBackupsResponse {
             backups: entries.iter().map(backup_info).collect(),
-            location: backups.location(),
+            location,
         }))
     }
 
@@ -252,30 +350,44 @@ impl Admin for AdminService {
         request: Request<VerifyBackupRequest>,
     ) -> Result<Response<VerifyBackupResponse>, Status> {
         self.authorize(&request)?;
-        let backups = self.backups()?;
         let VerifyBackupRequest {
             partitions,
             backup_id,
+            store,
         } = request.into_inner();
         if backup_id != 0 && partitions.len() != 1 {
             return Err(Status::invalid_argument(
                 "a backup id names a backup of one partition: name exactly one partition",
             ));
         }
+        let chosen = self.backed_up(&store)?;
+        if backup_id != 0 && chosen.len() != 1 {
+            return Err(Status::invalid_argument(format!(
+                "a backup id names a backup of one store: name the store (this node serves {})",
+                chosen
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Self::check_partitions(&chosen, &partitions)?;
         let results = tokio::task::spawn_blocking(move || {
             let mut results = Vec::new();
-            for entry in Self::catalog(&backups, &partitions)? {
-                if backup_id != 0 && entry.backup_id != backup_id {
-                    continue;
+            for (_, backups) in &chosen {
+                for entry in Self::catalog(backups, &partitions)? {
+                    if backup_id != 0 && entry.backup_id != backup_id {
+                        continue;
+                    }
+                    let verification = backups.verify(&entry).map_err(backup_failed)?;
+                    results.push(BackupVerification {
+                        backup: Some(backup_info(&entry)),
+                        ok: verification.ok(),
+                        files_checked: verification.files_checked,
+                        bytes_checked: verification.bytes_checked,
+                        problems: verification.problems,
+                    });
                 }
-                let verification = backups.verify(&entry).map_err(backup_failed)?;
-                results.push(BackupVerification {
-                    backup: Some(backup_info(&entry)),
-                    ok: verification.ok(),
-                    files_checked: verification.files_checked,
-                    bytes_checked: verification.bytes_checked,
-                    problems: verification.problems,
-                });
             }
             if backup_id != 0 && results.is_empty() {
                 return Err(Status::not_found(format!(
@@ -296,7 +408,7 @@ mod tests {
     use super::*;
 
     fn request(authorization: Option<&str>) -> Request<PartitionStatusRequest> {
-        let mut request = Request::new(PartitionStatusRequest {});
+        let mut request = Request::new(PartitionStatusRequest::default());
         if let Some(value) = authorization {
             request
                 .metadata_mut()
@@ -310,8 +422,7 @@ mod tests {
         let registry = Arc::new(Registry::new("n1", 1));
         let drain = Arc::new(Drain::new(Arc::default(), false));
         let admin = AdminService::new(
-            registry.clone(),
-            "features".into(),
+            vec![AdminStore::new("features", registry.clone())],
             Some("0123456789abcdef".into()),
             drain.clone(),
         );
@@ -329,7 +440,7 @@ mod tests {
             let status = admin.authorize(&request(wrong)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
         }
-        let open = AdminService::new(registry, "features".into(), None, drain);
+        let open = AdminService::new(vec![AdminStore::new("features", registry)], None, drain);
         assert!(open.authorize(&request(None)).is_ok());
     }
 
@@ -338,13 +449,25 @@ mod tests {
         let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drain = Arc::new(Drain::new(shutdown.clone(), false));
         let admin = AdminService::new(
-            Arc::new(Registry::new("n1", 1)),
-            "features".into(),
+            vec![AdminStore::new(
+                "features",
+                Arc::new(Registry::new("n1", 1)),
+            )],
             None,
             drain.clone(),
         );
-        let answer = admin.drain(Request::new(DrainRequest {})).await.unwrap();
-        assert_eq!(answer.into_inner().node_id, "n1");
+        let answer = admin
+            .drain(Request::new(DrainRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.node_id, "n1");
+        let stores: Vec<&str> = answer
+            .active_by_store
+            .iter()
+            .map(|s| s.store.as_str())
+            .collect();
+        assert_eq!(stores, ["features"]);
         assert!(drain.requested() && shutdown.load(std::sync::atomic::Ordering::Acquire));
         let again = admin
             .drain(Request::new(DrainRequest {}))
@@ -352,5 +475,115 @@ mod tests {
             .unwrap_err();
         assert_eq!(again.code(), tonic::Code::FailedPrecondition);
         assert!(again.message().contains("draining"), "{}", again.message());
+    }
+
+    #[tokio::test]
+    async fn calls_name_a_store_or_act_on_every_store() {
+        let drain = Arc::new(Drain::new(Arc::default(), false));
+        let admin = AdminService::new(
+            vec![
+                AdminStore::new("features", Arc::new(Registry::new("n1", 4))),
+                AdminStore::new("tally", Arc::new(Registry::new("n1", 3))),
+            ],
+            None,
+            drain,
+        );
+        let unknown = admin
+            .partition_status(Request::new(PartitionStatusRequest {
+                store: "orders".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+        assert!(
+            unknown.message().contains("\"orders\"")
+                && unknown.message().contains("features, tally"),
+            "{}",
+            unknown.message()
+        );
+        for store in ["", "tally"] {
+            assert!(
+                admin
+                    .partition_status(Request::new(PartitionStatusRequest {
+                        store: store.into()
+                    }))
+                    .await
+                    .is_ok()
+            );
+        }
+        // Neither store has backups here: the call says so, for a named store and for all.
+        for store in ["", "tally"] {
+            let refused = admin
+                .list_backups(Request::new(ListBackupsRequest {
+                    store: store.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{store:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn backup_calls_cover_each_named_store_and_its_own_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups_of = |store: &str, partitions: u32| {
+            let config = crate::config::NodeConfig {
+                store: store.into(),
+                backup: crate::config::BackupConfig {
+                    dir: dir.path().join("backups"),
+                    ..Default::default()
+                },
+                state_dir: dir.path().join("state"),
+                ..Default::default()
+            };
+            let memory = crate::store::SharedMemory::new(&config.memory);
+            Backups::from_config(&config, partitions, memory)
+        };
+        let store = |name: &str, partitions: u32| {
+            AdminStore::new(name, Arc::new(Registry::new("n1", partitions))).with_backups(
+                backups_of(name, partitions),
+                watch::channel(Arc::new(ClusterView::default())).1,
+            )
+        };
+        let admin = AdminService::new(
+            vec![store("features", 4), store("tally", 3)],
+            None,
+            Arc::new(Drain::new(Arc::default(), false)),
+        );
+        // Partition 3 is the features store's only: it is asked of that store alone.
+        let listed = admin
+            .list_backups(Request::new(ListBackupsRequest {
+                partitions: vec![3],
+                store: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.backups.is_empty());
+        assert!(listed.location.contains("backups"), "{}", listed.location);
+        let out_of_range = admin
+            .list_backups(Request::new(ListBackupsRequest {
+                partitions: vec![3],
+                store: "tally".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(out_of_range.code(), tonic::Code::InvalidArgument);
+        // A backup id is one store's.
+        let ambiguous = admin
+            .verify_backup(Request::new(VerifyBackupRequest {
+                partitions: vec![0],
+                backup_id: 1,
+                store: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(ambiguous.code(), tonic::Code::InvalidArgument);
+        assert!(
+            ambiguous.message().contains("features, tally"),
+            "{}",
+            ambiguous.message()
+        );
     }
 }

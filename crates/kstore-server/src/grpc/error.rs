@@ -128,6 +128,14 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// A read or call of store `name`, which is not among the stores `served`.
+    pub fn unknown_store<'a>(name: &str, served: impl Iterator<Item = &'a str>) -> ReadError {
+        ReadError::UnknownStore {
+            name: name.to_owned(),
+            served: served.collect::<Vec<_>>().join(", "),
+        }
+    }
+
     /// Returns the reason clients match on.
     pub fn reason(&self) -> ErrorReason {
         match self {

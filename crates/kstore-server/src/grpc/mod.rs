@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::registry::Registry;
-use admin::AdminService;
+use admin::{AdminService, AdminStore};
 use query::QueryService;
 use stores::{StoreQueries, StoreQuery};
 
@@ -105,7 +105,7 @@ fn described<'a>(
 
 /// Serves Query (and Admin, if enabled) for every store in `stores` (the node's first store
 /// first), health and reflection on `incoming` until `shutdown` completes. Health says
-/// NOT_SERVING until every store's copies are open. Admin acts on the first store.
+/// NOT_SERVING until every store's copies are open. Admin acts on every store.
 pub async fn serve(
     incoming: TcpIncoming,
     config: Arc<NodeConfig>,
@@ -129,17 +129,18 @@ pub async fn serve(
             })
             .collect(),
     ));
-    let first = &stores[0];
     let admin = config.admin_enabled.then(|| {
-        AdminServer::new(
-            AdminService::new(
-                first.registry.clone(),
-                first.config.store.clone(),
-                config.admin_token.clone(),
-                operations.drain.clone(),
-            )
-            .with_backups(first.backups.clone(), first.view.clone()),
-        )
+        AdminServer::new(AdminService::new(
+            stores
+                .iter()
+                .map(|store| {
+                    AdminStore::new(store.config.store.clone(), store.registry.clone())
+                        .with_backups(store.backups.clone(), store.view.clone())
+                })
+                .collect(),
+            config.admin_token.clone(),
+            operations.drain.clone(),
+        ))
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();

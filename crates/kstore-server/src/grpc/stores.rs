@@ -52,16 +52,7 @@ impl StoreQueries {
             .find(|store| store.name == name)
             .map(|store| &store.service)
             .ok_or_else(|| {
-                ReadError::UnknownStore {
-                    name: name.to_owned(),
-                    served: self
-                        .stores
-                        .iter()
-                        .map(|store| store.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-                .into()
+                ReadError::unknown_store(name, self.stores.iter().map(|s| s.name.as_str())).into()
             })
     }
 

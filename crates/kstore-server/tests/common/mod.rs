@@ -571,3 +571,13 @@ pub async fn wait_for_agreement(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// What `kstore backup` calls a node with, for the node at `uri`.
+pub fn admin_target(uri: &str) -> kstore_cli::backup::AdminTarget {
+    kstore_cli::backup::AdminTarget {
+        seeds: vec![uri.trim_start_matches("http://").to_owned()],
+        token: None,
+        tls: None,
+        timeout: Duration::from_secs(120),
+    }
+}

@@ -199,11 +199,7 @@ pub(super) async fn damage_copy(
 ) -> Result<String> {
     let grpc = cluster.node(victim)?.grpc.clone();
     let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
-    admin
-        .create_backup(CreateBackupRequest {
-            partitions: Vec::new(),
-        })
-        .await?;
+    admin.create_backup(CreateBackupRequest::default()).await?;
     // Only copies the node has open: a directory kept after a copy was retired is checked
     // by nobody.
     let open: Vec<u32> = cluster
