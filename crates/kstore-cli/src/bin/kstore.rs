@@ -320,6 +320,12 @@ enum BackupAction {
 
 fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
+    // A reader that stops early (`kstore scan --all | head`) ends this process quietly, as
+    // it would any Unix tool, rather than making a print panic on the broken pipe.
+    let _ = signal_hook::flag::register_conditional_default(
+        signal_hook::consts::SIGPIPE,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    );
     // One crypto provider for the whole process (rustls panics when it must pick one of
     // several linked in).
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -28,11 +28,11 @@ pub enum ReadError {
         limit: usize,
     },
     /// No store of that name.
-    #[error("no store named {name:?}; this node serves {served:?}")]
+    #[error("no store named {name:?}; this node serves {served}")]
     UnknownStore {
         /// The requested name.
         name: String,
-        /// The store this node serves.
+        /// The stores this node serves, comma-separated.
         served: String,
     },
     /// The partition is out of range.
