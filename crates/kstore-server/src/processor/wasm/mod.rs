@@ -171,6 +171,7 @@ impl WasmProcessor {
         tracing::info!(
             module = %module.path().display(),
             digest = module.digest(),
+            compile_ms = module.compile_time().as_millis() as u64,
             "WebAssembly processor loaded"
         );
         WasmProcessor {

@@ -87,6 +87,8 @@ pub struct LoadedModule {
     limits: WasmLimits,
     pre: InstancePre<GuestState>,
     has_panic_message: bool,
+    /// How long cranelift took to compile it.
+    compile_time: std::time::Duration,
 }
 
 impl std::fmt::Debug for LoadedModule {
@@ -189,8 +191,10 @@ impl LoadedModule {
             reason,
         };
         let engine = engine().map_err(|error| compile_error(format!("{error:#}")))?;
+        let compiling = std::time::Instant::now();
         let module =
             Module::new(&engine, bytes).map_err(|error| compile_error(format!("{error:#}")))?;
+        let compile_time = compiling.elapsed();
         if let Some(import) = module.imports().next() {
             return Err(ModuleError::Import {
                 path,
@@ -246,6 +250,7 @@ impl LoadedModule {
             limits,
             pre,
             has_panic_message,
+            compile_time,
         };
         // Once now, so that a module that cannot start or speaks another ABI is refused when
         // the node starts rather than on its first record.
@@ -280,6 +285,11 @@ impl LoadedModule {
     /// The module's identity: the xxh3-128 of its bytes, in hex (not a security digest).
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// How long compiling it took.
+    pub fn compile_time(&self) -> std::time::Duration {
+        self.compile_time
     }
 
     /// The limits its calls run under.
