@@ -537,6 +537,7 @@ impl Client {
                             min_input_offset,
                             no_forward: true,
                         }),
+                        page_size: 0,
                     }
                     .encode_to_vec()
                 })

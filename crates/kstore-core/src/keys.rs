@@ -6,7 +6,12 @@
 //! assert_eq!(check_key(b"customer-000042", 64), Ok(()));
 //! assert_eq!(check_key(b"", 64), Err(KeyError::Empty));
 //! assert_eq!(check_key(&[b'x'; 65], 64), Err(KeyError::TooLarge { len: 65, limit: 64 }));
+//! assert_eq!(check_key(b"\0kstore-module-history", 64), Err(KeyError::Reserved));
 //! ```
+
+/// Keys that start with these bytes are kstore's own records in a changelog (a
+/// partition's module history, a point-in-time restore's marker), never a user's.
+pub const RESERVED_KEY_PREFIX: &[u8] = b"\0kstore-";
 
 /// Why a key is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -22,9 +27,14 @@ pub enum KeyError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The key starts with [`RESERVED_KEY_PREFIX`].
+    #[error(
+        "keys that start with a NUL byte and \"kstore-\" are reserved for kstore's own records"
+    )]
+    Reserved,
 }
 
-/// Checks that `key` is not empty and at most `limit` bytes long.
+/// Checks that `key` is not empty, at most `limit` bytes long and not reserved.
 pub fn check_key(key: &[u8], limit: usize) -> Result<(), KeyError> {
     if key.is_empty() {
         return Err(KeyError::Empty);
@@ -34,6 +44,9 @@ pub fn check_key(key: &[u8], limit: usize) -> Result<(), KeyError> {
             len: key.len(),
             limit,
         });
+    }
+    if key.starts_with(RESERVED_KEY_PREFIX) {
+        return Err(KeyError::Reserved);
     }
     Ok(())
 }

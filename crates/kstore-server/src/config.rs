@@ -194,8 +194,8 @@ pub struct LimitsConfig {
     /// waiting for its position bound answers POSITION_NOT_REACHED just before it, anything
     /// else still running then is answered UNAVAILABLE (reason REQUEST_TIMEOUT).
     pub request_timeout_ms: u64,
-    /// WatchMetadata streams open at once; more are refused with RESOURCE_EXHAUSTED
-    /// (reason TOO_MANY_STREAMS).
+    /// WatchMetadata and ScanStream streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS).
     pub max_watch_streams: usize,
     /// Snapshots this node sends to peers at once (FetchSnapshot); more are refused with
     /// RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS), and the peer asks another source.

@@ -21,7 +21,7 @@ use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::processor::typed::{Typed, ValueType, ValueTypeError};
-use crate::processor::wasm::{ModuleError, WasmProcessor};
+use crate::processor::wasm::{LoadedModule, ModuleError, WasmProcessor, sha256_hex};
 use crate::registry::Registry;
 use crate::registry::Watchdog;
 use crate::snapshot::{PeerService, SnapshotFetcher};
@@ -147,12 +147,56 @@ pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, P
         ProcessorConfig::Builtin(ProcessorKind::Features) => {
             Box::new(FeaturesProcessor::new(config.alerts_topic()))
         }
-        ProcessorConfig::Wasm(wasm) => Box::new(WasmProcessor::from_config(wasm)?),
+        ProcessorConfig::Wasm(wasm) => {
+            let processor = WasmProcessor::from_config(wasm)?;
+            keep_module(config, processor.module());
+            Box::new(processor)
+        }
     };
     Ok(match &config.value_type {
         Some(value_type) => Box::new(Typed::new(processor, ValueType::load(value_type)?)),
         None => processor,
     })
+}
+
+/// Keeps a copy of a store's module as `<state-dir>/modules/<app>/<store>/<sha256>.wasm`,
+/// so that every version the store ran stays at hand for a rollback
+/// (`processor.rollback`) after its file was replaced. A copy that cannot be written is
+/// logged; the node runs on.
+fn keep_module(config: &NodeConfig, module: &LoadedModule) {
+    let dir = config
+        .state_dir
+        .join("modules")
+        .join(&config.app_id)
+        .join(&config.store);
+    let kept = dir.join(format!("{}.wasm", module.digest()));
+    if kept.exists() {
+        return;
+    }
+    let copied = std::fs::read(module.path()).and_then(|bytes| {
+        if sha256_hex(&bytes) != module.digest() {
+            return Err(std::io::Error::other(
+                "the module's file changed since it was loaded",
+            ));
+        }
+        std::fs::create_dir_all(&dir)?;
+        let partial = dir.join(format!("{}.wasm.partial", module.digest()));
+        std::fs::write(&partial, &bytes)?;
+        std::fs::rename(&partial, &kept)
+    });
+    match copied {
+        Ok(()) => tracing::info!(
+            store = %config.store,
+            kept = %kept.display(),
+            "the module is kept for a rollback"
+        ),
+        Err(error) => tracing::warn!(
+            store = %config.store,
+            %error,
+            kept = %kept.display(),
+            "could not keep a copy of the module for a rollback"
+        ),
+    }
 }
 
 /// Runs a node with `processor` folding its first store (and the configured processor of

@@ -10,7 +10,10 @@
 //! and reflects the input before the backup's input offset, whatever it held before. Then
 //! the group's committed input offsets are rewound to the backups' input offsets, and the
 //! nodes, started again, reprocess from there. Nothing is deleted; the bad records stay in
-//! the changelog's history, superseded.
+//! the changelog's history, superseded. A partition whose module switched after the
+//! backup gets the backup's module history back the same way (a module that took over
+//! later folded none of the input reprocessed), so the module that folded before the switch
+//! folds again without `rollback`.
 //!
 //! The group must be empty (every node of the app stopped): Kafka refuses offset commits
 //! for a group with members, and a running active would write on top of the corrections.
@@ -27,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::backup::{Backups, CatalogEntry};
 use crate::config::NodeConfig;
-use crate::kafka::{INPUT_REWIND_HEADER, send};
+use crate::kafka::{INPUT_REWIND_HEADER, MODULE_HISTORY_KEY, send};
 use crate::store::{PartitionStore, SharedMemory};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -285,8 +288,23 @@ pub fn execute(
             "partition {partition}: restored backup {}; reading the changelog after it",
             plan.backup.backup_id
         ));
-        let keys = keys_after(&client, &changelog, partition, plan.backup.changelog_next)?;
+        let mut keys = keys_after(&client, &changelog, partition, plan.backup.changelog_next)?;
         let rewind = plan.backup.input_next.to_string();
+        // A module that took over after the backup did not fold the input reprocessed from
+        // it: the partition's module history goes back to the backup's too.
+        if keys.remove(MODULE_HISTORY_KEY) {
+            let history = restored.module_history()?.encode();
+            let headers = OwnedHeaders::new().insert(Header {
+                key: INPUT_REWIND_HEADER,
+                value: Some(rewind.as_bytes()),
+            });
+            let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
+                .partition(partition as i32)
+                .key(MODULE_HISTORY_KEY)
+                .payload(history.as_slice())
+                .headers(headers);
+            send(&producer, record).map_err(kafka("writing the module history back"))?;
+        }
         // Then one more record, so that even a partition with nothing to correct tells every
         // copy where the input stands now.
         let marker = restored_marker_key();

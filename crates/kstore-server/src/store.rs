@@ -27,11 +27,14 @@ use rocksdb::{
 };
 
 use crate::config::MemoryConfig;
+use crate::processor::versions::ModuleHistory;
 
 /// The column family that holds the store's position, apart from the user's keys.
 const META_CF: &str = "kstore-meta";
 const CHANGELOG_OFFSET_KEY: &[u8] = b"changelog-next-offset";
 const INPUT_OFFSET_KEY: &[u8] = b"input-next-offset";
+/// Which module versions folded which input (`processor::versions`).
+const MODULE_HISTORY_KEY: &[u8] = b"module-history";
 
 /// Where a store stands: what it has applied, in changelog and in input terms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,6 +73,14 @@ pub enum StoreError {
         /// What RocksDB found.
         message: String,
     },
+    /// The stored module history does not parse.
+    #[error("store {path} holds a corrupt module history: {reason}")]
+    CorruptModuleHistory {
+        /// The store's directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The stored position is not 8 bytes of a non-negative offset.
     #[error("store {path} holds a corrupt position under {key}")]
     CorruptPosition {
@@ -86,7 +97,9 @@ impl StoreError {
     pub fn is_corruption(&self) -> bool {
         match self {
             StoreError::Rocks { source, .. } => source.kind() == rocksdb::ErrorKind::Corruption,
-            StoreError::Damaged { .. } | StoreError::CorruptPosition { .. } => true,
+            StoreError::Damaged { .. }
+            | StoreError::CorruptPosition { .. }
+            | StoreError::CorruptModuleHistory { .. } => true,
             StoreError::Io { .. } => false,
         }
     }
@@ -364,6 +377,21 @@ impl PartitionStore {
         })
     }
 
+    /// Returns which module versions folded the store's input (none for a store whose
+    /// processor has no versions).
+    pub fn module_history(&self) -> Result<ModuleHistory, StoreError> {
+        let stored = self
+            .db
+            .get_cf(self.meta_cf(), MODULE_HISTORY_KEY)
+            .map_err(self.rocks())?;
+        ModuleHistory::decode(stored.as_deref().unwrap_or_default()).map_err(|error| {
+            StoreError::CorruptModuleHistory {
+                path: self.path.clone(),
+                reason: error.to_string(),
+            }
+        })
+    }
+
     fn read_offset(&self, key: &[u8]) -> Result<i64, StoreError> {
         let meta = self.meta_cf();
         let stored = self.db.get_cf(meta, key).map_err(self.rocks())?;
@@ -393,6 +421,17 @@ impl PartitionStore {
         updates: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
         position: Position,
     ) -> Result<(), StoreError> {
+        self.apply_with_modules(updates, position, None)
+    }
+
+    /// As [`PartitionStore::apply`], and if `modules` is given, the store's module history
+    /// becomes it, in the same batch.
+    pub fn apply_with_modules(
+        &self,
+        updates: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+        position: Position,
+        modules: Option<&ModuleHistory>,
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (key, value) in updates {
             match value {
@@ -407,6 +446,9 @@ impl PartitionStore {
             encode_offset(position.changelog_next),
         );
         batch.put_cf(meta, INPUT_OFFSET_KEY, encode_offset(position.input_next));
+        if let Some(modules) = modules {
+            batch.put_cf(meta, MODULE_HISTORY_KEY, modules.encode());
+        }
         let mut options = rocksdb::WriteOptions::default();
         options.disable_wal(true);
         self.db.write_opt(batch, &options).map_err(self.rocks())?;
@@ -656,6 +698,32 @@ mod tests {
         );
         assert_eq!(store.get(b"a").unwrap(), None);
         assert_eq!(store.scan().unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn the_module_history_is_kept_apart_from_the_keys_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = test_memory();
+        let history = ModuleHistory::decode(b"0 aa\n120 bb\n").unwrap();
+        let at = |n| Position {
+            changelog_next: n,
+            input_next: n,
+        };
+        {
+            let store = PartitionStore::open(dir.path(), &memory).unwrap();
+            assert_eq!(store.module_history().unwrap(), ModuleHistory::default());
+            let updates = BTreeMap::from([(b"k".to_vec(), Some(b"v".to_vec()))]);
+            store
+                .apply_with_modules(&updates, at(5), Some(&history))
+                .unwrap();
+            // A batch without a history leaves it as it is.
+            store.apply(&BTreeMap::new(), at(6)).unwrap();
+            store.flush().unwrap();
+        }
+        let store = PartitionStore::open(dir.path(), &memory).unwrap();
+        assert_eq!(store.module_history().unwrap(), history);
+        assert_eq!(store.scan().unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
+        assert_eq!(store.position().unwrap(), at(6));
     }
 
     #[test]

@@ -88,6 +88,29 @@ async fn page_through(
     }
 }
 
+/// Reads a ScanStream call through `node` to its end. Returns the keys and values in the
+/// order streamed, and per page the node that answered it and whether it said `more`.
+async fn stream_through(
+    node: &mut Node,
+    request: ScanRequest,
+) -> Result<(Vec<(String, CustomerFeatures)>, Vec<(String, bool)>)> {
+    let mut stream = node.client.scan_stream(request).await?.into_inner();
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    while let Some(page) = stream.message().await? {
+        for entry in &page.entries {
+            let key = String::from_utf8(entry.key.clone())?;
+            let Some(kstore_proto::v1::scan_entry::Value::Message(any)) = &entry.value else {
+                bail!("{key} streamed without a typed value");
+            };
+            seen.push((key, prost::Message::decode(any.value.as_slice())?));
+        }
+        let node = page.read.map(|read| read.node_id).unwrap_or_default();
+        pages.push((node, page.more));
+    }
+    Ok((seen, pages))
+}
+
 /// Checks that `seen` is exactly `expected`'s keys in the scan's order, each once, each
 /// with its expected value.
 fn check_pages(
@@ -235,7 +258,7 @@ fn whole_store_scans_page_in_key_order_exactly_and_keep_paging_through_a_kill() 
                     no_forward: true,
                     ..WireReadOptions::default()
                 }),
-                ..request
+                ..request.clone()
             })
             .await
             .err()
@@ -244,6 +267,67 @@ fn whole_store_scans_page_in_key_order_exactly_and_keep_paging_through_a_kill() 
         ensure!(
             reason.as_deref() == Some(ErrorReason::PartitionNotHosted.as_str_name()),
             "{refused:?}"
+        );
+
+        // The same partition streamed through node-1, five keys a page: every page
+        // forwarded to a holder, every key once in order with its exact value; descending
+        // with a limit, the last page says there is more.
+        let of_partition: Expected = expected
+            .iter()
+            .filter(|(key, _)| partition_for_key(key.as_bytes(), PARTITIONS) == elsewhere)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let stream_request = ScanRequest {
+            limit: 0,
+            page_size: 5,
+            ..request.clone()
+        };
+        let (seen, pages) = stream_through(&mut nodes[0], stream_request.clone()).await?;
+        check_pages(&seen, &of_partition, false)?;
+        let (last, before) = pages.split_last().context("no page streamed")?;
+        ensure!(
+            pages.len() == of_partition.len().div_ceil(5)
+                && pages
+                    .iter()
+                    .all(|(node, _)| node != "node-1" && !node.is_empty())
+                && before.iter().all(|(_, more)| *more)
+                && !last.1,
+            "{} keys streamed in pages {pages:?}",
+            seen.len()
+        );
+        let (seen, pages) = stream_through(
+            &mut nodes[0],
+            ScanRequest {
+                limit: 12,
+                descending: true,
+                ..stream_request.clone()
+            },
+        )
+        .await?;
+        let last_twelve: Expected = of_partition
+            .iter()
+            .rev()
+            .take(12)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        check_pages(&seen, &last_twelve, true)?;
+        ensure!(
+            pages.iter().map(|(_, more)| *more).collect::<Vec<_>>() == [true, true, true],
+            "{pages:?}"
+        );
+        let inverted = nodes[0]
+            .client
+            .scan_stream(ScanRequest {
+                from: b"b".to_vec(),
+                to: b"a".to_vec(),
+                ..stream_request
+            })
+            .await
+            .err()
+            .context("an inverted range was streamed")?;
+        ensure!(
+            inverted.code() == tonic::Code::InvalidArgument,
+            "{inverted:?}"
         );
 
         // Bad input is refused before any call, naming what is wrong.

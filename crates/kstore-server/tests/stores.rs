@@ -617,3 +617,229 @@ fn a_second_store_is_backed_up_and_restored_to_a_point_in_time_on_its_own() -> R
         Ok(())
     })
 }
+
+/// Returns `module` with a custom section appended: the same fold, another SHA-256, as a
+/// rebuilt release of a module would have.
+fn another_release(scenario: &Scenario, module: &std::path::Path, name: &str) -> Result<PathBuf> {
+    let mut bytes = std::fs::read(module)?;
+    let section_name = b"kstore-test-release";
+    let payload = name.as_bytes();
+    let size = 1 + section_name.len() + payload.len();
+    ensure!(size < 128, "a one-byte section size");
+    bytes.extend([0, size as u8, section_name.len() as u8]);
+    bytes.extend(section_name);
+    bytes.extend(payload);
+    let path = scenario.dir.path().join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+/// The module versions (first input offset, SHA-256) of every tally copy `uri`'s node holds,
+/// by partition and role; copies that failed, with their error.
+async fn tally_modules(uri: &str) -> Result<Vec<(u32, i32, Vec<(i64, String)>, String)>> {
+    let mut admin = kstore_proto::v1::admin_client::AdminClient::connect(uri.to_owned()).await?;
+    let status = admin
+        .partition_status(kstore_proto::v1::PartitionStatusRequest {
+            store: "tally".into(),
+        })
+        .await?
+        .into_inner();
+    Ok(status
+        .stores
+        .into_iter()
+        .map(|s| {
+            let copy = s.copy.unwrap_or_default();
+            let modules = s
+                .modules
+                .into_iter()
+                .map(|m| (m.from_input_offset, m.sha256))
+                .collect();
+            (copy.partition, copy.role, modules, copy.error)
+        })
+        .collect())
+}
+
+/// Waits until every tally copy of `uri`'s node (one per partition) records exactly the
+/// versions `want` gives for its partition.
+async fn wait_tally_modules(uri: &str, want: impl Fn(u32) -> Vec<(i64, String)>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copies = tally_modules(uri).await?;
+        let agree = copies.len() == WORD_PARTITIONS as usize
+            && copies.iter().all(|(p, _, modules, _)| *modules == want(*p));
+        if agree {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the tally copies at {uri} record {copies:?}, not {:?}",
+            (0..WORD_PARTITIONS).map(&want).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A module upgrade: the new release takes over each partition from one input offset that
+/// the partition's changelog records, so the active and the standby copies agree on it; a
+/// node started again with the earlier release does not fold a partition the new one folded
+/// (its copies fail, naming both versions) until its store says `rollback = true`, and then
+/// the earlier release takes over exactly where the input stood. Every key is exact
+/// throughout, read through reflection.
+#[test]
+fn a_module_upgrade_switches_every_copy_at_one_input_offset_and_an_earlier_module_needs_a_rollback()
+-> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("stores-upgrade", PARTITIONS).await?;
+        let app = scenario.app.clone();
+        let words = format!("{app}-words");
+        let tally_group = format!("{app}-tally");
+        scenario.kafka.create_topic(&words, WORD_PARTITIONS).await?;
+        let first = kstore_testkit::guest::module("tally")?;
+        let second = another_release(&scenario, &first, "tally-2")?;
+        let sha = |path: &std::path::Path| -> Result<String> {
+            Ok(kstore_server::processor::wasm::sha256_hex(&std::fs::read(
+                path,
+            )?))
+        };
+        let (v1, v2) = (sha(&first)?, sha(&second)?);
+        ensure!(v1 != v2);
+        let v1_config = tally_config(&scenario, "v1.toml", &first)?;
+        let v2_config = tally_config(&scenario, "v2.toml", &second)?;
+        let rollback_config = scenario.dir.path().join("rollback.toml");
+        std::fs::write(
+            &rollback_config,
+            std::fs::read_to_string(&v1_config)?.replace(
+                &format!(r#"wasm = "{}" }}"#, first.display()),
+                &format!(r#"wasm = "{}", rollback = true }}"#, first.display()),
+            ),
+        )?;
+        ensure!(std::fs::read_to_string(&rollback_config)?.contains("rollback = true"));
+        let mut tallies = Tallies::new();
+        let mut sent = 0;
+        let caught_up = |scenario: &Scenario| {
+            wait_group_caught_up(
+                scenario,
+                &tally_group,
+                &words,
+                WORD_PARTITIONS,
+                Duration::from_secs(180),
+            )
+        };
+        let no_features = std::collections::HashMap::new();
+
+        // The first release on two nodes: each partition's active and standby record it
+        // from offset 0.
+        scenario.config_file = Some(v1_config.clone());
+        send_words(&scenario, &words, sent..sent + 300, &mut tallies).await?;
+        sent += 300;
+        let mut nodes = vec![
+            Node::start(&scenario, "node-1", "v1").await?,
+            Node::start(&scenario, "node-2", "v1").await?,
+        ];
+        caught_up(&scenario)?;
+        let mut uris = Vec::new();
+        for node in &mut nodes {
+            uris.push(scenario.grpc_uri(&mut node.process)?);
+        }
+        for uri in &uris {
+            wait_tally_modules(uri, |_| vec![(0, v1.clone())]).await?;
+        }
+        for mut node in nodes {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "exit after SIGTERM: {status}");
+        }
+
+        // The second release, on both nodes: it takes over at the offset the input stood at.
+        let upgraded_at = scenario.kafka.end_offsets(&words, WORD_PARTITIONS)?;
+        scenario.config_file = Some(v2_config);
+        let mut nodes = vec![
+            Node::start(&scenario, "node-1", "v2").await?,
+            Node::start(&scenario, "node-2", "v2").await?,
+        ];
+        send_words(&scenario, &words, sent..sent + 300, &mut tallies).await?;
+        sent += 300;
+        caught_up(&scenario)?;
+        let upgraded = |p: u32| vec![(0, v1.clone()), (upgraded_at[p as usize], v2.clone())];
+        let mut uris = Vec::new();
+        for node in &mut nodes {
+            uris.push(scenario.grpc_uri(&mut node.process)?);
+        }
+        for uri in &uris {
+            wait_tally_modules(uri, upgraded).await?;
+        }
+        let roles: Vec<i32> = tally_modules(&uris[0])
+            .await?
+            .iter()
+            .chain(tally_modules(&uris[1]).await?.iter())
+            .map(|c| c.1)
+            .collect();
+        ensure!(
+            roles.contains(&(kstore_proto::v1::Role::Active as i32))
+                && roles.contains(&(kstore_proto::v1::Role::Standby as i32)),
+            "the copies compared were not actives and standbys: {roles:?}"
+        );
+        wait_reads_exact(&mut nodes[0], &no_features, &tallies).await?;
+        for mut node in nodes {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "exit after SIGTERM: {status}");
+        }
+
+        // A node not upgraded (the first release again) folds none of it: every tally copy
+        // fails, naming both versions, and the input waits.
+        let stalled_at = scenario.kafka.end_offsets(&words, WORD_PARTITIONS)?;
+        scenario.config_file = Some(v1_config);
+        let mut node = Node::start(&scenario, "node-1", "v1-again").await?;
+        let uri = scenario.grpc_uri(&mut node.process)?;
+        send_words(&scenario, &words, sent..sent + 200, &mut tallies).await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let copies = tally_modules(&uri).await?;
+            let refused = copies.iter().filter(|(_, _, _, error)| {
+                error.contains("earlier version")
+                    && error.contains(&v1[..12])
+                    && error.contains(&v2[..12])
+            });
+            if refused.count() == WORD_PARTITIONS as usize {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the tally copies did not all refuse the earlier module: {copies:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+
+        // With rollback = true it takes over again where the input stood when it was
+        // refused: nothing was folded meanwhile.
+        scenario.config_file = Some(rollback_config);
+        let mut node = Node::start(&scenario, "node-1", "rollback").await?;
+        let uri = scenario.grpc_uri(&mut node.process)?;
+        caught_up(&scenario)?;
+        wait_tally_modules(&uri, |p| {
+            let mut versions = upgraded(p);
+            versions.push((stalled_at[p as usize], v1.clone()));
+            versions
+        })
+        .await?;
+        wait_reads_exact(&mut node, &no_features, &tallies).await?;
+        let status = node.process.terminate(Duration::from_secs(60))?;
+        ensure!(status.success(), "exit after SIGTERM: {status}");
+        // Node-1 keeps every release it ran, by SHA-256, for a rollback.
+        let kept = scenario
+            .state_dir("node-1")
+            .join("modules")
+            .join(&app)
+            .join("tally");
+        for (version, path) in [(&v1, &first), (&v2, &second)] {
+            let copy = std::fs::read(kept.join(format!("{version}.wasm")))
+                .with_context(|| format!("module {version} not kept in {}", kept.display()))?;
+            ensure!(
+                copy == std::fs::read(path)?,
+                "module {version} kept changed"
+            );
+        }
+        Ok(())
+    })
+}

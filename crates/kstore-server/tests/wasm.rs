@@ -41,6 +41,7 @@ fn wasm_config(path: &Path) -> WasmConfig {
         fuel_per_record: 5_000_000,
         max_memory_bytes: 16 << 20,
         max_faults_in_a_row: 5,
+        ..WasmConfig::default()
     }
 }
 

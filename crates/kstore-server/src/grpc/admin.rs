@@ -7,7 +7,7 @@ use kstore_core::cluster::ClusterView;
 use kstore_proto::v1::admin_server::Admin;
 use kstore_proto::v1::{
     BackupInfo, BackupVerification, CreateBackupRequest, CreateBackupResponse, DrainRequest,
-    DrainResponse, FailedPartition, ListBackupsRequest, ListBackupsResponse,
+    DrainResponse, FailedPartition, ListBackupsRequest, ListBackupsResponse, ModuleVersion,
     PartitionStatusRequest, PartitionStatusResponse, Role, SkippedPartition, StorePartitions,
     StoreStatus, VerifyBackupRequest, VerifyBackupResponse,
 };
@@ -166,6 +166,24 @@ fn backup_failed(error: impl std::fmt::Display) -> Status {
     .into()
 }
 
+/// The module versions a copy's store records (none if its history cannot be read: the
+/// copy's own failure says why when ingest reads it).
+fn module_versions(store: &crate::store::PartitionStore) -> Vec<ModuleVersion> {
+    store.module_history().map_or_else(
+        |_| Vec::new(),
+        |history| {
+            history
+                .versions()
+                .iter()
+                .map(|v| ModuleVersion {
+                    from_input_offset: v.from_offset,
+                    sha256: v.digest.clone(),
+                })
+                .collect()
+        },
+    )
+}
+
 fn join_failed(error: tokio::task::JoinError) -> Status {
     Status::internal(error.to_string())
 }
@@ -215,6 +233,7 @@ impl Admin for AdminService {
                         copy: Some(partition_copy(copy)),
                         size_on_disk_bytes: copy.store.size_on_disk().unwrap_or(0),
                         estimated_keys: copy.store.estimated_keys().unwrap_or(0),
+                        modules: module_versions(&copy.store),
                     })
                     .collect()
             })
@@ -230,8 +249,7 @@ impl Admin for AdminService {
                         error: copy.error.unwrap_or_default(),
                         ..Default::default()
                     }),
-                    size_on_disk_bytes: 0,
-                    estimated_keys: 0,
+                    ..Default::default()
                 });
             }
             statuses.sort_by_key(|s| s.copy.as_ref().map_or(0, |c| c.partition));

@@ -4,7 +4,8 @@
 //! Query method is admitted only if a slot of its kind is free, and refused at once
 //! otherwise (load shedding: nothing queues, so a flood costs the node one refusal per
 //! call, never memory or time). The slot is held until the call's response body ends or is
-//! dropped, so a WatchMetadata stream holds its slot for as long as it is open; Get,
+//! dropped, so a WatchMetadata or ScanStream stream holds its slot (of the streams' pool)
+//! for as long as it is open; Get,
 //! MultiGet, Metadata and Scan share one pool of slots and are cut off at the request timeout.
 //! FetchSnapshot slots belong to the sending thread instead (see `snapshot`), since a
 //! stalled receiver never lets its body end.
@@ -165,7 +166,7 @@ impl Limits {
 enum Kind {
     /// A unary Query call, with the request timeout.
     Read,
-    /// A WatchMetadata stream.
+    /// A stream: WatchMetadata, or ScanStream (whose pages each have the read deadline).
     Watch,
 }
 
@@ -181,6 +182,7 @@ fn limited(path: &str) -> Option<(&'static str, Kind)> {
         "Metadata" => Some(("Metadata", Kind::Read)),
         "Scan" => Some(("Scan", Kind::Read)),
         "WatchMetadata" => Some(("WatchMetadata", Kind::Watch)),
+        "ScanStream" => Some(("ScanStream", Kind::Watch)),
         _ => None,
     }
 }

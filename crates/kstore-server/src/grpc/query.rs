@@ -474,6 +474,46 @@ impl QueryService {
         })
     }
 
+    /// Answers one page of a scan from a local copy, or forwards it to a holder when this
+    /// node holds no copy of the partition (and `may_forward`).
+    async fn scan_or_forward(
+        &self,
+        request: ScanRequest,
+        deadline: Instant,
+        may_forward: bool,
+    ) -> Result<ScanResponse, Status> {
+        let _in_flight = self.registry.read_started();
+        let started = Instant::now();
+        match self.scan_page(&request, deadline).await {
+            Ok(response) => {
+                let role = response
+                    .read
+                    .as_ref()
+                    .map_or(Role::Unspecified, |r| r.role());
+                record_latency("scan", started, role, "found");
+                Ok(response)
+            }
+            Err((ReadError::PartitionNotHosted { partition, .. }, _)) if may_forward => {
+                let send = |mut client: QueryClient<Channel>, request| async move {
+                    client.scan(request).await
+                };
+                let answer = self
+                    .forward_one("scan", partition, request, deadline, send)
+                    .await;
+                let outcome = match &answer {
+                    Ok(_) => "forwarded",
+                    Err(_) => "forward_failed",
+                };
+                record_latency("scan", started, Role::Unspecified, outcome);
+                answer.map(Response::into_inner)
+            }
+            Err((error, role)) => {
+                record_latency("scan", started, role, error.reason().as_str_name());
+                Err(error.into())
+            }
+        }
+    }
+
     async fn multi_get(
         &self,
         request: MultiGetRequest,
@@ -715,6 +755,26 @@ impl QueryService {
     }
 }
 
+/// The request of a streamed scan's next page after `sent`: after its last key, at most
+/// `limit` keys, from a copy no older than the one `sent` read.
+fn next_page_request(request: &ScanRequest, sent: &ScanResponse, limit: usize) -> ScanRequest {
+    // A copy "reflects offset n" once its input_offset is past n.
+    let read_at = sent
+        .read
+        .as_ref()
+        .and_then(|read| (read.input_offset > 0).then(|| read.input_offset - 1));
+    let options = request.options.unwrap_or_default();
+    ScanRequest {
+        after: sent.entries.last().map(|entry| entry.key.clone()),
+        limit: limit as u32,
+        options: Some(ReadOptions {
+            min_input_offset: options.min_input_offset.max(read_at),
+            ..options
+        }),
+        ..request.clone()
+    }
+}
+
 /// Whether a read may be forwarded: it was not forwarded already and did not ask for no
 /// forwarding.
 fn may_forward<T>(request: &Request<T>, options: Option<&ReadOptions>) -> bool {
@@ -857,39 +917,67 @@ impl Query for QueryService {
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         self.check_forwarded(&request)?;
-        let _in_flight = self.registry.read_started();
-        let started = Instant::now();
         let deadline = self.deadline(&request);
         let may_forward = may_forward(&request, request.get_ref().options.as_ref());
-        let request = request.into_inner();
-        match self.scan_page(&request, deadline).await {
-            Ok(response) => {
-                let role = response
-                    .read
-                    .as_ref()
-                    .map_or(Role::Unspecified, |r| r.role());
-                record_latency("scan", started, role, "found");
-                Ok(Response::new(response))
-            }
-            Err((ReadError::PartitionNotHosted { partition, .. }, _)) if may_forward => {
-                let send = |mut client: QueryClient<Channel>, request| async move {
-                    client.scan(request).await
+        self.scan_or_forward(request.into_inner(), deadline, may_forward)
+            .await
+            .map(Response::new)
+    }
+
+    type ScanStreamStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<ScanResponse, Status>> + Send>>;
+
+    async fn scan_stream(
+        &self,
+        request: Request<ScanRequest>,
+    ) -> Result<Response<Self::ScanStreamStream>, Status> {
+        self.check_forwarded(&request)?;
+        // Each page may wait as long as the call's first page may.
+        let page_wait = self
+            .deadline(&request)
+            .saturating_duration_since(Instant::now());
+        let may_forward = may_forward(&request, request.get_ref().options.as_ref());
+        let mut request = request.into_inner();
+        let mut remaining = match request.limit {
+            0 => usize::MAX,
+            limit => limit as usize,
+        };
+        let page_size = match request.page_size as usize {
+            0 => self.config.max_scan_page,
+            asked => asked.min(self.config.max_scan_page),
+        };
+        request.limit = page_size.min(remaining) as u32;
+        // The first page before the stream starts, so that a bad request fails the call.
+        let first = self
+            .scan_or_forward(request.clone(), Instant::now() + page_wait, may_forward)
+            .await?;
+        let (pages, stream) = tokio::sync::mpsc::channel(1);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut page = Ok(first);
+            loop {
+                let next = match &page {
+                    Ok(sent) => {
+                        remaining = remaining.saturating_sub(sent.entries.len());
+                        let more = sent.more && remaining > 0 && !sent.entries.is_empty();
+                        more.then(|| next_page_request(&request, sent, page_size.min(remaining)))
+                    }
+                    Err(_) => None,
                 };
-                let answer = self
-                    .forward_one("scan", partition, request, deadline, send)
+                // The reader went away: stop reading.
+                if pages.send(page).await.is_err() {
+                    return;
+                }
+                let Some(next) = next else { return };
+                request = next;
+                page = service
+                    .scan_or_forward(request.clone(), Instant::now() + page_wait, may_forward)
                     .await;
-                let outcome = match &answer {
-                    Ok(_) => "forwarded",
-                    Err(_) => "forward_failed",
-                };
-                record_latency("scan", started, Role::Unspecified, outcome);
-                answer
             }
-            Err((error, role)) => {
-                record_latency("scan", started, role, error.reason().as_str_name());
-                Err(error.into())
-            }
-        }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(stream),
+        )))
     }
 
     type WatchMetadataStream =

@@ -109,6 +109,16 @@ impl Query for StoreQueries {
         Query::scan(service, request).await
     }
 
+    type ScanStreamStream = <QueryService as Query>::ScanStreamStream;
+
+    async fn scan_stream(
+        &self,
+        request: Request<ScanRequest>,
+    ) -> Result<Response<Self::ScanStreamStream>, Status> {
+        let service = self.store(&request.get_ref().store)?;
+        Query::scan_stream(service, request).await
+    }
+
     type WatchMetadataStream =
         std::pin::Pin<Box<dyn Stream<Item = Result<MetadataResponse, Status>> + Send>>;
 

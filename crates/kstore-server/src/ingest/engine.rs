@@ -24,12 +24,13 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use super::delivery::{DeliveryTracker, lock};
 use super::fold::{self, Limits, Step};
 use super::{IngestError, IngestMetrics};
-use crate::config::{NodeConfig, ProcessingGuarantee};
+use crate::config::{NodeConfig, ProcessingGuarantee, ProcessorConfig};
 use crate::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
-    DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, flush, group_generation, send,
+    DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, MODULE_HISTORY_KEY, flush, group_generation, send,
 };
 use crate::probes::Pulse;
+use crate::processor::versions::{ModuleCheck, ModuleHistory};
 use crate::processor::{InputRecord, Outcome, ProcessError, Processor, RecordHeader, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
@@ -99,6 +100,9 @@ struct OpenTransaction {
     first_offset: HashMap<i32, i64>,
     /// The next input offset per partition, committed with the transaction.
     next_offset: HashMap<i32, i64>,
+    /// The module history of the partitions whose module switched in the transaction,
+    /// written to their stores with its updates.
+    modules: HashMap<i32, ModuleHistory>,
 }
 
 impl OpenTransaction {
@@ -110,6 +114,7 @@ impl OpenTransaction {
             overlay: HashMap::new(),
             first_offset: HashMap::new(),
             next_offset: HashMap::new(),
+            modules: HashMap::new(),
         }
     }
 }
@@ -119,6 +124,12 @@ pub(super) struct Engine {
     config: Arc<NodeConfig>,
     limits: Limits,
     processor: Box<dyn Processor>,
+    /// The processor's version (a module's SHA-256) and whether the store may roll back to
+    /// it; none for a built-in processor.
+    module: Option<(String, bool)>,
+    /// Active partitions whose module history agrees with the processor's version (in the
+    /// store, or in the open transaction's switch).
+    module_checked: HashSet<i32>,
     pub(super) producer: BaseProducer<DeliveryTracker>,
     /// The stores of the partitions that are active here.
     stores: HashMap<i32, Arc<PartitionStore>>,
@@ -192,6 +203,7 @@ impl ConsumerContext for IngestContext {
             engine.owned.remove(partition);
             engine.next_input.remove(partition);
             engine.fresh.remove(partition);
+            engine.module_checked.remove(partition);
             engine.stores.remove(partition);
             // The copy stays open and keeps answering reads as a standby, with its
             // staleness stated, until its partition runs elsewhere.
@@ -264,10 +276,16 @@ impl Engine {
     ) -> Self {
         let registry = copies.registry().clone();
         let dlq_topic = config.dlq_topic();
+        let rollback = matches!(&config.processor, ProcessorConfig::Wasm(wasm) if wasm.rollback);
+        let module = processor
+            .version()
+            .map(|version| (version.to_string(), rollback));
         Engine {
             config,
             limits,
             processor,
+            module,
+            module_checked: HashSet::new(),
             producer,
             stores: HashMap::new(),
             owned: HashMap::new(),
@@ -309,6 +327,7 @@ impl Engine {
         );
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
+        self.module_checked.remove(&partition);
         self.owned.insert(
             partition,
             Ownership::Restoring {
@@ -413,6 +432,7 @@ impl Engine {
         self.stores.remove(&partition);
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
+        self.module_checked.remove(&partition);
         // Not marked rewound unless the abort above sought it back: its records polled but
         // not folded must be sought back to (by the first of them, as a paused partition's),
         // or its resume would start past them.
@@ -644,6 +664,9 @@ impl Engine {
         txn.records += 1;
         txn.first_offset.entry(partition).or_insert(offset);
         txn.next_offset.insert(partition, offset + 1);
+        if !self.check_module(partition, offset, consumer) {
+            return Ok(None);
+        }
 
         let headers = record_headers(message);
         let record = input_record(message, &headers);
@@ -669,6 +692,73 @@ impl Engine {
                 Ok(None)
             }
         }
+    }
+
+    /// Before a partition's record at `offset` is folded (the first since the partition
+    /// turned active, or since a switch aborted), checks the processor's version against
+    /// the partition's module history: a new version's switch is written into the open
+    /// transaction; an earlier version fails the partition's copy. Returns whether the
+    /// record may be folded.
+    fn check_module(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        consumer: &BaseConsumer<IngestContext>,
+    ) -> bool {
+        if self.module_checked.contains(&partition) {
+            return true;
+        }
+        let Some((version, rollback)) = self.module.clone() else {
+            return true;
+        };
+        let Some(store) = self.stores.get(&partition) else {
+            return true;
+        };
+        let history = match store.module_history() {
+            Ok(history) => history,
+            Err(error) => {
+                let reason = format!("reading the store's module history: {error}");
+                self.fail_partition(partition, &reason, error.is_corruption(), consumer);
+                return false;
+            }
+        };
+        match history.check(&version, offset, rollback) {
+            ModuleCheck::Current => {}
+            ModuleCheck::Refuse(reason) => {
+                tracing::error!(store = %self.config.store, partition, offset, reason, "not folding with an earlier module");
+                self.fail_partition(partition, &reason, false, consumer);
+                return false;
+            }
+            ModuleCheck::Switch(next) => {
+                let value = next.encode();
+                let record: BaseRecord<'_, [u8], [u8]> =
+                    BaseRecord::to(self.producer.context().changelog_topic())
+                        .partition(partition)
+                        .key(MODULE_HISTORY_KEY)
+                        .payload(value.as_slice());
+                if let Err(error) = send(&self.producer, record) {
+                    tracing::error!(%error, "producing a module switch failed; aborting the transaction");
+                    self.abort(consumer, true);
+                    std::thread::sleep(SEND_FAILURE_BACKOFF);
+                    return false;
+                }
+                tracing::info!(
+                    store = %self.config.store,
+                    partition,
+                    from_input_offset = offset,
+                    module = %version,
+                    previous = history.current().map_or("none", |v| v.digest.as_str()),
+                    "the partition's module switches"
+                );
+                self.txn
+                    .as_mut()
+                    .expect("a record is only checked inside a transaction")
+                    .modules
+                    .insert(partition, next);
+            }
+        }
+        self.module_checked.insert(partition);
+        true
     }
 
     /// Carries out a record's fold in the open transaction: its update and outputs, or its
@@ -889,7 +979,11 @@ impl Engine {
                     position.changelog_next = *next;
                 }
                 store
-                    .apply(txn.overlay.get(partition).unwrap_or(&empty), position)
+                    .apply_with_modules(
+                        txn.overlay.get(partition).unwrap_or(&empty),
+                        position,
+                        txn.modules.get(partition),
+                    )
                     .map(|()| position)
             });
             match applied {
@@ -984,6 +1078,10 @@ impl Engine {
         }
         self.producer.context().clear();
         IngestMetrics::add(&self.metrics.aborts, 1);
+        // A switch in the aborted transaction never happened: check again.
+        for partition in txn.modules.keys() {
+            self.module_checked.remove(partition);
+        }
         for (partition, first) in &txn.first_offset {
             self.stale_before.insert(*partition, self.poll_mark);
             // The aborted records are read again (or, without a rewind, by whoever owns the

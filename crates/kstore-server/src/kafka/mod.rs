@@ -20,6 +20,11 @@ pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
 /// The header of a changelog record written by a point-in-time restore: a copy that applies
 /// it reflects the input before this offset, whatever it reflected before.
 pub const INPUT_REWIND_HEADER: &str = "kstore.input-rewind";
+/// The key of the changelog records that hold a partition's module history
+/// ([`crate::processor::versions`]): a copy that applies one takes its value as the store's
+/// module history. Its prefix is reserved ([`kstore_core::keys::RESERVED_KEY_PREFIX`]), so
+/// no user key is ever this one.
+pub const MODULE_HISTORY_KEY: &[u8] = b"\0kstore-module-history";
 /// Dead-letter headers: why, and where the record came from.
 pub const DLQ_ERROR_HEADER: &str = "kstore.error";
 /// The topic the dead letter was read from.

@@ -7,6 +7,7 @@
 
 pub mod features;
 pub mod typed;
+pub mod versions;
 pub mod wasm;
 
 /// One record from the input topic, as the processor sees it.
@@ -140,6 +141,14 @@ pub trait Processor: Send + 'static {
     /// they are protobuf messages that the node's gRPC reflection knows. Reads then return
     /// them typed, so that grpcurl prints them as JSON; otherwise they return raw bytes.
     fn value_type_url(&self) -> Option<&str> {
+        None
+    }
+
+    /// Returns the version of the fold's code, if it is one that can change while the store
+    /// lives (a WebAssembly module's SHA-256): ingest records in each partition's changelog
+    /// from which input offset each version folded, and refuses to fold with an earlier one
+    /// (see [`versions`]). Built-in processors have none.
+    fn version(&self) -> Option<&str> {
         None
     }
 

@@ -166,6 +166,10 @@ impl Processor for Typed {
             .collect()
     }
 
+    fn version(&self) -> Option<&str> {
+        self.inner.version()
+    }
+
     fn value_type_url(&self) -> Option<&str> {
         Some(&self.value_type.type_url)
     }

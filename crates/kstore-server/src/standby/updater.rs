@@ -26,8 +26,9 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use super::{CopyEvent, Work};
-use crate::kafka::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER};
+use crate::kafka::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER, MODULE_HISTORY_KEY};
 use crate::probes::Pulse;
+use crate::processor::versions::ModuleHistory;
 use crate::registry::Registry;
 use crate::store::{PartitionStore, Position, StoreError};
 
@@ -220,6 +221,8 @@ struct Job {
     store: Arc<PartitionStore>,
     position: Position,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The partition's module history, if a record of the batch set it.
+    modules: Option<ModuleHistory>,
     /// When the oldest record of the batch arrived.
     batch_started: Option<Instant>,
     /// Records applied since the job started or last changed its reason.
@@ -243,6 +246,7 @@ impl Job {
             store,
             position,
             batch: BTreeMap::new(),
+            modules: None,
             batch_started: None,
             records: 0,
             at_stable_end: false,
@@ -254,11 +258,13 @@ impl Job {
     }
 
     fn flush(&mut self) -> Result<bool, StoreError> {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() && self.modules.is_none() {
             return Ok(false);
         }
-        self.store.apply(&self.batch, self.position)?;
+        self.store
+            .apply_with_modules(&self.batch, self.position, self.modules.as_ref())?;
         self.batch.clear();
+        self.modules = None;
         self.batch_started = None;
         Ok(true)
     }
@@ -452,8 +458,21 @@ impl Worker {
         let Some(job) = jobs.get_mut(&message.partition()) else {
             return false;
         };
-        let key = message.key().unwrap_or_default().to_vec();
-        job.batch.insert(key, message.payload().map(<[u8]>::to_vec));
+        let key = message.key().unwrap_or_default();
+        if key == MODULE_HISTORY_KEY {
+            match ModuleHistory::decode(message.payload().unwrap_or_default()) {
+                Ok(history) => job.modules = Some(history),
+                Err(error) => tracing::error!(
+                    %error,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "a changelog record of the module history does not parse; ignored"
+                ),
+            }
+        } else {
+            job.batch
+                .insert(key.to_vec(), message.payload().map(<[u8]>::to_vec));
+        }
         job.batch_started.get_or_insert_with(Instant::now);
         advance(&mut job.position, message.offset(), input_mark_of(message));
         // New records after the end was reached: the end is further on now.

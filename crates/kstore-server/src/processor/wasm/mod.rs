@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use kstore_guest::abi;
 use serde::{Deserialize, Serialize};
 
-pub use module::{LoadedModule, ModuleError};
+pub use module::{LoadedModule, ModuleError, sha256_hex};
 
 use super::{InputRecord, Outcome, OutputRecord, ProcessError, Processor, Update};
 use module::{Live, trap_reason};
@@ -44,6 +44,11 @@ pub struct WasmConfig {
     /// the memory) before the module counts as broken there: that record is not
     /// dead-lettered, and the partition's copy fails and is retried.
     pub max_faults_in_a_row: u32,
+    /// Fold with this module even where a later version took over (which a partition's
+    /// changelog records): the module takes over again from each partition's next record.
+    /// Without it, a partition a later module folded is not folded with an earlier one: its
+    /// copy fails, naming both versions (`processor::versions`).
+    pub rollback: bool,
 }
 
 impl Default for WasmConfig {
@@ -54,6 +59,7 @@ impl Default for WasmConfig {
             fuel_per_record: 100_000_000,
             max_memory_bytes: 64 << 20,
             max_faults_in_a_row: 100,
+            rollback: false,
         }
     }
 }
@@ -344,6 +350,10 @@ impl Processor for WasmProcessor {
         batch: &[(InputRecord<'_>, Option<&[u8]>)],
     ) -> Vec<Result<Outcome, ProcessError>> {
         self.fold_batch(batch)
+    }
+
+    fn version(&self) -> Option<&str> {
+        Some(self.module.digest())
     }
 }
 

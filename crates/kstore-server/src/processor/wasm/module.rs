@@ -245,7 +245,7 @@ impl LoadedModule {
                 reason: format!("{error:#}"),
             })?;
         let loaded = LoadedModule {
-            digest: digest(bytes),
+            digest: sha256_hex(bytes),
             path,
             limits,
             pre,
@@ -282,7 +282,8 @@ impl LoadedModule {
         &self.path
     }
 
-    /// The module's identity: the xxh3-128 of its bytes, in hex (not a security digest).
+    /// The module's identity: the SHA-256 of its bytes, in lowercase hex (as `sha256sum`
+    /// prints it).
     pub fn digest(&self) -> &str {
         &self.digest
     }
@@ -401,6 +402,11 @@ pub(super) fn trap_reason(error: &anyhow::Error) -> String {
     }
 }
 
-fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+/// The SHA-256 of `bytes` in lowercase hex: a module's identity.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
