@@ -28,6 +28,9 @@ pub struct PartitionCopy {
     position: watch::Sender<Position>,
     /// The input partition's end offset as last seen, and when (ms since the Unix epoch).
     input_end: std::sync::Mutex<(i64, i64)>,
+    /// Why the copy's input waits while the copy still serves reads, if it does (an
+    /// active whose module is an earlier version of its partition's).
+    held: std::sync::Mutex<Option<String>>,
 }
 
 impl PartitionCopy {
@@ -64,6 +67,23 @@ impl PartitionCopy {
             .input_end
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes why the copy's input waits although the copy serves reads (`None`: it does
+    /// not wait).
+    pub fn hold(&self, reason: Option<String>) {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+
+    /// Returns why the copy's input waits, if it does.
+    pub fn held(&self) -> Option<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Returns how many input records the copy does not reflect yet.
@@ -200,6 +220,7 @@ impl Registry {
                     position: watch::Sender::new(position),
                     // Not looked up yet.
                     input_end: std::sync::Mutex::new((-1, 0)),
+                    held: std::sync::Mutex::new(None),
                 };
                 copies.insert(partition, Arc::new(copy));
             }

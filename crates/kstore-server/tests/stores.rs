@@ -784,9 +784,11 @@ fn a_module_upgrade_switches_every_copy_at_one_input_offset_and_an_earlier_modul
             ensure!(status.success(), "exit after SIGTERM: {status}");
         }
 
-        // A node not upgraded (the first release again) folds none of it: every tally copy
-        // fails, naming both versions, and the input waits.
+        // A node not upgraded (the first release again) folds none of it: every tally
+        // partition's input waits, and its copy, still active, states why and keeps
+        // answering reads with what was folded before.
         let stalled_at = scenario.kafka.end_offsets(&words, WORD_PARTITIONS)?;
+        let folded_before = tallies.clone();
         scenario.config_file = Some(v1_config);
         let mut node = Node::start(&scenario, "node-1", "v1-again").await?;
         let uri = scenario.grpc_uri(&mut node.process)?;
@@ -794,12 +796,14 @@ fn a_module_upgrade_switches_every_copy_at_one_input_offset_and_an_earlier_modul
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let copies = tally_modules(&uri).await?;
-            let refused = copies.iter().filter(|(_, _, _, error)| {
-                error.contains("earlier version")
+            let refused = copies.iter().filter(|(_, role, _, error)| {
+                *role == kstore_proto::v1::Role::Active as i32
+                    && error.contains("earlier version")
                     && error.contains(&v1[..12])
                     && error.contains(&v2[..12])
             });
             if refused.count() == WORD_PARTITIONS as usize {
+                check_reads(&mut node, &no_features, &folded_before).await?;
                 break;
             }
             ensure!(

@@ -1006,7 +1006,7 @@ pub fn partition_copy(copy: &PartitionCopy) -> kstore_proto::v1::PartitionCopy {
         input_offset: position.input_next,
         input_end: copy.input_end(),
         lag: copy.lag_at(position),
-        error: String::new(),
+        error: copy.held().unwrap_or_default(),
         store: String::new(),
     }
 }

@@ -130,6 +130,9 @@ pub(super) struct Engine {
     /// Active partitions whose module history agrees with the processor's version (in the
     /// store, or in the open transaction's switch).
     module_checked: HashSet<i32>,
+    /// Active partitions whose module is a later version than the processor's: their input
+    /// is paused for as long as they are owned here, and their copies serve reads.
+    held: HashSet<i32>,
     pub(super) producer: BaseProducer<DeliveryTracker>,
     /// The stores of the partitions that are active here.
     stores: HashMap<i32, Arc<PartitionStore>>,
@@ -204,6 +207,7 @@ impl ConsumerContext for IngestContext {
             engine.next_input.remove(partition);
             engine.fresh.remove(partition);
             engine.module_checked.remove(partition);
+            engine.release_held(*partition);
             engine.stores.remove(partition);
             // The copy stays open and keeps answering reads as a standby, with its
             // staleness stated, until its partition runs elsewhere.
@@ -286,6 +290,7 @@ impl Engine {
             processor,
             module,
             module_checked: HashSet::new(),
+            held: HashSet::new(),
             producer,
             stores: HashMap::new(),
             owned: HashMap::new(),
@@ -328,6 +333,7 @@ impl Engine {
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
         self.module_checked.remove(&partition);
+        self.release_held(partition);
         self.owned.insert(
             partition,
             Ownership::Restoring {
@@ -433,6 +439,7 @@ impl Engine {
         self.next_input.remove(&partition);
         self.fresh.remove(&partition);
         self.module_checked.remove(&partition);
+        self.release_held(partition);
         // Not marked rewound unless the abort above sought it back: its records polled but
         // not folded must be sought back to (by the first of them, as a paused partition's),
         // or its resume would start past them.
@@ -626,6 +633,10 @@ impl Engine {
             }
             return Ok(None);
         }
+        if self.held.contains(&partition) {
+            // Fetched before the pause took hold; never folded here.
+            return Ok(None);
+        }
         if let Some(&next) = self.next_input.get(&partition)
             && offset < next
         {
@@ -725,8 +736,7 @@ impl Engine {
         match history.check(&version, offset, rollback) {
             ModuleCheck::Current => {}
             ModuleCheck::Refuse(reason) => {
-                tracing::error!(store = %self.config.store, partition, offset, reason, "not folding with an earlier module");
-                self.fail_partition(partition, &reason, false, consumer);
+                self.hold(partition, reason, consumer);
                 return false;
             }
             ModuleCheck::Switch(next) => {
@@ -759,6 +769,39 @@ impl Engine {
         }
         self.module_checked.insert(partition);
         true
+    }
+
+    /// Stops folding an active partition whose module is a later version than the
+    /// processor's: its input is paused for as long as the partition is owned here (the
+    /// module cannot change while the node runs), and its copy keeps serving reads, its
+    /// lag growing, with `reason` stated as its error. The open transaction, which holds
+    /// the partition's record, aborts and its records are read again.
+    fn hold(&mut self, partition: i32, reason: String, consumer: &BaseConsumer<IngestContext>) {
+        tracing::error!(
+            store = %self.config.store,
+            partition,
+            reason,
+            "not folding with an earlier module; the partition's input waits"
+        );
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.config.input_topic, partition);
+        if let Err(error) = consumer.pause(&list) {
+            tracing::error!(%error, partition, "pausing a held partition");
+        }
+        self.abort(consumer, true);
+        self.held.insert(partition);
+        if let Some(copy) = self.registry.get(partition) {
+            copy.hold(Some(reason));
+        }
+    }
+
+    /// Forgets that a partition was held (it left, or its copy is prepared again).
+    fn release_held(&mut self, partition: i32) {
+        if self.held.remove(&partition)
+            && let Some(copy) = self.registry.get(partition)
+        {
+            copy.hold(None);
+        }
     }
 
     /// Carries out a record's fold in the open transaction: its update and outputs, or its

@@ -12,9 +12,10 @@
 //!
 //! A node whose module is an *earlier* version of the partition's history (a node not yet
 //! upgraded in a rolling restart, which takes over a partition an upgraded node folded)
-//! does not fold: its copy fails, naming both versions, until it runs the current module, or
-//! its store sets `rollback = true` to fold with the earlier module again from the next
-//! record on (which is recorded as a switch too).
+//! does not fold: the partition's input waits while the node owns it, and its copy keeps
+//! serving reads with an error naming both versions, until the node runs the current
+//! module, or its store sets `rollback = true` to fold with the earlier module again from
+//! the next record on (which is recorded as a switch too).
 
 /// The most versions a history keeps: the oldest are dropped beyond it.
 const MAX_VERSIONS: usize = 64;

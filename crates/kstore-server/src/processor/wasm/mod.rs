@@ -47,7 +47,7 @@ pub struct WasmConfig {
     /// Fold with this module even where a later version took over (which a partition's
     /// changelog records): the module takes over again from each partition's next record.
     /// Without it, a partition a later module folded is not folded with an earlier one: its
-    /// copy fails, naming both versions (`processor::versions`).
+    /// input waits, and its copy's error names both versions (`processor::versions`).
     pub rollback: bool,
 }
 
