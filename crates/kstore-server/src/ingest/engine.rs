@@ -708,8 +708,8 @@ impl Engine {
     /// Before a partition's record at `offset` is folded (the first since the partition
     /// turned active, or since a switch aborted), checks the processor's version against
     /// the partition's module history: a new version's switch is written into the open
-    /// transaction; an earlier version fails the partition's copy. Returns whether the
-    /// record may be folded.
+    /// transaction; an earlier version holds the partition ([`Engine::hold`]). Returns
+    /// whether the record may be folded.
     fn check_module(
         &mut self,
         partition: i32,
