@@ -56,6 +56,9 @@ pub const PARTITION_LAG: &str = "kstore_partition_lag_records";
 /// The role of a local copy, by partition: 1 active, 2 standby, 3 restoring, 4 opening, 5
 /// bootstrapping, 6 failed (0: no copy here).
 pub const PARTITION_ROLE: &str = "kstore_partition_role";
+/// 1 for an active copy whose input waits because this node's module is an earlier version
+/// of its partition's (`processor::versions`), else 0, by partition.
+pub const PARTITION_HELD: &str = "kstore_partition_held";
 /// Reads (a Get, or a MultiGet's keys of one partition) that the block cache and memtables
 /// could not answer, so they read from disk on the blocking pool. A steady rise means the
 /// block cache is too small for the keys being read.
@@ -81,6 +84,7 @@ pub const ALL: &[&str] = &[
     COMMIT_LATENCY,
     PARTITION_LAG,
     PARTITION_ROLE,
+    PARTITION_HELD,
     DISK_READS,
     READ_LATENCY,
     crate::drain::LEAVE_FALLBACKS,
@@ -375,11 +379,14 @@ pub fn publish(store: &str, ingest: &IngestMetrics, updater: &UpdaterMetrics, re
             Some(copy) => copy.role() as i32,
             None => registry.pending(partition).map_or(0, |p| p.role as i32),
         };
+        let held = copy.as_ref().is_some_and(|c| c.held().is_some());
         let partition = partition.to_string();
         metrics::gauge!(PARTITION_LAG, "store" => store.to_owned(), "partition" => partition.clone())
             .set(lag as f64);
-        metrics::gauge!(PARTITION_ROLE, "store" => store.to_owned(), "partition" => partition)
+        metrics::gauge!(PARTITION_ROLE, "store" => store.to_owned(), "partition" => partition.clone())
             .set(f64::from(role));
+        metrics::gauge!(PARTITION_HELD, "store" => store.to_owned(), "partition" => partition)
+            .set(if held { 1.0 } else { 0.0 });
     }
 }
 

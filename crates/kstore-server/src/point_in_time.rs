@@ -290,10 +290,13 @@ pub fn execute(
         ));
         let mut keys = keys_after(&client, &changelog, partition, plan.backup.changelog_next)?;
         let rewind = plan.backup.input_next.to_string();
-        // A module that took over after the backup did not fold the input reprocessed from
-        // it: the partition's module history goes back to the backup's too.
-        if keys.remove(MODULE_HISTORY_KEY) {
-            let history = restored.module_history()?.encode();
+        // A module that took over after the backup (or, in a backup of a standby, a switch
+        // recorded before the input it folds from) did not fold the input reprocessed from
+        // the backup: the partition's module history goes back to what had folded by then.
+        let backed_up = restored.module_history()?;
+        let folded = backed_up.folded_before(plan.backup.input_next);
+        if keys.remove(MODULE_HISTORY_KEY) || folded != backed_up {
+            let history = folded.encode();
             let headers = OwnedHeaders::new().insert(Header {
                 key: INPUT_REWIND_HEADER,
                 value: Some(rewind.as_bytes()),

@@ -565,6 +565,9 @@ impl PartitionStore {
                 }
                 break;
             }
+            if is_reserved(&key) {
+                continue;
+            }
             if page.entries.len() >= limit || (bytes >= max_bytes && !page.entries.is_empty()) {
                 page.more = true;
                 break;
@@ -589,6 +592,7 @@ impl PartitionStore {
                 item.map(|(k, v)| (k.to_vec(), v.to_vec()))
                     .map_err(self.rocks())
             })
+            .filter(|item| item.as_ref().map_or(true, |(key, _)| !is_reserved(key)))
             .collect()
     }
 }
@@ -601,6 +605,12 @@ impl Drop for PartitionStore {
             tracing::warn!(path = %self.path, %error, "flushing a store as it closes");
         }
     }
+}
+
+/// Whether a key is kstore's own (a changelog record an older kstore applied as a key), not
+/// a user's: scans skip it.
+fn is_reserved(key: &[u8]) -> bool {
+    key.starts_with(kstore_core::keys::RESERVED_KEY_PREFIX)
 }
 
 /// The one value of a one-key read.
@@ -724,6 +734,17 @@ mod tests {
         assert_eq!(store.module_history().unwrap(), history);
         assert_eq!(store.scan().unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
         assert_eq!(store.position().unwrap(), at(6));
+
+        // The history record as an older kstore applies it, as a key: scans skip it.
+        let reserved =
+            BTreeMap::from([(b"\0kstore-module-history".to_vec(), Some(history.encode()))]);
+        store.apply(&reserved, at(7)).unwrap();
+        assert_eq!(store.scan().unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
+        let page = store
+            .scan_page(&KeyRange::default(), false, 1, usize::MAX)
+            .unwrap();
+        assert_eq!(page.value.entries, vec![(b"k".to_vec(), b"v".to_vec())]);
+        assert!(!page.value.more, "a reserved key counted as more");
     }
 
     #[test]

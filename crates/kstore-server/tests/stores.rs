@@ -635,7 +635,7 @@ fn another_release(scenario: &Scenario, module: &std::path::Path, name: &str) ->
 }
 
 /// The module versions (first input offset, SHA-256) of every tally copy `uri`'s node holds,
-/// by partition and role; copies that failed, with their error.
+/// by partition and role, with each copy's error (a failed copy's, or why a held one waits).
 async fn tally_modules(uri: &str) -> Result<Vec<(u32, i32, Vec<(i64, String)>, String)>> {
     let mut admin = kstore_proto::v1::admin_client::AdminClient::connect(uri.to_owned()).await?;
     let status = admin
@@ -682,7 +682,8 @@ async fn wait_tally_modules(uri: &str, want: impl Fn(u32) -> Vec<(i64, String)>)
 /// A module upgrade: the new release takes over each partition from one input offset that
 /// the partition's changelog records, so the active and the standby copies agree on it; a
 /// node started again with the earlier release does not fold a partition the new one folded
-/// (its copies fail, naming both versions) until its store says `rollback = true`, and then
+/// (its input waits, its copies state both versions and still answer reads) until its
+/// store says `rollback = true`, and then
 /// the earlier release takes over exactly where the input stood. Every key is exact
 /// throughout, read through reflection.
 #[test]

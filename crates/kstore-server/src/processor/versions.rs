@@ -10,6 +10,10 @@
 //! one input offset for all of them, and a copy that turns active elsewhere knows which
 //! module folds next.
 //!
+//! "Earlier" means earlier in this partition's history: a module the history does not hold
+//! (one older than this record keeping, or trimmed past the newest `MAX_VERSIONS`) counts
+//! as new and takes over.
+//!
 //! A node whose module is an *earlier* version of the partition's history (a node not yet
 //! upgraded in a rolling restart, which takes over a partition an upgraded node folded)
 //! does not fold: the partition's input waits while the node owns it, and its copy keeps
@@ -61,6 +65,19 @@ impl ModuleHistory {
     /// The version that folds now, if any did.
     pub fn current(&self) -> Option<&ModuleVersion> {
         self.versions.last()
+    }
+
+    /// The versions that folded some input before `input_next` (a copy that reflects the
+    /// input before it may record a switch it has not folded from yet).
+    pub fn folded_before(&self, input_next: i64) -> ModuleHistory {
+        ModuleHistory {
+            versions: self
+                .versions
+                .iter()
+                .filter(|v| v.from_offset < input_next)
+                .cloned()
+                .collect(),
+        }
     }
 
     /// The history as stored: `<offset> <sha256>\n` per version, oldest first.
@@ -189,7 +206,12 @@ mod tests {
         }
         assert_eq!(history.versions().len(), MAX_VERSIONS);
         assert_eq!(history.versions()[0].from_offset, 50);
-        assert_eq!(ModuleHistory::decode(&history.encode()), Ok(history));
+        assert_eq!(
+            ModuleHistory::decode(&history.encode()),
+            Ok(history.clone())
+        );
+        assert_eq!(history.folded_before(60).versions().len(), 1);
+        assert_eq!(history.folded_before(0), ModuleHistory::default());
         assert_eq!(ModuleHistory::decode(b""), Ok(ModuleHistory::default()));
         assert!(ModuleHistory::decode(b"12\n").is_err());
         assert!(ModuleHistory::decode(b"x abc\n").is_err());
