@@ -21,7 +21,7 @@ use crate::probes::Probes;
 use crate::processor::Processor;
 use crate::processor::features::FeaturesProcessor;
 use crate::processor::typed::{Typed, ValueType, ValueTypeError};
-use crate::processor::wasm::{LoadedModule, ModuleError, WasmProcessor, sha256_hex};
+use crate::processor::wasm::{LoadedModule, ModuleError, WasmProcessor};
 use crate::registry::Registry;
 use crate::registry::Watchdog;
 use crate::snapshot::{PeerService, SnapshotFetcher};
@@ -148,9 +148,10 @@ pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, P
             Box::new(FeaturesProcessor::new(config.alerts_topic()))
         }
         ProcessorConfig::Wasm(wasm) => {
-            let processor = WasmProcessor::from_config(wasm)?;
-            keep_module(config, processor.module());
-            Box::new(processor)
+            let bytes = LoadedModule::read(&wasm.wasm)?;
+            let module = LoadedModule::from_bytes(&wasm.wasm, &bytes, wasm.limits())?;
+            keep_module(config, module.digest(), &bytes);
+            Box::new(WasmProcessor::new(module, wasm.outputs.clone()))
         }
     };
     Ok(match &config.value_type {
@@ -161,29 +162,22 @@ pub fn configured_processor(config: &NodeConfig) -> Result<Box<dyn Processor>, P
 
 /// Keeps a copy of a store's module as `<state-dir>/modules/<app>/<store>/<sha256>.wasm`,
 /// so that every version the store ran stays at hand for a rollback
-/// (`processor.rollback`) after its file was replaced. A copy that cannot be written is
-/// logged; the node runs on.
-fn keep_module(config: &NodeConfig, module: &LoadedModule) {
+/// (`processor.rollback`) after its file was replaced: `bytes`, the file as loaded, whose
+/// SHA-256 is `digest`. A copy that cannot be written is logged; the node runs on.
+fn keep_module(config: &NodeConfig, digest: &str, bytes: &[u8]) {
     let dir = config
         .state_dir
         .join("modules")
         .join(&config.app_id)
         .join(&config.store);
-    let kept = dir.join(format!("{}.wasm", module.digest()));
+    let kept = dir.join(format!("{digest}.wasm"));
     if kept.exists() {
         return;
     }
-    let copied = std::fs::read(module.path()).and_then(|bytes| {
-        if sha256_hex(&bytes) != module.digest() {
-            return Err(std::io::Error::other(
-                "the module's file changed since it was loaded",
-            ));
-        }
-        std::fs::create_dir_all(&dir)?;
-        let partial = dir.join(format!("{}.wasm.partial", module.digest()));
-        std::fs::write(&partial, &bytes)?;
-        std::fs::rename(&partial, &kept)
-    });
+    let partial = dir.join(format!("{digest}.wasm.partial"));
+    let copied = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&partial, bytes))
+        .and_then(|()| std::fs::rename(&partial, &kept));
     match copied {
         Ok(()) => tracing::info!(
             store = %config.store,

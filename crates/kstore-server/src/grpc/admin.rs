@@ -105,16 +105,16 @@ impl AdminService {
 
     /// The stores a backup call names, each with its backups; fails with
     /// BACKUPS_NOT_CONFIGURED if one has none.
-    fn backed_up(&self, name: &str) -> Result<Vec<(String, Arc<Backups>)>, Status> {
+    fn backed_up(&self, name: &str) -> Result<Vec<(&AdminStore, Arc<Backups>)>, Status> {
         self.named(name)?
             .into_iter()
-            .map(|store| Ok((store.name.clone(), store.backups()?)))
+            .map(|store| Ok((store, store.backups()?)))
             .collect()
     }
 
     /// Refuses `partitions` if one of them is out of range of every store in `stores`.
     fn check_partitions(
-        stores: &[(String, Arc<Backups>)],
+        stores: &[(&AdminStore, Arc<Backups>)],
         partitions: &[u32],
     ) -> Result<(), Status> {
         let most = stores
@@ -293,10 +293,11 @@ impl Admin for AdminService {
     ) -> Result<Response<CreateBackupResponse>, Status> {
         self.authorize(&request)?;
         let CreateBackupRequest { partitions, store } = request.into_inner();
-        Self::check_partitions(&self.backed_up(&store)?, &partitions)?;
+        let chosen = self.backed_up(&store)?;
+        Self::check_partitions(&chosen, &partitions)?;
         let mut answer = CreateBackupResponse::default();
-        for store in self.named(&store)? {
-            let (name, backups) = (store.name.clone(), store.backups()?);
+        for (store, backups) in chosen {
+            let name = store.name.clone();
             let registry = store.registry.clone();
             let view = store.view.borrow().clone();
             let wanted = partitions_of(backups.partitions(), &partitions);
@@ -348,9 +349,10 @@ impl Admin for AdminService {
             .first()
             .map(|(_, backups)| backups.location())
             .unwrap_or_default();
+        let chosen: Vec<Arc<Backups>> = chosen.into_iter().map(|(_, backups)| backups).collect();
         let entries = tokio::task::spawn_blocking(move || {
             let mut entries = Vec::new();
-            for (_, backups) in &chosen {
+            for backups in &chosen {
                 entries.append(&mut Self::catalog(backups, &partitions)?);
             }
             Ok::<_, Status>(entries)
@@ -384,15 +386,16 @@ impl Admin for AdminService {
                 "a backup id names a backup of one store: name the store (this node serves {})",
                 chosen
                     .iter()
-                    .map(|(name, _)| name.as_str())
+                    .map(|(store, _)| store.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
         }
         Self::check_partitions(&chosen, &partitions)?;
+        let chosen: Vec<Arc<Backups>> = chosen.into_iter().map(|(_, backups)| backups).collect();
         let results = tokio::task::spawn_blocking(move || {
             let mut results = Vec::new();
-            for (_, backups) in &chosen {
+            for backups in &chosen {
                 for entry in Self::catalog(backups, &partitions)? {
                     if backup_id != 0 && entry.backup_id != backup_id {
                         continue;

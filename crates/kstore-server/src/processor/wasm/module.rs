@@ -176,11 +176,15 @@ fn engine() -> anyhow::Result<Engine> {
 impl LoadedModule {
     /// Reads, compiles and checks the module in `path`.
     pub fn load(path: &Path, limits: WasmLimits) -> Result<Self, ModuleError> {
-        let bytes = std::fs::read(path).map_err(|source| ModuleError::Read {
+        Self::from_bytes(path, &Self::read(path)?, limits)
+    }
+
+    /// Reads the module file in `path`.
+    pub fn read(path: &Path) -> Result<Vec<u8>, ModuleError> {
+        std::fs::read(path).map_err(|source| ModuleError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::from_bytes(path, &bytes, limits)
+        })
     }
 
     /// Compiles and checks a module's bytes; `path` names it in errors.
