@@ -401,6 +401,7 @@ mod tests {
                 name: "features".into(),
                 partitions: 4,
                 input_topic: "orders".into(),
+                input_topics: vec!["orders".into()],
                 changelog_topic: "kstore-features-changelog".into(),
                 value_type: String::new(),
             }],

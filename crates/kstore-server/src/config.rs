@@ -359,7 +359,12 @@ pub struct StoreConfig {
     /// The store's name, as reads name it.
     pub name: String,
     /// The keyed input topic.
+    #[serde(default)]
     pub input_topic: String,
+    /// Several co-partitioned input topics instead of `input-topic` (as the top-level
+    /// `input-topics`).
+    #[serde(default)]
+    pub input_topics: Vec<String>,
     /// The processor that folds the input.
     pub processor: ProcessorConfig,
     /// The protobuf type of the store's values (as the top-level `[value-type]`).
@@ -394,6 +399,11 @@ pub struct NodeConfig {
     pub app_id: String,
     /// The keyed input topic.
     pub input_topic: String,
+    /// Several keyed input topics instead of `input-topic`, co-partitioned (the same
+    /// partition count, keys placed by the same partitioner): partition `p` of the store
+    /// folds partition `p` of each, in the order the records arrive. Append a topic to an
+    /// existing store's list, after the topic it read so far.
+    pub input_topics: Vec<String>,
     /// The store's name, part of the changelog topic's name.
     pub store: String,
     /// Further stores (`[[stores]]`), each with its own input, processor and topics.
@@ -519,6 +529,7 @@ impl Default for NodeConfig {
             node_id: String::new(),
             app_id: "kstore".into(),
             input_topic: String::new(),
+            input_topics: Vec::new(),
             store: "features".into(),
             stores: Vec::new(),
             store_topics: None,
@@ -690,9 +701,7 @@ impl NodeConfig {
                 return invalid(key, "may hold only ASCII letters, digits, '-', '_' and '.'");
             }
         }
-        if self.input_topic.is_empty() {
-            return invalid("input-topic", "must be set");
-        }
+        self.validate_inputs()?;
         if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
             return invalid("commit-interval-ms", "must be between 1 and 60000");
         }
@@ -905,16 +914,79 @@ impl NodeConfig {
             key: format!("processor.{}", error.key),
             reason: error.reason,
         })?;
-        let own = [
-            self.input_topic.clone(),
-            self.changelog_topic(),
-            self.dlq_topic(),
-        ];
+        let mut own = self.inputs().to_vec();
+        own.extend([self.changelog_topic(), self.dlq_topic()]);
         if let Some((name, topic)) = wasm.outputs.iter().find(|(_, topic)| own.contains(topic)) {
             return Err(ConfigError::Invalid {
                 key: format!("processor.outputs.{name}"),
                 reason: format!("{topic} is the input, changelog or dead-letter topic"),
             });
+        }
+        Ok(())
+    }
+
+    /// Returns the store's input topics: `input-topics`, or `input-topic` alone.
+    pub fn inputs(&self) -> &[String] {
+        if self.input_topics.is_empty() {
+            std::slice::from_ref(&self.input_topic)
+        } else {
+            &self.input_topics
+        }
+    }
+
+    /// Checks the store's input topics: one way of naming them, each a Kafka topic name
+    /// once, and an assignor that keeps their partitions together.
+    fn validate_inputs(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason,
+            })
+        };
+        if !self.input_topic.is_empty() && !self.input_topics.is_empty() {
+            return invalid(
+                "input-topics",
+                "set input-topic or input-topics, not both".into(),
+            );
+        }
+        let key = if self.input_topics.is_empty() {
+            "input-topic"
+        } else {
+            "input-topics"
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for topic in self.inputs() {
+            if topic.trim().is_empty() {
+                return invalid(key, "must be set".into());
+            }
+            if topic.len() > 249
+                || !topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return invalid(
+                    key,
+                    format!(
+                        "{topic:?} is not a Kafka topic name (at most 249 ASCII letters, \
+                         digits, '-', '_' and '.')"
+                    ),
+                );
+            }
+            if !seen.insert(topic) {
+                return invalid(key, format!("{topic} is listed twice"));
+            }
+        }
+        if self.inputs().len() > 1 && self.group_assignor == GroupAssignor::CooperativeSticky {
+            return invalid(
+                "group-assignor",
+                format!(
+                    "store {} reads {} topics ({}): cooperative-sticky may give one topic's \
+                     partition to one node and another's to another; use range",
+                    self.store,
+                    self.inputs().len(),
+                    self.inputs().join(", ")
+                ),
+            );
         }
         Ok(())
     }
@@ -966,6 +1038,7 @@ impl NodeConfig {
         let further = self.stores.iter().map(|store| NodeConfig {
             store: store.name.clone(),
             input_topic: store.input_topic.clone(),
+            input_topics: store.input_topics.clone(),
             processor: store.processor.clone(),
             value_type: store.value_type.clone(),
             store_topics: Some(StoreTopics {
@@ -999,7 +1072,6 @@ impl NodeConfig {
             if i > 0 {
                 for (field, value) in [
                     ("name", &config.store),
-                    ("input-topic", &config.input_topic),
                     ("changelog-topic", &config.changelog_topic()),
                     ("dead-letter-topic", &config.dlq_topic()),
                     ("group-id", &config.group_id().to_owned()),
@@ -1018,20 +1090,23 @@ impl NodeConfig {
                         "may hold only ASCII letters, digits, '-', '_' and '.'".into(),
                     );
                 }
-                config.validate_processor().map_err(|error| match error {
-                    ConfigError::Invalid { key: field, reason } => ConfigError::Invalid {
-                        key: key(&field),
-                        reason,
-                    },
-                    other => other,
-                })?;
+                config
+                    .validate_inputs()
+                    .and_then(|()| config.validate_processor())
+                    .map_err(|error| match error {
+                        ConfigError::Invalid { key: field, reason } => ConfigError::Invalid {
+                            key: key(&field),
+                            reason,
+                        },
+                        other => other,
+                    })?;
             }
-            if config.input_topic == config.dlq_topic() {
+            if config.inputs().contains(&config.dlq_topic()) {
                 return invalid(
                     "dead-letter-topic",
                     format!(
                         "{} is the store's input: its dead letters would be read again",
-                        config.input_topic
+                        config.dlq_topic()
                     ),
                 );
             }
@@ -1067,21 +1142,27 @@ impl NodeConfig {
         }
         // A store may read another's dead letters, never its changelog.
         for config in &configs {
-            if let Some((field, owner)) = written.get(&config.input_topic)
-                && *field == "changelog-topic"
-            {
-                return Err(ConfigError::Invalid {
-                    key: if config.store == self.store {
-                        "input-topic".into()
+            for input in config.inputs() {
+                if let Some((field, owner)) = written.get(input)
+                    && *field == "changelog-topic"
+                {
+                    let key = if config.input_topics.is_empty() {
+                        "input-topic"
                     } else {
-                        format!("stores.{}.input-topic", config.store)
-                    },
-                    reason: format!(
-                        "{} is the {field} of store {owner}: a store cannot read what a \
-                         store writes",
-                        config.input_topic
-                    ),
-                });
+                        "input-topics"
+                    };
+                    return Err(ConfigError::Invalid {
+                        key: if config.store == self.store {
+                            key.into()
+                        } else {
+                            format!("stores.{}.{key}", config.store)
+                        },
+                        reason: format!(
+                            "{input} is the {field} of store {owner}: a store cannot read \
+                             what a store writes"
+                        ),
+                    });
+                }
             }
         }
         Ok(())
@@ -1274,7 +1355,13 @@ mod tests {
         assert!(first.stores.is_empty());
         // A further store has exactly the names it was given.
         assert_eq!(tally.store, "tally");
-        assert_eq!(tally.input_topic, "words");
+        assert_eq!(tally.inputs(), ["words"]);
+        let several = load_file(&TALLY_STORE.replace(
+            "input-topic = \"words\"",
+            "input-topics = [\"words\", \"more-words\"]",
+        ))
+        .unwrap();
+        assert_eq!(several.store_configs()[1].inputs(), ["words", "more-words"]);
         assert!(
             matches!(&tally.processor, ProcessorConfig::Wasm(w) if w.wasm == Path::new("tally.wasm"))
         );
@@ -1334,6 +1421,42 @@ mod tests {
         assert_eq!(
             refused(&TALLY_STORE.replace("\"words\"", "\"\"")),
             "stores[0].input-topic: must be set"
+        );
+        let several = |list: &str| {
+            TALLY_STORE.replace(
+                "input-topic = \"words\"",
+                &format!("input-topics = [{list}]"),
+            )
+        };
+        assert_eq!(
+            refused(&several(r#""words", "words""#)),
+            "stores[0].input-topics: words is listed twice"
+        );
+        assert_eq!(
+            refused(&several(r#""words", "more=words""#)),
+            "stores[0].input-topics: \"more=words\" is not a Kafka topic name (at most 249 \
+             ASCII letters, digits, '-', '_' and '.')"
+        );
+        assert_eq!(
+            refused(&several(r#""words", "tally-dlq""#)),
+            "stores[0].dead-letter-topic: tally-dlq is the store's input: its dead letters \
+             would be read again"
+        );
+        assert_eq!(
+            refused(&TALLY_STORE.replace(
+                "input-topic = \"words\"",
+                "input-topic = \"words\"\ninput-topics = [\"words\"]"
+            )),
+            "stores[0].input-topics: set input-topic or input-topics, not both"
+        );
+        assert_eq!(
+            refused(&format!(
+                "group-assignor = \"cooperative-sticky\"\n{}",
+                several(r#""words", "more-words""#)
+            )),
+            "stores[0].group-assignor: store tally reads 2 topics (words, more-words): \
+             cooperative-sticky may give one topic's partition to one node and another's to \
+             another; use range"
         );
         let features_typed = TALLY_STORE.replace(
             "processor = { wasm = \"tally.wasm\" }",

@@ -15,6 +15,7 @@ pub mod gossip;
 pub mod group;
 pub mod grpc;
 pub mod ingest;
+pub mod input_offsets;
 pub mod kafka;
 pub mod metrics;
 pub mod node;

@@ -807,14 +807,24 @@ fn track_lag(
             return;
         }
     };
-    let input = &config.input_topic;
     while !shutdown.load(Ordering::Relaxed) {
         for copy in registry.all() {
             // Taken before asking: every record acknowledged by then is below the end seen.
             let seen = std::time::SystemTime::now();
-            match consumer.fetch_watermarks(input, copy.partition, Duration::from_secs(2)) {
-                Ok((_, high)) => registry.set_input_end(copy.partition, high, seen),
-                Err(error) => tracing::debug!(%error, partition = copy.partition, "end offset"),
+            // The input's end, as a position: the sum of the input topics' end offsets.
+            let mut end = 0i64;
+            for input in config.inputs() {
+                match consumer.fetch_watermarks(input, copy.partition, Duration::from_secs(2)) {
+                    Ok((_, high)) => end = end.saturating_add(high),
+                    Err(error) => {
+                        tracing::debug!(%error, input, partition = copy.partition, "end offset");
+                        end = -1;
+                        break;
+                    }
+                }
+            }
+            if end >= 0 {
+                registry.set_input_end(copy.partition, end, seen);
             }
         }
         crate::metrics::publish(&config.store, metrics, updater_metrics, registry);

@@ -8,8 +8,8 @@
 //! `kstore.input-rewind` header. Any copy that applies the changelog to its end (an active
 //! restoring at start, a standby, a copy rebuilt from scratch) then holds the backup's state
 //! and reflects the input before the backup's input offset, whatever it held before. Then
-//! the group's committed input offsets are rewound to the backups' input offsets, and the
-//! nodes, started again, reprocess from there. Nothing is deleted; the bad records stay in
+//! the group's committed input offsets (of each input topic) are rewound to the backups'
+//! input offsets, and the nodes, started again, reprocess from there. Nothing is deleted; the bad records stay in
 //! the changelog's history, superseded. A partition whose module switched after the
 //! backup gets the backup's module history back the same way (a module that took over
 //! later folded none of the input reprocessed), so the module that folded before the switch
@@ -30,7 +30,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::backup::{Backups, CatalogEntry};
 use crate::config::NodeConfig;
-use crate::kafka::{INPUT_REWIND_HEADER, MODULE_HISTORY_KEY, send};
+use crate::input_offsets::InputOffsets;
+use crate::kafka::{INPUT_OFFSETS_HEADER, INPUT_REWIND_HEADER, MODULE_HISTORY_KEY, send};
 use crate::store::{PartitionStore, SharedMemory};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,9 +99,10 @@ pub struct PartitionPlan {
     pub partition: u32,
     /// The backup it goes back to.
     pub backup: CatalogEntry,
-    /// The input's oldest and next offsets now.
-    pub input_low: i64,
-    /// The input's next offset now.
+    /// The next offset per input topic the backup reflects: where the group reprocesses
+    /// from.
+    pub inputs: InputOffsets,
+    /// The input's next position now (the sum of the input topics' end offsets).
     pub input_end: i64,
     /// The changelog's next offset now: records from the backup's offset up to it are
     /// superseded.
@@ -150,14 +152,8 @@ pub fn plan(
     partitions: &[u32],
 ) -> Result<Vec<PartitionPlan>, PointInTimeError> {
     let client = crate::kafka::client_config(config);
-    let count = crate::topics::partition_count(&client, &config.input_topic)
-        .map_err(|e| PointInTimeError::Refused(e.to_string()))?
-        .ok_or_else(|| {
-            PointInTimeError::Refused(format!(
-                "the input topic {} does not exist",
-                config.input_topic
-            ))
-        })?;
+    let count = crate::topics::input_partition_count(config, &client)
+        .map_err(|e| PointInTimeError::Refused(e.to_string()))?;
     let backups = Backups::from_config(config, count, SharedMemory::new(&config.memory))
         .ok_or_else(|| PointInTimeError::Refused("no backup location: set `backup.dir`".into()))?;
     let chosen: Vec<u32> = if partitions.is_empty() {
@@ -200,16 +196,22 @@ pub fn plan(
                     }
                 })
             })?;
-        let (input_low, input_end) = consumer
-            .fetch_watermarks(&config.input_topic, partition as i32, KAFKA_TIMEOUT)
-            .map_err(kafka("reading the input's offsets"))?;
-        if input_low > backup.input_next {
-            return Err(PointInTimeError::Refused(format!(
-                "partition {partition}: backup {} reflects the input up to offset {}, but the \
-                 input now starts at {input_low} (retention deleted the records in between), \
-                 so they cannot be reprocessed; choose a later point",
-                backup.backup_id, backup.input_next
-            )));
+        let inputs = backup_inputs(config, &backup);
+        let mut input_end = 0i64;
+        for topic in config.inputs() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition as i32, KAFKA_TIMEOUT)
+                .map_err(kafka(format!("reading the offsets of input topic {topic}")))?;
+            let next = inputs.get(topic).unwrap_or(0);
+            if low > next {
+                return Err(PointInTimeError::Refused(format!(
+                    "partition {partition}: backup {} reflects input topic {topic} up to offset \
+                     {next}, but it now starts at {low} (retention deleted the records in \
+                     between), so they cannot be reprocessed; choose a later point",
+                    backup.backup_id
+                )));
+            }
+            input_end = input_end.saturating_add(high);
         }
         let (_, changelog_end) = consumer
             .fetch_watermarks(&config.changelog_topic(), partition as i32, KAFKA_TIMEOUT)
@@ -217,12 +219,41 @@ pub fn plan(
         plans.push(PartitionPlan {
             partition,
             backup,
-            input_low,
+            inputs,
             input_end,
             changelog_end,
         });
     }
     Ok(plans)
+}
+
+/// The next offset per input topic a backup reflects: those its catalog entry states, or,
+/// for a backup of a store that read one topic, its input position in the first input topic.
+fn backup_inputs(config: &NodeConfig, backup: &CatalogEntry) -> InputOffsets {
+    if backup.input_offsets.is_empty() {
+        InputOffsets::single(&config.inputs()[0], backup.input_next)
+    } else {
+        InputOffsets::from_map(backup.input_offsets.clone())
+    }
+}
+
+/// The headers of a correction record: the input position it rewinds to and, for a store
+/// over several input topics, the next offset per topic.
+fn rewind_headers(config: &NodeConfig, plan: &PartitionPlan) -> OwnedHeaders {
+    let rewind = plan.backup.input_next.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: INPUT_REWIND_HEADER,
+        value: Some(rewind.as_bytes()),
+    });
+    if config.inputs().len() > 1 {
+        let offsets = plan.inputs.encode();
+        headers.insert(Header {
+            key: INPUT_OFFSETS_HEADER,
+            value: Some(offsets.as_bytes()),
+        })
+    } else {
+        headers
+    }
 }
 
 /// Refuses unless the store's consumer group has no members.
@@ -289,7 +320,6 @@ pub fn execute(
             plan.backup.backup_id
         ));
         let mut keys = keys_after(&client, &changelog, partition, plan.backup.changelog_next)?;
-        let rewind = plan.backup.input_next.to_string();
         // A module that took over after the backup (or, in a backup of a standby, a switch
         // recorded before the input it folds from) did not fold the input reprocessed from
         // the backup: the partition's module history goes back to what had folded by then.
@@ -297,10 +327,7 @@ pub fn execute(
         let folded = backed_up.folded_before(plan.backup.input_next);
         if keys.remove(MODULE_HISTORY_KEY) || folded != backed_up {
             let history = folded.encode();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: INPUT_REWIND_HEADER,
-                value: Some(rewind.as_bytes()),
-            });
+            let headers = rewind_headers(config, plan);
             let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
                 .partition(partition as i32)
                 .key(MODULE_HISTORY_KEY)
@@ -317,10 +344,7 @@ pub fn execute(
             .chain(std::iter::once(Ok((marker.as_slice(), None))));
         for correction in corrections {
             let (key, value): (&[u8], Option<Vec<u8>>) = correction?;
-            let headers = OwnedHeaders::new().insert(Header {
-                key: INPUT_REWIND_HEADER,
-                value: Some(rewind.as_bytes()),
-            });
+            let headers = rewind_headers(config, plan);
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
                 .partition(partition as i32)
                 .key(key)
@@ -344,13 +368,13 @@ pub fn execute(
 
     let mut offsets = TopicPartitionList::new();
     for plan in plans {
-        offsets
-            .add_partition_offset(
-                &config.input_topic,
-                plan.partition as i32,
-                Offset::Offset(plan.backup.input_next),
-            )
-            .map_err(kafka("building the offsets"))?;
+        for topic in config.inputs() {
+            // A topic the backup read none of (added to the store later): from its start.
+            let next = plan.inputs.get(topic).unwrap_or(0);
+            offsets
+                .add_partition_offset(topic, plan.partition as i32, Offset::Offset(next))
+                .map_err(kafka("building the offsets"))?;
+        }
     }
     let committer: BaseConsumer = client
         .clone()

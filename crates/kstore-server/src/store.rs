@@ -27,12 +27,15 @@ use rocksdb::{
 };
 
 use crate::config::MemoryConfig;
+use crate::input_offsets::InputOffsets;
 use crate::processor::versions::ModuleHistory;
 
 /// The column family that holds the store's position, apart from the user's keys.
 const META_CF: &str = "kstore-meta";
 const CHANGELOG_OFFSET_KEY: &[u8] = b"changelog-next-offset";
 const INPUT_OFFSET_KEY: &[u8] = b"input-next-offset";
+/// The next offset per input topic (`crate::input_offsets`), behind `input-next-offset`.
+const INPUT_OFFSETS_KEY: &[u8] = b"input-next-offsets";
 /// Which module versions folded which input (`processor::versions`).
 const MODULE_HISTORY_KEY: &[u8] = b"module-history";
 
@@ -196,6 +199,38 @@ pub struct Positioned<T> {
     pub value: T,
     /// The store's position in the same snapshot.
     pub position: Position,
+}
+
+/// What [`PartitionStore::apply_with_meta`] writes beside the updates and the position.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetaUpdate<'a> {
+    /// What becomes of the next offset per input topic.
+    pub inputs: InputsUpdate<'a>,
+    /// The partition's module history, if it changed.
+    pub modules: Option<&'a ModuleHistory>,
+}
+
+/// What becomes of a store's next offset per input topic.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum InputsUpdate<'a> {
+    /// As it was.
+    #[default]
+    Unchanged,
+    /// These (`position.input_next` is their sum).
+    PerTopic(&'a InputOffsets),
+    /// None kept: the store reads one topic, whose next offset is `position.input_next`.
+    OneTopic,
+}
+
+impl<'a> InputsUpdate<'a> {
+    /// What a store over `inputs` topics keeps of `offsets`.
+    pub fn of(inputs: usize, offsets: &'a InputOffsets) -> Self {
+        if inputs > 1 {
+            InputsUpdate::PerTopic(offsets)
+        } else {
+            InputsUpdate::OneTopic
+        }
+    }
 }
 
 /// One partition's store.
@@ -377,6 +412,35 @@ impl PartitionStore {
         })
     }
 
+    /// Returns the next offset per input topic the store reflects. A store that keeps none
+    /// (it read one topic, or was written before kstore kept them) reflects its input
+    /// position in `first_topic`, the first of its input topics.
+    pub fn input_offsets(&self, first_topic: &str) -> Result<InputOffsets, StoreError> {
+        match self.stored_input_offsets()? {
+            Some(offsets) => Ok(offsets),
+            None => Ok(InputOffsets::single(
+                first_topic,
+                self.read_offset(INPUT_OFFSET_KEY)?,
+            )),
+        }
+    }
+
+    /// Returns the next offset per input topic, if the store keeps them.
+    pub fn stored_input_offsets(&self) -> Result<Option<InputOffsets>, StoreError> {
+        let stored = self
+            .db
+            .get_cf(self.meta_cf(), INPUT_OFFSETS_KEY)
+            .map_err(self.rocks())?;
+        stored
+            .map(|bytes| {
+                InputOffsets::decode(&bytes).map_err(|_| StoreError::CorruptPosition {
+                    path: self.path.clone(),
+                    key: String::from_utf8_lossy(INPUT_OFFSETS_KEY).into_owned(),
+                })
+            })
+            .transpose()
+    }
+
     /// Returns which module versions folded the store's input (none for a store whose
     /// processor has no versions).
     pub fn module_history(&self) -> Result<ModuleHistory, StoreError> {
@@ -421,16 +485,16 @@ impl PartitionStore {
         updates: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
         position: Position,
     ) -> Result<(), StoreError> {
-        self.apply_with_modules(updates, position, None)
+        self.apply_with_meta(updates, position, MetaUpdate::default())
     }
 
-    /// As [`PartitionStore::apply`], and if `modules` is given, the store's module history
-    /// becomes it, in the same batch.
-    pub fn apply_with_modules(
+    /// As [`PartitionStore::apply`], and the store's next offset per input topic and its
+    /// module history become those given, in the same batch.
+    pub fn apply_with_meta(
         &self,
         updates: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
         position: Position,
-        modules: Option<&ModuleHistory>,
+        update: MetaUpdate<'_>,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (key, value) in updates {
@@ -446,7 +510,14 @@ impl PartitionStore {
             encode_offset(position.changelog_next),
         );
         batch.put_cf(meta, INPUT_OFFSET_KEY, encode_offset(position.input_next));
-        if let Some(modules) = modules {
+        match update.inputs {
+            InputsUpdate::Unchanged => {}
+            InputsUpdate::PerTopic(inputs) => {
+                batch.put_cf(meta, INPUT_OFFSETS_KEY, inputs.encode());
+            }
+            InputsUpdate::OneTopic => batch.delete_cf(meta, INPUT_OFFSETS_KEY),
+        }
+        if let Some(modules) = update.modules {
             batch.put_cf(meta, MODULE_HISTORY_KEY, modules.encode());
         }
         let mut options = rocksdb::WriteOptions::default();
@@ -711,10 +782,12 @@ mod tests {
     }
 
     #[test]
-    fn the_module_history_is_kept_apart_from_the_keys_and_survives_reopen() {
+    fn the_module_history_and_input_offsets_are_kept_apart_from_the_keys_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let memory = test_memory();
         let history = ModuleHistory::decode(b"0 aa\n120 bb\n").unwrap();
+        let mut inputs = InputOffsets::single("orders", 3);
+        inputs.set("refunds", 2);
         let at = |n| Position {
             changelog_next: n,
             input_next: n,
@@ -722,16 +795,36 @@ mod tests {
         {
             let store = PartitionStore::open(dir.path(), &memory).unwrap();
             assert_eq!(store.module_history().unwrap(), ModuleHistory::default());
+            // A store written before per-topic offsets: its position is the first topic's.
+            store.apply(&BTreeMap::new(), at(2)).unwrap();
+            assert_eq!(store.stored_input_offsets().unwrap(), None);
+            assert_eq!(
+                store.input_offsets("orders").unwrap(),
+                InputOffsets::single("orders", 2)
+            );
             let updates = BTreeMap::from([(b"k".to_vec(), Some(b"v".to_vec()))]);
-            store
-                .apply_with_modules(&updates, at(5), Some(&history))
-                .unwrap();
+            let meta = MetaUpdate {
+                inputs: InputsUpdate::PerTopic(&inputs),
+                modules: Some(&history),
+            };
+            store.apply_with_meta(&updates, at(5), meta).unwrap();
             // A batch without a history leaves it as it is.
             store.apply(&BTreeMap::new(), at(6)).unwrap();
             store.flush().unwrap();
         }
         let store = PartitionStore::open(dir.path(), &memory).unwrap();
         assert_eq!(store.module_history().unwrap(), history);
+        assert_eq!(store.input_offsets("orders").unwrap(), inputs);
+        // Back to one topic: its offset is the position again.
+        let one = MetaUpdate {
+            inputs: InputsUpdate::OneTopic,
+            modules: None,
+        };
+        store.apply_with_meta(&BTreeMap::new(), at(6), one).unwrap();
+        assert_eq!(
+            store.input_offsets("orders").unwrap(),
+            InputOffsets::single("orders", 6)
+        );
         assert_eq!(store.scan().unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
         assert_eq!(store.position().unwrap(), at(6));
 

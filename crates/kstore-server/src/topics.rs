@@ -1,6 +1,7 @@
-//! The node's topics: the input it reads, and the changelog, dead-letter and alert topics it
-//! creates when they are missing. A changelog whose partition count differs from the
-//! input's would scatter a partition's state, so it stops the node at startup.
+//! The node's topics: the inputs it reads, and the changelog, dead-letter and alert topics
+//! it creates when they are missing. Input topics with different partition counts, or a
+//! changelog whose partition count differs from the input's, would scatter a partition's
+//! state, so they stop the node at startup.
 
 use std::time::Duration;
 
@@ -24,6 +25,18 @@ pub enum TopicError {
     MissingInput {
         /// The input topic.
         topic: String,
+    },
+    /// A store's input topics have different partition counts.
+    #[error(
+        "store {store}'s input topics are not co-partitioned: {}; they must have the same \
+         partition count (partition p of the store folds partition p of each)",
+        partition_counts(.counts)
+    )]
+    NotCoPartitioned {
+        /// The store.
+        store: String,
+        /// Each input topic with its partition count, as configured.
+        counts: Vec<(String, u32)>,
     },
     /// The changelog has another partition count than the input.
     #[error(
@@ -70,13 +83,12 @@ pub struct Topology {
     pub partitions: u32,
 }
 
-/// Checks the input topic, creates the changelog, dead-letter and alert topics if they are
-/// missing, and checks that the changelog's partition count matches the input's.
+/// Checks the input topics (all there, with one partition count), creates the changelog,
+/// dead-letter and alert topics if they are missing, and checks that the changelog's
+/// partition count matches the input's.
 pub async fn prepare(config: &NodeConfig, client: &ClientConfig) -> Result<Topology, TopicError> {
-    let input = &config.input_topic;
-    let partitions = partition_count(client, input)?.ok_or_else(|| TopicError::MissingInput {
-        topic: input.clone(),
-    })?;
+    let partitions = input_partition_count(config, client)?;
+    let input = &config.inputs()[0];
 
     let changelog = config.changelog_topic();
     let compacted = [("cleanup.policy", "compact")];
@@ -138,6 +150,38 @@ async fn settled_partition_count(client: &ClientConfig, topic: &str) -> Result<u
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Returns the partition count of the store's input topics, once each exists and all have
+/// the same.
+pub fn input_partition_count(
+    config: &NodeConfig,
+    client: &ClientConfig,
+) -> Result<u32, TopicError> {
+    let mut counts = Vec::new();
+    for topic in config.inputs() {
+        let count = partition_count(client, topic)?.ok_or_else(|| TopicError::MissingInput {
+            topic: topic.clone(),
+        })?;
+        counts.push((topic.clone(), count));
+    }
+    let partitions = counts[0].1;
+    if counts.iter().any(|(_, count)| *count != partitions) {
+        return Err(TopicError::NotCoPartitioned {
+            store: config.store.clone(),
+            counts,
+        });
+    }
+    Ok(partitions)
+}
+
+/// `a has 3 partitions, b has 4 partitions`.
+fn partition_counts(counts: &[(String, u32)]) -> String {
+    counts
+        .iter()
+        .map(|(topic, count)| format!("{topic} has {count} partitions"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Returns a topic's partition count, or `None` if it does not exist.

@@ -3,7 +3,8 @@
 //! from a topic of its own, on three nodes of one gossip cluster. Each store has its own
 //! actives and standbys; both stay exact through kill -9 of a node and a rolling restart
 //! with both inputs flowing, and through every node each store's values read exactly what
-//! its input says; an unknown store is refused naming the stores served.
+//! its input says; an unknown store is refused naming the stores served. A store over two
+//! co-partitioned topics folds both exactly.
 
 mod common;
 
@@ -844,6 +845,181 @@ fn a_module_upgrade_switches_every_copy_at_one_input_offset_and_an_earlier_modul
                 copy == std::fs::read(path)?,
                 "module {version} kept changed"
             );
+        }
+        Ok(())
+    })
+}
+
+/// Every live copy of the tally store that `node` knows of, with its input position, once
+/// each partition's active and standby stand at `want[partition]`.
+async fn wait_tally_positions(node: &mut Node, want: &[i64]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let metadata = node.metadata().await?;
+        let copies: Vec<(String, u32, i32, i64)> = metadata
+            .nodes
+            .iter()
+            .filter(|n| n.liveness() == kstore_proto::v1::Liveness::Live)
+            .flat_map(|n| {
+                n.copies
+                    .iter()
+                    .filter(|c| c.store == "tally")
+                    .map(|c| (n.node_id.clone(), c.partition, c.role, c.input_offset))
+            })
+            .collect();
+        let at = |partition: u32, role: kstore_proto::v1::Role| {
+            copies
+                .iter()
+                .any(|c| c.1 == partition && c.2 == role as i32 && c.3 == want[partition as usize])
+        };
+        let settled = (0..want.len() as u32).all(|p| {
+            at(p, kstore_proto::v1::Role::Active) && at(p, kstore_proto::v1::Role::Standby)
+        });
+        if settled {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the tally copies did not reach input positions {want:?}: {copies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A store over two co-partitioned topics folds partition p of each into its partition p:
+/// every key's count and last value are exact (records of one key arriving on both topics),
+/// through kill -9 of a node while both topics flow, on actives and standbys alike; every
+/// copy's input position is the sum of the two topics' next offsets, and the group commits
+/// each topic's offsets. Topics with different partition counts stop the node with a
+/// message that names them and their counts.
+#[test]
+fn a_store_over_two_co_partitioned_topics_folds_both_exactly_and_refuses_topics_that_are_not()
+-> Result<()> {
+    run_async(async {
+        let mut scenario = Scenario::new("stores-inputs", PARTITIONS).await?;
+        let app = scenario.app.clone();
+        let words = format!("{app}-words");
+        let more = format!("{app}-more-words");
+        let odd = format!("{app}-odd-words");
+        let tally_group = format!("{app}-tally");
+        scenario.kafka.create_topic(&words, WORD_PARTITIONS).await?;
+        scenario.kafka.create_topic(&more, WORD_PARTITIONS).await?;
+        scenario
+            .kafka
+            .create_topic(&odd, WORD_PARTITIONS + 1)
+            .await?;
+        let module = kstore_testkit::guest::module("tally")?;
+        let one_input = std::fs::read_to_string(tally_config(&scenario, "one.toml", &module)?)?;
+        let dir = scenario.dir.path().to_path_buf();
+        let with_inputs = |name: &str, second: &str| -> Result<PathBuf> {
+            let file = dir.join(name);
+            let text = one_input.replace(
+                &format!(r#"input-topic = "{words}""#),
+                &format!(r#"input-topics = ["{words}", "{second}"]"#),
+            );
+            ensure!(text.contains("input-topics"), "{text}");
+            std::fs::write(&file, text)?;
+            Ok(file)
+        };
+
+        // Not co-partitioned: the node stops at start and says why.
+        scenario.config_file = Some(with_inputs("odd.toml", &odd)?);
+        let mut refused = scenario.start_node("node-1", "odd")?;
+        let status = refused.wait_exit(Duration::from_secs(120))?;
+        ensure!(!status.success(), "a node over {words} and {odd} ran");
+        let want = format!(
+            "store tally's input topics are not co-partitioned: {words} has \
+             {WORD_PARTITIONS} partitions, {odd} has {} partitions",
+            WORD_PARTITIONS + 1
+        );
+        ensure!(
+            refused.output().contains(&want),
+            "the refusal does not say {want:?}:\n{}",
+            refused.tail()
+        );
+
+        scenario.config_file = Some(with_inputs("two.toml", &more)?);
+        let mut nodes = vec![
+            Node::start(&scenario, "node-1", "two").await?,
+            Node::start(&scenario, "node-2", "two").await?,
+        ];
+        let caught_up = |scenario: &Scenario| -> Result<Vec<i64>> {
+            let mut positions = vec![0; WORD_PARTITIONS as usize];
+            for topic in [&words, &more] {
+                wait_group_caught_up(
+                    scenario,
+                    &tally_group,
+                    topic,
+                    WORD_PARTITIONS,
+                    Duration::from_secs(180),
+                )?;
+                let end = scenario.kafka.end_offsets(topic, WORD_PARTITIONS)?;
+                for (position, end) in positions.iter_mut().zip(end) {
+                    *position += end;
+                }
+            }
+            Ok(positions)
+        };
+        let no_features = std::collections::HashMap::new();
+        let mut tallies = Tallies::new();
+
+        // The same keys on both topics, one topic after the other (records of two topics
+        // fold in the order they arrive, so each phase waits for the one before).
+        send_words(&scenario, &words, 0..300, &mut tallies).await?;
+        caught_up(&scenario)?;
+        send_words(&scenario, &more, 300..500, &mut tallies).await?;
+        let positions = caught_up(&scenario)?;
+        wait_reads_exact(&mut nodes[0], &no_features, &tallies).await?;
+        wait_tally_positions(&mut nodes[0], &positions).await?;
+        let metadata = nodes[0].metadata().await?;
+        let info = metadata
+            .stores
+            .iter()
+            .find(|s| s.name == "tally")
+            .context("no tally store in Metadata")?;
+        ensure!(
+            info.input_topics == [words.clone(), more.clone()] && info.input_topic == words,
+            "Metadata states the inputs {:?} (first {})",
+            info.input_topics,
+            info.input_topic
+        );
+
+        // Both topics flowing (each with keys of its own, so every key's last value is
+        // known) while node-2 is killed and started again.
+        let send_both = |from: u64, to: u64| {
+            let scenario = &scenario;
+            let (words, more) = (words.clone(), more.clone());
+            async move {
+                let mut sent = Tallies::new();
+                for start in (from..to).step_by(50) {
+                    let end = (start + 50).min(to);
+                    send_words(scenario, &words, start..end, &mut sent).await?;
+                    send_keyed(scenario, &more, "more", 11, start..end, &mut sent).await?;
+                }
+                Ok::<_, anyhow::Error>(sent)
+            }
+        };
+        let sending = send_both(500, 1100);
+        let killing = async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let mut node = nodes.pop().context("node-2")?;
+            node.process.kill9()?;
+            Node::start(&scenario, "node-2", "after-kill").await
+        };
+        let (sent, restarted) = tokio::join!(sending, killing);
+        nodes.push(restarted?);
+        for (key, (count, last)) in sent? {
+            let entry = tallies.entry(key).or_default();
+            *entry = (entry.0 + count, last);
+        }
+        let positions = caught_up(&scenario)?;
+        for node in &mut nodes {
+            wait_reads_exact(node, &no_features, &tallies).await?;
+        }
+        wait_tally_positions(&mut nodes[0], &positions).await?;
+        for mut node in nodes {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "exit after SIGTERM: {status}");
         }
         Ok(())
     })

@@ -8,7 +8,7 @@
 //! larger than [`MAX_ENTRY_BYTES`], is named for its backup id, states offsets that are not
 //! negative, and names only paths inside its backup set.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -46,8 +46,13 @@ pub struct CatalogEntry {
     pub partition_count: u32,
     /// Every changelog record before this offset is in the backup.
     pub changelog_next: i64,
-    /// Every input record before this offset is reflected in it.
+    /// Every input record before this offset is reflected in it (the input position: for a
+    /// store over several input topics, the sum of `input_offsets`).
     pub input_next: i64,
+    /// For a store over several input topics, the next offset per topic reflected in it
+    /// (empty for a store over one: its next offset is `input_next`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_offsets: BTreeMap<String, i64>,
     /// The node that made it.
     pub node_id: String,
     /// The role of the copy it was made from: active, standby.
@@ -105,7 +110,10 @@ pub fn parse_entry(name: &str, bytes: &[u8]) -> Result<CatalogEntry, String> {
     if name != format!("{}.json", entry.backup_id) {
         return Err(format!("it describes backup {}", entry.backup_id));
     }
-    if entry.changelog_next < 0 || entry.input_next < 0 {
+    if entry.changelog_next < 0
+        || entry.input_next < 0
+        || entry.input_offsets.values().any(|next| *next < 0)
+    {
         return Err(format!(
             "it states changelog offset {} and input offset {}",
             entry.changelog_next, entry.input_next
@@ -212,6 +220,7 @@ mod tests {
             partition_count: 12,
             changelog_next: 100,
             input_next: 250,
+            input_offsets: BTreeMap::new(),
             node_id: "node-1".into(),
             source_role: "standby".into(),
             created_at_ms: 1,
@@ -300,6 +309,7 @@ mod tests {
                         partition_count: partition.saturating_add(1),
                         changelog_next,
                         input_next,
+                        input_offsets: BTreeMap::from([("orders".into(), input_next)]),
                         node_id,
                         source_role: "standby".into(),
                         created_at_ms: at,

@@ -296,11 +296,12 @@ impl Backups {
             .iter()
             .map(|b| b.backup_id)
             .collect();
-        let position = {
+        let (position, input_offsets) = {
             let checkpoint = PartitionStore::open(checkpoint_dir, &self.memory)?;
             let position = checkpoint.position()?;
+            let input_offsets = checkpoint.stored_input_offsets()?;
             checkpoint.back_up(&mut engine)?;
-            position
+            (position, input_offsets)
         };
         let backup_id = engine
             .get_backup_info()
@@ -342,6 +343,7 @@ impl Backups {
             partition_count: self.partitions,
             changelog_next: position.changelog_next,
             input_next: position.input_next,
+            input_offsets: input_offsets.map(|o| o.to_map()).unwrap_or_default(),
             node_id: self.node_id.clone(),
             source_role: role_name(role).to_owned(),
             created_at_ms: millis_since_epoch(SystemTime::now()),

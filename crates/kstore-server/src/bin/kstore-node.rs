@@ -259,7 +259,7 @@ fn main() -> ExitCode {
         println!(
             "store {} (input {}, changelog {}, group {})",
             chosen.store,
-            chosen.input_topic,
+            chosen.inputs().join(", "),
             chosen.changelog_topic(),
             chosen.group_id()
         );

@@ -260,7 +260,8 @@ impl QueryService {
         StoreInfo {
             name: self.config.store.clone(),
             partitions: self.registry.partitions(),
-            input_topic: self.config.input_topic.clone(),
+            input_topic: self.config.inputs()[0].clone(),
+            input_topics: self.config.inputs().to_vec(),
             changelog_topic: self.config.changelog_topic(),
             value_type: self
                 .value_type_url

@@ -7,8 +7,13 @@
 //! its changelog tail replayed, off this thread), *active* (its records are folded), or
 //! *failed* (its copy failed; its input stays paused and nothing of it is folded until the
 //! copy is restored again). Exactly-once across hand-offs: when a copy turns active, the
-//! next input offset it may fold is the store's own `input_next`; the consumer handing over
-//! an offset below it is an invariant violation, counted, logged and never folded.
+//! next input offset it may fold of each input topic is the store's own
+//! ([`PartitionStore::input_offsets`]); the consumer handing over an offset below it is an
+//! invariant violation, counted, logged and never folded.
+//!
+//! A store over several input topics folds partition `p` of each into its partition `p`,
+//! in the order the consumer hands the records over; its input position is the sum of the
+//! topics' next offsets ([`crate::input_offsets`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -25,16 +30,18 @@ use super::delivery::{DeliveryTracker, lock};
 use super::fold::{self, Limits, Step};
 use super::{IngestError, IngestMetrics};
 use crate::config::{NodeConfig, ProcessingGuarantee, ProcessorConfig};
+use crate::input_offsets::InputOffsets;
 use crate::kafka::{
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
-    DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, MODULE_HISTORY_KEY, flush, group_generation, send,
+    DLQ_TRUNCATED_HEADER, INPUT_OFFSET_HEADER, INPUT_OFFSETS_HEADER, MODULE_HISTORY_KEY, flush,
+    group_generation, send,
 };
 use crate::probes::Pulse;
 use crate::processor::versions::{ModuleCheck, ModuleHistory};
 use crate::processor::{InputRecord, Outcome, ProcessError, Processor, RecordHeader, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
-use crate::store::{PartitionStore, StoreError};
+use crate::store::{InputsUpdate, MetaUpdate, PartitionStore, StoreError};
 
 pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait after a transaction was aborted because producing failed.
@@ -50,7 +57,19 @@ struct Admitted<'m> {
     message: &'m BorrowedMessage<'m>,
     /// Its place among the round's records.
     index: usize,
+    /// Where it puts its partition's input, for its changelog record's headers.
+    mark: InputMark,
     checked: Checked,
+}
+
+/// Where a record puts its partition's input.
+struct InputMark {
+    /// The record's input position: its offset, plus the next offsets of the partition's
+    /// other input topics when it was taken.
+    position: i64,
+    /// For a store over several input topics, the next offset per topic after it
+    /// (encoded).
+    offsets: Option<String>,
 }
 
 /// What a record's checks found.
@@ -96,10 +115,11 @@ struct OpenTransaction {
     /// Pending updates per partition; `None` deletes. Readable by the processor, invisible
     /// to everyone else until the transaction commits.
     overlay: HashMap<i32, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
-    /// The first input offset per partition, where to rewind after an abort.
-    first_offset: HashMap<i32, i64>,
-    /// The next input offset per partition, committed with the transaction.
-    next_offset: HashMap<i32, i64>,
+    /// The first input offset per partition and input topic, where to rewind after an
+    /// abort.
+    first_offset: HashMap<i32, InputOffsets>,
+    /// The next input offset per partition and input topic, committed with the transaction.
+    next_offset: HashMap<i32, InputOffsets>,
     /// The module history of the partitions whose module switched in the transaction,
     /// written to their stores with its updates.
     modules: HashMap<i32, ModuleHistory>,
@@ -137,10 +157,12 @@ pub(super) struct Engine {
     /// The stores of the partitions that are active here.
     stores: HashMap<i32, Arc<PartitionStore>>,
     owned: HashMap<i32, Ownership>,
-    /// Per active partition, the next input offset it may fold: the store's own position
-    /// when the copy turned active, then the offset after the last record folded (or
-    /// rewound to). A record below it would be folded twice: it is skipped.
-    next_input: HashMap<i32, i64>,
+    /// Per active partition and input topic, the next input offset it may fold: the
+    /// store's own when the copy turned active, then the offset after the last record
+    /// folded (or rewound to). A record below it would be folded twice: it is skipped.
+    next_input: HashMap<i32, InputOffsets>,
+    /// Per active partition, the next offset per input topic its store reflects (committed).
+    committed_input: HashMap<i32, InputOffsets>,
     /// Active partitions that have folded no record since they turned active: a record
     /// below their `next_input` is an exactly-once violation (the consumer started below
     /// what the store reflects), not a record handed over again.
@@ -162,10 +184,11 @@ pub(super) struct Engine {
     /// (sought back or revoked, also inside a rebalance callback of the next poll) makes the
     /// round's records of it polled before stale.
     poll_mark: usize,
-    /// Per partition rewound this round, how many of the round's records were polled
-    /// before: its records among those are stale (read again from where the partition
-    /// was rewound to, or by its next owner) and never folded.
-    stale_before: HashMap<i32, usize>,
+    /// Per input partition rewound this round (by the input topic's place in the config,
+    /// and the partition), how many of the round's records were polled before: its records
+    /// among those are stale (read again from where it was rewound to, or by the
+    /// partition's next owner) and never folded.
+    stale_before: HashMap<(usize, i32), usize>,
 }
 
 /// The consumer context: rebalance callbacks commit or abort the open transaction before
@@ -186,8 +209,7 @@ impl ConsumerContext for IngestContext {
         };
         let _busy = self.pulse.busy("handing over revoked partitions");
         let mut engine = lock(&self.engine);
-        let input = engine.config.input_topic.clone();
-        let revoked = partitions_of(partitions, &input);
+        let revoked = partitions_of(partitions, engine.config.inputs());
         if consumer.assignment_lost() {
             // Another member may already own these partitions: committing now could
             // overwrite its work. Abort; the new owner reads the records again.
@@ -202,9 +224,10 @@ impl ConsumerContext for IngestContext {
             engine.fatal.get_or_insert(error);
         }
         for partition in &revoked {
-            engine.mark_rewound(*partition);
+            engine.mark_revoked(*partition);
             engine.owned.remove(partition);
             engine.next_input.remove(partition);
+            engine.committed_input.remove(partition);
             engine.fresh.remove(partition);
             engine.module_checked.remove(partition);
             engine.release_held(*partition);
@@ -232,8 +255,7 @@ impl ConsumerContext for IngestContext {
                 let mut engine = lock(&self.engine);
                 let generation = group_generation(consumer);
                 engine.registry.set_group_generation(generation);
-                let input = engine.config.input_topic.clone();
-                let assigned = partitions_of(partitions, &input);
+                let assigned = partitions_of(partitions, engine.config.inputs());
                 tracing::info!(
                     ?assigned,
                     group_generation = generation,
@@ -250,12 +272,15 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<i32> {
-    list.elements()
+/// The partitions of the list's input topics, each once, in order.
+fn partitions_of(list: &TopicPartitionList, inputs: &[String]) -> Vec<i32> {
+    let partitions: std::collections::BTreeSet<i32> = list
+        .elements()
         .iter()
-        .filter(|e| e.topic() == topic)
+        .filter(|e| inputs.iter().any(|input| input == e.topic()))
         .map(|e| e.partition())
-        .collect()
+        .collect();
+    partitions.into_iter().collect()
 }
 
 /// How a failed commit continues.
@@ -295,6 +320,7 @@ impl Engine {
             stores: HashMap::new(),
             owned: HashMap::new(),
             next_input: HashMap::new(),
+            committed_input: HashMap::new(),
             fresh: HashSet::new(),
             txn: None,
             copies,
@@ -311,6 +337,15 @@ impl Engine {
 
     fn exactly_once(&self) -> bool {
         self.config.processing_guarantee == ProcessingGuarantee::ExactlyOnce
+    }
+
+    /// The partition of each input topic.
+    fn input_partitions(&self, partition: i32) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for input in self.config.inputs() {
+            list.add_partition(input, partition);
+        }
+        list
     }
 
     /// Returns the partitions ingest owns, sorted.
@@ -331,6 +366,7 @@ impl Engine {
             "partition assigned; restoring its copy"
         );
         self.next_input.remove(&partition);
+        self.committed_input.remove(&partition);
         self.fresh.remove(&partition);
         self.module_checked.remove(&partition);
         self.release_held(partition);
@@ -373,12 +409,26 @@ impl Engine {
                     let Some(copy) = self.registry.get(partition) else {
                         continue;
                     };
+                    let inputs = match copy.store.input_offsets(&self.config.inputs()[0]) {
+                        Ok(inputs) => inputs,
+                        Err(error) => {
+                            let reason = format!("reading the store's input offsets: {error}");
+                            self.fail_partition(
+                                partition,
+                                &reason,
+                                error.is_corruption(),
+                                consumer,
+                            );
+                            continue;
+                        }
+                    };
                     let ready_in = since.elapsed();
                     tracing::info!(
                         partition,
                         records,
                         changelog_offset = position.changelog_next,
                         input_offset = position.input_next,
+                        input_offsets = %inputs.encode(),
                         ready_in_ms = ready_in.as_millis() as u64,
                         "restore finished; the partition is active"
                     );
@@ -387,13 +437,12 @@ impl Engine {
                     self.owned
                         .insert(partition, Ownership::Active { generation });
                     // The guard starts at what the store reflects, never empty.
-                    self.next_input.insert(partition, position.input_next);
+                    self.next_input.insert(partition, inputs.clone());
+                    self.committed_input.insert(partition, inputs);
                     self.fresh.insert(partition);
                     self.copies.activate(partition, position);
-                    let mut list = TopicPartitionList::new();
-                    list.add_partition(&self.config.input_topic, partition);
                     consumer
-                        .resume(&list)
+                        .resume(&self.input_partitions(partition))
                         .map_err(kafka("resuming a restored partition"))?;
                 }
                 CopyEvent::Failed {
@@ -421,9 +470,7 @@ impl Engine {
         if matches!(ownership, Ownership::Failed { .. }) {
             return;
         }
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&self.config.input_topic, partition);
-        if let Err(error) = consumer.pause(&list) {
+        if let Err(error) = consumer.pause(&self.input_partitions(partition)) {
             tracing::error!(%error, partition, "pausing a failed partition");
         }
         if self
@@ -437,6 +484,7 @@ impl Engine {
         }
         self.stores.remove(&partition);
         self.next_input.remove(&partition);
+        self.committed_input.remove(&partition);
         self.fresh.remove(&partition);
         self.module_checked.remove(&partition);
         self.release_held(partition);
@@ -516,19 +564,37 @@ impl Engine {
         self.poll_mark = polled;
     }
 
-    /// Notes that `partition` was rewound (sought back, or revoked): the round's records of
-    /// it polled so far are stale. A partition only paused is not rewound: its first record
-    /// polled but not folded seeks it back to itself.
-    fn mark_rewound(&mut self, partition: i32) {
-        self.stale_before.insert(partition, self.poll_mark);
+    /// Notes that `partition` was revoked: the round's records of it polled so far, of
+    /// every input topic, are stale.
+    fn mark_revoked(&mut self, partition: i32) {
+        for input in 0..self.config.inputs().len() {
+            self.stale_before.insert((input, partition), self.poll_mark);
+        }
     }
 
-    /// Whether the round's `index`th record, of `partition`, was polled before the
-    /// partition was rewound.
-    fn is_stale(&self, partition: i32, index: usize) -> bool {
+    /// Notes that `topic`'s `partition` was sought back: the round's records of it polled
+    /// so far are stale. A partition only paused is not rewound: its first record polled
+    /// but not folded seeks it back to itself.
+    fn mark_rewound(&mut self, topic: &str, partition: i32) {
+        let input = self.input_index(topic);
+        self.stale_before.insert((input, partition), self.poll_mark);
+    }
+
+    /// Whether the round's `index`th record, of `topic`'s `partition`, was polled before
+    /// that was rewound.
+    fn is_stale(&self, topic: &str, partition: i32, index: usize) -> bool {
         self.stale_before
-            .get(&partition)
+            .get(&(self.input_index(topic), partition))
             .is_some_and(|&before| index < before)
+    }
+
+    /// The input topic's place among the store's input topics.
+    fn input_index(&self, topic: &str) -> usize {
+        self.config
+            .inputs()
+            .iter()
+            .position(|input| input == topic)
+            .unwrap_or(usize::MAX)
     }
 
     /// Folds records with distinct keys: each record's checks and its place in the
@@ -596,10 +662,10 @@ impl Engine {
             };
             // An abort or a failed copy while this run was handled rewound the partition:
             // the record is read again.
-            if self.is_stale(record.partition, admitted.index) {
+            if self.is_stale(record.topic, record.partition, admitted.index) {
                 continue;
             }
-            self.apply(admitted.message, record, fold, consumer);
+            self.apply(admitted.message, record, fold, &admitted.mark, consumer);
         }
         Ok(())
     }
@@ -614,8 +680,9 @@ impl Engine {
         consumer: &BaseConsumer<IngestContext>,
     ) -> Result<Option<Admitted<'m>>, IngestError> {
         let partition = message.partition();
+        let topic = message.topic();
         let offset = message.offset();
-        if self.is_stale(partition, index) {
+        if self.is_stale(topic, partition, index) {
             return Ok(None);
         }
         if !matches!(self.owned.get(&partition), Some(Ownership::Active { .. })) {
@@ -629,7 +696,7 @@ impl Engine {
                         KAFKA_TIMEOUT,
                     )
                     .map_err(kafka("rewinding a paused partition"))?;
-                self.mark_rewound(partition);
+                self.mark_rewound(topic, partition);
             }
             return Ok(None);
         }
@@ -637,12 +704,13 @@ impl Engine {
             // Fetched before the pause took hold; never folded here.
             return Ok(None);
         }
-        if let Some(&next) = self.next_input.get(&partition)
+        if let Some(next) = self.next_input.get(&partition).and_then(|n| n.get(topic))
             && offset < next
         {
             if self.fresh.contains(&partition) {
                 IngestMetrics::add(&self.metrics.violations, 1);
                 tracing::error!(
+                    topic,
                     partition,
                     offset,
                     store_input_next = next,
@@ -652,6 +720,7 @@ impl Engine {
             } else {
                 IngestMetrics::add(&self.metrics.redelivered, 1);
                 tracing::warn!(
+                    topic,
                     partition,
                     offset,
                     next,
@@ -661,7 +730,17 @@ impl Engine {
             return Ok(None);
         }
         self.fresh.remove(&partition);
-        self.next_input.insert(partition, offset + 1);
+        let committed = &self.committed_input;
+        let guard = self
+            .next_input
+            .entry(partition)
+            .or_insert_with(|| committed.get(&partition).cloned().unwrap_or_default());
+        let position = guard.position_of(topic, offset);
+        guard.set(topic, offset + 1);
+        let mark = InputMark {
+            position,
+            offsets: (self.config.inputs().len() > 1).then(|| guard.encode()),
+        };
         IngestMetrics::add(&self.metrics.records_in, 1);
         if self.txn.is_none() {
             if self.exactly_once() {
@@ -673,9 +752,15 @@ impl Engine {
         }
         let txn = self.txn.as_mut().expect("opened above");
         txn.records += 1;
-        txn.first_offset.entry(partition).or_insert(offset);
-        txn.next_offset.insert(partition, offset + 1);
-        if !self.check_module(partition, offset, consumer) {
+        let first = txn.first_offset.entry(partition).or_default();
+        if first.get(topic).is_none() {
+            first.set(topic, offset);
+        }
+        txn.next_offset
+            .entry(partition)
+            .or_default()
+            .set(topic, offset + 1);
+        if !self.check_module(partition, position, consumer) {
             return Ok(None);
         }
 
@@ -687,6 +772,7 @@ impl Engine {
                 return Ok(Some(Admitted {
                     message,
                     index,
+                    mark,
                     checked: Checked::Decided(decided),
                 }));
             }
@@ -695,6 +781,7 @@ impl Engine {
             Ok(current) => Ok(Some(Admitted {
                 message,
                 index,
+                mark,
                 checked: Checked::Process { misplaced, current },
             })),
             Err(error) => {
@@ -705,7 +792,7 @@ impl Engine {
         }
     }
 
-    /// Before a partition's record at `offset` is folded (the first since the partition
+    /// Before a partition's record at input position `position` is folded (the first since the partition
     /// turned active, or since a switch aborted), checks the processor's version against
     /// the partition's module history: a new version's switch is written into the open
     /// transaction; an earlier version holds the partition ([`Engine::hold`]). Returns
@@ -713,7 +800,7 @@ impl Engine {
     fn check_module(
         &mut self,
         partition: i32,
-        offset: i64,
+        position: i64,
         consumer: &BaseConsumer<IngestContext>,
     ) -> bool {
         if self.module_checked.contains(&partition) {
@@ -733,7 +820,7 @@ impl Engine {
                 return false;
             }
         };
-        match history.check(&version, offset, rollback) {
+        match history.check(&version, position, rollback) {
             ModuleCheck::Current => {}
             ModuleCheck::Refuse(reason) => {
                 self.hold(partition, reason, consumer);
@@ -755,7 +842,7 @@ impl Engine {
                 tracing::info!(
                     store = %self.config.store,
                     partition,
-                    from_input_offset = offset,
+                    from_input_offset = position,
                     module = %version,
                     previous = history.current().map_or("none", |v| v.digest.as_str()),
                     "the partition's module switches"
@@ -783,9 +870,7 @@ impl Engine {
             reason,
             "not folding with an earlier module; the partition's input waits"
         );
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&self.config.input_topic, partition);
-        if let Err(error) = consumer.pause(&list) {
+        if let Err(error) = consumer.pause(&self.input_partitions(partition)) {
             tracing::error!(%error, partition, "pausing a held partition");
         }
         self.abort(consumer, true);
@@ -811,6 +896,7 @@ impl Engine {
         message: &BorrowedMessage<'_>,
         record: &InputRecord<'_>,
         folded: fold::Fold,
+        mark: &InputMark,
         consumer: &BaseConsumer<IngestContext>,
     ) {
         let partition = record.partition;
@@ -826,7 +912,7 @@ impl Engine {
             );
         }
         let sent = match folded.step {
-            Step::Folded(outcome) => self.produce(message, outcome),
+            Step::Folded(outcome) => self.produce(message, outcome, mark),
             Step::DeadLetter(reason) => self.dead_letter(message, &reason),
             Step::Unavailable(reason) => {
                 let reason = format!("the processor cannot run: {reason}");
@@ -844,20 +930,28 @@ impl Engine {
     }
 
     /// Produces a folded record's effects in the open transaction: its changelog record
-    /// (with the input offset in a header) and output records; its update joins the
+    /// (with its input position in a header, and for a store over several input topics the
+    /// next offset per topic in another) and output records; its update joins the
     /// transaction's overlay.
     fn produce(
         &mut self,
         message: &BorrowedMessage<'_>,
         outcome: Outcome,
+        mark: &InputMark,
     ) -> Result<(), KafkaError> {
         let partition = message.partition();
         let key = message.key().unwrap_or_default();
-        let offset_text = message.offset().to_string();
-        let headers = OwnedHeaders::new().insert(Header {
+        let position_text = mark.position.to_string();
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: INPUT_OFFSET_HEADER,
-            value: Some(offset_text.as_bytes()),
+            value: Some(position_text.as_bytes()),
         });
+        if let Some(offsets) = &mark.offsets {
+            headers = headers.insert(Header {
+                key: INPUT_OFFSETS_HEADER,
+                value: Some(offsets.as_bytes()),
+            });
+        }
         let changelog = self.producer.context().changelog_topic();
         let pending = match outcome.update {
             Update::Unchanged => None,
@@ -977,9 +1071,11 @@ impl Engine {
         let started = Instant::now();
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in &txn.next_offset {
-            offsets
-                .add_partition_offset(&self.config.input_topic, *partition, Offset::Offset(*next))
-                .map_err(kafka("building the offsets to commit"))?;
+            for (topic, next) in next.iter() {
+                offsets
+                    .add_partition_offset(topic, *partition, Offset::Offset(next))
+                    .map_err(kafka("building the offsets to commit"))?;
+            }
         }
         let committed = if self.exactly_once() {
             self.commit_transaction(consumer, &offsets)
@@ -1010,6 +1106,8 @@ impl Engine {
             let Some(store) = self.stores.get(partition) else {
                 continue;
             };
+            let inputs = self.committed_input.entry(*partition).or_default();
+            inputs.update(next_input);
             // The registry holds every owned store's position; no need to read RocksDB.
             let position = match self.registry.get(*partition) {
                 Some(copy) => Ok(copy.position()),
@@ -1017,16 +1115,16 @@ impl Engine {
             };
             let empty = BTreeMap::new();
             let applied = position.and_then(|mut position| {
-                position.input_next = *next_input;
+                position.input_next = inputs.position();
                 if let Some(next) = changelog_next.get(partition) {
                     position.changelog_next = *next;
                 }
+                let meta = MetaUpdate {
+                    inputs: InputsUpdate::of(self.config.inputs().len(), inputs),
+                    modules: txn.modules.get(partition),
+                };
                 store
-                    .apply_with_modules(
-                        txn.overlay.get(partition).unwrap_or(&empty),
-                        position,
-                        txn.modules.get(partition),
-                    )
+                    .apply_with_meta(txn.overlay.get(partition).unwrap_or(&empty), position, meta)
                     .map(|()| position)
             });
             match applied {
@@ -1126,13 +1224,16 @@ impl Engine {
             self.module_checked.remove(partition);
         }
         for (partition, first) in &txn.first_offset {
-            self.stale_before.insert(*partition, self.poll_mark);
+            for (topic, _) in first.iter() {
+                self.mark_rewound(topic, *partition);
+            }
             // The aborted records are read again (or, without a rewind, by whoever owns the
             // partition next).
-            if rewind && self.next_input.contains_key(partition) {
-                self.next_input.insert(*partition, *first);
-            } else {
-                self.next_input.remove(partition);
+            match self.next_input.get_mut(partition) {
+                Some(guard) if rewind => guard.update(first),
+                _ => {
+                    self.next_input.remove(partition);
+                }
             }
         }
         if rewind {
@@ -1140,18 +1241,16 @@ impl Engine {
                 if !self.owned.contains_key(&partition) {
                     continue;
                 }
-                let seek = consumer.seek(
-                    &self.config.input_topic,
-                    partition,
-                    Offset::Offset(first),
-                    KAFKA_TIMEOUT,
-                );
-                if let Err(error) = seek {
-                    let fatal = IngestError::Kafka {
-                        during: "rewinding after an abort",
-                        source: error,
-                    };
-                    self.fatal.get_or_insert(fatal);
+                for (topic, first) in first.iter() {
+                    let seek =
+                        consumer.seek(topic, partition, Offset::Offset(first), KAFKA_TIMEOUT);
+                    if let Err(error) = seek {
+                        let fatal = IngestError::Kafka {
+                            during: "rewinding after an abort",
+                            source: error,
+                        };
+                        self.fatal.get_or_insert(fatal);
+                    }
                 }
             }
         }

@@ -192,10 +192,16 @@ pub fn run(
         })
         .map_err(kafka("creating the group consumer"))?;
     consumer
-        .subscribe(&[&config.input_topic])
+        .subscribe(
+            &config
+                .inputs()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
         .map_err(kafka("subscribing"))?;
     tracing::info!(
-        input = %config.input_topic,
+        inputs = %config.inputs().join(", "),
         partitions,
         guarantee = ?config.processing_guarantee,
         "ingest started"

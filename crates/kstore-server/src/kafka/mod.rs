@@ -15,8 +15,14 @@ use crate::config::NodeConfig;
 
 pub mod connect;
 
-/// The header of a changelog record that holds the input offset that produced it.
+/// The header of a changelog record that holds the input position of the record that
+/// produced it: its input offset, plus, for a store over several input topics, the next
+/// offsets of the partition's other input topics ([`crate::input_offsets`]).
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
+/// The header of a changelog record of a store over several input topics: the next offset
+/// per input topic after the record that produced it (`topic=offset,…`). A record without
+/// it came from a store that read one topic, the first of its input topics now.
+pub const INPUT_OFFSETS_HEADER: &str = "kstore.input-offsets";
 /// The header of a changelog record written by a point-in-time restore: a copy that applies
 /// it reflects the input before this offset, whatever it reflected before.
 pub const INPUT_REWIND_HEADER: &str = "kstore.input-rewind";

@@ -26,11 +26,14 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use super::{CopyEvent, Work};
-use crate::kafka::{INPUT_OFFSET_HEADER, INPUT_REWIND_HEADER, MODULE_HISTORY_KEY};
+use crate::input_offsets::InputOffsets;
+use crate::kafka::{
+    INPUT_OFFSET_HEADER, INPUT_OFFSETS_HEADER, INPUT_REWIND_HEADER, MODULE_HISTORY_KEY,
+};
 use crate::probes::Pulse;
 use crate::processor::versions::ModuleHistory;
 use crate::registry::Registry;
-use crate::store::{PartitionStore, Position, StoreError};
+use crate::store::{InputsUpdate, MetaUpdate, PartitionStore, Position, StoreError};
 
 /// The most records applied to one store in one write batch.
 const BATCH_RECORDS: usize = 10_000;
@@ -223,6 +226,9 @@ struct Job {
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The partition's module history, if a record of the batch set it.
     modules: Option<ModuleHistory>,
+    /// The next offset per input topic that the batch's last record with an input mark
+    /// states (`Some(None)`: it states none; it came from a store over one input topic).
+    inputs: Option<Option<InputOffsets>>,
     /// When the oldest record of the batch arrived.
     batch_started: Option<Instant>,
     /// Records applied since the job started or last changed its reason.
@@ -247,6 +253,7 @@ impl Job {
             position,
             batch: BTreeMap::new(),
             modules: None,
+            inputs: None,
             batch_started: None,
             records: 0,
             at_stable_end: false,
@@ -261,10 +268,19 @@ impl Job {
         if self.batch.is_empty() && self.modules.is_none() {
             return Ok(false);
         }
+        let meta = MetaUpdate {
+            inputs: match &self.inputs {
+                None => InputsUpdate::Unchanged,
+                Some(None) => InputsUpdate::OneTopic,
+                Some(Some(offsets)) => InputsUpdate::PerTopic(offsets),
+            },
+            modules: self.modules.as_ref(),
+        };
         self.store
-            .apply_with_modules(&self.batch, self.position, self.modules.as_ref())?;
+            .apply_with_meta(&self.batch, self.position, meta)?;
         self.batch.clear();
         self.modules = None;
+        self.inputs = None;
         self.batch_started = None;
         Ok(true)
     }
@@ -474,7 +490,13 @@ impl Worker {
                 .insert(key.to_vec(), message.payload().map(<[u8]>::to_vec));
         }
         job.batch_started.get_or_insert_with(Instant::now);
-        advance(&mut job.position, message.offset(), input_mark_of(message));
+        let mark = input_mark_of(message);
+        if mark.is_some()
+            && let Some(inputs) = input_offsets_of(message)
+        {
+            job.inputs = Some(inputs);
+        }
+        advance(&mut job.position, message.offset(), mark);
         // New records after the end was reached: the end is further on now.
         job.at_stable_end = false;
         job.records += 1;
@@ -677,6 +699,32 @@ pub(crate) fn input_mark_of(message: &BorrowedMessage<'_>) -> Option<InputMark> 
                 offset = message.offset(),
                 partition = message.partition(),
                 "a changelog record's input header does not hold an offset"
+            );
+            None
+        }
+    }
+}
+
+/// Returns the next offset per input topic that a changelog record of a store over several
+/// input topics carries (`Some(None)`: the record carries none), or `None` if its header
+/// does not parse.
+fn input_offsets_of(message: &BorrowedMessage<'_>) -> Option<Option<InputOffsets>> {
+    use rdkafka::message::Headers;
+    let Some(header) = message
+        .headers()
+        .and_then(|headers| headers.iter().find(|h| h.key == INPUT_OFFSETS_HEADER))
+    else {
+        return Some(None);
+    };
+    match InputOffsets::decode(header.value.unwrap_or_default()) {
+        Ok(offsets) => Some(Some(offsets)),
+        Err(error) => {
+            metrics::counter!(BAD_HEADERS).increment(1);
+            tracing::debug!(
+                %error,
+                offset = message.offset(),
+                partition = message.partition(),
+                "a changelog record's input offsets header does not parse"
             );
             None
         }
