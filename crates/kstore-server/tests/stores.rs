@@ -890,8 +890,9 @@ async fn wait_tally_positions(node: &mut Node, want: &[i64]) -> Result<()> {
 /// every key's count and last value are exact (records of one key arriving on both topics),
 /// through kill -9 of a node while both topics flow, on actives and standbys alike; every
 /// copy's input position is the sum of the two topics' next offsets, and the group commits
-/// each topic's offsets. Topics with different partition counts stop the node with a
-/// message that names them and their counts.
+/// each topic's offsets. A point-in-time restore rewinds each topic to what the backups
+/// reflect, and reprocessing ends exact. Topics with different partition counts stop the
+/// node with a message that names them and their counts.
 #[test]
 fn a_store_over_two_co_partitioned_topics_folds_both_exactly_and_refuses_topics_that_are_not()
 -> Result<()> {
@@ -902,6 +903,11 @@ fn a_store_over_two_co_partitioned_topics_folds_both_exactly_and_refuses_topics_
         let more = format!("{app}-more-words");
         let odd = format!("{app}-odd-words");
         let tally_group = format!("{app}-tally");
+        let backup_dir = scenario.dir.path().join("backups");
+        scenario
+            .extra
+            .push(format!("backup.dir={}", backup_dir.display()));
+        scenario.extra.push("backup.interval-ms=0".into());
         scenario.kafka.create_topic(&words, WORD_PARTITIONS).await?;
         scenario.kafka.create_topic(&more, WORD_PARTITIONS).await?;
         scenario
@@ -1012,6 +1018,84 @@ fn a_store_over_two_co_partitioned_topics_folds_both_exactly_and_refuses_topics_
             let entry = tallies.entry(key).or_default();
             *entry = (entry.0 + count, last);
         }
+        let positions = caught_up(&scenario)?;
+        for node in &mut nodes {
+            wait_reads_exact(node, &no_features, &tallies).await?;
+        }
+        wait_tally_positions(&mut nodes[0], &positions).await?;
+
+        // Backed up now, every copy at the topics' ends; more input follows; then restored
+        // to the backups: the group is rewound on each topic to the offsets the backups
+        // reflect, and reprocessing gives the same state.
+        let uri = scenario.grpc_uri(&mut nodes[0].process)?;
+        let summary = kstore_cli::backup::create(&admin_target(&uri), "tally", &[]).await?;
+        ensure!(summary.missing.is_empty(), "{:?}", summary.missing);
+        let backed_up_at = (
+            scenario.kafka.end_offsets(&words, WORD_PARTITIONS)?,
+            scenario.kafka.end_offsets(&more, WORD_PARTITIONS)?,
+        );
+        let restore_to = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        for (key, (count, last)) in send_both(1100, 1400).await? {
+            let entry = tallies.entry(key).or_default();
+            *entry = (entry.0 + count, last);
+        }
+        caught_up(&scenario)?;
+        for mut node in nodes {
+            let status = node.process.terminate(Duration::from_secs(60))?;
+            ensure!(status.success(), "exit after SIGTERM: {status}");
+        }
+        let tally = scenario
+            .config("node-1")?
+            .store_configs()
+            .into_iter()
+            .find(|c| c.store == "tally")
+            .context("the config has no tally store")?;
+        let plans = point_in_time::plan(&tally, RestorePoint::Time(restore_to), &[])?;
+        for plan in &plans {
+            let p = plan.partition as usize;
+            let want = [
+                (words.as_str(), backed_up_at.0[p]),
+                (more.as_str(), backed_up_at.1[p]),
+            ];
+            ensure!(
+                plan.inputs.iter().collect::<BTreeMap<_, _>>() == BTreeMap::from(want)
+                    && plan.backup.input_next == want[0].1 + want[1].1,
+                "partition {p}'s backup reflects {:?} (position {}), not {want:?}",
+                plan.inputs,
+                plan.backup.input_next
+            );
+        }
+        let reprocess: i64 = plans.iter().map(|p| p.events_to_reprocess()).sum();
+        ensure!(
+            reprocess == 600,
+            "{reprocess} records to reprocess, not 600"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(error) = point_in_time::check_group_empty(&tally) {
+            ensure!(
+                Instant::now() < deadline,
+                "the tally group did not empty: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let scratch = scenario.dir.path().join("restore-scratch");
+        point_in_time::execute(&tally, &plans, &scratch, |step| eprintln!("{step}"))?;
+        for (topic, at) in [(&words, &backed_up_at.0), (&more, &backed_up_at.1)] {
+            let committed =
+                scenario
+                    .kafka
+                    .committed_offsets(&tally_group, topic, WORD_PARTITIONS)?;
+            ensure!(
+                committed == *at,
+                "the group is at {committed:?} of {topic}, not {at:?}"
+            );
+        }
+        let mut nodes = vec![
+            Node::start(&scenario, "node-1", "restored").await?,
+            Node::start(&scenario, "node-2", "restored").await?,
+        ];
         let positions = caught_up(&scenario)?;
         for node in &mut nodes {
             wait_reads_exact(node, &no_features, &tallies).await?;
