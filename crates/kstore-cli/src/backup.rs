@@ -13,7 +13,7 @@ use kstore_proto::v1::admin_client::AdminClient;
 use kstore_proto::v1::query_client::QueryClient;
 use kstore_proto::v1::{
     BackupInfo, CreateBackupRequest, CreateBackupResponse, ListBackupsRequest, Liveness,
-    MetadataRequest, VerifyBackupRequest, VerifyBackupResponse,
+    MetadataRequest, MetadataResponse, VerifyBackupRequest, VerifyBackupResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -33,7 +33,7 @@ pub struct AdminTarget {
 }
 
 impl AdminTarget {
-    async fn channel(&self, address: &str) -> Result<Channel> {
+    pub(crate) async fn channel(&self, address: &str) -> Result<Channel> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = if address.contains("://") {
             address.to_owned()
@@ -49,7 +49,7 @@ impl AdminTarget {
         Ok(endpoint.connect().await?)
     }
 
-    fn request<T>(&self, message: T) -> Result<tonic::Request<T>> {
+    pub(crate) fn request<T>(&self, message: T) -> Result<tonic::Request<T>> {
         let mut request = tonic::Request::new(message);
         if let Some(token) = &self.token {
             request
@@ -57,6 +57,29 @@ impl AdminTarget {
                 .insert("authorization", format!("Bearer {token}").parse()?);
         }
         Ok(request)
+    }
+
+    /// The cluster view of the first seed that connects, and every live node in it (id and
+    /// gRPC address; the seed itself if the view names none).
+    pub(crate) async fn live_nodes(&self) -> Result<(MetadataResponse, Vec<(String, String)>)> {
+        let (seed, _) = self.admin().await?;
+        let mut query = QueryClient::new(self.channel(&seed).await?);
+        let view = query
+            .metadata(MetadataRequest {})
+            .await
+            .with_context(|| format!("asking {seed} for the cluster view"))?
+            .into_inner();
+        let mut nodes: Vec<(String, String)> = view
+            .nodes
+            .iter()
+            .filter(|n| n.liveness() == Liveness::Live && !n.grpc_address.is_empty())
+            .map(|n| (n.node_id.clone(), n.grpc_address.clone()))
+            .collect();
+        nodes.dedup();
+        if nodes.is_empty() {
+            nodes.push((seed.clone(), seed));
+        }
+        Ok((view, nodes))
     }
 
     /// An Admin client for the first seed that connects.
@@ -88,23 +111,7 @@ pub async fn create(
     store: &str,
     partitions: &[u32],
 ) -> Result<CreateSummary> {
-    let (seed, _) = target.admin().await?;
-    let mut query = QueryClient::new(target.channel(&seed).await?);
-    let view = query
-        .metadata(MetadataRequest {})
-        .await
-        .with_context(|| format!("asking {seed} for the cluster view"))?
-        .into_inner();
-    let mut nodes: Vec<(String, String)> = view
-        .nodes
-        .iter()
-        .filter(|n| n.liveness() == Liveness::Live && !n.grpc_address.is_empty())
-        .map(|n| (n.node_id.clone(), n.grpc_address.clone()))
-        .collect();
-    nodes.dedup();
-    if nodes.is_empty() {
-        nodes.push((seed.clone(), seed.clone()));
-    }
+    let (view, nodes) = target.live_nodes().await?;
     // Every node backs up its share at once.
     let mut calls = tokio::task::JoinSet::new();
     for (index, (node_id, address)) in nodes.into_iter().enumerate() {

@@ -6,5 +6,6 @@ pub mod backup;
 pub mod generator;
 pub mod keys;
 pub mod produce;
+pub mod status;
 pub mod values;
 pub mod view;

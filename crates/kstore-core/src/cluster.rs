@@ -38,7 +38,8 @@ pub mod keys {
     pub const LOAD: &str = "load";
     /// [`super::encode_copies`] of the node's local copies.
     pub const COPIES: &str = "copies";
-    /// [`super::encode_copy_errors`] of the node's failed copies.
+    /// [`super::encode_copy_errors`] of the node's failed copies and held ones (serving
+    /// reads, their input waiting for a later module).
     pub const COPY_ERRORS: &str = "copy-errors";
 
     /// Returns the key under which a node publishes `key` ([`GROUP_GENERATION`],
@@ -112,7 +113,7 @@ pub struct NodeEntry {
     pub load: Load,
     /// Its copies, by partition.
     pub copies: Vec<CopyInfo>,
-    /// Why its failed copies failed, by partition.
+    /// Why its failed copies failed, or its held copies' input waits, by partition.
     pub copy_errors: BTreeMap<u32, String>,
 }
 

@@ -5,9 +5,10 @@
 //! `min_input_offset` compare) is one number: the sum of the next offsets of its input
 //! topics' partitions. It only grows as records are folded, and for a store over one topic
 //! it is that topic's next offset, as it always was. The per-topic offsets behind it are
-//! kept next to it: in the store's meta column family, in a changelog header of every record
-//! of a store over several topics, and in backup catalog entries. Ingest resumes and guards
-//! each topic by them, and a point-in-time restore rewinds each topic to them.
+//! kept next to it: in the store's meta column family, in backup catalog entries, and in a
+//! changelog header of every record of a partition that has read more than one topic (a
+//! topic dropped from the config keeps its offset, so that the position never goes back).
+//! Ingest guards each topic by them, and a point-in-time restore rewinds each topic to them.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +40,25 @@ impl InputOffsets {
                 self.0.insert(topic.to_owned(), next);
             }
         }
+    }
+
+    /// Takes every offset `other` holds that is beyond this one's for its topic.
+    pub fn advance_to(&mut self, other: &InputOffsets) {
+        for (topic, next) in &other.0 {
+            if self.get(topic).is_none_or(|mine| mine < *next) {
+                self.set(topic, *next);
+            }
+        }
+    }
+
+    /// How many topics it holds an offset for.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds no offset.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Takes every offset `other` holds.
@@ -134,6 +154,20 @@ mod tests {
         committed.set("b", 7);
         committed.update(&InputOffsets::single("b", 9));
         assert_eq!(committed.iter().collect::<Vec<_>>(), [("a", 3), ("b", 9)]);
+    }
+
+    #[test]
+    fn advancing_keeps_the_further_offset_of_each_topic() {
+        let mut stored = InputOffsets::single("a", 10);
+        stored.set("b", 4);
+        let mut replayed = InputOffsets::single("a", 7);
+        replayed.set("c", 2);
+        stored.advance_to(&replayed);
+        assert_eq!(
+            stored.iter().collect::<Vec<_>>(),
+            [("a", 10), ("b", 4), ("c", 2)]
+        );
+        assert_eq!(stored.len(), 3);
     }
 
     #[test]

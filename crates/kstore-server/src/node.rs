@@ -614,6 +614,7 @@ fn start_store(
     let updater_thread = updater::spawn(
         client,
         config.changelog_topic(),
+        config.inputs()[0].clone(),
         format!("{}-{}-updater", config.group_id(), config.node_id),
         config.ingest_niceness,
         registry.clone(),

@@ -237,15 +237,15 @@ fn backup_inputs(config: &NodeConfig, backup: &CatalogEntry) -> InputOffsets {
     }
 }
 
-/// The headers of a correction record: the input position it rewinds to and, for a store
-/// over several input topics, the next offset per topic.
-fn rewind_headers(config: &NodeConfig, plan: &PartitionPlan) -> OwnedHeaders {
+/// The headers of a correction record: the input position it rewinds to and, for a backup
+/// of a partition that had read several input topics, the next offset per topic.
+fn rewind_headers(plan: &PartitionPlan) -> OwnedHeaders {
     let rewind = plan.backup.input_next.to_string();
     let headers = OwnedHeaders::new().insert(Header {
         key: INPUT_REWIND_HEADER,
         value: Some(rewind.as_bytes()),
     });
-    if config.inputs().len() > 1 {
+    if plan.inputs.len() > 1 {
         let offsets = plan.inputs.encode();
         headers.insert(Header {
             key: INPUT_OFFSETS_HEADER,
@@ -327,7 +327,7 @@ pub fn execute(
         let folded = backed_up.folded_before(plan.backup.input_next);
         if keys.remove(MODULE_HISTORY_KEY) || folded != backed_up {
             let history = folded.encode();
-            let headers = rewind_headers(config, plan);
+            let headers = rewind_headers(plan);
             let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
                 .partition(partition as i32)
                 .key(MODULE_HISTORY_KEY)
@@ -344,7 +344,7 @@ pub fn execute(
             .chain(std::iter::once(Ok((marker.as_slice(), None))));
         for correction in corrections {
             let (key, value): (&[u8], Option<Vec<u8>>) = correction?;
-            let headers = rewind_headers(config, plan);
+            let headers = rewind_headers(plan);
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&changelog)
                 .partition(partition as i32)
                 .key(key)

@@ -204,33 +204,10 @@ pub struct Positioned<T> {
 /// What [`PartitionStore::apply_with_meta`] writes beside the updates and the position.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MetaUpdate<'a> {
-    /// What becomes of the next offset per input topic.
-    pub inputs: InputsUpdate<'a>,
+    /// The next offset per input topic, if it changed (`position.input_next` is their sum).
+    pub inputs: Option<&'a InputOffsets>,
     /// The partition's module history, if it changed.
     pub modules: Option<&'a ModuleHistory>,
-}
-
-/// What becomes of a store's next offset per input topic.
-#[derive(Debug, Clone, Copy, Default)]
-pub enum InputsUpdate<'a> {
-    /// As it was.
-    #[default]
-    Unchanged,
-    /// These (`position.input_next` is their sum).
-    PerTopic(&'a InputOffsets),
-    /// None kept: the store reads one topic, whose next offset is `position.input_next`.
-    OneTopic,
-}
-
-impl<'a> InputsUpdate<'a> {
-    /// What a store over `inputs` topics keeps of `offsets`.
-    pub fn of(inputs: usize, offsets: &'a InputOffsets) -> Self {
-        if inputs > 1 {
-            InputsUpdate::PerTopic(offsets)
-        } else {
-            InputsUpdate::OneTopic
-        }
-    }
 }
 
 /// One partition's store.
@@ -413,8 +390,8 @@ impl PartitionStore {
     }
 
     /// Returns the next offset per input topic the store reflects. A store that keeps none
-    /// (it read one topic, or was written before kstore kept them) reflects its input
-    /// position in `first_topic`, the first of its input topics.
+    /// (written before kstore kept them, when it read one topic) reflects its input position
+    /// in `first_topic`, the first of its input topics.
     pub fn input_offsets(&self, first_topic: &str) -> Result<InputOffsets, StoreError> {
         match self.stored_input_offsets()? {
             Some(offsets) => Ok(offsets),
@@ -510,12 +487,8 @@ impl PartitionStore {
             encode_offset(position.changelog_next),
         );
         batch.put_cf(meta, INPUT_OFFSET_KEY, encode_offset(position.input_next));
-        match update.inputs {
-            InputsUpdate::Unchanged => {}
-            InputsUpdate::PerTopic(inputs) => {
-                batch.put_cf(meta, INPUT_OFFSETS_KEY, inputs.encode());
-            }
-            InputsUpdate::OneTopic => batch.delete_cf(meta, INPUT_OFFSETS_KEY),
+        if let Some(inputs) = update.inputs {
+            batch.put_cf(meta, INPUT_OFFSETS_KEY, inputs.encode());
         }
         if let Some(modules) = update.modules {
             batch.put_cf(meta, MODULE_HISTORY_KEY, modules.encode());
@@ -804,7 +777,7 @@ mod tests {
             );
             let updates = BTreeMap::from([(b"k".to_vec(), Some(b"v".to_vec()))]);
             let meta = MetaUpdate {
-                inputs: InputsUpdate::PerTopic(&inputs),
+                inputs: Some(&inputs),
                 modules: Some(&history),
             };
             store.apply_with_meta(&updates, at(5), meta).unwrap();
@@ -815,16 +788,6 @@ mod tests {
         let store = PartitionStore::open(dir.path(), &memory).unwrap();
         assert_eq!(store.module_history().unwrap(), history);
         assert_eq!(store.input_offsets("orders").unwrap(), inputs);
-        // Back to one topic: its offset is the position again.
-        let one = MetaUpdate {
-            inputs: InputsUpdate::OneTopic,
-            modules: None,
-        };
-        store.apply_with_meta(&BTreeMap::new(), at(6), one).unwrap();
-        assert_eq!(
-            store.input_offsets("orders").unwrap(),
-            InputOffsets::single("orders", 6)
-        );
         assert_eq!(store.scan().unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
         assert_eq!(store.position().unwrap(), at(6));
 

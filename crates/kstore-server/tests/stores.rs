@@ -804,13 +804,42 @@ fn a_module_upgrade_switches_every_copy_at_one_input_offset_and_an_earlier_modul
                     && error.contains(&v1[..12])
                     && error.contains(&v2[..12])
             });
-            if refused.count() == WORD_PARTITIONS as usize {
+            // The cluster view says so too (Metadata, the console), cut to its bound.
+            let metadata = node.metadata().await?;
+            let viewed = metadata
+                .nodes
+                .iter()
+                .flat_map(|n| n.copies.iter())
+                .filter(|c| c.store == "tally" && c.error.contains("earlier version"))
+                .count();
+            if refused.count() == WORD_PARTITIONS as usize && viewed == WORD_PARTITIONS as usize {
                 check_reads(&mut node, &no_features, &folded_before).await?;
+                // `kstore status` shows each held copy with its module and reason.
+                let nodes = kstore_cli::status::collect(&admin_target(&uri), "tally", &[]).await?;
+                let rows: Vec<String> = nodes
+                    .iter()
+                    .flat_map(|(id, answer)| {
+                        let copies = answer.clone().unwrap_or_default();
+                        copies
+                            .iter()
+                            .map(|copy| kstore_cli::status::format_copy(id, copy))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let held = rows
+                    .iter()
+                    .filter(|row| row.contains(&v2[..12]) && row.contains("earlier version"))
+                    .count();
+                ensure!(
+                    held == WORD_PARTITIONS as usize,
+                    "kstore status shows {held} held copies:\n{}",
+                    rows.join("\n")
+                );
                 break;
             }
             ensure!(
                 Instant::now() < deadline,
-                "the tally copies did not all refuse the earlier module: {copies:?}"
+                "the tally copies did not all refuse the earlier module: {copies:?}; Metadata shows {viewed} of them"
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

@@ -9,6 +9,7 @@ use kstore_cli::backup;
 use kstore_cli::generator::{DEFAULT_START_MS, GeneratorConfig};
 use kstore_cli::keys::KeyFormat;
 use kstore_cli::produce::{ProduceOptions, produce};
+use kstore_cli::status;
 use kstore_cli::values::Values;
 use kstore_cli::view;
 use kstore_client::{
@@ -212,6 +213,14 @@ enum Command {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Shows every live node's copies as its Admin PartitionStatus states them: role,
+    /// input position, lag, keys, size on disk, current module and error (a failed copy's,
+    /// or why a held copy's input waits). Fails if a node does not answer or a copy has an
+    /// error.
+    Status {
+        #[command(flatten)]
+        connect: AdminConnect,
+    },
     /// Backs up, lists and verifies the stores' backups (Admin calls).
     Backup {
         #[command(subcommand)]
@@ -409,6 +418,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { connect } => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(run_status(connect)),
+            Err(error) => {
+                eprintln!("kstore: starting the runtime: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Backup { action } => match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime.block_on(run_backup(action)),
             Err(error) => {
@@ -786,24 +802,94 @@ fn read_failed(key: &str, error: &ReadError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+impl AdminConnect {
+    fn target(&self) -> Result<backup::AdminTarget, String> {
+        Ok(backup::AdminTarget {
+            seeds: self.seeds.clone(),
+            token: self.admin_token.clone(),
+            timeout: Duration::from_secs(self.timeout_s),
+            tls: self.tls.config()?,
+        })
+    }
+}
+
+async fn run_status(connect: AdminConnect) -> ExitCode {
+    let target = match connect.target() {
+        Ok(target) => target,
+        Err(error) => {
+            eprintln!("kstore status: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = connect.store.clone().unwrap_or_default();
+    let nodes = match status::collect(&target, &store, &connect.partitions).await {
+        Ok(nodes) => nodes,
+        Err(error) => {
+            eprintln!("kstore status: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    if !connect.json {
+        println!("{}", status::status_header());
+    }
+    for (node_id, answer) in &nodes {
+        match answer {
+            Ok(copies) => {
+                for copy in copies {
+                    ok &= copy.copy.as_ref().is_none_or(|c| c.error.is_empty());
+                    if connect.json {
+                        println!("{}", status_json(node_id, copy));
+                    } else {
+                        println!("{}", status::format_copy(node_id, copy));
+                    }
+                }
+            }
+            Err(error) => {
+                ok = false;
+                eprintln!("kstore status: asking {node_id}: {error}");
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn status_json(node_id: &str, status: &kstore_proto::v1::StoreStatus) -> Value {
+    let copy = status.copy.clone().unwrap_or_default();
+    serde_json::json!({
+        "node_id": node_id,
+        "store": status.store,
+        "partition": copy.partition,
+        "role": view::role_name(copy.role()),
+        "input_offset": copy.input_offset,
+        "lag": copy.lag,
+        "changelog_offset": copy.changelog_offset,
+        "estimated_keys": status.estimated_keys,
+        "size_on_disk_bytes": status.size_on_disk_bytes,
+        "modules": status.modules.iter().map(|m| serde_json::json!({
+            "from_input_offset": m.from_input_offset,
+            "sha256": m.sha256,
+        })).collect::<Vec<_>>(),
+        "error": copy.error,
+    })
+}
+
 async fn run_backup(action: BackupAction) -> ExitCode {
     let connect = match &action {
         BackupAction::Create { connect }
         | BackupAction::List { connect }
         | BackupAction::Verify { connect, .. } => connect,
     };
-    let tls = match connect.tls.config() {
-        Ok(tls) => tls,
+    let target = match connect.target() {
+        Ok(target) => target,
         Err(error) => {
             eprintln!("kstore backup: {error}");
             return ExitCode::FAILURE;
         }
-    };
-    let target = backup::AdminTarget {
-        seeds: connect.seeds.clone(),
-        token: connect.admin_token.clone(),
-        timeout: Duration::from_secs(connect.timeout_s),
-        tls,
     };
     let (json, partitions) = (connect.json, connect.partitions.clone());
     let store = connect.store.clone().unwrap_or_default();

@@ -49,8 +49,8 @@ pub struct CatalogEntry {
     /// Every input record before this offset is reflected in it (the input position: for a
     /// store over several input topics, the sum of `input_offsets`).
     pub input_next: i64,
-    /// For a store over several input topics, the next offset per topic reflected in it
-    /// (empty for a store over one: its next offset is `input_next`).
+    /// The next offset per input topic reflected in it (empty in entries made before kstore
+    /// kept them, when the store read one topic: its next offset is `input_next`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub input_offsets: BTreeMap<String, i64>,
     /// The node that made it.

@@ -284,14 +284,19 @@ fn own_values(state: &SelfState, load: Load) -> Vec<(String, String)> {
 }
 
 /// One store's gossip keys and values: its group generation, its copies and the errors of
-/// its failed copies.
+/// its failed copies and why its held copies' input waits.
 fn store_values(store: &GossipedStore) -> [(String, String); 3] {
     let registry = &store.registry;
+    let mut errors = std::collections::BTreeMap::new();
     let mut copies: Vec<CopyInfo> = registry
         .all()
         .iter()
         .map(|copy| {
             let position = copy.position();
+            // A held copy serves reads, stale: its reason shows wherever the view does.
+            if let Some(reason) = copy.held() {
+                errors.insert(copy.partition as u32, reason);
+            }
             CopyInfo {
                 partition: copy.partition as u32,
                 role: copy.role(),
@@ -303,7 +308,6 @@ fn store_values(store: &GossipedStore) -> [(String, String); 3] {
         .collect();
     // Copies that serve no reads (opening, bootstrapping, failed) show too, with the errors
     // of the failed ones.
-    let mut errors = std::collections::BTreeMap::new();
     for (partition, pending) in registry.all_pending() {
         if copies.iter().any(|c| c.partition == partition as u32) {
             continue;

@@ -41,7 +41,7 @@ use crate::processor::versions::{ModuleCheck, ModuleHistory};
 use crate::processor::{InputRecord, Outcome, ProcessError, Processor, RecordHeader, Update};
 use crate::registry::Registry;
 use crate::standby::{Copies, CopyEvent};
-use crate::store::{InputsUpdate, MetaUpdate, PartitionStore, StoreError};
+use crate::store::{MetaUpdate, PartitionStore, StoreError};
 
 pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait after a transaction was aborted because producing failed.
@@ -58,12 +58,12 @@ struct Admitted<'m> {
     /// Its place among the round's records.
     index: usize,
     /// Where it puts its partition's input, for its changelog record's headers.
-    mark: InputMark,
+    mark: RecordPosition,
     checked: Checked,
 }
 
 /// Where a record puts its partition's input.
-struct InputMark {
+struct RecordPosition {
     /// The record's input position: its offset, plus the next offsets of the partition's
     /// other input topics when it was taken.
     position: i64,
@@ -209,7 +209,7 @@ impl ConsumerContext for IngestContext {
         };
         let _busy = self.pulse.busy("handing over revoked partitions");
         let mut engine = lock(&self.engine);
-        let revoked = partitions_of(partitions, engine.config.inputs());
+        let (revoked, _) = partitions_of(partitions, engine.config.inputs());
         if consumer.assignment_lost() {
             // Another member may already own these partitions: committing now could
             // overwrite its work. Abort; the new owner reads the records again.
@@ -225,7 +225,10 @@ impl ConsumerContext for IngestContext {
         }
         for partition in &revoked {
             engine.mark_revoked(*partition);
-            engine.owned.remove(partition);
+            if engine.owned.remove(partition).is_none() {
+                // Only some of its input topics were assigned here: it was never taken.
+                continue;
+            }
             engine.next_input.remove(partition);
             engine.committed_input.remove(partition);
             engine.fresh.remove(partition);
@@ -255,12 +258,22 @@ impl ConsumerContext for IngestContext {
                 let mut engine = lock(&self.engine);
                 let generation = group_generation(consumer);
                 engine.registry.set_group_generation(generation);
-                let assigned = partitions_of(partitions, engine.config.inputs());
+                let (assigned, split) = partitions_of(partitions, engine.config.inputs());
                 tracing::info!(
                     ?assigned,
                     group_generation = generation,
                     "partitions assigned"
                 );
+                if !split.is_empty() {
+                    // Another member would fold the rest of the partition's input: two
+                    // actives of one partition. It stays paused until one member gets all.
+                    tracing::error!(
+                        ?split,
+                        inputs = %engine.config.inputs().join(", "),
+                        "partitions of which only some input topics were assigned here (do \
+                         the group's members read different input-topics?); not folded here"
+                    );
+                }
                 for partition in assigned {
                     engine.assign(partition);
                 }
@@ -272,15 +285,22 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-/// The partitions of the list's input topics, each once, in order.
-fn partitions_of(list: &TopicPartitionList, inputs: &[String]) -> Vec<i32> {
-    let partitions: std::collections::BTreeSet<i32> = list
-        .elements()
-        .iter()
-        .filter(|e| inputs.iter().any(|input| input == e.topic()))
-        .map(|e| e.partition())
-        .collect();
-    partitions.into_iter().collect()
+/// The partitions of the list's input topics, in order: those listed for every input
+/// topic, and those listed for only some.
+fn partitions_of(list: &TopicPartitionList, inputs: &[String]) -> (Vec<i32>, Vec<i32>) {
+    let mut topics: BTreeMap<i32, usize> = BTreeMap::new();
+    for element in list.elements() {
+        if inputs.iter().any(|input| input == element.topic()) {
+            *topics.entry(element.partition()).or_default() += 1;
+        }
+    }
+    let (whole, split): (Vec<_>, Vec<_>) = topics
+        .into_iter()
+        .partition(|(_, count)| *count == inputs.len());
+    (
+        whole.into_iter().map(|(p, _)| p).collect(),
+        split.into_iter().map(|(p, _)| p).collect(),
+    )
 }
 
 /// How a failed commit continues.
@@ -685,8 +705,11 @@ impl Engine {
         if self.is_stale(topic, partition, index) {
             return Ok(None);
         }
-        if !matches!(self.owned.get(&partition), Some(Ownership::Active { .. })) {
-            // Fetched before the pause took hold: read it again once the partition is ours.
+        let folding = matches!(self.owned.get(&partition), Some(Ownership::Active { .. }))
+            && !self.held.contains(&partition);
+        if !folding {
+            // Fetched before the pause took hold (a restoring, failed or held partition): read
+            // it again once the partition folds here.
             if self.owned.contains_key(&partition) {
                 consumer
                     .seek(
@@ -698,10 +721,6 @@ impl Engine {
                     .map_err(kafka("rewinding a paused partition"))?;
                 self.mark_rewound(topic, partition);
             }
-            return Ok(None);
-        }
-        if self.held.contains(&partition) {
-            // Fetched before the pause took hold; never folded here.
             return Ok(None);
         }
         if let Some(next) = self.next_input.get(&partition).and_then(|n| n.get(topic))
@@ -737,9 +756,9 @@ impl Engine {
             .or_insert_with(|| committed.get(&partition).cloned().unwrap_or_default());
         let position = guard.position_of(topic, offset);
         guard.set(topic, offset + 1);
-        let mark = InputMark {
+        let mark = RecordPosition {
             position,
-            offsets: (self.config.inputs().len() > 1).then(|| guard.encode()),
+            offsets: (guard.len() > 1).then(|| guard.encode()),
         };
         IngestMetrics::add(&self.metrics.records_in, 1);
         if self.txn.is_none() {
@@ -896,7 +915,7 @@ impl Engine {
         message: &BorrowedMessage<'_>,
         record: &InputRecord<'_>,
         folded: fold::Fold,
-        mark: &InputMark,
+        mark: &RecordPosition,
         consumer: &BaseConsumer<IngestContext>,
     ) {
         let partition = record.partition;
@@ -937,7 +956,7 @@ impl Engine {
         &mut self,
         message: &BorrowedMessage<'_>,
         outcome: Outcome,
-        mark: &InputMark,
+        mark: &RecordPosition,
     ) -> Result<(), KafkaError> {
         let partition = message.partition();
         let key = message.key().unwrap_or_default();
@@ -1120,7 +1139,7 @@ impl Engine {
                     position.changelog_next = *next;
                 }
                 let meta = MetaUpdate {
-                    inputs: InputsUpdate::of(self.config.inputs().len(), inputs),
+                    inputs: Some(inputs),
                     modules: txn.modules.get(partition),
                 };
                 store
@@ -1228,9 +1247,17 @@ impl Engine {
                 self.mark_rewound(topic, *partition);
             }
             // The aborted records are read again (or, without a rewind, by whoever owns the
-            // partition next).
-            match self.next_input.get_mut(partition) {
-                Some(guard) if rewind => guard.update(first),
+            // partition next). The guard goes back to where the partition stood before the
+            // transaction (a rewound topic's first record may lie past that, beyond a gap of
+            // transaction markers).
+            match (self.next_input.get_mut(partition), rewind) {
+                (Some(guard), true) => {
+                    *guard = self
+                        .committed_input
+                        .get(partition)
+                        .cloned()
+                        .unwrap_or_default();
+                }
                 _ => {
                     self.next_input.remove(partition);
                 }
@@ -1389,6 +1416,17 @@ mod tests {
     use rdkafka::error::RDKafkaErrorCode;
 
     use super::*;
+
+    #[test]
+    fn a_partition_is_taken_only_with_every_input_topic() {
+        let inputs = ["words".to_owned(), "more".to_owned()];
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in [("words", 0), ("more", 0), ("words", 2), ("other", 1)] {
+            list.add_partition(topic, partition);
+        }
+        assert_eq!(partitions_of(&list, &inputs), (vec![0], vec![2]));
+        assert_eq!(partitions_of(&list, &inputs[..1]), (vec![0, 2], vec![]));
+    }
 
     #[test]
     fn a_run_for_the_processor_ends_before_a_key_repeats_or_at_its_limit() {

@@ -33,7 +33,7 @@ use crate::kafka::{
 use crate::probes::Pulse;
 use crate::processor::versions::ModuleHistory;
 use crate::registry::Registry;
-use crate::store::{InputsUpdate, MetaUpdate, PartitionStore, Position, StoreError};
+use crate::store::{MetaUpdate, PartitionStore, Position, StoreError};
 
 /// The most records applied to one store in one write batch.
 const BATCH_RECORDS: usize = 10_000;
@@ -136,6 +136,7 @@ pub struct Reports {
 pub fn spawn(
     client: &ClientConfig,
     changelog_topic: String,
+    first_input: String,
     group_id: String,
     niceness: u8,
     registry: Arc<Registry>,
@@ -150,7 +151,7 @@ pub fn spawn(
         .name("kstore-updater".into())
         .spawn(move || {
             crate::kafka::lower_priority(niceness);
-            let worker = match Worker::new(&client, changelog_topic, group_id) {
+            let worker = match Worker::new(&client, changelog_topic, first_input, group_id) {
                 Ok(worker) => worker,
                 Err(error) => {
                     let _ = created_tx.send(Err(error));
@@ -219,6 +220,16 @@ impl StateUpdater {
     }
 }
 
+/// The next offset per input topic that a batch's changelog records state.
+enum InputsStated {
+    /// Records folded beyond what the store reflects: per topic, the furthest stated (a
+    /// record of an aborted at-least-once batch folded again may state less).
+    Advanced(InputOffsets),
+    /// A point-in-time restore's rewind, then maybe records folded after it: in place of
+    /// what the store reflects.
+    Rewound(InputOffsets),
+}
+
 struct Job {
     follow: Follow,
     store: Arc<PartitionStore>,
@@ -226,9 +237,11 @@ struct Job {
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The partition's module history, if a record of the batch set it.
     modules: Option<ModuleHistory>,
-    /// The next offset per input topic that the batch's last record with an input mark
-    /// states (`Some(None)`: it states none; it came from a store over one input topic).
-    inputs: Option<Option<InputOffsets>>,
+    /// The next offset per input topic that the batch's records state, if any does.
+    inputs: Option<InputsStated>,
+    /// The store's first input topic: a record that states no offset per topic came from a
+    /// store that read only it.
+    first_input: String,
     /// When the oldest record of the batch arrived.
     batch_started: Option<Instant>,
     /// Records applied since the job started or last changed its reason.
@@ -246,8 +259,14 @@ struct Job {
 }
 
 impl Job {
-    fn new(follow: Follow, store: Arc<PartitionStore>, position: Position) -> Self {
+    fn new(
+        follow: Follow,
+        store: Arc<PartitionStore>,
+        position: Position,
+        first_input: String,
+    ) -> Self {
         Job {
+            first_input,
             follow,
             store,
             position,
@@ -268,21 +287,39 @@ impl Job {
         if self.batch.is_empty() && self.modules.is_none() {
             return Ok(false);
         }
+        let inputs = match self.inputs.take() {
+            None => None,
+            Some(InputsStated::Rewound(offsets)) => Some(offsets),
+            Some(InputsStated::Advanced(offsets)) => {
+                let mut stored = self.store.input_offsets(&self.first_input)?;
+                stored.advance_to(&offsets);
+                Some(stored)
+            }
+        };
         let meta = MetaUpdate {
-            inputs: match &self.inputs {
-                None => InputsUpdate::Unchanged,
-                Some(None) => InputsUpdate::OneTopic,
-                Some(Some(offsets)) => InputsUpdate::PerTopic(offsets),
-            },
+            inputs: inputs.as_ref(),
             modules: self.modules.as_ref(),
         };
         self.store
             .apply_with_meta(&self.batch, self.position, meta)?;
         self.batch.clear();
         self.modules = None;
-        self.inputs = None;
         self.batch_started = None;
         Ok(true)
+    }
+
+    /// Takes what a record with `mark` states about the next offset per input topic.
+    fn note_inputs(&mut self, mark: InputMark, stated: InputOffsets) {
+        match (mark, &mut self.inputs) {
+            (InputMark::RewoundTo(_), _) => self.inputs = Some(InputsStated::Rewound(stated)),
+            (
+                InputMark::ProducedBy(_),
+                Some(InputsStated::Advanced(offsets) | InputsStated::Rewound(offsets)),
+            ) => offsets.advance_to(&stated),
+            (InputMark::ProducedBy(_), None) => {
+                self.inputs = Some(InputsStated::Advanced(stated));
+            }
+        }
     }
 }
 
@@ -306,12 +343,19 @@ struct Worker {
     /// Asks for end offsets read-uncommitted: the high watermark, past open transactions.
     end_offsets: BaseConsumer,
     topic: String,
+    /// The store's first input topic ([`Job::first_input`]).
+    first_input: String,
     jobs: HashMap<i32, Job>,
     last_scan: Instant,
 }
 
 impl Worker {
-    fn new(client: &ClientConfig, topic: String, group_id: String) -> Result<Self, KafkaError> {
+    fn new(
+        client: &ClientConfig,
+        topic: String,
+        first_input: String,
+        group_id: String,
+    ) -> Result<Self, KafkaError> {
         // librdkafka assigns partitions only in a consumer with a group id. This consumer
         // never subscribes and never commits: it only names a group.
         let consumer: BaseConsumer<ChangelogContext> = client
@@ -330,6 +374,7 @@ impl Worker {
             consumer,
             end_offsets,
             topic,
+            first_input,
             jobs: HashMap::new(),
             last_scan: Instant::now(),
         })
@@ -422,8 +467,10 @@ impl Worker {
             report_failure(partition, reason, false, reports);
             return;
         }
-        self.jobs
-            .insert(partition, Job::new(follow, store, position));
+        self.jobs.insert(
+            partition,
+            Job::new(follow, store, position, self.first_input.clone()),
+        );
     }
 
     fn poll(&mut self, registry: &Registry, metrics: &UpdaterMetrics, reports: &Reports) {
@@ -491,12 +538,21 @@ impl Worker {
         }
         job.batch_started.get_or_insert_with(Instant::now);
         let mark = input_mark_of(message);
-        if mark.is_some()
-            && let Some(inputs) = input_offsets_of(message)
-        {
-            job.inputs = Some(inputs);
-        }
         advance(&mut job.position, message.offset(), mark);
+        if let Some(mark) = mark {
+            let stated = match input_offsets_of(message) {
+                Some(Some(offsets)) => Some(offsets),
+                // From a store over one topic: its position is that topic's next offset.
+                Some(None) => Some(InputOffsets::single(
+                    &job.first_input,
+                    job.position.input_next,
+                )),
+                None => None,
+            };
+            if let Some(stated) = stated {
+                job.note_inputs(mark, stated);
+            }
+        }
         // New records after the end was reached: the end is further on now.
         job.at_stable_end = false;
         job.records += 1;
