@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use kstore_proto::v1::admin_client::AdminClient;
-use kstore_proto::v1::{PartitionStatusRequest, StoreStatus};
+use kstore_proto::v1::{Liveness, PartitionStatusRequest, StoreStatus};
 
 use crate::backup::{AdminTarget, format_bytes};
 use crate::view::role_name;
@@ -13,13 +13,14 @@ use crate::view::role_name;
 pub type NodeStatus = (String, std::result::Result<Vec<StoreStatus>, String>);
 
 /// Asks every live node for its copies of `store` (every store if empty) and `partitions`
-/// (all if empty), in the view's order of nodes, each node's copies by store and partition.
+/// (all if empty), in the view's order of nodes, each node's copies by store and partition;
+/// a suspect node is listed as not answering.
 pub async fn collect(
     target: &AdminTarget,
     store: &str,
     partitions: &[u32],
 ) -> Result<Vec<NodeStatus>> {
-    let (_, nodes) = target.live_nodes().await?;
+    let (view, nodes) = target.live_nodes().await?;
     let mut calls = tokio::task::JoinSet::new();
     for (index, (node_id, address)) in nodes.into_iter().enumerate() {
         let (target, store) = (target.clone(), store.to_owned());
@@ -39,6 +40,13 @@ pub async fn collect(
         answers.push(joined.context("a status call panicked")?);
     }
     answers.sort_by_key(|(index, _, _)| *index);
+    // A suspect node (it stopped gossiping, and may hold copies) is not asked: it shows as
+    // not answering. Dead nodes are gone.
+    let not_live = view
+        .nodes
+        .iter()
+        .filter(|n| n.liveness() == Liveness::Suspect)
+        .map(|n| (n.node_id.clone(), Err("not asked: suspect".to_owned())));
     Ok(answers
         .into_iter()
         .map(|(_, node_id, answer)| {
@@ -58,6 +66,7 @@ pub async fn collect(
             });
             (node_id, copies)
         })
+        .chain(not_live)
         .collect())
 }
 

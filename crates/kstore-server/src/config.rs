@@ -401,8 +401,9 @@ pub struct NodeConfig {
     pub input_topic: String,
     /// Several keyed input topics instead of `input-topic`, co-partitioned (the same
     /// partition count, keys placed by the same partitioner): partition `p` of the store
-    /// folds partition `p` of each, in the order the records arrive. Append a topic to an
-    /// existing store's list, after the topic it read so far.
+    /// folds partition `p` of each, in the order the records arrive. To change the list, stop
+    /// every node of the store, then start them with the new one (README, "A store over
+    /// several input topics").
     pub input_topics: Vec<String>,
     /// The store's name, part of the changelog topic's name.
     pub store: String,

@@ -8,16 +8,23 @@
 //! the group's coordinator, with the Kafka protocol as the `kafka-protocol` crate encodes
 //! it, over a connection with the node's own security settings (TLS, SASL PLAIN or SCRAM:
 //! [`crate::kafka::connect`]).
+//!
+//! Also: refusing to start a store whose group has members that read other input topics
+//! ([`check_members_read_the_same_inputs`]).
 
 use std::time::Duration;
 
 use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::{
-    ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, GroupId, LeaveGroupRequest,
-    LeaveGroupResponse,
+    ApiKey, ConsumerProtocolSubscription, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
+    LeaveGroupRequest, LeaveGroupResponse,
 };
-use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::protocol::{Decodable, StrBytes};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::NodeConfig;
 
 use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 
@@ -43,6 +50,73 @@ pub enum LeaveError {
         /// What went wrong, broker by broker.
         reason: String,
     },
+}
+
+/// Checks that no member of the store's consumer group (other than this node's own static
+/// member from an earlier run) subscribes to other input topics than the store's: the range
+/// assignor keeps a partition's topics together only among members that read the same
+/// topics, and members with other lists could each fold partition `p` of their own topics,
+/// two actives of one partition. Returns why not, naming the members and their topics. A
+/// group that cannot be described passes (logged).
+pub fn check_members_read_the_same_inputs(
+    config: &NodeConfig,
+    client: &ClientConfig,
+) -> Result<(), String> {
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|error| format!("creating a Kafka client: {error}"))?;
+    let group = config.group_id();
+    let groups = match consumer.fetch_group_list(Some(group), Duration::from_secs(30)) {
+        Ok(groups) => groups,
+        Err(error) => {
+            // Not knowing is no reason not to serve.
+            tracing::warn!(%error, group, "cannot describe the consumer group to compare \
+                 its members' input topics");
+            return Ok(());
+        }
+    };
+    let mut ours: Vec<&str> = config.inputs().iter().map(String::as_str).collect();
+    ours.sort_unstable();
+    let own_member = format!("{}-", config.node_id);
+    let mut others = Vec::new();
+    for member in groups
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .flat_map(|g| g.members())
+        .filter(|m| !m.id().starts_with(&own_member))
+    {
+        let Some(mut topics) = member.metadata().and_then(subscribed_topics) else {
+            continue;
+        };
+        topics.sort_unstable();
+        if topics != ours {
+            others.push(format!("{} reads {}", member.id(), topics.join(", ")));
+        }
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "store {}: members of group {group} read other input topics than this node's ({}): \
+         {}; to change a store's input topics, stop every node of it, wait until the group \
+         has no members (session.timeout.ms after the last one stopped), then start them all \
+         with the new list",
+        config.store,
+        ours.join(", "),
+        others.join("; ")
+    ))
+}
+
+/// The topics of a consumer's subscription, as a member's metadata in the classic group
+/// protocol holds it (a version, then a ConsumerProtocolSubscription); `None` if it does
+/// not parse.
+fn subscribed_topics(metadata: &[u8]) -> Option<Vec<String>> {
+    let (version, mut rest) = metadata.split_first_chunk::<2>()?;
+    // Later versions add fields after the topics, which come first in every version.
+    let version = i16::from_be_bytes(*version).clamp(0, 3);
+    let subscription = ConsumerProtocolSubscription::decode(&mut rest, version).ok()?;
+    Some(subscription.topics.iter().map(|t| t.to_string()).collect())
 }
 
 /// Removes the static member `instance_id` from `group`, through the first of `bootstrap`
@@ -125,4 +199,31 @@ fn leave_through(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::protocol::Encodable;
+
+    use super::*;
+
+    #[test]
+    fn a_members_subscribed_topics_are_read_from_its_metadata() {
+        for version in [0i16, 1, 3] {
+            let subscription = ConsumerProtocolSubscription::default().with_topics(vec![
+                StrBytes::from_static_str("words"),
+                StrBytes::from_static_str("more-words"),
+            ]);
+            let mut metadata = bytes::BytesMut::new();
+            metadata.extend_from_slice(&version.to_be_bytes());
+            subscription.encode(&mut metadata, version).unwrap();
+            assert_eq!(
+                subscribed_topics(&metadata),
+                Some(vec!["words".to_owned(), "more-words".to_owned()]),
+                "version {version}"
+            );
+        }
+        assert_eq!(subscribed_topics(&[0]), None);
+        assert_eq!(subscribed_topics(&[0, 0, 0, 0, 0, 9]), None);
+    }
 }

@@ -51,6 +51,14 @@ impl InputOffsets {
         }
     }
 
+    /// The topic it holds an offset for, if it holds exactly one.
+    pub fn only_topic(&self) -> Option<&str> {
+        match self.0.len() {
+            1 => self.0.keys().next().map(String::as_str),
+            _ => None,
+        }
+    }
+
     /// How many topics it holds an offset for.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -70,6 +70,9 @@ pub enum NodeError {
         /// Why.
         error: ProcessorError,
     },
+    /// Members of a store's group read other input topics.
+    #[error("{0}")]
+    InputsDiffer(String),
     /// The state updater could not start.
     #[error("starting the state updater: {0}")]
     Updater(rdkafka::error::KafkaError),
@@ -270,6 +273,8 @@ pub fn run_stores(
     let mut stores = Vec::new();
     for (store_config, processor) in store_configs.into_iter().zip(processors) {
         let topology = runtime.block_on(topics::prepare(&store_config, &client))?;
+        crate::group::check_members_read_the_same_inputs(&store_config, &client)
+            .map_err(NodeError::InputsDiffer)?;
         stores.push(StoreParts {
             registry: Arc::new(Registry::new(config.node_id.clone(), topology.partitions)),
             config: Arc::new(store_config),

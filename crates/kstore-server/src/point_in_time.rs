@@ -9,8 +9,8 @@
 //! restoring at start, a standby, a copy rebuilt from scratch) then holds the backup's state
 //! and reflects the input before the backup's input offset, whatever it held before. Then
 //! the group's committed input offsets (of each input topic) are rewound to the backups'
-//! input offsets, and the nodes, started again, reprocess from there. Nothing is deleted; the bad records stay in
-//! the changelog's history, superseded. A partition whose module switched after the
+//! input offsets, and the nodes, started again, reprocess from there. Nothing is deleted;
+//! the bad records stay in the changelog's history, superseded. A partition whose module switched after the
 //! backup gets the backup's module history back the same way (a module that took over
 //! later folded none of the input reprocessed), so the module that folded before the switch
 //! folds again without `rollback`.
@@ -237,23 +237,20 @@ fn backup_inputs(config: &NodeConfig, backup: &CatalogEntry) -> InputOffsets {
     }
 }
 
-/// The headers of a correction record: the input position it rewinds to and, for a backup
-/// of a partition that had read several input topics, the next offset per topic.
+/// The headers of a correction record: the input position it rewinds to, and the next
+/// offset per input topic.
 fn rewind_headers(plan: &PartitionPlan) -> OwnedHeaders {
     let rewind = plan.backup.input_next.to_string();
-    let headers = OwnedHeaders::new().insert(Header {
-        key: INPUT_REWIND_HEADER,
-        value: Some(rewind.as_bytes()),
-    });
-    if plan.inputs.len() > 1 {
-        let offsets = plan.inputs.encode();
-        headers.insert(Header {
+    let offsets = plan.inputs.encode();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: INPUT_REWIND_HEADER,
+            value: Some(rewind.as_bytes()),
+        })
+        .insert(Header {
             key: INPUT_OFFSETS_HEADER,
             value: Some(offsets.as_bytes()),
         })
-    } else {
-        headers
-    }
 }
 
 /// Refuses unless the store's consumer group has no members.

@@ -215,8 +215,8 @@ enum Command {
     },
     /// Shows every live node's copies as its Admin PartitionStatus states them: role,
     /// input position, lag, keys, size on disk, current module and error (a failed copy's,
-    /// or why a held copy's input waits). Fails if a node does not answer or a copy has an
-    /// error.
+    /// or why a held copy's input waits). Fails if a node does not answer (or is suspect)
+    /// or a copy has an error.
     Status {
         #[command(flatten)]
         connect: AdminConnect,

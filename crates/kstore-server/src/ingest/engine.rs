@@ -756,9 +756,12 @@ impl Engine {
             .or_insert_with(|| committed.get(&partition).cloned().unwrap_or_default());
         let position = guard.position_of(topic, offset);
         guard.set(topic, offset + 1);
+        // A record without the offsets per topic is credited to the only topic the
+        // partition has read, or the first input topic.
+        let stated = guard.len() > 1 || topic != self.config.inputs()[0];
         let mark = RecordPosition {
             position,
-            offsets: (guard.len() > 1).then(|| guard.encode()),
+            offsets: stated.then(|| guard.encode()),
         };
         IngestMetrics::add(&self.metrics.records_in, 1);
         if self.txn.is_none() {

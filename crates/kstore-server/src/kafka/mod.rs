@@ -20,9 +20,9 @@ pub mod connect;
 /// offsets of the partition's other input topics ([`crate::input_offsets`]).
 pub const INPUT_OFFSET_HEADER: &str = "kstore.input-offset";
 /// The header of a changelog record of a partition that has read more than one input topic:
-/// the next offset per input topic after the record that produced it (`topic=offset,…`). A
-/// record without it came from a partition that read one topic, the first of its input
-/// topics now.
+/// the next offset per input topic after the record that produced it (`topic=offset,…`);
+/// on a point-in-time restore's corrections, those it rewinds to. A record without it came
+/// from a partition that read one topic, the first of its input topics now.
 pub const INPUT_OFFSETS_HEADER: &str = "kstore.input-offsets";
 /// The header of a changelog record written by a point-in-time restore: a copy that applies
 /// it reflects the input before this offset, whatever it reflected before.

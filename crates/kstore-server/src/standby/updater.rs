@@ -220,16 +220,6 @@ impl StateUpdater {
     }
 }
 
-/// The next offset per input topic that a batch's changelog records state.
-enum InputsStated {
-    /// Records folded beyond what the store reflects: per topic, the furthest stated (a
-    /// record of an aborted at-least-once batch folded again may state less).
-    Advanced(InputOffsets),
-    /// A point-in-time restore's rewind, then maybe records folded after it: in place of
-    /// what the store reflects.
-    Rewound(InputOffsets),
-}
-
 struct Job {
     follow: Follow,
     store: Arc<PartitionStore>,
@@ -237,10 +227,14 @@ struct Job {
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// The partition's module history, if a record of the batch set it.
     modules: Option<ModuleHistory>,
-    /// The next offset per input topic that the batch's records state, if any does.
-    inputs: Option<InputsStated>,
-    /// The store's first input topic: a record that states no offset per topic came from a
-    /// store that read only it.
+    /// The next offset per input topic the store holds once the batch is written: what it
+    /// held when the job started, advanced (or, by a rewind, replaced) by what the records
+    /// applied since state.
+    inputs: InputOffsets,
+    /// Whether a record of the batch stated where the input stands.
+    inputs_stated: bool,
+    /// The store's first input topic: a record that states no offset per topic is credited
+    /// to the only topic the partition has read, or to it.
     first_input: String,
     /// When the oldest record of the batch arrived.
     batch_started: Option<Instant>,
@@ -263,16 +257,18 @@ impl Job {
         follow: Follow,
         store: Arc<PartitionStore>,
         position: Position,
+        inputs: InputOffsets,
         first_input: String,
     ) -> Self {
         Job {
+            inputs,
+            inputs_stated: false,
             first_input,
             follow,
             store,
             position,
             batch: BTreeMap::new(),
             modules: None,
-            inputs: None,
             batch_started: None,
             records: 0,
             at_stable_end: false,
@@ -287,39 +283,33 @@ impl Job {
         if self.batch.is_empty() && self.modules.is_none() {
             return Ok(false);
         }
-        let inputs = match self.inputs.take() {
-            None => None,
-            Some(InputsStated::Rewound(offsets)) => Some(offsets),
-            Some(InputsStated::Advanced(offsets)) => {
-                let mut stored = self.store.input_offsets(&self.first_input)?;
-                stored.advance_to(&offsets);
-                Some(stored)
-            }
-        };
         let meta = MetaUpdate {
-            inputs: inputs.as_ref(),
+            inputs: self.inputs_stated.then_some(&self.inputs),
             modules: self.modules.as_ref(),
         };
         self.store
             .apply_with_meta(&self.batch, self.position, meta)?;
         self.batch.clear();
         self.modules = None;
+        self.inputs_stated = false;
         self.batch_started = None;
         Ok(true)
     }
 
-    /// Takes what a record with `mark` states about the next offset per input topic.
-    fn note_inputs(&mut self, mark: InputMark, stated: InputOffsets) {
-        match (mark, &mut self.inputs) {
-            (InputMark::RewoundTo(_), _) => self.inputs = Some(InputsStated::Rewound(stated)),
-            (
-                InputMark::ProducedBy(_),
-                Some(InputsStated::Advanced(offsets) | InputsStated::Rewound(offsets)),
-            ) => offsets.advance_to(&stated),
-            (InputMark::ProducedBy(_), None) => {
-                self.inputs = Some(InputsStated::Advanced(stated));
-            }
+    /// Takes what a record with `mark` states about the next offset per input topic
+    /// (`None`: it states none, so the copy's position is its only topic's next offset). A
+    /// record folded again (after an aborted at-least-once batch) may state less than the
+    /// store holds: each topic keeps the furthest. A rewind replaces them.
+    fn note_inputs(&mut self, mark: InputMark, stated: Option<InputOffsets>) {
+        let stated = stated.unwrap_or_else(|| {
+            let topic = self.inputs.only_topic().unwrap_or(&self.first_input);
+            InputOffsets::single(topic, self.position.input_next)
+        });
+        match mark {
+            InputMark::RewoundTo(_) => self.inputs = stated,
+            InputMark::ProducedBy(_) => self.inputs.advance_to(&stated),
         }
+        self.inputs_stated = true;
     }
 }
 
@@ -450,8 +440,11 @@ impl Worker {
             self.finish(partition, registry, reports, false);
         }
         // What the store holds now is what it has applied, whoever wrote it last.
-        let position = match store.position() {
-            Ok(position) => position,
+        let stored = store
+            .position()
+            .and_then(|position| Ok((position, store.input_offsets(&self.first_input)?)));
+        let (position, inputs) = match stored {
+            Ok(stored) => stored,
             Err(error) => {
                 report_failure(partition, error.to_string(), error.is_corruption(), reports);
                 return;
@@ -469,7 +462,7 @@ impl Worker {
         }
         self.jobs.insert(
             partition,
-            Job::new(follow, store, position, self.first_input.clone()),
+            Job::new(follow, store, position, inputs, self.first_input.clone()),
         );
     }
 
@@ -539,19 +532,10 @@ impl Worker {
         job.batch_started.get_or_insert_with(Instant::now);
         let mark = input_mark_of(message);
         advance(&mut job.position, message.offset(), mark);
-        if let Some(mark) = mark {
-            let stated = match input_offsets_of(message) {
-                Some(Some(offsets)) => Some(offsets),
-                // From a store over one topic: its position is that topic's next offset.
-                Some(None) => Some(InputOffsets::single(
-                    &job.first_input,
-                    job.position.input_next,
-                )),
-                None => None,
-            };
-            if let Some(stated) = stated {
-                job.note_inputs(mark, stated);
-            }
+        if let Some(mark) = mark
+            && let Some(stated) = input_offsets_of(message)
+        {
+            job.note_inputs(mark, stated);
         }
         // New records after the end was reached: the end is further on now.
         job.at_stable_end = false;
