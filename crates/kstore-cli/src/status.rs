@@ -14,7 +14,7 @@ pub type NodeStatus = (String, std::result::Result<Vec<StoreStatus>, String>);
 
 /// Asks every live node for its copies of `store` (every store if empty) and `partitions`
 /// (all if empty), in the view's order of nodes, each node's copies by store and partition;
-/// a suspect node is listed as not answering.
+/// then each suspect node, as not answering.
 pub async fn collect(
     target: &AdminTarget,
     store: &str,

@@ -17,15 +17,14 @@ use std::time::Duration;
 use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::{
-    ApiKey, ConsumerProtocolSubscription, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
-    LeaveGroupRequest, LeaveGroupResponse,
+    ApiKey, ConsumerProtocolAssignment, ConsumerProtocolSubscription, FindCoordinatorRequest,
+    FindCoordinatorResponse, GroupId, LeaveGroupRequest, LeaveGroupResponse,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::NodeConfig;
-
 use crate::kafka::connect::{ConnectError, Connector, SettingsError};
 
 /// FindCoordinator v4 (batched keys, flexible): Kafka 3.0 and later.
@@ -66,34 +65,57 @@ pub fn check_members_read_the_same_inputs(
         .create()
         .map_err(|error| format!("creating a Kafka client: {error}"))?;
     let group = config.group_id();
-    let groups = match consumer.fetch_group_list(Some(group), Duration::from_secs(30)) {
-        Ok(groups) => groups,
-        Err(error) => {
-            // Not knowing is no reason not to serve.
-            tracing::warn!(%error, group, "cannot describe the consumer group to compare \
-                 its members' input topics");
-            return Ok(());
-        }
-    };
     let mut ours: Vec<&str> = config.inputs().iter().map(String::as_str).collect();
     ours.sort_unstable();
-    let own_member = format!("{}-", config.node_id);
-    let mut others = Vec::new();
-    for member in groups
-        .groups()
-        .iter()
-        .filter(|g| g.name() == group)
-        .flat_map(|g| g.members())
-        .filter(|m| !m.id().starts_with(&own_member))
-    {
-        let Some(mut topics) = member.metadata().and_then(subscribed_topics) else {
-            continue;
+    // Members' subscriptions are described only while the group is stable: wait a little
+    // for a rebalance to end (members' assignments are described in every state).
+    let deadline = std::time::Instant::now() + GROUP_SETTLE_TIMEOUT;
+    let others = loop {
+        let groups = match consumer.fetch_group_list(Some(group), Duration::from_secs(30)) {
+            Ok(groups) => groups,
+            Err(error) => {
+                // Not knowing is no reason not to serve.
+                tracing::warn!(%error, group, "cannot describe the consumer group to compare \
+                     its members' input topics");
+                return Ok(());
+            }
         };
-        topics.sort_unstable();
-        if topics != ours {
-            others.push(format!("{} reads {}", member.id(), topics.join(", ")));
+        let Some(described) = groups.groups().iter().find(|g| g.name() == group) else {
+            return Ok(());
+        };
+        let settled = matches!(described.state(), "Stable" | "Empty" | "Dead");
+        if !settled && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
         }
-    }
+        if described.protocol_type() != "consumer" && !described.members().is_empty() {
+            tracing::warn!(
+                group,
+                protocol_type = described.protocol_type(),
+                "the group is \
+                 not a consumer group; its members' input topics are not compared"
+            );
+            return Ok(());
+        }
+        let mut others = Vec::new();
+        for member in described
+            .members()
+            .iter()
+            .filter(|m| !is_own_member(m.id(), &config.node_id))
+        {
+            if let Some(mut topics) = member.metadata().and_then(subscribed_topics) {
+                topics.sort_unstable();
+                if topics != ours {
+                    others.push(format!("{} reads {}", member.id(), topics.join(", ")));
+                }
+            } else if let Some(assigned) = member.assignment().and_then(assigned_topics)
+                && let Some(foreign) = assigned.iter().find(|t| !ours.contains(&t.as_str()))
+            {
+                others.push(format!("{} is assigned {foreign}", member.id()));
+            }
+        }
+        break others;
+    };
     if others.is_empty() {
         return Ok(());
     }
@@ -108,6 +130,26 @@ pub fn check_members_read_the_same_inputs(
     ))
 }
 
+/// How long a start waits for the group's rebalance to end before comparing what its
+/// members read (then it compares what they are assigned): short, since the node serves
+/// no reads meanwhile.
+const GROUP_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a member id is this node's own static member: `<group.instance.id>-<UUID>`, as
+/// Kafka names static members (kstore's `group.instance.id` is the node id).
+fn is_own_member(member_id: &str, node_id: &str) -> bool {
+    let uuid = member_id
+        .strip_prefix(node_id)
+        .and_then(|rest| rest.strip_prefix('-'));
+    uuid.is_some_and(|uuid| {
+        uuid.len() == 36
+            && uuid.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            })
+    })
+}
+
 /// The topics of a consumer's subscription, as a member's metadata in the classic group
 /// protocol holds it (a version, then a ConsumerProtocolSubscription); `None` if it does
 /// not parse.
@@ -117,6 +159,21 @@ fn subscribed_topics(metadata: &[u8]) -> Option<Vec<String>> {
     let version = i16::from_be_bytes(*version).clamp(0, 3);
     let subscription = ConsumerProtocolSubscription::decode(&mut rest, version).ok()?;
     Some(subscription.topics.iter().map(|t| t.to_string()).collect())
+}
+
+/// The topics of a consumer's assignment (a version, then a ConsumerProtocolAssignment),
+/// each once; `None` if it does not parse or assigns nothing.
+fn assigned_topics(assignment: &[u8]) -> Option<Vec<String>> {
+    let (version, mut rest) = assignment.split_first_chunk::<2>()?;
+    let version = i16::from_be_bytes(*version).clamp(0, 3);
+    let assignment = ConsumerProtocolAssignment::decode(&mut rest, version).ok()?;
+    let mut topics: Vec<String> = assignment
+        .assigned_partitions
+        .iter()
+        .map(|p| p.topic.to_string())
+        .collect();
+    topics.dedup();
+    (!topics.is_empty()).then_some(topics)
 }
 
 /// Removes the static member `instance_id` from `group`, through the first of `bootstrap`
@@ -225,5 +282,30 @@ mod tests {
         }
         assert_eq!(subscribed_topics(&[0]), None);
         assert_eq!(subscribed_topics(&[0, 0, 0, 0, 0, 9]), None);
+    }
+
+    #[test]
+    fn a_members_assigned_topics_are_read_from_its_assignment() {
+        use kafka_protocol::messages::consumer_protocol_assignment::TopicPartition;
+        let assignment = ConsumerProtocolAssignment::default().with_assigned_partitions(vec![
+            TopicPartition::default()
+                .with_topic(StrBytes::from_static_str("words").into())
+                .with_partitions(vec![0, 2]),
+        ]);
+        let mut bytes = bytes::BytesMut::new();
+        bytes.extend_from_slice(&1i16.to_be_bytes());
+        assignment.encode(&mut bytes, 1).unwrap();
+        assert_eq!(assigned_topics(&bytes), Some(vec!["words".to_owned()]));
+        assert_eq!(assigned_topics(&[0, 0]), None);
+    }
+
+    #[test]
+    fn only_this_nodes_static_member_is_its_own() {
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        assert!(is_own_member(&format!("node-1-{uuid}"), "node-1"));
+        assert!(!is_own_member(&format!("node-10-{uuid}"), "node-1"));
+        assert!(!is_own_member(&format!("kstore-1-{uuid}"), "kstore"));
+        assert!(!is_own_member("node-1-", "node-1"));
+        assert!(!is_own_member(&format!("node-2-{uuid}"), "node-1"));
     }
 }
