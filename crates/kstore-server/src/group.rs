@@ -67,55 +67,46 @@ pub fn check_members_read_the_same_inputs(
     let group = config.group_id();
     let mut ours: Vec<&str> = config.inputs().iter().map(String::as_str).collect();
     ours.sort_unstable();
-    // Members' subscriptions are described only while the group is stable: wait a little
-    // for a rebalance to end (members' assignments are described in every state).
-    let deadline = std::time::Instant::now() + GROUP_SETTLE_TIMEOUT;
-    let others = loop {
-        let groups = match consumer.fetch_group_list(Some(group), Duration::from_secs(30)) {
-            Ok(groups) => groups,
-            Err(error) => {
-                // Not knowing is no reason not to serve.
-                tracing::warn!(%error, group, "cannot describe the consumer group to compare \
-                     its members' input topics");
-                return Ok(());
-            }
-        };
-        let Some(described) = groups.groups().iter().find(|g| g.name() == group) else {
-            return Ok(());
-        };
-        let settled = matches!(described.state(), "Stable" | "Empty" | "Dead");
-        if !settled && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
-        }
-        if described.protocol_type() != "consumer" && !described.members().is_empty() {
-            tracing::warn!(
-                group,
-                protocol_type = described.protocol_type(),
-                "the group is \
-                 not a consumer group; its members' input topics are not compared"
-            );
+    // Members' subscriptions are described only while the group is stable; their
+    // assignments in every state.
+    let groups = match consumer.fetch_group_list(Some(group), Duration::from_secs(30)) {
+        Ok(groups) => groups,
+        Err(error) => {
+            // Not knowing is no reason not to serve.
+            tracing::warn!(%error, group, "cannot describe the consumer group to compare \
+                 its members' input topics");
             return Ok(());
         }
-        let mut others = Vec::new();
-        for member in described
-            .members()
-            .iter()
-            .filter(|m| !is_own_member(m.id(), &config.node_id))
-        {
-            if let Some(mut topics) = member.metadata().and_then(subscribed_topics) {
-                topics.sort_unstable();
-                if topics != ours {
-                    others.push(format!("{} reads {}", member.id(), topics.join(", ")));
-                }
-            } else if let Some(assigned) = member.assignment().and_then(assigned_topics)
-                && let Some(foreign) = assigned.iter().find(|t| !ours.contains(&t.as_str()))
-            {
-                others.push(format!("{} is assigned {foreign}", member.id()));
-            }
-        }
-        break others;
     };
+    let Some(described) = groups.groups().iter().find(|g| g.name() == group) else {
+        return Ok(());
+    };
+    if described.protocol_type() != "consumer" && !described.members().is_empty() {
+        tracing::warn!(
+            group,
+            protocol_type = described.protocol_type(),
+            "the group is \
+             not a consumer group; its members' input topics are not compared"
+        );
+        return Ok(());
+    }
+    let mut others = Vec::new();
+    for member in described
+        .members()
+        .iter()
+        .filter(|m| !is_own_member(m.id(), &config.node_id))
+    {
+        if let Some(mut topics) = member.metadata().and_then(subscribed_topics) {
+            topics.sort_unstable();
+            if topics != ours {
+                others.push(format!("{} reads {}", member.id(), topics.join(", ")));
+            }
+        } else if let Some(assigned) = member.assignment().and_then(assigned_topics)
+            && let Some(foreign) = assigned.iter().find(|t| !ours.contains(&t.as_str()))
+        {
+            others.push(format!("{} is assigned {foreign}", member.id()));
+        }
+    }
     if others.is_empty() {
         return Ok(());
     }
@@ -129,11 +120,6 @@ pub fn check_members_read_the_same_inputs(
         others.join("; ")
     ))
 }
-
-/// How long a start waits for the group's rebalance to end before comparing what its
-/// members read (then it compares what they are assigned): short, since the node serves
-/// no reads meanwhile.
-const GROUP_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether a member id is this node's own static member: `<group.instance.id>-<UUID>`, as
 /// Kafka names static members (kstore's `group.instance.id` is the node id).

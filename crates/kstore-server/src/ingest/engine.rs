@@ -67,8 +67,8 @@ struct RecordPosition {
     /// The record's input position: its offset, plus the next offsets of the partition's
     /// other input topics when it was taken.
     position: i64,
-    /// For a store over several input topics, the next offset per topic after it
-    /// (encoded).
+    /// The next offset per input topic after it (encoded), unless the partition has read
+    /// only its store's first input topic.
     offsets: Option<String>,
 }
 
