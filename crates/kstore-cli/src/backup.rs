@@ -82,6 +82,42 @@ impl AdminTarget {
         Ok((view, nodes))
     }
 
+    /// Calls `call` with an Admin client of every one of `nodes` (id and address) at once,
+    /// and returns each node's answer, or why it failed, in the order given.
+    pub(crate) async fn ask_each<T, F, Fut>(
+        &self,
+        nodes: Vec<(String, String)>,
+        call: F,
+    ) -> Result<Vec<(String, std::result::Result<T, String>)>>
+    where
+        T: Send + 'static,
+        F: Fn(AdminTarget, AdminClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send,
+    {
+        let mut calls = tokio::task::JoinSet::new();
+        for (index, (node_id, address)) in nodes.into_iter().enumerate() {
+            let (target, call) = (self.clone(), call.clone());
+            calls.spawn(async move {
+                let answer = async {
+                    let admin = AdminClient::new(target.channel(&address).await?);
+                    call(target, admin).await
+                }
+                .await
+                .map_err(|error| format!("{error:#}"));
+                (index, node_id, answer)
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            answers.push(joined.context("an Admin call panicked")?);
+        }
+        answers.sort_by_key(|(index, _, _)| *index);
+        Ok(answers
+            .into_iter()
+            .map(|(_, node_id, answer)| (node_id, answer))
+            .collect())
+    }
+
     /// An Admin client for the first seed that connects.
     async fn admin(&self) -> Result<(String, AdminClient<Channel>)> {
         let mut errors = Vec::new();
@@ -113,29 +149,16 @@ pub async fn create(
 ) -> Result<CreateSummary> {
     let (view, nodes) = target.live_nodes().await?;
     // Every node backs up its share at once.
-    let mut calls = tokio::task::JoinSet::new();
-    for (index, (node_id, address)) in nodes.into_iter().enumerate() {
-        let (target, partitions, store) = (target.clone(), partitions.to_vec(), store.to_owned());
-        calls.spawn(async move {
-            let answer = async {
-                let mut admin = AdminClient::new(target.channel(&address).await?);
+    let (partitions_asked, store_asked) = (partitions.to_vec(), store.to_owned());
+    let answers = target
+        .ask_each(nodes, move |target, mut admin| {
+            let (partitions, store) = (partitions_asked.clone(), store_asked.clone());
+            async move {
                 let request = target.request(CreateBackupRequest { partitions, store })?;
-                Ok::<_, anyhow::Error>(admin.create_backup(request).await?.into_inner())
+                Ok(admin.create_backup(request).await?.into_inner())
             }
-            .await
-            .map_err(|error| format!("{error:#}"));
-            (index, node_id, answer)
-        });
-    }
-    let mut answers = Vec::new();
-    while let Some(joined) = calls.join_next().await {
-        answers.push(joined.context("a backup call panicked")?);
-    }
-    answers.sort_by_key(|(index, _, _)| *index);
-    let answers: Vec<_> = answers
-        .into_iter()
-        .map(|(_, node_id, answer)| (node_id, answer))
-        .collect();
+        })
+        .await?;
     let mut wanted = Vec::new();
     for described in view
         .stores

@@ -2,8 +2,7 @@
 //! with what the cluster view does not carry (size on disk, keys, module history, a held
 //! copy's whole reason).
 
-use anyhow::{Context, Result};
-use kstore_proto::v1::admin_client::AdminClient;
+use anyhow::Result;
 use kstore_proto::v1::{Liveness, PartitionStatusRequest, StoreStatus};
 
 use crate::backup::{AdminTarget, format_bytes};
@@ -21,25 +20,16 @@ pub async fn collect(
     partitions: &[u32],
 ) -> Result<Vec<NodeStatus>> {
     let (view, nodes) = target.live_nodes().await?;
-    let mut calls = tokio::task::JoinSet::new();
-    for (index, (node_id, address)) in nodes.into_iter().enumerate() {
-        let (target, store) = (target.clone(), store.to_owned());
-        calls.spawn(async move {
-            let answer = async {
-                let mut admin = AdminClient::new(target.channel(&address).await?);
+    let store_asked = store.to_owned();
+    let answers = target
+        .ask_each(nodes, move |target, mut admin| {
+            let store = store_asked.clone();
+            async move {
                 let request = target.request(PartitionStatusRequest { store })?;
-                Ok::<_, anyhow::Error>(admin.partition_status(request).await?.into_inner())
+                Ok(admin.partition_status(request).await?.into_inner())
             }
-            .await
-            .map_err(|error| format!("{error:#}"));
-            (index, node_id, answer)
-        });
-    }
-    let mut answers = Vec::new();
-    while let Some(joined) = calls.join_next().await {
-        answers.push(joined.context("a status call panicked")?);
-    }
-    answers.sort_by_key(|(index, _, _)| *index);
+        })
+        .await?;
     // A suspect node (it stopped gossiping, and may hold copies) is not asked: it shows as
     // not answering. Dead nodes are gone.
     let not_live = view
@@ -49,7 +39,7 @@ pub async fn collect(
         .map(|n| (n.node_id.clone(), Err("not asked: suspect".to_owned())));
     Ok(answers
         .into_iter()
-        .map(|(_, node_id, answer)| {
+        .map(|(node_id, answer)| {
             let copies = answer.map(|answer| {
                 let mut copies: Vec<StoreStatus> = answer
                     .stores
