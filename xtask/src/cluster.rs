@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use kstore_kafka::admin;
 use kstore_kafka::local::{Broker, DEFAULT_PORT, Started, alive};
 use serde_json::json;
@@ -89,10 +89,27 @@ pub fn up(up: &Up) -> Result<()> {
     if up.nodes == 0 || up.partitions == 0 {
         bail!("--nodes and --partitions must be at least 1");
     }
-    let bin = crate::build::binaries(&["kstore-server", "kstore-cli"])?;
-
+    // The broker starts while cargo builds: on a first run Maven fetches its jars then, and
+    // its JVMs start, on the network and the clock more than on the cores the build uses.
     let broker = Broker::on_port(up.port);
-    let broker_started = broker.start()? == Started::New;
+    let (built, started) = std::thread::scope(|scope| {
+        let starting = scope.spawn(|| broker.start());
+        let built = crate::build::binaries(&["kstore-server", "kstore-cli"]);
+        let started = starting
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("starting the Kafka broker panicked")));
+        (built, started)
+    });
+    let broker_started = started.context("starting the Kafka broker")? == Started::New;
+    let bin = match built {
+        Ok(bin) => bin,
+        Err(error) => {
+            if broker_started {
+                broker.stop()?;
+            }
+            return Err(error);
+        }
+    };
     ensure_input_topic(&broker.bootstrap(), up.partitions)?;
 
     let dir = cluster_dir();

@@ -20,6 +20,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kstore_kafka::local::{BOOTSTRAP_ENV, Broker, DEFAULT_PORT, Started};
+use setup::Scope;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "kstore's developer and CI commands")]
@@ -106,14 +107,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Task::Setup => setup::run(),
+        Task::Setup => setup::run(Scope::Everything),
         Task::Kafka { action, port } => kafka(action, Broker::on_port(port)),
         Task::Test {
             port,
             cargo_test_args,
         } => test(port, &cargo_test_args),
         Task::Up(up) => {
-            setup::run()?;
+            setup::run(Scope::Cluster)?;
             cluster::up(&up)
         }
         Task::Status => cluster::status(),
@@ -129,7 +130,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Runs setup, builds `kstore-bench` with the binaries it starts, and runs it with `args`.
 fn bench(args: &[String]) -> Result<()> {
-    setup::run()?;
+    setup::run(Scope::Everything)?;
     let bin = build::binaries(&["kstore-server", "kstore-cli", "kstore-bench"])?;
     let status = Command::new(bin.join("kstore-bench"))
         .args(args)
@@ -199,7 +200,7 @@ fn kafka(action: KafkaAction, broker: Broker) -> Result<()> {
 }
 
 fn test(port: u16, cargo_test_args: &[String]) -> Result<()> {
-    setup::run()?;
+    setup::run(Scope::Everything)?;
     cargo(&["fmt", "--all", "--check"])?;
     // Every feature (the client's `tls` among them), then the client alone without its
     // features, as a user who does not ask for TLS builds it.
