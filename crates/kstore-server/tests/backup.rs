@@ -675,18 +675,31 @@ fn an_active_damaged_while_the_node_runs_fails_alone_and_is_rebuilt_while_the_re
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
-        let metadata = node1.metadata().await?;
-        let me = metadata
-            .nodes
-            .iter()
-            .find(|n| n.node_id == "node-1")
-            .context("node-1 is not in its own view")?;
-        ensure!(
-            me.copies
+        // The view shows a copy's role and offsets as of the node's last gossip round, so
+        // they may trail the commit the group already shows by a moment.
+        let end = scenario
+            .kafka
+            .end_offsets(&scenario.input, scenario.partitions)?[partition as usize];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let metadata = node1.metadata().await?;
+            let me = metadata
+                .nodes
                 .iter()
-                .any(|c| c.partition == partition && c.role() == Role::Active),
-            "node-1's rebuilt copy of partition {partition} is not active: {me:?}"
-        );
+                .find(|n| n.node_id == "node-1")
+                .context("node-1 is not in its own view")?;
+            if me.copies.iter().any(|c| {
+                c.partition == partition && c.role() == Role::Active && c.input_offset == end
+            }) {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "node-1's rebuilt copy of partition {partition} is not active at the input's \
+                 end {end}: {me:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         wait_copies_at_end(&scenario, &mut node2).await?;
         for node in [&mut node2, &mut node1] {
             let status = node.process.terminate(Duration::from_secs(60))?;
