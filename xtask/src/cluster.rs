@@ -100,16 +100,18 @@ pub fn up(up: &Up) -> Result<()> {
             .unwrap_or_else(|_| Err(anyhow!("starting the Kafka broker panicked")));
         (built, started)
     });
-    let broker_started = started.context("starting the Kafka broker")? == Started::New;
+    let started = started.context("starting the Kafka broker");
+    // A failed build is the error to report; a broker this run started goes again.
     let bin = match built {
         Ok(bin) => bin,
         Err(error) => {
-            if broker_started {
+            if matches!(started, Ok(Started::New)) {
                 broker.stop()?;
             }
             return Err(error);
         }
     };
+    let broker_started = started? == Started::New;
     ensure_input_topic(&broker.bootstrap(), up.partitions)?;
 
     let dir = cluster_dir();
