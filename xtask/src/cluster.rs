@@ -450,6 +450,12 @@ fn print_next_steps(cluster: &serde_json::Value, up: &Up) {
         "(any node answers any key: a node that holds no copy of the key's partition forwards the"
     );
     println!(" read once to a node that does; the answer names the node that answered)");
+    println!(
+        "(the nodes are static members of the consumer group: kill one and its partitions are read\n \
+         from their standbys at once, lag stated, but their actives move only once the group's\n \
+         session timeout, librdkafka's 45 s unless kafka.\"session.timeout.ms\" says otherwise, has\n \
+         passed; kstore.v1.Admin/Drain on a node hands its partitions over at once, then stops it)"
+    );
 }
 
 /// The files and secret of a `--secure` cluster.
