@@ -639,6 +639,22 @@ impl ClusterView {
         sources
     }
 
+    /// Whether a live node other than `this_node` holds a copy of `partition` that is only
+    /// opening, being bootstrapped or restoring its changelog (as every copy of a node is for
+    /// a moment after a rebalance): a snapshot source soon, though not yet one.
+    pub fn copy_settling_elsewhere(&self, partition: u32, this_node: &str) -> bool {
+        self.nodes.iter().any(|node| {
+            node.node_id != this_node
+                && node.liveness == Liveness::Live
+                && node.copy_of(partition).is_some_and(|copy| {
+                    matches!(
+                        copy.role,
+                        Role::Opening | Role::Bootstrapping | Role::Restoring
+                    )
+                })
+        })
+    }
+
     /// Returns the node ids that standbys may be placed on: every node not dead. A node that
     /// is suspect (paused, restarting) keeps its standbys until it counts as dead, so that a
     /// short absence moves no data.
@@ -1019,6 +1035,38 @@ mod tests {
         assert_eq!(order("node-9"), ["node-2", "node-1", "node-3"]);
         assert_eq!(order("node-2"), ["node-1", "node-3"]);
         assert!(view.snapshot_sources(1, "node-9").is_empty());
+    }
+
+    #[test]
+    fn a_live_peer_copy_that_is_restoring_or_opening_is_a_source_soon() {
+        let view = view(&[
+            with_copies(
+                entry("node-1", 1, 7001, Detected::Live),
+                &[copy(0, Role::Restoring, 0), copy(1, Role::Opening, 0)],
+            ),
+            with_copies(
+                entry("node-2", 1, 7002, Detected::Live),
+                &[copy(2, Role::Failed, 0), copy(3, Role::Active, 0)],
+            ),
+            with_copies(
+                entry(
+                    "node-3",
+                    1,
+                    7003,
+                    Detected::SilentFor(Duration::from_secs(2)),
+                ),
+                &[copy(2, Role::Bootstrapping, 0)],
+            ),
+        ]);
+        assert!(view.snapshot_sources(0, "node-9").is_empty());
+        assert!(view.copy_settling_elsewhere(0, "node-9"));
+        assert!(view.copy_settling_elsewhere(1, "node-9"));
+        // Not this node's own copy, not a failed copy, not a suspect node's.
+        assert!(!view.copy_settling_elsewhere(0, "node-1"));
+        assert!(!view.copy_settling_elsewhere(2, "node-9"));
+        // A running copy is a source now, not one settling.
+        assert!(!view.copy_settling_elsewhere(3, "node-9"));
+        assert!(!view.copy_settling_elsewhere(4, "node-9"));
     }
 
     #[test]

@@ -569,7 +569,13 @@ impl SnapshotFetcher {
     ) -> (Option<(String, SnapshotManifest)>, bool) {
         let sources = self.sources(partition);
         let incoming = target.with_file_name(format!(".incoming-{partition}"));
-        let mut busy = false;
+        // No source yet, but a peer's copy is settling after a rebalance: it is one in a
+        // moment, and waiting for it beats replaying the whole changelog here.
+        let mut busy = sources.is_empty()
+            && self
+                .view
+                .borrow()
+                .copy_settling_elsewhere(partition, &self.node_id);
         for (peer, address) in sources {
             // Left over by a process that stopped while receiving.
             let _ = std::fs::remove_dir_all(&incoming);
