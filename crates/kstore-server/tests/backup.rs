@@ -16,7 +16,9 @@ use kstore_core::orders::OrderEvent;
 use kstore_core::partitioner::partition_for_key;
 use kstore_proto::v1::CustomerFeatures;
 use kstore_proto::v1::admin_client::AdminClient;
-use kstore_proto::v1::{CreateBackupRequest, ListBackupsRequest, Role, VerifyBackupRequest};
+use kstore_proto::v1::{
+    CreateBackupRequest, ListBackupsRequest, NodeInfo, Role, VerifyBackupRequest,
+};
 use kstore_server::point_in_time::{self, RestorePoint};
 use kstore_server::processor::features::FeaturesProcessor;
 use kstore_server::processor::{InputRecord, Outcome, ProcessError, Processor, Update};
@@ -256,26 +258,44 @@ async fn wait_copies_at_end(scenario: &Scenario, node: &mut Node) -> Result<()> 
     let end = scenario
         .kafka
         .end_offsets(&scenario.input, scenario.partitions)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    wait_own_view(
+        node,
+        Duration::from_secs(120),
+        &format!("copies at the input's end {end:?}"),
+        |me| {
+            (0..scenario.partitions).all(|p| {
+                me.copies
+                    .iter()
+                    .any(|c| c.partition == p && c.input_offset == end[p as usize])
+            })
+        },
+    )
+    .await
+}
+
+/// Polls `node`'s own entry in its cluster view until `reached` holds of it; fails after
+/// `within`, naming `what` it did not reach and the view. The view shows a copy's role and
+/// offsets as of the node's last gossip round, so it may trail the group's commit by a moment.
+async fn wait_own_view(
+    node: &mut Node,
+    within: Duration,
+    what: &str,
+    reached: impl Fn(&NodeInfo) -> bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let metadata = node.metadata().await?;
-        let caught_up = metadata
+        if metadata
             .nodes
             .iter()
             .find(|n| n.node_id == node.id)
-            .is_some_and(|me| {
-                (0..scenario.partitions).all(|p| {
-                    me.copies
-                        .iter()
-                        .any(|c| c.partition == p && c.input_offset == end[p as usize])
-                })
-            });
-        if caught_up {
+            .is_some_and(&reached)
+        {
             return Ok(());
         }
         ensure!(
             std::time::Instant::now() < deadline,
-            "{}'s copies did not reach the input's end {end:?}: {metadata:?}",
+            "{} did not show {what} in its own view: {metadata:?}",
             node.id
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -675,31 +695,20 @@ fn an_active_damaged_while_the_node_runs_fails_alone_and_is_rebuilt_while_the_re
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         scenario.wait_caught_up(&mut node1.process, Duration::from_secs(180))?;
-        // The view shows a copy's role and offsets as of the node's last gossip round, so
-        // they may trail the commit the group already shows by a moment.
         let end = scenario
             .kafka
             .end_offsets(&scenario.input, scenario.partitions)?[partition as usize];
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let metadata = node1.metadata().await?;
-            let me = metadata
-                .nodes
-                .iter()
-                .find(|n| n.node_id == "node-1")
-                .context("node-1 is not in its own view")?;
-            if me.copies.iter().any(|c| {
-                c.partition == partition && c.role() == Role::Active && c.input_offset == end
-            }) {
-                break;
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "node-1's rebuilt copy of partition {partition} is not active at the input's \
-                 end {end}: {me:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_own_view(
+            &mut node1,
+            Duration::from_secs(30),
+            &format!("its rebuilt copy of partition {partition} active at the input's end {end}"),
+            |me| {
+                me.copies.iter().any(|c| {
+                    c.partition == partition && c.role() == Role::Active && c.input_offset == end
+                })
+            },
+        )
+        .await?;
         wait_copies_at_end(&scenario, &mut node2).await?;
         for node in [&mut node2, &mut node1] {
             let status = node.process.terminate(Duration::from_secs(60))?;
